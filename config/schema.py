@@ -1,0 +1,127 @@
+"""The settings schema: one TOML file, validated by pydantic.
+
+Every section forbids unknown keys, so a typo is an error that names the key
+instead of a setting that silently does nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Section):
+    """The DICOM listener (C-ECHO / C-STORE SCP)."""
+
+    ae_title: AETitle = "OSTEOSCREEN"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    max_pdu: int = Field(131072, ge=0, description="0 means unlimited")
+    allowed_calling_aets: list[AETitle] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate; empty accepts any (logged as a warning).",
+    )
+    state_dir: Path = Path("/var/lib/osteoscreen")
+    series_quiet_s: float = Field(10.0, gt=0)
+    manufacturer: str = "osteoscreen project"
+    institution_name: str = ""
+    device_serial_number: str = "0001"
+
+
+class HL7Settings(_Section):
+    """The MLLP listener that receives ORU^R01 lab results."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 2575
+    max_message_bytes: int = Field(1_048_576, ge=1024)
+    read_timeout_s: float = Field(300.0, gt=0)
+
+
+class LabSettings(_Section):
+    window_days: int = Field(90, ge=0, description="Labs older than this before the study date are not used.")
+    after_study_days: int = Field(1, ge=0, description="Labs up to this long after the study date are used.")
+    match_without_issuer: bool = Field(
+        True, description="Match patient IDs when either side carries no issuer (single-issuer sites)."
+    )
+
+
+class RoutingSettings(_Section):
+    """Which completed series are screened. Each decision is recorded with its reason."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    require_axial: bool = True
+    max_axial_tilt_deg: float = Field(10.0, ge=0, le=45)
+    slice_thickness_mm: tuple[float, float] = (0.5, 5.0)
+    min_slices: int = Field(40, ge=1)
+    image_type: list[str] = Field(default_factory=lambda: ["ORIGINAL", "PRIMARY"])
+    calling_aets: list[AETitle] = Field(
+        default_factory=list, description="Only screen series sent by these AEs; empty means any."
+    )
+    min_patient_age_years: int = Field(50, ge=18, description="Adults only: children are never screened.")
+    screen_unknown_age: bool = False
+
+    @field_validator("slice_thickness_mm")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("slice_thickness_mm must be [min, max] with 0 < min <= max")
+        return v
+
+
+class JobSettings(_Section):
+    workers: int = Field(1, ge=1, le=64)
+    max_attempts: int = Field(3, ge=1)
+    retry_delay_s: float = Field(30.0, ge=0)
+
+
+class ScreeningSettings(_Section):
+    model: str = Field(
+        "pickhardt_l1_2013",
+        description="Model bundle: a name under engines/models or a path to a bundle directory.",
+    )
+
+
+class Destination(_Section):
+    name: str = Field(min_length=1)
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class ExportSettings(_Section):
+    calling_ae_title: AETitle | None = Field(None, description="Defaults to node.ae_title.")
+    retry_initial_s: float = Field(5.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class LoggingSettings(_Section):
+    level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+
+class Settings(_Section):
+    node: NodeSettings = NodeSettings()
+    hl7: HL7Settings = HL7Settings()
+    labs: LabSettings = LabSettings()
+    routing: RoutingSettings = RoutingSettings()
+    jobs: JobSettings = JobSettings()
+    screening: ScreeningSettings = ScreeningSettings()
+    destinations: list[Destination] = Field(default_factory=list)
+    export: ExportSettings = ExportSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> "Settings":
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError("destination names must be unique")
+        return self

@@ -1,0 +1,8 @@
+"""Inference backends and the shipped model bundles.
+
+``engines`` knows nothing of DICOM or HL7: it loads bundles (a JSON card plus,
+for learned models, ONNX networks) and runs them on numpy arrays.
+"""
+from engines.bundle import BundleError, ModelBundle, ModelCard, load_bundle
+
+__all__ = ["BundleError", "ModelBundle", "ModelCard", "load_bundle"]
