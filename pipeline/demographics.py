@@ -1,0 +1,66 @@
+"""Demographics taken from the DICOM header of the screened series."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+
+@dataclass(frozen=True)
+class Demographics:
+    age_years: float | None
+    sex: str | None  # "F", "M" or None
+    height_m: float | None
+    weight_kg: float | None
+
+    @property
+    def bmi(self) -> float | None:
+        if self.height_m and self.weight_kg and self.height_m > 0.5:
+            return self.weight_kg / self.height_m**2
+        return None
+
+
+def _date(value: object) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(value)[:8], "%Y%m%d").date()
+    except (TypeError, ValueError):
+        return None
+
+
+def study_date(ds: Dataset) -> dt.date | None:
+    for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+        d = _date(ds.get(kw, ""))
+        if d:
+            return d
+    return None
+
+
+def age_years(ds: Dataset) -> float | None:
+    """Age at the study: PatientAge when present (nnnD/W/M/Y), else birth date vs study date."""
+    age = str(ds.get("PatientAge", "") or "").strip().upper()
+    if len(age) == 4 and age[:3].isdigit() and age[3] in "DWMY":
+        n = int(age[:3])
+        return {"D": n / 365.25, "W": n * 7 / 365.25, "M": n / 12.0, "Y": float(n)}[age[3]]
+    born, seen = _date(ds.get("PatientBirthDate", "")), study_date(ds)
+    if born and seen and seen >= born:
+        return (seen - born).days / 365.25
+    return None
+
+
+def _positive(ds: Dataset, keyword: str) -> float | None:
+    try:
+        v = float(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 else None
+
+
+def demographics_from_header(ds: Dataset) -> Demographics:
+    sex = str(ds.get("PatientSex", "") or "").upper()
+    return Demographics(
+        age_years=age_years(ds),
+        sex=sex if sex in ("F", "M") else None,
+        height_m=_positive(ds, "PatientSize"),
+        weight_kg=_positive(ds, "PatientWeight"),
+    )

@@ -1,0 +1,1 @@
+"""Result datasets for the PACS: a TID 1500 Comprehensive 3D SR and a Secondary Capture."""

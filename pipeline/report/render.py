@@ -1,0 +1,78 @@
+"""The key image: the selected slice in bone window, the ROI outline and a text panel."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+BONE_WINDOW = (400.0, 1800.0)  # centre, width (HU)
+IMAGE_PX = 512
+PANEL_PX = 420
+
+
+def _window(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
+    lo = centre - width / 2
+    return (np.clip((hu.astype(np.float32) - lo) / width, 0, 1) * 255).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow built without FreeType: bitmap font, still legible
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        trial = f"{line} {w}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = w
+    if line:
+        lines.append(line)
+    return lines
+
+
+def render_key_image(
+    hu_slice: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    roi_polygon_rc: np.ndarray,
+    title: str,
+    lines: list[str],
+    footer: str,
+) -> tuple[np.ndarray, float]:
+    """RGB uint8 image (rows, cols, 3) and the scale from source pixels to image pixels.
+
+    The slice is resampled to square pixels and scaled so its longer side is 512 px.
+    """
+    rows, cols = hu_slice.shape
+    h_mm, w_mm = rows * pixel_spacing[0], cols * pixel_spacing[1]
+    scale_mm = IMAGE_PX / max(h_mm, w_mm)
+    out_h, out_w = int(round(h_mm * scale_mm)), int(round(w_mm * scale_mm))
+    img = Image.fromarray(_window(hu_slice, *BONE_WINDOW)).resize((out_w, out_h), Image.BILINEAR).convert("RGB")
+    sy, sx = out_h / rows, out_w / cols
+    draw = ImageDraw.Draw(img)
+    pts = [(float(c * sx + sx / 2), float(r * sy + sy / 2)) for r, c in roi_polygon_rc]
+    draw.line(pts, fill=(255, 60, 60), width=2)
+
+    canvas = Image.new("RGB", (out_w + PANEL_PX, max(out_h, IMAGE_PX)), (0, 0, 0))
+    canvas.paste(img, (0, 0))
+    d = ImageDraw.Draw(canvas)
+    x, y = out_w + 14, 12
+    big, small = _font(20), _font(15)
+    for t in _wrap(d, title, big, PANEL_PX - 24):
+        d.text((x, y), t, fill=(255, 255, 255), font=big)
+        y += 26
+    y += 6
+    for text in lines:
+        for t in _wrap(d, text, small, PANEL_PX - 24):
+            d.text((x, y), t, fill=(230, 230, 230), font=small)
+            y += 19
+        y += 3
+    fy = canvas.height - 12
+    for t in reversed(_wrap(d, footer, small, PANEL_PX - 24)):
+        fy -= 19
+        d.text((x, fy), t, fill=(255, 200, 0), font=small)
+    return np.asarray(canvas), float(sy)

@@ -1,0 +1,48 @@
+"""Secondary Capture of the selected slice with the ROI and a summary panel."""
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from pipeline.report.sr import NodeIdentity
+
+
+def build_sc(
+    *,
+    source_header: Dataset,
+    source_sop_instance_uid: str,
+    rgb: np.ndarray,
+    node: NodeIdentity,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int = 9902,
+) -> hd.sc.SCImage:
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source_header,
+        pixel_array=rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=node.manufacturer,
+        patient_orientation=("L", "P"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    sc.SeriesDescription = "osteoscreen L1 key image (research use)"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    if "Laterality" not in sc and "ImageLaterality" not in sc:
+        sc.ImageLaterality = "U"  # the spine is unpaired
+    sc.SoftwareVersions = node.software_version
+    sc.ConversionType = "WSD"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = str(source_header.SOPClassUID)
+    ref.ReferencedSOPInstanceUID = source_sop_instance_uid
+    sc.SourceImageSequence = [ref]
+    sc.DerivationDescription = "Selected L1 slice, bone window, trabecular ROI outline and screening summary"
+    return sc
