@@ -1,0 +1,60 @@
+"""Acknowledgements (original mode): AA, AE, AR with a reason in MSA-3."""
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import os
+
+from hl7.precheck import MessageHeader
+
+_counter = itertools.count(1)
+
+
+def escape(text: str, fs: str = "|", enc: str = "^~\\&") -> str:
+    """HL7 escape sequences for the delimiters in free text."""
+    cs, rs, esc, sub = enc[0], enc[1], enc[2], enc[3]
+    out = text.replace(esc, f"{esc}E{esc}")
+    for ch, code in ((fs, "F"), (cs, "S"), (rs, "R"), (sub, "T")):
+        out = out.replace(ch, f"{esc}{code}{esc}")
+    return out.replace("\r", " ").replace("\n", " ")
+
+
+ERROR_TEXT = {
+    100: "Segment sequence error",
+    101: "Required field missing",
+    200: "Unsupported message type",
+    201: "Unsupported event code",
+    203: "Unsupported version id",
+    205: "Duplicate key identifier",
+    207: "Application internal error",
+}
+
+
+def build_ack(code: str, text: str, header: MessageHeader | None, *, error_code: int = 207,
+              application: str = "OSTEOSCREEN", facility: str = "") -> bytes:
+    """An ACK for ``header`` (or for an unreadable message when ``header`` is None)."""
+    fs, enc = (header.field_sep, header.encoding) if header else ("|", "^~\\&")
+    now = dt.datetime.now().strftime("%Y%m%d%H%M%S")
+    control = f"OS{os.getpid()}{next(_counter):06d}"
+    version = header.version if header and header.version else "2.5.1"
+    trigger = header.trigger_event if header else ""
+    msh = fs.join([
+        "MSH", enc,
+        escape(header.receiving_application if header and header.receiving_application else application, fs, enc),
+        escape(header.receiving_facility if header else facility, fs, enc),
+        escape(header.sending_application if header else "", fs, enc),
+        escape(header.sending_facility if header else "", fs, enc),
+        now, "", f"ACK{enc[0]}{trigger}{enc[0]}ACK" if trigger else "ACK",
+        control, header.processing_id if header and header.processing_id else "P", version,
+    ])
+    msa = fs.join(["MSA", code, escape(header.control_id if header else "", fs, enc), escape(text[:200], fs, enc)])
+    segments = [msh, msa]
+    if code != "AA":
+        cs, sub = enc[0], enc[3]
+        label = ERROR_TEXT.get(error_code, "Application error")
+        if version in ("2.3", "2.3.1", "2.4"):  # ERR-1: error code and location (ELD)
+            segments.append(fs.join(["ERR", f"{cs}{cs}{cs}{error_code}{sub}{label}{sub}HL70357"]))
+        else:  # ERR-3 HL7 error code, ERR-4 severity, ERR-8 user message
+            segments.append(fs.join(["ERR", "", "", f"{error_code}{cs}{label}{cs}HL70357", "E", "", "", "",
+                                     escape(text[:200], fs, enc)]))
+    return ("\r".join(segments) + "\r").encode("latin-1", errors="replace")

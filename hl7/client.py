@@ -1,0 +1,49 @@
+"""A minimal MLLP client: send messages on one connection, read one ACK each."""
+from __future__ import annotations
+
+import socket
+
+from hl7.mllp import CR, FS, frame
+
+
+class MLLPClient:
+    def __init__(self, host: str, port: int, timeout_s: float = 30.0) -> None:
+        self._sock = socket.create_connection((host, port), timeout=timeout_s)
+        self._buf = bytearray()
+
+    def send(self, message: bytes) -> bytes:
+        self._sock.sendall(frame(message))
+        return self.read_frame()
+
+    def send_raw(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def read_frame(self) -> bytes:
+        while True:
+            end = self._buf.find(FS + CR)
+            if end >= 0:
+                start = self._buf.find(b"\x0b")
+                message = bytes(self._buf[start + 1 : end])
+                del self._buf[: end + 2]
+                return message
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("MLLP peer closed the connection before the ACK")
+            self._buf.extend(chunk)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "MLLPClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def ack_code(ack: bytes) -> str:
+    """MSA-1 of an ACK message."""
+    for seg in ack.decode("latin-1").replace("\n", "\r").split("\r"):
+        if seg.startswith("MSA"):
+            return seg.split(seg[3])[1]
+    raise ValueError("no MSA segment in the acknowledgement")

@@ -1,0 +1,147 @@
+"""MLLP framing and an asyncio server that keeps connections open for many messages.
+
+Frames are <VT> message <FS><CR>. Bytes outside a frame (NUL padding, stray
+CR/LF between frames) are skipped. A frame larger than the configured limit is
+answered with a reject and discarded; an idle connection is closed after the
+read timeout. The handler runs in a thread (it commits to SQLite) and returns
+the ACK bytes; nothing a handler raises reaches the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Callable
+
+VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
+log = logging.getLogger("osteoscreen.hl7.mllp")
+
+Handler = Callable[[bytes], bytes]
+
+
+def frame(message: bytes) -> bytes:
+    return VT + message + FS + CR
+
+
+class FrameReader:
+    """Incremental MLLP de-framer."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._buf = bytearray()
+        self._in_frame = False
+        self._discarding = False
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        """Complete frames in order; ``None`` marks a frame dropped for size."""
+        out: list[bytes | None] = []
+        self._buf.extend(data)
+        while True:
+            if not self._in_frame:
+                start = self._buf.find(VT)
+                if start < 0:
+                    self._buf.clear()  # stray bytes between frames
+                    return out
+                del self._buf[: start + 1]
+                self._in_frame, self._discarding = True, False
+            end = self._buf.find(FS + CR)
+            if end < 0:
+                if len(self._buf) > self.max_bytes:
+                    self._discarding = True
+                    del self._buf[:-1]  # keep a trailing FS that may pair with the next CR
+                return out
+            out.append(None if self._discarding or end > self.max_bytes else bytes(self._buf[:end]))
+            del self._buf[: end + 2]
+            self._in_frame = False
+
+
+class MLLPServer:
+    """Runs its own event loop in a background thread."""
+
+    def __init__(self, host: str, port: int, handler: Handler, refuse: Callable[[str], bytes], *,
+                 max_message_bytes: int = 1_048_576, read_timeout_s: float = 300.0) -> None:
+        self.host, self.port = host, port
+        self.handler = handler
+        self.refuse = refuse  # builds a negative ACK for a message that could not be handled
+        self.max_message_bytes = max_message_bytes
+        self.read_timeout_s = read_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def bound_port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        log.info("MLLP connection from %s", peer)
+        frames = FrameReader(self.max_message_bytes)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), timeout=self.read_timeout_s)
+                except asyncio.TimeoutError:
+                    log.info("MLLP connection from %s idle for %.0f s: closing", peer, self.read_timeout_s)
+                    break
+                if not data:
+                    break
+                for message in frames.feed(data):
+                    if message is None:
+                        log.warning("MLLP message from %s exceeds %d bytes: rejected", peer, self.max_message_bytes)
+                        ack = self.refuse(f"message exceeds the maximum size of {self.max_message_bytes} bytes")
+                    else:
+                        ack = await loop.run_in_executor(None, self._safe_handle, message)
+                    writer.write(frame(ack))
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.info("MLLP connection from %s lost: %s", peer, exc)
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _safe_handle(self, message: bytes) -> bytes:
+        try:
+            return self.handler(message)
+        except Exception as exc:  # noqa: BLE001 - the listener must survive any handler failure
+            log.exception("HL7 handler failed")
+            return self.refuse(f"internal error, message not stored: {exc}")
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            self._server = loop.run_until_complete(
+                asyncio.start_server(self._client, self.host, self.port, reuse_address=True))
+        except BaseException as exc:  # noqa: BLE001
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            self._server.close()
+            loop.run_until_complete(self._server.wait_closed())
+            loop.close()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mllp-server", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error:
+            raise OSError(f"cannot listen for HL7 on {self.host}:{self.port}: {self._error}")
+        log.info("MLLP listener on %s:%d", self.host, self.bound_port)
+
+    def stop(self) -> None:
+        if self._loop and self._thread:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)

@@ -1,0 +1,123 @@
+"""Fast, strict checks run before a message is acknowledged.
+
+Only what decides AA/AE/AR is read here (MSH and PID-3) with a plain
+splitter; the full parse with hl7apy happens after the ACK.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SUPPORTED_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")
+SUPPORTED_MESSAGES = (("ORU", "R01"),)
+
+
+@dataclass(frozen=True)
+class PatientIdentifier:
+    id: str
+    issuer: str  # assigning authority (namespace ID, else universal ID); "" when absent
+    id_type: str
+
+
+@dataclass(frozen=True)
+class MessageHeader:
+    field_sep: str
+    encoding: str
+    sending_application: str
+    sending_facility: str
+    receiving_application: str
+    receiving_facility: str
+    control_id: str
+    processing_id: str
+    version: str
+    message_type: str
+    trigger_event: str
+    accept_ack_type: str
+    application_ack_type: str
+    patient_ids: tuple[PatientIdentifier, ...] = ()
+
+    @property
+    def sender(self) -> str:
+        return f"{self.sending_application}|{self.sending_facility}"
+
+
+class PrecheckError(Exception):
+    """The message is refused: ``code`` is AE (error) or AR (reject); ``header`` as far as it was read."""
+
+    def __init__(self, code: str, text: str, header: MessageHeader | None = None, error_code: int = 207) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+        self.header = header
+        self.error_code = error_code  # HL7 table 0357
+
+
+def split_segments(text: str) -> list[str]:
+    """Segments, tolerating LF or CRLF in place of CR and blank lines."""
+    return [s for s in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if s.strip()]
+
+
+def _component(value: str, comp_sep: str, index: int) -> str:
+    parts = value.split(comp_sep)
+    return parts[index] if index < len(parts) else ""
+
+
+def parse_header(text: str) -> MessageHeader:
+    segments = split_segments(text)
+    if not segments or not segments[0].startswith("MSH") or len(segments[0]) < 8:
+        raise PrecheckError("AE", "message does not start with an MSH segment", None, 100)
+    msh = segments[0]
+    fs = msh[3]
+    fields = msh.split(fs)
+    encoding = fields[1] if len(fields) > 1 else ""
+    if len(encoding) < 4 or fs in encoding or fs.isalnum():
+        raise PrecheckError("AE", "MSH-1/MSH-2: invalid field separator or encoding characters", None, 100)
+    cs, rs, sub = encoding[0], encoding[1], encoding[3]
+
+    def f(n: int) -> str:  # MSH-n
+        return fields[n - 1] if len(fields) >= n else ""
+
+    msg_type = f(9)
+    header = MessageHeader(
+        field_sep=fs,
+        encoding=encoding,
+        sending_application=_component(f(3), cs, 0),
+        sending_facility=_component(f(4), cs, 0),
+        receiving_application=_component(f(5), cs, 0),
+        receiving_facility=_component(f(6), cs, 0),
+        control_id=f(10).strip(),
+        processing_id=_component(f(11), cs, 0),
+        version=_component(f(12), cs, 0).strip(),
+        message_type=_component(msg_type, cs, 0).strip(),
+        trigger_event=_component(msg_type, cs, 1).strip(),
+        accept_ack_type=f(15).strip(),
+        application_ack_type=f(16).strip(),
+    )
+    if not header.control_id:
+        raise PrecheckError("AE", "MSH-10 (message control ID) is empty", header, 101)
+    if not header.message_type:
+        raise PrecheckError("AE", "MSH-9 (message type) is empty", header, 101)
+    if (header.message_type, header.trigger_event) not in SUPPORTED_MESSAGES:
+        raise PrecheckError(
+            "AR", f"unsupported message type {header.message_type}^{header.trigger_event}: only ORU^R01 is accepted", header, 200
+        )
+    if header.version not in SUPPORTED_VERSIONS:
+        raise PrecheckError(
+            "AR", f"unsupported HL7 version {header.version or '(empty)'}: supported {', '.join(SUPPORTED_VERSIONS)}", header, 203
+        )
+    pid = next((s for s in segments[1:] if s.startswith("PID" + fs)), None)
+    if pid is None:
+        raise PrecheckError("AE", "no PID segment", header, 100)
+    pid_fields = pid.split(fs)
+    pid3 = pid_fields[3] if len(pid_fields) > 3 else ""
+    ids = []
+    for rep in pid3.split(rs):
+        ident = _component(rep, cs, 0).strip()
+        if not ident:
+            continue
+        authority = _component(rep, cs, 3)
+        hd_parts = authority.split(sub)
+        issuer = (hd_parts[0] or (hd_parts[1] if len(hd_parts) > 1 else "")).strip()
+        ids.append(PatientIdentifier(ident, issuer, _component(rep, cs, 4).strip()))
+    if not ids:
+        raise PrecheckError("AE", "PID-3 (patient identifier list) is empty", header, 101)
+    return MessageHeader(**{**header.__dict__, "patient_ids": tuple(ids)})
