@@ -1,0 +1,307 @@
+"""The node's SQLite index: instances, series decisions, jobs, outbox and audit.
+
+One connection guarded by a lock (SQLite serialises writers anyway), WAL mode,
+synchronous=FULL so a commit that returned is on disk.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    calling_aet TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    issuer TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    calling_aet TEXT NOT NULL,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'receiving',
+    eligible INTEGER,
+    reason TEXT,
+    decided_at REAL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    series_uid TEXT NOT NULL UNIQUE REFERENCES series(series_uid),
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    outcome TEXT,
+    result_json TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    destination TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    sent_at REAL,
+    UNIQUE (destination, sop_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    issuer: str
+    modality: str
+    calling_aet: str
+    n_instances: int
+    state: str
+    eligible: bool | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    series_uid: str
+    state: str
+    attempts: int
+    last_error: str | None
+    outcome: str | None
+    result: dict | None
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    job_id: int
+    destination: str
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    state: str
+    attempts: int
+    last_error: str | None
+
+
+class NodeDB:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _tx(self) -> "_Tx":
+        return _Tx(self)
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # --- instances and series -------------------------------------------------
+    def has_instance(self, sop_uid: str) -> bool:
+        return bool(self._query("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_uid,)))
+
+    def index_instance(self, *, sop_uid: str, sop_class: str, study_uid: str, series_uid: str, path: str,
+                       transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str, modality: str) -> bool:
+        """Index a stored instance; False when the SOP Instance UID was already indexed."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?)",
+                (sop_uid, sop_class, study_uid, series_uid, path, transfer_syntax, calling_aet, now),
+            )
+            if cur.rowcount == 0:
+                return False
+            db.execute(
+                "INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet, first_received,"
+                " last_received, n_instances) VALUES (?,?,?,?,?,?,?,?,1)"
+                " ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received,"
+                " n_instances=n_instances+1",
+                (series_uid, study_uid, patient_id, issuer, modality, calling_aet, now, now),
+            )
+        return True
+
+    def series(self, series_uid: str) -> SeriesRow | None:
+        rows = self._query(
+            "SELECT series_uid, study_uid, patient_id, issuer, modality, calling_aet, n_instances, state, eligible,"
+            " reason FROM series WHERE series_uid=?", (series_uid,))
+        if not rows:
+            return None
+        r = rows[0]
+        return SeriesRow(*r[:8], None if r[8] is None else bool(r[8]), r[9])
+
+    def series_in_state(self, state: str) -> list[str]:
+        return [r[0] for r in self._query("SELECT series_uid FROM series WHERE state=?", (state,))]
+
+    def instance_paths(self, series_uid: str) -> list[str]:
+        return [r[0] for r in self._query(
+            "SELECT path FROM instances WHERE series_uid=? ORDER BY received_at", (series_uid,))]
+
+    def decide_series(self, series_uid: str, eligible: bool, reason: str) -> int | None:
+        """Record the routing decision; an eligible series gets a job. Returns the job id if one was created."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE series SET state='decided', eligible=?, reason=?, decided_at=? WHERE series_uid=?",
+                       (int(eligible), reason, now, series_uid))
+            db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                       (now, "routing", series_uid, ("screen: " if eligible else "skip: ") + reason))
+            if not eligible:
+                return None
+            cur = db.execute(
+                "INSERT OR IGNORE INTO jobs (series_uid, created_at, updated_at) VALUES (?,?,?)",
+                (series_uid, now, now))
+            return int(cur.lastrowid) if cur.rowcount else None
+
+    # --- jobs -------------------------------------------------------------------
+    def claim_job(self) -> JobRow | None:
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state='pending' AND next_attempt_at<=? ORDER BY id LIMIT 1", (now,)
+            ).fetchone()
+            if not row:
+                return None
+            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, updated_at=? WHERE id=?", (now, row[0]))
+        return self.job(row[0])
+
+    def job(self, job_id: int) -> JobRow | None:
+        rows = self._query(
+            "SELECT id, series_uid, state, attempts, last_error, outcome, result_json FROM jobs WHERE id=?", (job_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return JobRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None)
+
+    def jobs(self) -> list[JobRow]:
+        return [self.job(r[0]) for r in self._query("SELECT id FROM jobs ORDER BY id")]  # type: ignore[misc]
+
+    def next_job_due(self) -> float | None:
+        rows = self._query("SELECT min(next_attempt_at) FROM jobs WHERE state='pending'")
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    def finish_job(self, job_id: int, outcome: str, result: dict[str, Any],
+                   outputs: list[tuple[str, str, str, str]]) -> None:
+        """Mark a job done and queue its outputs: (destination, path, sop_class, sop_instance) per row."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state='done', outcome=?, result_json=?, last_error=NULL, updated_at=?"
+                       " WHERE id=?", (outcome, json.dumps(result), now, job_id))
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox (job_id, destination, path, sop_class_uid, sop_instance_uid)"
+                " VALUES (?,?,?,?,?)", [(job_id, *o) for o in outputs])
+            db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                       (now, "job", str(job_id), f"{outcome}: {result.get('reason') or result.get('category', '')}"))
+
+    def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:
+        now = time.time()
+        with self._tx() as db:
+            if retry_at is None:
+                db.execute("UPDATE jobs SET state='failed', last_error=?, updated_at=? WHERE id=?", (error, now, job_id))
+            else:
+                db.execute("UPDATE jobs SET state='pending', last_error=?, next_attempt_at=?, updated_at=? WHERE id=?",
+                           (error, retry_at, now, job_id))
+            db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                       (now, "job", str(job_id), ("retry: " if retry_at else "failed: ") + error))
+
+    def requeue_running_jobs(self) -> int:
+        with self._tx() as db:
+            return db.execute("UPDATE jobs SET state='pending', next_attempt_at=0 WHERE state='running'").rowcount
+
+    # --- outbox -----------------------------------------------------------------
+    def due_outbox(self, limit: int = 100) -> list[OutboxRow]:
+        rows = self._query(
+            "SELECT id, job_id, destination, path, sop_class_uid, sop_instance_uid, state, attempts, last_error"
+            " FROM outbox WHERE state='pending' AND next_attempt_at<=? ORDER BY id LIMIT ?", (time.time(), limit))
+        return [OutboxRow(*r) for r in rows]
+
+    def outbox(self) -> list[OutboxRow]:
+        return [OutboxRow(*r) for r in self._query(
+            "SELECT id, job_id, destination, path, sop_class_uid, sop_instance_uid, state, attempts, last_error"
+            " FROM outbox ORDER BY id")]
+
+    def next_outbox_due(self) -> float | None:
+        rows = self._query("SELECT min(next_attempt_at) FROM outbox WHERE state='pending'")
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    def mark_sent(self, outbox_id: int, detail: str) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET state='sent', sent_at=?, attempts=attempts+1, last_error=NULL WHERE id=?",
+                       (now, outbox_id))
+            db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                       (now, "export", str(outbox_id), detail))
+
+    def mark_send_failed(self, outbox_id: int, error: str, retry_at: float, give_up: bool = False) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET state=?, attempts=attempts+1, last_error=?, next_attempt_at=? WHERE id=?",
+                       ("failed" if give_up else "pending", error, retry_at, outbox_id))
+            db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                       (now, "export", str(outbox_id), ("gave up: " if give_up else "retry: ") + error))
+
+    def audit(self, kind: str, subject: str, detail: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                       (time.time(), kind, subject, detail))
+
+    def audit_rows(self, kind: str | None = None) -> list[tuple[str, str, str, str]]:
+        rows = self._query("SELECT at, kind, subject, detail FROM audit" + (" WHERE kind=?" if kind else "")
+                           + " ORDER BY id", (kind,) if kind else ())
+        return [(dt.datetime.fromtimestamp(r[0]).isoformat(timespec="seconds"), r[1], r[2], r[3]) for r in rows]
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT under the connection lock."""
+
+    def __init__(self, owner: NodeDB) -> None:
+        self.owner = owner
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.owner._lock.acquire()
+        self.owner._db.execute("BEGIN IMMEDIATE")
+        return self.owner._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.owner._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.owner._lock.release()

@@ -1,0 +1,112 @@
+"""Outbox delivery by C-STORE, with exponential backoff while a destination is away."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from config.schema import Destination
+from dicom_node.db import NodeDB, OutboxRow
+
+log = logging.getLogger("osteoscreen.export")
+SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+class Exporter:
+    def __init__(self, db: NodeDB, destinations: list[Destination], *, calling_aet: str, retry_initial_s: float,
+                 retry_max_s: float, timeout_s: float) -> None:
+        self.db = db
+        self.destinations = {d.name: d for d in destinations}
+        self.calling_aet = calling_aet
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.timeout_s = timeout_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="exporter", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=self.timeout_s + 5)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def set_destinations(self, destinations: list[Destination]) -> None:
+        self.destinations = {d.name: d for d in destinations}
+        self._wake.set()
+
+    def backoff(self, attempts: int) -> float:
+        return min(self.retry_max_s, self.retry_initial_s * (2 ** max(0, attempts)))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            rows = self.db.due_outbox()
+            by_dest: dict[str, list[OutboxRow]] = defaultdict(list)
+            for r in rows:
+                by_dest[r.destination].append(r)
+            for name, batch in by_dest.items():
+                if self._stop.is_set():
+                    break
+                self._send_batch(name, batch)
+            due = self.db.next_outbox_due()
+            timeout = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def _fail(self, rows: list[OutboxRow], error: str) -> None:
+        for r in rows:
+            delay = self.backoff(r.attempts)
+            log.warning("export of %s to %s failed (attempt %d), retry in %.0f s: %s",
+                        r.sop_instance_uid, r.destination, r.attempts + 1, delay, error)
+            self.db.mark_send_failed(r.id, error, time.time() + delay)
+
+    def _send_batch(self, name: str, rows: list[OutboxRow]) -> None:
+        dest = self.destinations.get(name)
+        if dest is None:
+            self._fail(rows, f"destination {name!r} is not configured")
+            return
+        ae = AE(ae_title=self.calling_aet)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        for sop_class in sorted({r.sop_class_uid for r in rows}):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(rows, f"cannot associate with {dest.ae_title}@{dest.host}:{dest.port}: {exc}")
+            return
+        if not assoc.is_established:
+            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "unreachable"
+            self._fail(rows, f"{dest.ae_title}@{dest.host}:{dest.port} {why}")
+            return
+        try:
+            for r in rows:
+                try:
+                    ds = pydicom.dcmread(r.path)
+                except Exception as exc:  # noqa: BLE001
+                    self.db.mark_send_failed(r.id, f"cannot read {r.path}: {exc}", time.time(), give_up=True)
+                    log.error("export of %s abandoned: cannot read %s: %s", r.sop_instance_uid, r.path, exc)
+                    continue
+                status = assoc.send_c_store(ds)
+                code = int(getattr(status, "Status", -1)) if status else -1
+                if code in SUCCESS_OR_WARNING:
+                    self.db.mark_sent(r.id, f"sent {r.sop_instance_uid} to {name} (status 0x{code:04X})")
+                    log.info("sent %s to %s (%s@%s:%d), status 0x%04X", r.sop_instance_uid, name, dest.ae_title,
+                             dest.host, dest.port, code)
+                elif code == -1:
+                    self._fail([r], "no C-STORE response (connection lost)")
+                    break
+                else:
+                    self._fail([r], f"C-STORE status 0x{code:04X}")
+        finally:
+            if assoc.is_established:
+                assoc.release()

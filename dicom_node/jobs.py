@@ -1,0 +1,131 @@
+"""Persistent screening jobs run in a worker process pool, so model work never stalls ingest."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable
+
+from dicom_node.db import JobRow, NodeDB
+from pipeline.job import JobRequest, ScreeningResult, run_screening
+
+log = logging.getLogger("osteoscreen.jobs")
+
+
+def _worker_init(level: int, logfile: str | None) -> None:
+    logging.basicConfig(level=level, filename=logfile, format="%(asctime)s %(levelname)s [worker] %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
+def _log_target() -> tuple[int, str | None]:
+    """The main process's log level and file (workers log to the same place)."""
+    root = logging.getLogger()
+    files = [h.baseFilename for h in root.handlers if isinstance(h, logging.FileHandler)]
+    return root.level, files[0] if files else None
+
+
+class JobRunner:
+    def __init__(self, db: NodeDB, *, workers: int, max_attempts: int, retry_delay_s: float,
+                 build_request: Callable[[JobRow], JobRequest],
+                 on_result: Callable[[JobRow, ScreeningResult], None]) -> None:
+        self.db = db
+        self.workers = workers
+        self.max_attempts = max_attempts
+        self.retry_delay_s = retry_delay_s
+        self.build_request = build_request
+        self.on_result = on_result
+        self._pool: ProcessPoolExecutor | None = None
+        self._running: dict[int, Future] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="job-dispatcher", daemon=True)
+        self._lock = threading.Lock()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=_log_target())
+
+    def start(self) -> None:
+        self._pool = self._new_pool()
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        if self._pool:
+            # Jobs still running stay 'running' in the database and are resumed at the next start.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def busy(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            while self.busy() < self.workers and not self._stop.is_set():
+                job = self.db.claim_job()
+                if job is None:
+                    break
+                self._submit(job)
+            due = self.db.next_job_due()
+            timeout = 1.0 if due is None else max(0.05, min(1.0, due - time.time()))
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def _submit(self, job: JobRow) -> None:
+        try:
+            req = self.build_request(job)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("job %d: cannot prepare", job.id)
+            self._failed(job, f"cannot prepare job: {exc}")
+            return
+        log.info("job %d (series %s) started, attempt %d", job.id, job.series_uid, job.attempts)
+        assert self._pool is not None
+        try:
+            fut = self._pool.submit(run_screening, req)
+        except BrokenProcessPool:
+            self._pool = self._new_pool()
+            fut = self._pool.submit(run_screening, req)
+        with self._lock:
+            self._running[job.id] = fut
+        fut.add_done_callback(lambda f, job=job: self._done(job, f))
+
+    def _done(self, job: JobRow, fut: Future) -> None:
+        with self._lock:
+            self._running.pop(job.id, None)
+        if fut.cancelled():
+            return
+        try:
+            result = fut.result()
+        except BrokenProcessPool:
+            log.error("job %d: worker process died", job.id)
+            if not self._stop.is_set():
+                self._pool = self._new_pool()
+            self._failed(job, "worker process died")
+        except Exception as exc:  # noqa: BLE001
+            log.error("job %d failed: %s: %s", job.id, type(exc).__name__, exc)
+            self._failed(job, f"{type(exc).__name__}: {exc}")
+        else:
+            try:
+                self.on_result(job, result)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("job %d: recording the result failed", job.id)
+                self._failed(job, f"recording result failed: {exc}")
+        self._wake.set()
+
+    def _failed(self, job: JobRow, error: str) -> None:
+        if job.attempts < self.max_attempts:
+            retry_at = time.time() + self.retry_delay_s
+            log.warning("job %d will be retried in %.0f s (attempt %d of %d): %s", job.id, self.retry_delay_s,
+                        job.attempts, self.max_attempts, error)
+        else:
+            retry_at = None
+            log.error("job %d failed after %d attempts: %s", job.id, job.attempts, error)
+        self.db.fail_job(job.id, error, retry_at)

@@ -1,0 +1,105 @@
+"""Routing rules: which completed series are screened, with the reason for each decision."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydicom
+
+from config.schema import RoutingSettings
+from pipeline.demographics import age_years
+
+CT_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
+
+
+@dataclass(frozen=True)
+class SeriesFacts:
+    modality: str
+    image_type: tuple[str, ...]
+    tilt_from_axial_deg: float | None  # angle between the slice normal and the patient z axis
+    slice_thickness_mm: float | None
+    n_slices: int
+    calling_aet: str
+    age_years: float | None
+    sop_classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    eligible: bool
+    reason: str
+
+
+def _most_common(values: list) -> object:
+    values = [v for v in values if v is not None]
+    return Counter(values).most_common(1)[0][0] if values else None
+
+
+def series_facts(paths: Sequence[str], calling_aet: str, sample: int = 7) -> SeriesFacts:
+    """Facts from a spread of headers (pixel data not read); frames count for multi-frame objects."""
+    idx = np.unique(np.linspace(0, len(paths) - 1, num=min(sample, len(paths))).astype(int)) if paths else []
+    headers = [pydicom.dcmread(Path(paths[i]), stop_before_pixels=True) for i in idx]
+    n_slices = len(paths)
+    frames = [int(h.get("NumberOfFrames", 1) or 1) for h in headers]
+    if headers and max(frames) > 1:
+        n_slices = sum(frames) if len(paths) == len(headers) else int(np.mean(frames) * len(paths))
+    tilts, thick, types = [], [], []
+    for h in headers:
+        iop = h.get("ImageOrientationPatient")
+        if iop is None and "SharedFunctionalGroupsSequence" in h:
+            try:
+                iop = h.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+            except (AttributeError, IndexError):
+                iop = None
+        if iop is not None and len(iop) == 6:
+            n = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+            tilts.append(round(float(np.degrees(np.arccos(min(1.0, abs(n[2]) / (np.linalg.norm(n) or 1))))), 1))
+        t = h.get("SliceThickness")
+        thick.append(float(t) if t not in (None, "") else None)
+        types.append(tuple(str(v).upper() for v in h.get("ImageType", [])))
+    first = headers[0] if headers else pydicom.Dataset()
+    return SeriesFacts(
+        modality=str(first.get("Modality", "") or ""),
+        image_type=_most_common(types) or (),  # type: ignore[arg-type]
+        tilt_from_axial_deg=_most_common(tilts),  # type: ignore[arg-type]
+        slice_thickness_mm=_most_common(thick),  # type: ignore[arg-type]
+        n_slices=n_slices,
+        calling_aet=calling_aet,
+        age_years=age_years(first),
+        sop_classes=tuple(sorted({str(h.get("SOPClassUID", "")) for h in headers})),
+    )
+
+
+def decide(facts: SeriesFacts, rules: RoutingSettings) -> Decision:
+    if rules.calling_aets and facts.calling_aet not in rules.calling_aets:
+        return Decision(False, f"sent by {facts.calling_aet}, not one of the routed AEs {rules.calling_aets}")
+    if facts.modality not in rules.modalities:
+        return Decision(False, f"modality {facts.modality or '(none)'} is not in {rules.modalities}")
+    if not set(facts.sop_classes) & CT_CLASSES:
+        return Decision(False, "no CT image objects in the series")
+    missing = [t for t in rules.image_type if t.upper() not in facts.image_type]
+    if missing:
+        return Decision(False, f"ImageType {'/'.join(facts.image_type) or '(none)'} lacks {'/'.join(missing)}")
+    if rules.require_axial:
+        if facts.tilt_from_axial_deg is None:
+            return Decision(False, "slice orientation unknown")
+        if facts.tilt_from_axial_deg > rules.max_axial_tilt_deg:
+            return Decision(False, f"not axial: slice normal {facts.tilt_from_axial_deg:.0f} deg from the patient "
+                                   f"z axis (max {rules.max_axial_tilt_deg:g})")
+    lo, hi = rules.slice_thickness_mm
+    if facts.slice_thickness_mm is None:
+        return Decision(False, "slice thickness unknown")
+    if not lo <= facts.slice_thickness_mm <= hi:
+        return Decision(False, f"slice thickness {facts.slice_thickness_mm:g} mm outside {lo:g}-{hi:g} mm")
+    if facts.n_slices < rules.min_slices:
+        return Decision(False, f"{facts.n_slices} slices, fewer than {rules.min_slices}")
+    if facts.age_years is None:
+        if not rules.screen_unknown_age:
+            return Decision(False, "patient age unknown (PatientAge and PatientBirthDate missing)")
+    elif facts.age_years < rules.min_patient_age_years:
+        return Decision(False, f"patient age {facts.age_years:.0f} below {rules.min_patient_age_years}")
+    age = f"age {facts.age_years:.0f}" if facts.age_years is not None else "age unknown (allowed)"
+    return Decision(True, f"CT, axial, {facts.slice_thickness_mm:g} mm, {facts.n_slices} slices, {age}")

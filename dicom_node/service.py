@@ -1,0 +1,176 @@
+"""The one place that wires the node together: SCP, completion, routing, labs, jobs, export."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from pydicom.uid import generate_uid
+
+from config.schema import Settings
+from dicom_node import __version__
+from dicom_node.completion import SeriesCompletion
+from dicom_node.db import JobRow, NodeDB
+from dicom_node.export import Exporter
+from dicom_node.jobs import JobRunner
+from dicom_node.routing import decide, series_facts
+from dicom_node.scp import StorageSCP
+from dicom_node.store import InstanceRef, InstanceStore
+from engines.bundle import load_bundle
+from hl7.lookup import lookup_labs
+from hl7.mllp import MLLPServer
+from hl7.panel import LabPanel
+from hl7.receiver import LabReceiver
+from hl7.store import LabStore
+from pipeline.demographics import study_date
+from pipeline.job import JobRequest, ScreeningResult
+from pipeline.report.sr import NodeIdentity
+
+log = logging.getLogger("osteoscreen.service")
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        s = settings
+        self.state_dir = Path(s.node.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        load_bundle(s.screening.model)  # fail at start-up, not at the first job
+        self.db = NodeDB(self.state_dir / "osteoscreen.sqlite")
+        self.instances = InstanceStore(self.state_dir / "instances", self.db)
+        self.results_dir = self.state_dir / "results"
+        self.lab_store = LabStore(self.state_dir / "labs.sqlite")
+        self.lab_receiver = LabReceiver(self.lab_store)
+        self.mllp = (
+            MLLPServer(s.hl7.host, s.hl7.port, self.lab_receiver.handle, self.lab_receiver.refuse,
+                       max_message_bytes=s.hl7.max_message_bytes, read_timeout_s=s.hl7.read_timeout_s)
+            if s.hl7.enabled else None
+        )
+        self.node_identity = NodeIdentity(
+            manufacturer=s.node.manufacturer,
+            model_name="osteoscreen",
+            software_version=__version__,
+            serial_number=s.node.device_serial_number,
+            device_uid=generate_uid(entropy_srcs=["osteoscreen-device", s.node.ae_title, s.node.device_serial_number]),
+            institution_name=s.node.institution_name or None,
+        )
+        self.completion = SeriesCompletion(s.node.series_quiet_s, self.on_series_ready)
+        self.jobs = JobRunner(self.db, workers=s.jobs.workers, max_attempts=s.jobs.max_attempts,
+                              retry_delay_s=s.jobs.retry_delay_s, build_request=self.build_request,
+                              on_result=self.on_job_result)
+        self.exporter = Exporter(self.db, list(s.destinations), calling_aet=s.export.calling_ae_title or s.node.ae_title,
+                                 retry_initial_s=s.export.retry_initial_s, retry_max_s=s.export.retry_max_s,
+                                 timeout_s=s.export.timeout_s)
+        self.scp = StorageSCP(ae_title=s.node.ae_title, host=s.node.host, port=s.node.port, max_pdu=s.node.max_pdu,
+                              allowed_calling_aets=list(s.node.allowed_calling_aets), store=self.instances,
+                              on_stored=self.on_instance_stored)
+        self._stopped = threading.Event()
+
+    # --- lifecycle --------------------------------------------------------------
+    def start(self) -> None:
+        requeued = self.db.requeue_running_jobs()
+        if requeued:
+            log.info("resuming %d job(s) interrupted by the last shutdown", requeued)
+        self.lab_receiver.start()
+        if self.mllp:
+            self.mllp.start()
+        self.jobs.start()
+        self.exporter.start()
+        self.completion.start()
+        for uid in self.db.series_in_state("receiving"):
+            log.info("series %s was receiving at shutdown: restarting its quiet period", uid)
+            self.completion.touch(uid)
+        if not self.settings.destinations:
+            log.warning("no destinations configured: results stay in %s", self.results_dir)
+        self.scp.start()
+        log.info("osteoscreen %s ready: DICOM %s@%s:%d, HL7 %s", __version__, self.settings.node.ae_title,
+                 self.settings.node.host, self.scp.port,
+                 f"{self.settings.hl7.host}:{self.mllp.bound_port}" if self.mllp else "disabled")
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("stopping")
+        self.scp.stop()
+        self.completion.stop()
+        self.exporter.stop()
+        self.jobs.stop()
+        if self.mllp:
+            self.mllp.stop()
+        self.lab_receiver.stop()
+        self.lab_store.close()
+        self.db.close()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        done = threading.Event()
+
+        def _handler(signum, _frame):
+            log.info("received %s", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+        self.start()
+        try:
+            done.wait()
+        finally:
+            self.stop()
+
+    # --- event handlers -----------------------------------------------------------
+    def on_instance_stored(self, ref: InstanceRef) -> None:
+        self.completion.touch(ref.series_uid)
+
+    def on_series_ready(self, series_uid: str) -> None:
+        row = self.db.series(series_uid)
+        if row is None or row.state != "receiving":
+            return
+        paths = self.db.instance_paths(series_uid)
+        facts = series_facts(paths, row.calling_aet)
+        decision = decide(facts, self.settings.routing)
+        job_id = self.db.decide_series(series_uid, decision.eligible, decision.reason)
+        log.info("series %s complete (%d instances): %s - %s", series_uid, row.n_instances,
+                 "screen" if decision.eligible else "skip", decision.reason)
+        if job_id is not None:
+            self.jobs.wake()
+
+    def labs_for(self, series_uid: str, header_path: str) -> LabPanel:
+        import pydicom
+
+        header = pydicom.dcmread(header_path, stop_before_pixels=True)
+        row = self.db.series(series_uid)
+        assert row is not None
+        s = self.settings.labs
+        return lookup_labs(self.lab_store, row.patient_id, row.issuer or None, study_date(header),
+                           window_days=s.window_days, after_days=s.after_study_days,
+                           match_without_issuer=s.match_without_issuer)
+
+    def build_request(self, job: JobRow) -> JobRequest:
+        paths = self.db.instance_paths(job.series_uid)
+        if not paths:
+            raise RuntimeError(f"no stored instances for series {job.series_uid}")
+        return JobRequest(
+            job_id=job.id,
+            series_uid=job.series_uid,
+            instance_paths=tuple(paths),
+            labs=self.labs_for(job.series_uid, paths[0]),
+            output_dir=str(self.results_dir / f"job-{job.id:06d}"),
+            model=self.settings.screening.model,
+            node=self.node_identity,
+            max_tilt_deg=self.settings.routing.max_axial_tilt_deg,
+        )
+
+    def on_job_result(self, job: JobRow, result: ScreeningResult) -> None:
+        outputs = [(d.name, o.path, o.sop_class_uid, o.sop_instance_uid)
+                   for d in self.settings.destinations for o in result.outputs]
+        summary = dict(result.summary)
+        self.db.finish_job(job.id, result.status, summary, outputs)
+        if result.status == "screened":
+            log.info("job %d screened: L1 %.0f HU, %s; %d object(s) queued for %d destination(s)", job.id,
+                     summary.get("mean_hu", float("nan")), summary.get("category"), len(result.outputs),
+                     len(self.settings.destinations))
+            self.exporter.wake()
+        else:
+            log.info("job %d not screened: %s", job.id, result.reason)
