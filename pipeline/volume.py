@@ -83,6 +83,14 @@ def _header(path: Path) -> Dataset:
         raise VolumeError(f"cannot read {path.name}: {exc}") from None
 
 
+def _sop_class(ds: Dataset) -> str:
+    """SOP Class UID, from the file meta when the dataset's own is blank."""
+    uid = str(ds.get("SOPClassUID", "") or "").strip()
+    if not uid and getattr(ds, "file_meta", None) is not None:
+        uid = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "").strip()
+    return uid
+
+
 def _is_axial_image(ds: Dataset) -> bool:
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
     return "LOCALIZER" not in image_type and "ImageOrientationPatient" in ds and "ImagePositionPatient" in ds
@@ -91,7 +99,7 @@ def _is_axial_image(ds: Dataset) -> bool:
 def _select_stack(headers: list[tuple[Path, Dataset]]) -> tuple[list[tuple[Path, Dataset]], list[str]]:
     """Keep the largest group of parallel image slices; say what was left out."""
     notes: list[str] = []
-    images = [(p, ds) for p, ds in headers if str(ds.get("SOPClassUID", "")) == CT_IMAGE_STORAGE]
+    images = [(p, ds) for p, ds in headers if _sop_class(ds) == CT_IMAGE_STORAGE]
     if len(images) < len(headers):
         notes.append(f"{len(headers) - len(images)} non-CT-image instances ignored")
     usable = [(p, ds) for p, ds in images if _is_axial_image(ds)]
@@ -140,7 +148,10 @@ def _check_and_sort(stack: list[tuple[Path, Dataset]], max_tilt_deg: float) -> t
         )
     if tilt <= 1e-3:
         datasets = [ds for _, ds in stack]
-        spacing, _ = hd.spatial.get_series_volume_positions(datasets, rtol=0.01, sort=True)
+        try:
+            spacing, _ = hd.spatial.get_series_volume_positions(datasets, rtol=0.01, sort=True)
+        except Exception as exc:  # noqa: BLE001 - highdicom needs complete image metadata
+            raise VolumeError(f"geometry check failed (incomplete image metadata?): {exc}") from None
         if spacing is None:
             raise VolumeError("slices do not form a regular 3D volume (highdicom geometry check)")
     return stack, step
@@ -189,7 +200,7 @@ def load_volume(paths: Sequence[str | Path], *, max_tilt_deg: float = 10.0) -> V
         positions=np.array([np.asarray(ds.ImagePositionPatient, float) for _, ds in stack]),
         row_direction=iop[:3],
         column_direction=iop[3:],
-        slice_refs=tuple(SliceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(p)) for p, ds in stack),
+        slice_refs=tuple(SliceRef(_sop_class(ds), str(ds.get("SOPInstanceUID", "")), str(p)) for p, ds in stack),
         header=_header_copy(first),
         slice_thickness_mm=float(thickness) if thickness not in (None, "") else None,
         notes=tuple(notes),

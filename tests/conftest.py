@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dicom_node.pacs import OrthancPACS, free_port, orthanc_binary
+from dicom_node.sample import write_sample_series
+
+DATA = Path(__file__).parent / "data"
+
+
+def need_tool(name: str) -> str:
+    """A real peer the suite needs: skip locally if missing, fail in CI (which installs it)."""
+    path = orthanc_binary() if name == "Orthanc" else shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is required in CI (.ci/run installs it with apt-get)")
+    pytest.skip(f"{name} not installed")
+
+
+@pytest.fixture(scope="session")
+def sample_series(tmp_path_factory):
+    return write_sample_series(tmp_path_factory.mktemp("sample"), tag="tests")
+
+
+@pytest.fixture()
+def orthanc(tmp_path):
+    need_tool("Orthanc")
+    pacs = OrthancPACS(tmp_path / "orthanc")
+    pacs.start()
+    yield pacs
+    pacs.stop()
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+class NodeProcess:
+    """`osteoscreen serve` as a real child process with its own config file."""
+
+    def __init__(self, workdir: Path, destinations: list[dict] | None = None, allowed=("CT1",), quiet_s=1.5,
+                 extra: str = "") -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port, self.hl7_port = free_port(), free_port()
+        self.state_dir = workdir / "state"
+        self.log_path = workdir / "node.log"
+        dest = "".join(
+            f'\n[[destinations]]\nname = "{d["name"]}"\nae_title = "{d["ae_title"]}"\nhost = "127.0.0.1"\n'
+            f'port = {d["port"]}\n' for d in destinations or [])
+        self.config = workdir / "osteoscreen.toml"
+        self.config.write_text(
+            f'[node]\nport = {self.port}\nstate_dir = "{self.state_dir}"\nseries_quiet_s = {quiet_s}\n'
+            f'allowed_calling_aets = {list(allowed)!r}\n'.replace("'", '"')
+            + f"[hl7]\nport = {self.hl7_port}\n[export]\nretry_initial_s = 0.5\nretry_max_s = 5.0\n"
+            + extra + dest)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "NodeProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        wait_port(self.port)
+        wait_port(self.hl7_port)
+        return self
+
+    def kill(self) -> None:
+        assert self.proc
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture()
+def node_factory(tmp_path):
+    nodes: list[NodeProcess] = []
+
+    def make(**kw) -> NodeProcess:
+        n = NodeProcess(tmp_path / f"node{len(nodes)}", **kw)
+        nodes.append(n)
+        return n
+
+    yield make
+    for n in nodes:
+        n.stop()
+
+
+def storescu(files, port: int, calling: str = "CT1", called: str = "OSTEOSCREEN") -> subprocess.CompletedProcess:
+    exe = need_tool("storescu")
+    env = dict(os.environ, TCP_NODELAY="1")
+    return subprocess.run([exe, "-aet", calling, "-aec", called, "--max-pdu", "131072", "127.0.0.1", str(port),
+                           *map(str, files)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -1,0 +1,42 @@
+import subprocess
+import sys
+
+import pytest
+
+from config import ConfigError, Settings, default_toml, load_settings
+
+
+def test_default_toml_matches_schema_defaults(tmp_path):
+    f = tmp_path / "d.toml"
+    f.write_text(default_toml())
+    assert load_settings(f) == Settings()
+
+
+def test_unknown_key_is_an_error_naming_key_and_line(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text('[node]\nport = 104\n\n[routing]\nmin_slices = 10\nslice_thicknes_mm = [1, 2]\n')
+    with pytest.raises(ConfigError) as exc:
+        load_settings(f)
+    msg = str(exc.value)
+    assert "routing.slice_thicknes_mm: unknown key" in msg
+    assert f"{f}:6" in msg
+
+
+def test_invalid_value_is_reported(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text('[routing]\nmin_patient_age_years = 12\n')
+    with pytest.raises(ConfigError, match="min_patient_age_years"):
+        load_settings(f)
+
+
+def test_config_check_cli(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('[node]\nae_title = "NODE1"\n[[destinations]]\nname="p"\nae_title="PACS"\nhost="h"\nport=4242\n')
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "config", "check", str(good)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "OK" in r.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[nod]\n")
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "config", "check", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "nod: unknown key" in r.stderr

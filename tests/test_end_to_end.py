@@ -1,0 +1,174 @@
+"""The whole path with real peers: DCMTK drives the node process, a real Orthanc receives the results."""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import CTImageStorage
+
+from dicom_node.sample import demo_oru_message
+from hl7.client import MLLPClient, ack_code
+from tests.conftest import DATA, need_tool, storescu, wait_for
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def send_labs(node, study_date: dt.date) -> None:
+    with MLLPClient("127.0.0.1", node.hl7_port) as c:
+        assert ack_code(c.send(demo_oru_message(dt.datetime.combine(study_date, dt.time(9))))) == "AA"
+
+
+def results_in(orthanc) -> tuple[list[dict], list[dict]]:
+    return orthanc.instances_by_sop_class(SR_CLASS), orthanc.instances_by_sop_class(SC_CLASS)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    exe = need_tool("dciodvfy")
+    r = subprocess.run([exe, str(path)], capture_output=True, text=True)
+    return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_echo_allowed_and_unknown_ae_refused(node_factory):
+    echoscu = need_tool("echoscu")
+    node = node_factory().start()
+    ok = subprocess.run([echoscu, "-aet", "CT1", "-aec", "OSTEOSCREEN", "127.0.0.1", str(node.port)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([echoscu, "-aet", "STRANGER", "-aec", "OSTEOSCREEN", "127.0.0.1", str(node.port)],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "Calling AE Title Not Recognized" in bad.stderr
+    assert "association from STRANGER" in node.log() and "rejected" in node.log()
+
+
+def test_ct_in_sr_and_sc_out_to_orthanc(node_factory, orthanc, sample_series, tmp_path):
+    node = node_factory(destinations=[{"name": "pacs", "ae_title": orthanc.aet, "port": orthanc.dicom_port}]).start()
+    study = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    send_labs(node, dt.datetime.strptime(study.StudyDate, "%Y%m%d").date())
+    r = storescu(sample_series.files, node.port)
+    assert r.returncode == 0, r.stderr
+
+    srs, scs = wait_for(lambda: (lambda a: a if a[0] and a[1] else None)(results_in(orthanc)), 180,
+                        "SR and SC in Orthanc")
+    assert len(srs) == 1 and len(scs) == 1
+    sr_tags, sc_tags = srs[0]["tags"], scs[0]["tags"]
+    for tags in (sr_tags, sc_tags):
+        assert tags["PatientID"] == study.PatientID
+        assert tags["StudyInstanceUID"] == study.StudyInstanceUID
+        assert tags["SeriesInstanceUID"] != study.SeriesInstanceUID  # new series in the same study
+
+    sr_path, sc_path = tmp_path / "sr.dcm", tmp_path / "sc.dcm"
+    sr_path.write_bytes(orthanc.get_bytes(f"/instances/{srs[0]['id']}/file"))
+    sc_path.write_bytes(orthanc.get_bytes(f"/instances/{scs[0]['id']}/file"))
+    assert dciodvfy_errors(sr_path) == []
+    assert dciodvfy_errors(sc_path) == []
+
+    sr = pydicom.dcmread(sr_path)
+    source_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in sample_series.files}
+    items = list(_walk(sr.ContentSequence))
+    attn = [i for i in items if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "112031"]
+    assert attn, "no attenuation measurement in the SR"
+    site = [i for i in items if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeValue == "66794005"]
+    assert site, "L1 finding site missing"
+    scoord = [i for i in items if i.ValueType == "SCOORD"]
+    assert scoord and scoord[0].GraphicType == "POLYLINE"
+    ref = scoord[0].ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    assert ref in source_uids
+    texts = " ".join(i.TextValue for i in items if i.ValueType == "TEXT")
+    assert "NOT FOR DIAGNOSTIC USE" in texts
+    labs = [i for i in items if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodingSchemeDesignator == "LN"]
+    assert {i.ConceptNameCodeSequence[0].CodeValue for i in labs} >= {"17861-6", "6768-6"}
+    assert all("ObservationDateTime" in i for i in labs)
+
+    sc = pydicom.dcmread(sc_path)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == ref
+    assert sc.BurnedInAnnotation == "YES"
+
+
+def _walk(seq):
+    for item in seq:
+        yield item
+        if "ContentSequence" in item:
+            yield from _walk(item.ContentSequence)
+
+
+def _send_crafted(port: int, dataset: pydicom.Dataset, affected_uid: str) -> pydicom.Dataset:
+    """C-STORE ``dataset`` with ``affected_uid`` in the request, whatever the dataset says.
+
+    Neither storescu nor pynetdicom's send_c_store will send a dataset with a blank
+    SOP Instance UID, but a modality can; so the DIMSE request is built by hand.
+    """
+    ae = AE("CT1")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="OSTEOSCREEN")
+    assert assoc.is_established
+    try:
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = CTImageStorage
+        req.AffectedSOPInstanceUID = affected_uid
+        req.Priority = 2
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+        write_dataset(buf, dataset)
+        req.DataSet = io.BytesIO(buf.getvalue())
+        cx = assoc._get_valid_context(CTImageStorage, ExplicitVRLittleEndian, "scu")
+        assoc._reactor_checkpoint.clear()  # as pynetdicom's send_c_store does: pause its reactor
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        assoc.dimse.send_msg(req, cx.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        return rsp
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("blank", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
+def test_blank_uids_are_refused_and_nothing_stored(node_factory, blank):
+    node = node_factory().start()
+    # A real scanner slice whose UIDs were blanked by de-identification.
+    ds = pydicom.dcmread(sorted((DATA / "example_ct_dicom").iterdir())[0])
+    ds.decompress()
+    ds.SOPClassUID = CTImageStorage
+    uid = generate_uid()
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = uid, generate_uid(), generate_uid()
+    setattr(ds, blank, "")
+    rsp = _send_crafted(node.port, ds, uid)
+    assert rsp.Status != 0x0000 and rsp.Status >= 0xA000, hex(rsp.Status)
+    names = {"SOPInstanceUID": "SOP Instance UID", "StudyInstanceUID": "Study Instance UID",
+             "SeriesInstanceUID": "Series Instance UID"}
+    refusals = [line for line in node.log().splitlines() if "refused" in line]
+    assert any(f"{names[blank]} is missing" in line for line in refusals), refusals
+    stored = [p for p in (node.state_dir / "instances").rglob("*") if p.is_file()]
+    assert stored == []
+
+
+def test_restart_after_sigkill_still_produces_the_result(node_factory, orthanc, sample_series):
+    dest = [{"name": "pacs", "ae_title": orthanc.aet, "port": orthanc.dicom_port}]
+    node = node_factory(destinations=dest, quiet_s=30).start()  # long quiet period: kill before it ends
+    r = storescu(sample_series.files, node.port)
+    assert r.returncode == 0, r.stderr  # every instance acknowledged
+    node.kill()
+    assert results_in(orthanc) == ([], [])
+    node.proc = None
+    restarted = type(node)(node.workdir, destinations=dest, quiet_s=1.5)
+    restarted.start()
+    try:
+        srs, scs = wait_for(lambda: (lambda a: a if a[0] and a[1] else None)(results_in(orthanc)), 180,
+                            "results after restart")
+        assert len(srs) == 1 and len(scs) == 1
+        assert "was receiving at shutdown" in restarted.log()
+    finally:
+        restarted.stop()

@@ -1,0 +1,152 @@
+"""HL7 v2 receipt over a real MLLP socket: strict checks, durable store, ACK rules, lookup."""
+import datetime as dt
+import socket
+from pathlib import Path
+
+import pytest
+
+from dicom_node.sample import demo_oru_message
+from hl7.client import MLLPClient, ack_code
+from hl7.lookup import lookup_labs
+from hl7.mllp import FrameReader, MLLPServer
+from hl7.parse import parse_observations
+from hl7.precheck import PrecheckError, parse_header
+from hl7.receiver import LabReceiver
+from hl7.store import LabStore
+
+DATA = Path(__file__).parent / "data" / "hl7"
+STUDY = dt.datetime(2026, 1, 5, 9, 0)
+
+
+@pytest.fixture()
+def listener(tmp_path):
+    store = LabStore(tmp_path / "labs.sqlite")
+    receiver = LabReceiver(store)
+    receiver.start()
+    server = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse, max_message_bytes=64 * 1024,
+                        read_timeout_s=5)
+    server.start()
+    yield server, receiver, store
+    server.stop()
+    receiver.stop()
+    store.close()
+
+
+def msh(segments: str, control="C1", version="2.5.1", mtype="ORU^R01") -> bytes:
+    head = f"MSH|^~\\&|LIS|LAB|OSTEOSCREEN|RAD|20260104120000||{mtype}|{control}|P|{version}"
+    return (head + "\r" + segments).encode()
+
+
+def test_precheck_reads_ids_and_refuses_bad_headers():
+    h = parse_header(demo_oru_message(STUDY).decode())
+    assert (h.message_type, h.trigger_event, h.version) == ("ORU", "R01", "2.5.1")
+    assert h.patient_ids[0].id == "OS-DEMO-0001" and h.patient_ids[0].issuer == "OSTEOSCREEN-DEMO"
+    with pytest.raises(PrecheckError) as e:
+        parse_header("PID|1||X")
+    assert e.value.code == "AE"
+    with pytest.raises(PrecheckError) as e:
+        parse_header(msh("PID|1||123^^^H", mtype="ADT^A01").decode())
+    assert e.value.code == "AR" and "ORU^R01" in e.value.text
+    with pytest.raises(PrecheckError) as e:
+        parse_header(msh("PID|1||123^^^H", version="2.7").decode())
+    assert e.value.code == "AR" and "2.5.1" in e.value.text
+    with pytest.raises(PrecheckError, match="PID-3") as e:
+        parse_header(msh("PID|1||").decode())
+    assert e.value.code == "AE"
+
+
+def test_many_messages_on_one_connection_malformed_does_not_break_it(listener):
+    server, receiver, store = listener
+    with MLLPClient("127.0.0.1", server.bound_port) as c:
+        assert ack_code(c.send(demo_oru_message(STUDY, "M1"))) == "AA"
+        bad = c.send(b"this is not HL7")
+        assert ack_code(bad) == "AE" and b"MSH" in bad
+        assert ack_code(c.send(msh("PID|1||123^^^H", mtype="ADT^A01"))) == "AR"
+        c.send_raw(b"\x00\x00\r\n")  # stray bytes between frames
+        assert ack_code(c.send(demo_oru_message(STUDY, "M2").replace(b"\r", b"\n"))) == "AA"  # LF segment ends
+        assert ack_code(c.send(demo_oru_message(STUDY, "M3"))) == "AA"
+    assert store.message_count() == 3
+    assert receiver.wait_parsed()
+    assert store.parse_states() == {"parsed": 3}
+
+
+def test_duplicates_are_stored_once_and_conflicts_refused(listener):
+    server, _, store = listener
+    with MLLPClient("127.0.0.1", server.bound_port) as c:
+        assert ack_code(c.send(demo_oru_message(STUDY, "D1"))) == "AA"
+        assert ack_code(c.send(demo_oru_message(STUDY, "D1"))) == "AA"
+        changed = demo_oru_message(STUDY, "D1").replace(b"|9.1|", b"|9.9|")
+        assert ack_code(c.send(changed)) == "AE"
+    assert store.message_count() == 1
+
+
+def test_oversized_message_is_rejected_and_connection_survives(listener):
+    server, _, store = listener
+    with MLLPClient("127.0.0.1", server.bound_port) as c:
+        big = demo_oru_message(STUDY, "BIG") + b"NTE|1||" + b"x" * 70_000 + b"\r"
+        assert ack_code(c.send(big)) == "AR"
+        assert ack_code(c.send(demo_oru_message(STUDY, "SMALL"))) == "AA"
+    assert store.message_count() == 1
+
+
+def test_ack_only_after_commit(listener, tmp_path):
+    server, _, store = listener
+    with MLLPClient("127.0.0.1", server.bound_port) as c:
+        assert ack_code(c.send(demo_oru_message(STUDY, "K1"))) == "AA"
+    # a second, independent connection to the same file sees the committed raw message
+    other = LabStore(store.path)
+    try:
+        assert other.message_count() == 1
+    finally:
+        other.close()
+
+
+def test_frame_reader_handles_split_frames():
+    r = FrameReader(1000)
+    assert r.feed(b"\x00\x0bMSH|a") == []
+    assert r.feed(b"bc\x1c") == []
+    assert r.feed(b"\r\n\x0bMSH|2\x1c\r") == [b"MSH|abc", b"MSH|2"]
+
+
+def test_units_are_normalised_and_window_applied(listener):
+    server, receiver, store = listener
+    with MLLPClient("127.0.0.1", server.bound_port) as c:
+        assert ack_code(c.send(demo_oru_message(STUDY, "U1"))) == "AA"
+        old = demo_oru_message(STUDY - dt.timedelta(days=400), "U0").replace(b"|9.1|", b"|8.0|")
+        assert ack_code(c.send(old)) == "AA"
+    assert receiver.wait_parsed()
+    panel = lookup_labs(store, "OS-DEMO-0001", "OSTEOSCREEN-DEMO", STUDY.date(), window_days=90)
+    got = {v.loinc: v for v in panel.values}
+    assert got["17861-6"].value == pytest.approx(9.1)  # the recent calcium, not the old one
+    assert got["1751-7"].value == pytest.approx(4.1) and got["1751-7"].unit == "g/dL"  # 41 g/L
+    assert got["2160-0"].value == pytest.approx(71 / 88.42, rel=1e-3)  # umol/L -> mg/dL
+    assert got["1989-3"].value == pytest.approx(18 * 2.496) and got["1989-3"].unit == "nmol/L"
+    assert lookup_labs(store, "OS-DEMO-0001", "OTHER-HOSPITAL", STUDY.date()).is_empty
+    assert lookup_labs(store, "NOBODY", None, STUDY.date()).is_empty
+
+
+@pytest.mark.parametrize("name", ["LAB-ORU-1.hl7", "LAB-ORU-2.hl7", "LRI_2.0-NG_CBC_Typ_Message.hl7",
+                                  "ORU-R01-RMGEAD.hl7"])
+def test_real_public_messages_are_accepted_and_parsed(listener, name):
+    server, receiver, store = listener
+    raw = (DATA / name).read_bytes()
+    with MLLPClient("127.0.0.1", server.bound_port) as c:
+        assert ack_code(c.send(raw)) == "AA"
+    assert receiver.wait_parsed()
+    assert store.parse_states() == {"parsed": 1}
+    rows = parse_observations(raw)
+    assert rows and all("problem" in r for r in rows)
+
+
+def test_lri_cbc_maps_loinc(listener):
+    rows = parse_observations((DATA / "LRI_2.0-NG_CBC_Typ_Message.hl7").read_bytes())
+    loincs = {r["loinc"] for r in rows if r["loinc"]}
+    assert {"718-7", "6690-2", "777-3"} <= loincs
+
+
+def test_idle_connection_is_closed(listener):
+    server, _, _ = listener
+    s = socket.create_connection(("127.0.0.1", server.bound_port))
+    s.settimeout(15)
+    assert s.recv(10) == b""  # server closes after its 5 s read timeout
+    s.close()

@@ -1,0 +1,119 @@
+"""Volume, L1 localisation and trabecular ROI on the real sample CT (with its reference labels)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom_node.sample import load_lps_volume, sample_data_dir, sample_labels_lps
+from pipeline.bone import measure_trabecular
+from pipeline.selection import SelectionError, select_level_slices
+from pipeline.volume import Volume, VolumeError, load_volume
+
+L1_LABEL = 31
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def volume(sample_series):
+    return load_volume(sample_series.files)
+
+
+def test_volume_keeps_geometry_and_hu_exactly(volume):
+    ref, origin, spacing = load_lps_volume(sample_data_dir() / "example_ct.nii.gz")
+    assert volume.hu.dtype == np.int16
+    assert volume.shape == ref.shape
+    assert np.array_equal(volume.hu, ref.astype(np.int16))
+    assert volume.spacing == pytest.approx(spacing)
+    assert np.allclose(volume.positions[0], origin, atol=1e-3)
+
+
+def l1_extent(labels):
+    zs = np.nonzero((labels == L1_LABEL).any(axis=(1, 2)))[0]
+    return zs.min(), zs.max()
+
+
+def test_selected_slice_is_inside_l1_by_reference_labels(volume):
+    labels = sample_labels_lps()
+    sel, _ = select_level_slices(volume, "L1")
+    k = sel.centre_index
+    counts = np.bincount(labels[k].ravel(), minlength=50)
+    vertebrae = {lab: counts[lab] for lab in range(26, 34) if counts[lab]}
+    assert max(vertebrae, key=vertebrae.get) == L1_LABEL, f"slice {k}: {vertebrae}"
+    lo, hi = l1_extent(labels)
+    margin = 0.2 * (hi - lo)
+    assert lo + margin <= k <= hi - margin, f"slice {k} not in the middle 60% of L1 ({lo}-{hi})"
+    assert sel.confidence > 0
+
+
+def test_trabecular_roi_lies_in_l1_and_excludes_cortex(volume):
+    labels = sample_labels_lps()
+    sel, loc = select_level_slices(volume, "L1")
+    slab = (int(np.ceil(sel.z_range[0])), int(np.floor(sel.z_range[1])))
+    m = measure_trabecular(volume, loc, sel.centre_index, slab)
+    r, c = (int(round(v)) for v in m.roi_centre_rc)
+    assert labels[sel.centre_index, r, c] == L1_LABEL
+    poly = np.round(m.roi_polygon_rc).astype(int)
+    inside = labels[sel.centre_index][poly[:, 0], poly[:, 1]] == L1_LABEL
+    assert inside.mean() > 0.95, "ROI outline leaves the L1 label"
+    assert m.area_mm2 >= 200
+    assert 0 < m.mean_hu < 300 and m.sd_hu < 80, "trabecular bone, not cortex or soft tissue"
+
+
+def _truncated(volume: Volume, keep: slice) -> Volume:
+    return Volume(hu=volume.hu[keep], spacing=volume.spacing, positions=volume.positions[keep],
+                  row_direction=volume.row_direction, column_direction=volume.column_direction,
+                  slice_refs=volume.slice_refs[keep], header=volume.header,
+                  slice_thickness_mm=volume.slice_thickness_mm)
+
+
+def test_no_rib_anchor_means_no_guess(volume):
+    # Cut the scan below T12: no rib-bearing vertebra is in view, so no level may be named.
+    labels = sample_labels_lps()
+    t12 = np.nonzero((labels == 32).any(axis=(1, 2)))[0].min()
+    with pytest.raises(SelectionError, match="rib|not found"):
+        select_level_slices(_truncated(volume, slice(0, t12 - 2)), "L1")
+
+
+def test_real_scanner_slices_without_l1_are_refused():
+    # 20 real slices covering T11-T12 only: the answer must be "not found", never a guess.
+    files = sorted((DATA / "example_ct_dicom").iterdir())
+    with pytest.raises((VolumeError, SelectionError)):
+        select_level_slices(load_volume(files), "L1")
+
+
+def test_jpeg2000_slices_decode(tmp_path):
+    import pydicom
+
+    from pipeline.volume import CT_IMAGE_STORAGE
+
+    files = []
+    for i, f in enumerate(sorted((DATA / "example_ct_dicom").iterdir())):
+        ds = pydicom.dcmread(f)
+        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.1.{i + 1}"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3"
+        ds.save_as(tmp_path / f"{i}.dcm")
+        files.append(tmp_path / f"{i}.dcm")
+    vol = load_volume(files)  # JPEG 2000 lossless, decoded through the pylibjpeg plugins
+    assert vol.shape == (20, 512, 512)
+    assert -1100 < vol.hu.min() < -900 and vol.hu.max() > 1000  # air and bone in HU
+    with pytest.raises(SelectionError):  # T11-T12 only: L1 is not in view
+        select_level_slices(vol, "L1")
+
+
+def test_duplicate_positions_are_refused(sample_series, tmp_path):
+    import pydicom
+
+    files = list(sample_series.files[:50])
+    ds = pydicom.dcmread(files[10])
+    ds.SOPInstanceUID = "1.2.3.4.5.6.7.8.9"
+    dup = tmp_path / "dup.dcm"
+    ds.save_as(dup)
+    with pytest.raises(VolumeError, match="duplicate"):
+        load_volume([*files, dup])
+
+
+def test_missing_slices_are_refused(sample_series):
+    files = [f for i, f in enumerate(sample_series.files) if i != 40]
+    with pytest.raises(VolumeError, match="missing"):
+        load_volume(files)

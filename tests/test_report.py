@@ -1,0 +1,75 @@
+"""The screening job on the real sample CT: SR and SC are valid DICOM and say what they must."""
+import datetime as dt
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from engines.bundle import load_bundle
+from hl7.panel import LabPanel, LabValue
+from pipeline.job import JobRequest, run_screening
+from pipeline.report.sr import NodeIdentity
+from pipeline.screening import classify_attenuation
+from tests.conftest import need_tool
+
+NODE = NodeIdentity("osteoscreen project", "osteoscreen", "0.1.0", "0001", "1.2.826.0.1.3680043.8.498.77")
+
+
+@pytest.fixture(scope="module")
+def screened(sample_series, tmp_path_factory):
+    out = tmp_path_factory.mktemp("job")
+    labs = LabPanel("OS-DEMO-0001", "OSTEOSCREEN-DEMO", dt.date(2026, 1, 5), 90, (
+        LabValue("17861-6", "Calcium", 9.1, "mg/dL", dt.datetime(2026, 1, 4, 8, 30), "LIS 1"),))
+    req = JobRequest(1, sample_series.series_uid, tuple(map(str, sample_series.files)), labs, str(out),
+                     "pickhardt_l1_2013", NODE)
+    return run_screening(req), out
+
+
+def test_job_screens_the_sample(screened):
+    result, out = screened
+    assert result.status == "screened", result.reason
+    assert {o.kind for o in result.outputs} == {"sr", "sc"}
+    assert (out / "sc.png").exists() and (out / "result.json").exists()
+    img = Image.open(out / "sc.png")
+    assert img.mode == "RGB" and min(img.size) >= 512
+
+
+@pytest.mark.parametrize("name", ["sr.dcm", "sc.dcm"])
+def test_outputs_pass_dciodvfy(screened, name):
+    exe = need_tool("dciodvfy")
+    _, out = screened
+    r = subprocess.run([exe, str(out / name)], capture_output=True, text=True)
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
+    assert errors == []
+
+
+def test_results_are_deterministic_for_idempotent_resend(screened, sample_series, tmp_path):
+    result, _ = screened
+    again = run_screening(JobRequest(2, sample_series.series_uid, tuple(map(str, sample_series.files)),
+                                     LabPanel("OS-DEMO-0001", None, None, 90), str(tmp_path), "pickhardt_l1_2013",
+                                     NODE))
+    assert [o.sop_instance_uid for o in again.outputs] == [o.sop_instance_uid for o in result.outputs]
+
+
+def test_sc_is_in_the_source_study_with_legible_panel(screened, sample_series):
+    _, out = screened
+    src = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    sc = pydicom.dcmread(out / "sc.dcm")
+    assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.PatientID == src.PatientID
+    assert sc.SeriesInstanceUID != src.SeriesInstanceUID
+    rgb = sc.pixel_array
+    assert rgb.ndim == 3 and rgb.shape[2] == 3
+    panel = rgb[:, 512:]
+    assert (panel > 200).any(), "text panel is empty"
+    assert np.any((rgb[..., 0] > 200) & (rgb[..., 1] < 100)), "red ROI outline missing"
+
+
+def test_thresholds_come_from_the_model_card():
+    card = load_bundle("pickhardt_l1_2013").card
+    assert classify_attenuation(110.0, card).category_id == "osteoporosis_likely"
+    assert classify_attenuation(110.1, card).category_id == "low_bmd_indeterminate"
+    assert classify_attenuation(160.0, card).category_id == "low_bmd_indeterminate"
+    assert classify_attenuation(160.1, card).category_id == "normal"
+    assert "RESEARCH USE ONLY" in card.intended_use
