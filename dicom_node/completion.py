@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -11,8 +12,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 log = logging.getLogger("osteoscreen.completion")
 
 
+@dataclass(frozen=True)
+class SeriesReady:
+    """A series that has been quiet for the configured period."""
+
+    series_uid: str
+    quiet_s: float
+    ready_at: dt.datetime
+
+
 class SeriesCompletion:
-    def __init__(self, quiet_s: float, on_ready: Callable[[str], None]) -> None:
+    def __init__(self, quiet_s: float, on_ready: Callable[[SeriesReady], None]) -> None:
         self.quiet_s = quiet_s
         self.on_ready = on_ready
         self._scheduler = BackgroundScheduler(
@@ -38,6 +48,6 @@ class SeriesCompletion:
 
     def _fire(self, series_uid: str) -> None:
         try:
-            self.on_ready(series_uid)
+            self.on_ready(SeriesReady(series_uid, self.quiet_s, dt.datetime.now(dt.timezone.utc)))
         except Exception:  # noqa: BLE001 - logged; the series stays 'receiving' and is re-armed at restart
             log.exception("handling completed series %s failed", series_uid)

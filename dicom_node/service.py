@@ -10,7 +10,7 @@ from pydicom.uid import generate_uid
 
 from config.schema import Settings
 from dicom_node import __version__
-from dicom_node.completion import SeriesCompletion
+from dicom_node.completion import SeriesCompletion, SeriesReady
 from dicom_node.db import JobRow, NodeDB
 from dicom_node.export import Exporter
 from dicom_node.jobs import JobRunner
@@ -123,7 +123,8 @@ class Service:
     def on_instance_stored(self, ref: InstanceRef) -> None:
         self.completion.touch(ref.series_uid)
 
-    def on_series_ready(self, series_uid: str) -> None:
+    def on_series_ready(self, ready: SeriesReady) -> None:
+        series_uid = ready.series_uid
         row = self.db.series(series_uid)
         if row is None or row.state != "receiving":
             return

@@ -106,7 +106,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     src_header = volume.header.copy()
     src_header.SOPInstanceUID = measurement.sop_instance_uid
 
-    sr = build_sr(source_header=src_header, selection=selection, measurement=measurement, prediction=prediction,
+    sr = build_sr(source_header=src_header, demographics=demo, selection=selection, measurement=measurement, prediction=prediction,
                   labs=req.labs, node=req.node, series_uid=sr_series, sop_uid=sr_uid)
 
     labs_text = (

@@ -52,6 +52,13 @@ def test_echo_allowed_and_unknown_ae_refused(node_factory):
     assert "association from STRANGER" in node.log() and "rejected" in node.log()
 
 
+def test_node_answers_malformed_oru_and_keeps_the_connection(node_factory):
+    node = node_factory().start()
+    with MLLPClient("127.0.0.1", node.hl7_port) as c:
+        assert ack_code(c.send(b"MSH|^~\\&|LIS|X|||20260101||ORU^R01|\rPID|1||\r")) == "AE"  # no control ID
+        assert ack_code(c.send(demo_oru_message(dt.datetime(2026, 1, 5, 9), "NEXT1"))) == "AA"
+
+
 def test_ct_in_sr_and_sc_out_to_orthanc(node_factory, orthanc, sample_series, tmp_path):
     node = node_factory(destinations=[{"name": "pacs", "ae_title": orthanc.aet, "port": orthanc.dicom_port}]).start()
     study = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
@@ -87,6 +94,7 @@ def test_ct_in_sr_and_sc_out_to_orthanc(node_factory, orthanc, sample_series, tm
     assert ref in source_uids
     texts = " ".join(i.TextValue for i in items if i.ValueType == "TEXT")
     assert "NOT FOR DIAGNOSTIC USE" in texts
+    assert "age 67 y, sex F" in texts
     labs = [i for i in items if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodingSchemeDesignator == "LN"]
     assert {i.ConceptNameCodeSequence[0].CodeValue for i in labs} >= {"17861-6", "6768-6"}
     assert all("ObservationDateTime" in i for i in labs)

@@ -12,6 +12,7 @@ from pydicom.sr.codedict import codes
 
 from hl7.panel import LabPanel
 from pipeline.bone import BoneMeasurement
+from pipeline.demographics import Demographics
 from pipeline.report.notice import DISCLAIMER
 from pipeline.screening import Prediction
 from pipeline.selection import SliceSelection
@@ -52,6 +53,16 @@ def _coding_scheme_identification() -> Dataset:
     return item
 
 
+def _demographics_text(d: Demographics | None) -> str:
+    if d is None:
+        return "not available"
+    parts = [f"age {d.age_years:.0f} y" if d.age_years is not None else "age unknown",
+             f"sex {d.sex}" if d.sex else "sex unknown"]
+    if d.bmi is not None:
+        parts.append(f"BMI {d.bmi:.1f} kg/m2")
+    return ", ".join(parts)
+
+
 def _dicom_dt(value: dt.datetime) -> str:
     return value.strftime("%Y%m%d%H%M%S")
 
@@ -59,6 +70,7 @@ def _dicom_dt(value: dt.datetime) -> str:
 def build_sr(
     *,
     source_header: Dataset,
+    demographics: Demographics | None = None,
     selection: SliceSelection,
     measurement: BoneMeasurement,
     prediction: Prediction,
@@ -152,6 +164,8 @@ def build_sr(
            if labs.values else "none available in the look-back window")
         + (". Not used: " + "; ".join(f"{e.name}: {e.reason}" for e in labs.excluded) if labs.excluded else "")
         + ". Labs are reported, not yet used by the screening rule.",
+        "Demographics (from the image header): " + _demographics_text(demographics)
+        + ". Reported, not yet used by the screening rule.",
         DISCLAIMER,
     ]
     for text in text_items:
