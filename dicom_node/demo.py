@@ -126,7 +126,7 @@ def run_demo(output: Path | None = None, workdir: Path | None = None, timeout_s:
             shutil.copyfile(row.path, out / Path(row.path).name)
         shutil.copyfile(Path(service.db.outbox()[0].path).with_name("sc.png"), out / "sc.png")
         if isinstance(pacs, OrthancPACS):
-            n = len(pacs.get(f"/instances"))  # type: ignore[arg-type]
+            n = len(pacs.get("/instances"))  # type: ignore[arg-type]
             where = f"{pacs.describe()}, {n} instances there"
         else:
             where = f"{pacs.describe()}, {len(pacs.files())} files"

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.db import NodeDB
+from pipeline.durable import write_durably
 
 log = logging.getLogger("osteoscreen.store")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -62,22 +61,7 @@ class InstanceStore:
         if self.db.has_instance(sop_uid):
             return InstanceRef(sop_uid, sop_class, study_uid, series_uid, str(path), True)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(encoded)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_durably(path, lambda fh: fh.write(encoded), prefix=".incoming.")
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InstanceRefused(0xA700, f"out of disk space in {self.root}: instance not stored") from None

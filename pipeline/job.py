@@ -7,8 +7,6 @@ the same objects and a re-send is idempotent at the PACS.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from engines.bundle import load_bundle
 from hl7.panel import LabPanel
 from pipeline.bone import MeasurementError, measure_trabecular
 from pipeline.demographics import demographics_from_header
+from pipeline.durable import write_durably
 from pipeline.report.notice import SHORT_DISCLAIMER
 from pipeline.report.render import render_key_image
 from pipeline.report.sc import build_sc
@@ -61,25 +60,6 @@ class ScreeningResult:
     outputs: tuple[OutputObject, ...] = ()
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _uid(series_uid: str, kind: str, model_version: str) -> str:
     return generate_uid(entropy_srcs=["osteoscreen-result", series_uid, kind, model_version])
 
@@ -95,7 +75,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         measurement = measure_trabecular(volume, loc, selection.centre_index, slab, level="L1")
     except (VolumeError, SelectionError, MeasurementError) as exc:
         result = ScreeningResult("not_screened", exc.reason, req.series_uid, {"reason": exc.reason})
-        _atomic_write(out / "result.json", lambda fh: fh.write(json.dumps(asdict(result), indent=2).encode()))
+        write_durably(out / "result.json", lambda fh: fh.write(json.dumps(asdict(result), indent=2).encode()))
         return result
 
     prediction = classify_attenuation(measurement.mean_hu, bundle.card)
@@ -140,9 +120,9 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     sc = build_sc(source_header=src_header, source_sop_instance_uid=measurement.sop_instance_uid, rgb=rgb,
                   node=req.node, series_uid=sc_series, sop_uid=sc_uid)
 
-    _atomic_write(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
-    _atomic_write(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))
-    _atomic_write(out / "sc.png", lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
+    write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
+    write_durably(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))
+    write_durably(out / "sc.png", lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
     summary = {
         "study_uid": str(volume.header.get("StudyInstanceUID", "")),
         "patient_id": str(volume.header.get("PatientID", "")),
@@ -172,5 +152,5 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             OutputObject("sc", str(out / "sc.dcm"), SC_SOP_CLASS, sc_uid),
         ),
     )
-    _atomic_write(out / "result.json", lambda fh: fh.write(json.dumps(asdict(result), indent=2).encode()))
+    write_durably(out / "result.json", lambda fh: fh.write(json.dumps(asdict(result), indent=2).encode()))
     return result

@@ -2,10 +2,13 @@
 
 The steps, each chosen to survive low bone density (the patients we look for):
 
-1. Track the vertebral body along z. A bone mask (>200 HU) is max-projected
-   over +-15 mm so every window holds an endplate or cortex; the largest blob
-   near the midline after hole filling and opening is the spinal column. Its
-   anterior edge and the anterior edge of the spinal canal bound the body.
+1. Track the vertebral body along z, canal first. The spinal canal is a dark
+   (<45 HU) hole in a closed bone ring (>200 HU, max-projected over +-4 mm)
+   near the midline with bone in front and behind: vessels bright with
+   contrast are filled, not holes, and the marrow of an osteoporotic body is
+   not dark enough. The body lies in front of the canal: in a +-15 mm bone
+   projection (which always holds an endplate) it is the bone region touching
+   the canal, cut at its waist where a contrast-filled aorta is fused to it.
 2. Find intervertebral discs. The median HU in the body core is high at
    endplates and low in discs; in osteoporotic bone the body interior can be
    as dark as a disc, but discs are short (5-14 mm) and interiors long, so a
@@ -35,7 +38,6 @@ MIN_DISC_GAP_MM = 20.0
 MIN_DISC_SCORE_HU = 20.0
 RIB_EXCLUSION_RADIUS_MM = 35.0
 CANAL_CENTRE_OFFSET_MM = 8.0  # canal centre lies about this far behind the body's posterior wall
-MAX_FILLED_HOLE_MM2 = 1500.0
 WAIST_FRACTION = 0.7
 RIB_MIN_LATERAL_MM = 65.0
 RIB_MAX_MEDIAL_MM = 42.0
