@@ -85,9 +85,13 @@ class JobSettings(_Section):
 
 class ScreeningSettings(_Section):
     model: str = Field(
-        "pickhardt_l1_2013",
-        description="Model bundle: a name under engines/models or a path to a bundle directory.",
+        "fused_kdamm_v1",
+        description="Fused screening model bundle: a name under engines/models or a bundle directory.",
     )
+    attenuation_rule: str = Field(
+        "pickhardt_l1_2013", description="Threshold rule reported with the L1 measurement (bundle name or path)."
+    )
+    backend: str = Field("auto", pattern=r"^(auto|onnxruntime-cuda|onnxruntime-cpu)$")
 
 
 class Destination(_Section):

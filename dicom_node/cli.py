@@ -39,6 +39,66 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(output=args.output, workdir=args.workdir)
 
 
+def _train(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from engines.bundle import bundled_models_dir
+    from pipeline.training.train import TrainConfig, run
+
+    cfg = TrainConfig(seed=args.seed)
+    if args.quick:
+        cfg.limit, cfg.teacher_epochs, cfg.student_epochs, cfg.bootstrap = 2000, 3, 3, 100
+    shipped = bundled_models_dir() / "fused_kdamm_v1"
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = run(cfg, Path(tmp) / "bundle", None)
+        card = json.loads((shipped / "card.json").read_text())
+        diffs = _compare_metrics(card["metrics"], summary["results"])
+        if diffs:
+            print("train check: metrics differ from the shipped bundle at 3 decimals:\n  " + "\n  ".join(diffs))
+            return 1
+        print("train check: the shipped bundle's metrics are reproduced (3 decimals)")
+        return 0
+    out = Path(args.out) if args.out else shipped
+    report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
+    summary = run(cfg, out, report)
+    r = summary["results"]
+    print(f"bundle written to {out}; report in {report}")
+    for s, v in r["subsets"].items():
+        print(f"  {s:20s} n={v['n']:5d} AUC {v['auc']:.3f} ({v['auc_ci'][0]:.3f}-{v['auc_ci'][1]:.3f}) "
+              f"sens {v['sensitivity']:.2f} spec {v['specificity']:.2f}  no-KD AUC {r['ablation_kd'][s]['auc_no_kd']:.3f}")
+    print(f"train ok: tabular teacher AUC {r['teachers']['tabular']['auc'][0]:.3f}, OST {r['baselines']['ost']['auc'][0]:.3f}, "
+          f"logreg {r['baselines']['logreg']['auc'][0]:.3f}, student all {r['subsets']['all']['auc']:.3f}")
+    return 0
+
+
+def _compare_metrics(a, b, path: str = "") -> list[str]:
+    out: list[str] = []
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            out += _compare_metrics(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            out += _compare_metrics(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None or round(float(a), 3) != round(float(b), 3):
+            out.append(f"{path}: shipped {a} vs rebuilt {b}")
+    elif a != b:
+        out.append(f"{path}: shipped {a!r} vs rebuilt {b!r}")
+    return out
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.what == "tabular":
+        from pipeline.training.evaluate import eval_tabular
+
+        eval_tabular(args.dir, bundle=args.bundle)
+        return 0
+    print(f"osteoscreen: eval {args.what} is not available yet", file=sys.stderr)
+    return 2
+
+
 def _config(args: argparse.Namespace) -> int:
     if args.action == "default":
         sys.stdout.write(default_toml())
@@ -65,6 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--output", type=Path, help="also leave sr.dcm, sc.dcm and sc.png here")
     d.add_argument("--workdir", type=Path, help="working directory (default: a new temporary one)")
     d.set_defaults(func=_demo)
+    t = sub.add_parser("train", help="rebuild the fused screening bundle (seeded) and its training report")
+    t.add_argument("--seed", type=int, default=20261123)
+    t.add_argument("--out", help="bundle directory (default: the shipped engines/models/fused_kdamm_v1)")
+    t.add_argument("--report", help="report directory (default: ./docs/training)")
+    t.add_argument("--check", action="store_true", help="retrain in a temporary folder and compare the metrics "
+                   "with the shipped bundle to 3 decimals")
+    t.add_argument("--quick", action="store_true", help="small slice and few epochs (smoke test)")
+    t.set_defaults(func=_train)
+    e = sub.add_parser("eval", help="evaluate on data the model never saw")
+    e.add_argument("what", choices=["tabular"])
+    e.add_argument("dir", type=Path, help="folder of NHANES files <TABLE>_<SUFFIX>.csv.xz")
+    e.add_argument("--bundle", default="fused_kdamm_v1")
+    e.set_defaults(func=_eval)
     c = sub.add_parser("config", help="configuration tools")
     c.add_argument("action", choices=["check", "default"])
     c.add_argument("file", type=Path, nargs="?")

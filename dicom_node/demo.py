@@ -133,13 +133,23 @@ def run_demo(output: Path | None = None, workdir: Path | None = None, timeout_s:
         labs = ", ".join(f"{v['name']} {v['value']:.3g} {v['unit']}" for v in result.get("labs_used", [])) or "none"
         print()
         print(f"  SR + SC sent to {where}")
-        print(f"  L1 trabecular attenuation: {result['mean_hu']:.0f} HU (SD {result['sd_hu']:.0f}, "
-              f"ROI {result['roi_area_mm2']:.0f} mm2) on slice {result['slice_index'] + 1}")
-        print(f"  category: {result['category']} ({result['model']})")
+        if "mean_hu" in result:
+            print(f"  L1 trabecular attenuation: {result['mean_hu']:.0f} HU (SD {result['sd_hu']:.0f}, "
+                  f"ROI {result['roi_area_mm2']:.0f} mm2) on slice {result['slice_index'] + 1}: "
+                  f"{result['attenuation_category']} ({result['attenuation_rule']})")
+        else:
+            print(f"  image not used: {result.get('image_note')}")
+        print(f"  category: {result['category']} - probability {result['probability']:.2f} "
+              f"(operating point {result['threshold']:.2f}; {result['model']}, modalities "
+              f"{'+'.join(result['modalities'])})")
+        top = sorted(result.get("shap", {}).items(), key=lambda kv: -abs(kv[1]))[:4]
+        if top:
+            print("  largest SHAP contributions: " + ", ".join(f"{k} {v:+.3f}" for k, v in top))
         print(f"  labs used: {labs}")
         print(f"  files: {out / 'sr.dcm'}, {out / 'sc.dcm'}, {out / 'sc.png'}")
         print("  RESEARCH USE ONLY - not for diagnostic use")
-        print(f"demo ok: L1 {result['mean_hu']:.0f} HU, {result['category']}, "
+        hu = f"L1 {result['mean_hu']:.0f} HU, " if "mean_hu" in result else ""
+        print(f"demo ok: {hu}{result['category']} (p={result['probability']:.2f}), "
               f"{len(result.get('labs_used', []))} labs, SR+SC delivered to {pacs.kind} "
               f"in {time.monotonic() - t0:.0f} s")
         return 0

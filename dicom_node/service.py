@@ -17,7 +17,8 @@ from dicom_node.jobs import JobRunner
 from dicom_node.routing import decide, series_facts
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceRef, InstanceStore
-from engines.bundle import load_bundle
+from engines.bundle import load_bundle, resolve_bundle_path
+from engines.runtime import load_graph
 from hl7.lookup import lookup_labs
 from hl7.mllp import MLLPServer
 from hl7.panel import LabPanel
@@ -37,6 +38,8 @@ class Service:
         self.state_dir = Path(s.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         load_bundle(s.screening.model)  # fail at start-up, not at the first job
+        load_bundle(s.screening.attenuation_rule)
+        load_graph(resolve_bundle_path(s.screening.model) / "head.onnx", s.screening.backend)
         self.db = NodeDB(self.state_dir / "osteoscreen.sqlite")
         self.instances = InstanceStore(self.state_dir / "instances", self.db)
         self.results_dir = self.state_dir / "results"
@@ -161,6 +164,8 @@ class Service:
             model=self.settings.screening.model,
             node=self.node_identity,
             max_tilt_deg=self.settings.routing.max_axial_tilt_deg,
+            attenuation_rule=self.settings.screening.attenuation_rule,
+            backend=self.settings.screening.backend,
         )
 
     def on_job_result(self, job: JobRow, result: ScreeningResult) -> None:
@@ -169,8 +174,9 @@ class Service:
         summary = dict(result.summary)
         self.db.finish_job(job.id, result.status, summary, outputs)
         if result.status == "screened":
-            log.info("job %d screened: L1 %.0f HU, %s; %d object(s) queued for %d destination(s)", job.id,
-                     summary.get("mean_hu", float("nan")), summary.get("category"), len(result.outputs),
+            log.info("job %d screened: p=%.3f %s (modalities %s), L1 %s HU; %d object(s) queued for %d "
+                     "destination(s)", job.id, summary["probability"], summary["category"],
+                     "+".join(summary["modalities"]), summary.get("mean_hu", "n/a"), len(result.outputs),
                      len(self.settings.destinations))
             self.exporter.wake()
         else:

@@ -4,5 +4,7 @@
 for learned models, ONNX networks) and runs them on numpy arrays.
 """
 from engines.bundle import BundleError, ModelBundle, ModelCard, load_bundle
+from engines.runtime import Engine, EngineError, available_backends, load, load_graph
 
-__all__ = ["BundleError", "ModelBundle", "ModelCard", "load_bundle"]
+__all__ = ["BundleError", "Engine", "EngineError", "ModelBundle", "ModelCard", "available_backends", "load",
+           "load_bundle", "load_graph"]

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from PIL import Image
 from pydicom.uid import generate_uid
 
@@ -18,6 +19,8 @@ from engines.bundle import load_bundle
 from hl7.panel import LabPanel
 from pipeline.bone import MeasurementError, measure_trabecular
 from pipeline.demographics import demographics_from_header
+from pipeline.fused import FusedModel, tabular_input
+from pipeline.image_input import extract_patch
 from pipeline.durable import write_durably
 from pipeline.report.notice import SHORT_DISCLAIMER
 from pipeline.report.render import render_key_image
@@ -38,9 +41,11 @@ class JobRequest:
     instance_paths: tuple[str, ...]
     labs: LabPanel
     output_dir: str
-    model: str
+    model: str  # fused screening bundle
     node: NodeIdentity
     max_tilt_deg: float = 10.0
+    attenuation_rule: str = "pickhardt_l1_2013"  # reported measurement category
+    backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -64,93 +69,116 @@ def _uid(series_uid: str, kind: str, model_version: str) -> str:
     return generate_uid(entropy_srcs=["osteoscreen-result", series_uid, kind, model_version])
 
 
+def _write_result(out: Path, result: ScreeningResult) -> ScreeningResult:
+    write_durably(out / "result.json", lambda fh: fh.write(json.dumps(asdict(result), indent=2, default=str).encode()))
+    return result
+
+
 def run_screening(req: JobRequest) -> ScreeningResult:
-    """Screen one series. Data that cannot be trusted gives ``not_screened`` with the reason."""
+    """Screen one series with whatever modalities are usable; give up only when none is.
+
+    The image path (volume -> L1 -> trabecular ROI -> 2.5D patch) may fail with a
+    reason; labs may be missing; demographics come from the header. The fused model
+    takes any subset. The Pickhardt L1 category stays a reported measurement.
+    """
     bundle = load_bundle(req.model)
+    rule = load_bundle(req.attenuation_rule)
     out = Path(req.output_dir)
+    volume = selection = loc = measurement = None
+    image_note = None
     try:
         volume = load_volume(req.instance_paths, max_tilt_deg=req.max_tilt_deg)
         selection, loc = select_level_slices(volume, "L1")
         slab = (int(np.ceil(selection.z_range[0])), int(np.floor(selection.z_range[1])))
         measurement = measure_trabecular(volume, loc, selection.centre_index, slab, level="L1")
     except (VolumeError, SelectionError, MeasurementError) as exc:
-        result = ScreeningResult("not_screened", exc.reason, req.series_uid, {"reason": exc.reason})
-        write_durably(out / "result.json", lambda fh: fh.write(json.dumps(asdict(result), indent=2).encode()))
-        return result
+        image_note = exc.reason
+    header = volume.header if volume is not None else pydicom.dcmread(req.instance_paths[0], stop_before_pixels=True)
+    demo = demographics_from_header(header)
+    tab = tabular_input(req.labs, demo)
+    patch = None
+    if measurement is not None and volume is not None:
+        r, c = measurement.roi_centre_rc
+        patch = extract_patch(volume.hu, volume.spacing, (float(measurement.slice_index), r, c))
+    model = FusedModel(bundle, req.backend)
+    try:
+        fused = model.predict(patch, tab)
+    except ValueError as exc:
+        reason = f"{exc}" + (f" (image: {image_note})" if image_note else "")
+        return _write_result(out, ScreeningResult("not_screened", reason, req.series_uid, {"reason": reason}))
+    attenuation = classify_attenuation(measurement.mean_hu, rule.card) if measurement is not None else None
 
-    prediction = classify_attenuation(measurement.mean_hu, bundle.card)
-    demo = demographics_from_header(volume.header)
-    versions = f"{bundle.card.version}/{selection.method}"
+    versions = f"{bundle.card.version}/{rule.card.version}" + (f"/{selection.method}" if selection else "")
     sr_series, sc_series = _uid(req.series_uid, "sr-series", versions), _uid(req.series_uid, "sc-series", versions)
     sr_uid, sc_uid = _uid(req.series_uid, "sr", versions), _uid(req.series_uid, "sc", versions)
-    src_header = volume.header.copy()
-    src_header.SOPInstanceUID = measurement.sop_instance_uid
-
-    sr = build_sr(source_header=src_header, demographics=demo, selection=selection, measurement=measurement, prediction=prediction,
-                  labs=req.labs, node=req.node, series_uid=sr_series, sop_uid=sr_uid)
-
-    labs_text = (
-        "; ".join(f"{v.name} {v.value:g} {v.unit}" for v in req.labs.values) if req.labs.values else "none found"
-    )
-    lines = [
-        f"{measurement.level} trabecular attenuation: {measurement.mean_hu:.0f} HU "
-        f"(SD {measurement.sd_hu:.0f}, ROI {measurement.area_mm2:.0f} mm2)",
-        f"Category: {prediction.category_label}",
-        "Thresholds: <= {:g} HU osteoporosis likely; > {:g} HU normal".format(
-            prediction.thresholds["osteoporosis_max_hu"], prediction.thresholds["normal_min_hu"]),
-        f"Rule: {prediction.model_name} {prediction.model_version}",
-        f"Level: {selection.level} by {selection.method} (anchor {selection.anchor}, "
-        f"confidence {selection.confidence:.2f}), slice {selection.centre_index + 1} of {volume.shape[0]}",
-        f"Labs (reported, not used by the rule): {labs_text}",
-        "Patient: " + ", ".join(
-            x for x in (
-                f"{demo.age_years:.0f} y" if demo.age_years is not None else "",
-                demo.sex or "",
-            ) if x
-        ),
-    ]
-    rgb, _ = render_key_image(
-        volume.hu[selection.centre_index],
-        (volume.spacing[1], volume.spacing[2]),
-        measurement.roi_polygon_rc,
-        title="osteoscreen - L1 bone screening",
-        lines=lines,
-        footer=SHORT_DISCLAIMER,
-    )
-    sc = build_sc(source_header=src_header, source_sop_instance_uid=measurement.sop_instance_uid, rgb=rgb,
-                  node=req.node, series_uid=sc_series, sop_uid=sc_uid)
-
+    source_uid = measurement.sop_instance_uid if measurement is not None else str(header.SOPInstanceUID)
+    src_header = header.copy()
+    src_header.SOPInstanceUID = source_uid
+    sr = build_sr(source_header=src_header, source_sop_instance_uid=source_uid, demographics=demo, labs=req.labs,
+                  node=req.node, series_uid=sr_series, sop_uid=sr_uid, fused=fused,
+                  fused_model=(bundle.card.name, bundle.card.version), selection=selection,
+                  measurement=measurement, attenuation=attenuation, image_note=image_note)
     write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
-    write_durably(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))
-    write_durably(out / "sc.png", lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
+    outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
+
+    if measurement is not None and volume is not None and selection is not None and attenuation is not None:
+        expl = fused.explanation
+        top = sorted(zip(expl.features, expl.contributions), key=lambda t: -abs(t[1]))[:4] if expl else []
+        lines = [
+            f"Screening: {fused.category_label}",
+            f"Probability {fused.probability:.2f} (operating point {fused.threshold:.2f}); "
+            f"modalities: {', '.join(fused.modalities)}",
+            "Top contributions: " + (", ".join(f"{n} {v:+.2f}" for n, v in top) if top else "n/a"),
+            f"{measurement.level} trabecular attenuation: {measurement.mean_hu:.0f} HU "
+            f"(SD {measurement.sd_hu:.0f}, ROI {measurement.area_mm2:.0f} mm2) - {attenuation.category_label} "
+            f"by {attenuation.model_name}",
+            f"Level: {selection.level} by {selection.method} (anchor {selection.anchor}, "
+            f"confidence {selection.confidence:.2f}), slice {selection.centre_index + 1} of {volume.shape[0]}",
+            "Labs: " + ("; ".join(f"{v.name} {v.value:.3g} {v.unit}" for v in req.labs.values)
+                        if req.labs.values else "none found"),
+            "Patient: " + ", ".join(x for x in (
+                f"{demo.age_years:.0f} y" if demo.age_years is not None else "", demo.sex or "") if x),
+        ]
+        rgb, _ = render_key_image(
+            volume.hu[selection.centre_index], (volume.spacing[1], volume.spacing[2]), measurement.roi_polygon_rc,
+            title="osteoscreen - L1 bone screening", lines=lines, footer=SHORT_DISCLAIMER)
+        sc = build_sc(source_header=src_header, source_sop_instance_uid=source_uid, rgb=rgb, node=req.node,
+                      series_uid=sc_series, sop_uid=sc_uid)
+        write_durably(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))
+        write_durably(out / "sc.png", lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
+        outputs.append(OutputObject("sc", str(out / "sc.dcm"), SC_SOP_CLASS, sc_uid))
+
     summary = {
-        "study_uid": str(volume.header.get("StudyInstanceUID", "")),
-        "patient_id": str(volume.header.get("PatientID", "")),
-        "level": measurement.level,
-        "slice_index": measurement.slice_index,
-        "source_sop_instance_uid": measurement.sop_instance_uid,
-        "mean_hu": round(measurement.mean_hu, 1),
-        "sd_hu": round(measurement.sd_hu, 1),
-        "roi_area_mm2": round(measurement.area_mm2, 1),
-        "category": prediction.category_label,
-        "category_id": prediction.category_id,
-        "model": f"{prediction.model_name} {prediction.model_version}",
-        "selection": {"method": selection.method, "anchor": selection.anchor, "confidence": selection.confidence},
+        "study_uid": str(header.get("StudyInstanceUID", "")),
+        "patient_id": str(header.get("PatientID", "")),
+        "probability": round(fused.probability, 4),
+        "threshold": round(fused.threshold, 4),
+        "category": fused.category_label,
+        "category_id": fused.category_id,
+        "modalities": list(fused.modalities),
+        "model": f"{bundle.card.name} {bundle.card.version}",
+        "backend": model.backend,
+        "shap": fused.explanation.as_dict() if fused.explanation else {},
+        "shap_base": fused.explanation.base_value if fused.explanation else None,
+        "image_note": image_note,
         "labs_used": [{"loinc": v.loinc, "name": v.name, "value": v.value, "unit": v.unit,
                        "observed_at": v.observed_at.isoformat() if v.observed_at else None} for v in req.labs.values],
         "labs_excluded": [asdict(e) for e in req.labs.excluded],
-        "volume_notes": list(volume.notes),
-        "localiser_notes": list(loc.notes),
     }
-    result = ScreeningResult(
-        "screened",
-        None,
-        req.series_uid,
-        summary,
-        (
-            OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid),
-            OutputObject("sc", str(out / "sc.dcm"), SC_SOP_CLASS, sc_uid),
-        ),
-    )
-    write_durably(out / "result.json", lambda fh: fh.write(json.dumps(asdict(result), indent=2).encode()))
-    return result
+    if measurement is not None and selection is not None and attenuation is not None and loc is not None:
+        summary.update({
+            "level": measurement.level,
+            "slice_index": measurement.slice_index,
+            "source_sop_instance_uid": measurement.sop_instance_uid,
+            "mean_hu": round(measurement.mean_hu, 1),
+            "sd_hu": round(measurement.sd_hu, 1),
+            "roi_area_mm2": round(measurement.area_mm2, 1),
+            "attenuation_category": attenuation.category_label,
+            "attenuation_rule": f"{attenuation.model_name} {attenuation.model_version}",
+            "selection": {"method": selection.method, "anchor": selection.anchor,
+                          "confidence": selection.confidence},
+            "localiser_notes": list(loc.notes),
+        })
+    if volume is not None:
+        summary["volume_notes"] = list(volume.notes)
+    return _write_result(out, ScreeningResult("screened", None, req.series_uid, summary, tuple(outputs)))

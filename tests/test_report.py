@@ -23,7 +23,7 @@ def screened(sample_series, tmp_path_factory):
     labs = LabPanel("OS-DEMO-0001", "OSTEOSCREEN-DEMO", dt.date(2026, 1, 5), 90, (
         LabValue("17861-6", "Calcium", 9.1, "mg/dL", dt.datetime(2026, 1, 4, 8, 30), "LIS 1"),))
     req = JobRequest(1, sample_series.series_uid, tuple(map(str, sample_series.files)), labs, str(out),
-                     "pickhardt_l1_2013", NODE)
+                     "fused_kdamm_v1", NODE)
     return run_screening(req), out
 
 
@@ -31,6 +31,12 @@ def test_job_screens_the_sample(screened):
     result, out = screened
     assert result.status == "screened", result.reason
     assert {o.kind for o in result.outputs} == {"sr", "sc"}
+    s = result.summary
+    assert s["modalities"] == ["image", "demographics", "labs"]
+    assert 0.0 < s["probability"] < 1.0 and s["category_id"] in ("screen_positive", "screen_negative")
+    assert set(s["shap"]) >= {"age", "female", "calcium"}
+    assert abs(s["shap_base"] + sum(s["shap"].values()) - s["probability"]) < 1e-4  # additivity
+    assert s["attenuation_category"] == "Osteoporosis likely"  # Pickhardt stays a reported measurement
     assert (out / "sc.png").exists() and (out / "result.json").exists()
     img = Image.open(out / "sc.png")
     assert img.mode == "RGB" and min(img.size) >= 512
@@ -48,7 +54,7 @@ def test_outputs_pass_dciodvfy(screened, name):
 def test_results_are_deterministic_for_idempotent_resend(screened, sample_series, tmp_path):
     result, _ = screened
     again = run_screening(JobRequest(2, sample_series.series_uid, tuple(map(str, sample_series.files)),
-                                     LabPanel("OS-DEMO-0001", None, None, 90), str(tmp_path), "pickhardt_l1_2013",
+                                     LabPanel("OS-DEMO-0001", None, None, 90), str(tmp_path), "fused_kdamm_v1",
                                      NODE))
     assert [o.sop_instance_uid for o in again.outputs] == [o.sop_instance_uid for o in result.outputs]
 
@@ -73,3 +79,38 @@ def test_thresholds_come_from_the_model_card():
     assert classify_attenuation(160.0, card).category_id == "low_bmd_indeterminate"
     assert classify_attenuation(160.1, card).category_id == "normal"
     assert "RESEARCH USE ONLY" in card.intended_use
+
+
+def test_job_without_usable_image_still_screens(sample_series, tmp_path):
+    # Too few slices to find L1: the image path fails with a reason, demographics remain.
+    req = JobRequest(3, sample_series.series_uid, tuple(map(str, sample_series.files[90:110])),
+                     LabPanel("OS-DEMO-0001", None, None, 90), str(tmp_path), "fused_kdamm_v1", NODE)
+    result = run_screening(req)
+    assert result.status == "screened"
+    assert result.summary["modalities"] == ["demographics"]
+    assert result.summary["image_note"]
+    assert [o.kind for o in result.outputs] == ["sr"]
+    exe = need_tool("dciodvfy")
+    r = subprocess.run([exe, str(tmp_path / "sr.dcm")], capture_output=True, text=True)
+    assert not [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Error")]
+
+
+def test_sr_carries_probability_category_and_shap(screened):
+    _, out = screened
+    sr = pydicom.dcmread(out / "sr.dcm")
+
+    def walk(seq):
+        for item in seq:
+            yield item
+            if "ContentSequence" in item:
+                yield from walk(item.ContentSequence)
+
+    items = list(walk(sr.ContentSequence))
+    codes = {i.ConceptNameCodeSequence[0].CodeValue: i for i in items if "ConceptNameCodeSequence" in i}
+    prob = codes["OS0002"]
+    assert prob.ValueType == "NUM" and 0 < float(prob.MeasuredValueSequence[0].NumericValue) < 1
+    assert prob.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "{ratio}"
+    assert codes["OS0001"].ValueType == "CODE"
+    shap = [i for i in items if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue.startswith("OS-SHAP")]
+    assert len(shap) >= 3
+    assert all(np.isfinite(float(i.MeasuredValueSequence[0].NumericValue)) for i in shap)

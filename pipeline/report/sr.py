@@ -14,6 +14,8 @@ from hl7.panel import LabPanel
 from pipeline.bone import BoneMeasurement
 from pipeline.demographics import Demographics
 from pipeline.report.notice import DISCLAIMER
+from pipeline.features import FEATURES
+from pipeline.fused import FusedOutput
 from pipeline.screening import Prediction
 from pipeline.selection import SliceSelection
 
@@ -32,6 +34,11 @@ VERTEBRA_SITES = {
     "L3": CodedConcept("36470004", "SCT", "L3 vertebra"),
 }
 SCREENING_CATEGORY = CodedConcept("OS0001", PRIVATE_SCHEME, "Opportunistic osteoporosis screening category")
+ATTENUATION_CATEGORY = CodedConcept("OS0004", PRIVATE_SCHEME, "L1 attenuation category (threshold rule)")
+PROBABILITY = CodedConcept("OS0002", PRIVATE_SCHEME, "Probability of osteoporosis (femoral neck T-score <= -2.5)")
+THRESHOLD = CodedConcept("OS0003", PRIVATE_SCHEME, "Screening operating point")
+SHAP_BASE = CodedConcept("OS0005", PRIVATE_SCHEME, "SHAP base value")
+RATIO = CodedConcept("{ratio}", "UCUM", "ratio")
 COMMENT = CodedConcept("121106", "DCM", "Comment")
 
 
@@ -67,19 +74,28 @@ def _dicom_dt(value: dt.datetime) -> str:
     return value.strftime("%Y%m%d%H%M%S")
 
 
+def _shap_code(name: str, label: str) -> CodedConcept:
+    return CodedConcept(f"OS-SHAP-{name}"[:16], PRIVATE_SCHEME, f"SHAP contribution: {label}"[:64])
+
+
 def build_sr(
     *,
     source_header: Dataset,
-    demographics: Demographics | None = None,
-    selection: SliceSelection,
-    measurement: BoneMeasurement,
-    prediction: Prediction,
+    source_sop_instance_uid: str,
+    demographics: Demographics | None,
     labs: LabPanel,
     node: NodeIdentity,
     series_uid: str,
     sop_uid: str,
+    fused: FusedOutput | None = None,
+    fused_model: tuple[str, str] | None = None,
+    selection: SliceSelection | None = None,
+    measurement: BoneMeasurement | None = None,
+    attenuation: Prediction | None = None,
+    image_note: str | None = None,
     series_number: int = 9901,
 ) -> hd.sr.Comprehensive3DSR:
+    """The screening report. The ROI group is present when the image could be measured."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -90,42 +106,53 @@ def build_sr(
             serial_number=node.serial_number,
         ),
     )
-    algorithm = hd.sr.AlgorithmIdentification(name=prediction.model_name, version=prediction.model_version)
-    site = VERTEBRA_SITES.get(measurement.level)
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=np.asarray(measurement.roi_polygon_rc)[:, ::-1] + 0.5,  # (column, row), pixel centres
-        source_image=hd.sr.SourceImageForRegion(
-            referenced_sop_class_uid=str(source_header.SOPClassUID),
-            referenced_sop_instance_uid=measurement.sop_instance_uid,
-        ),
-    )
-    measurements = [
-        hd.sr.Measurement(name=ATTENUATION, value=round(measurement.mean_hu, 1), unit=HU, derivation=MEAN,
-                          algorithm_id=algorithm),
-        hd.sr.Measurement(name=ATTENUATION, value=round(measurement.sd_hu, 1), unit=HU, derivation=SD,
-                          algorithm_id=algorithm),
-        hd.sr.Measurement(name=AREA, value=round(measurement.area_mm2, 1), unit=MM2),
-    ]
-    value_value, value_scheme, value_meaning = prediction.category_code
-    roi_group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"{measurement.level} trabecular ROI"
-        ),
-        referenced_region=region,
-        finding_type=CodedConcept("91747007", "SCT", "Lumen of vertebral body"),
-        finding_category=CodedConcept("91723000", "SCT", "Anatomical structure"),
-        finding_sites=[hd.sr.FindingSite(site)] if site else None,
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=SCREENING_CATEGORY,
-                value=CodedConcept(value_value, value_scheme, value_meaning),
-            )
-        ],
-    )
-    groups: list = [roi_group]
+    groups: list = []
+    if measurement is not None and attenuation is not None:
+        rule_alg = hd.sr.AlgorithmIdentification(name=attenuation.model_name, version=attenuation.model_version)
+        site = VERTEBRA_SITES.get(measurement.level)
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=np.asarray(measurement.roi_polygon_rc)[:, ::-1] + 0.5,  # (column, row), pixel centres
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=str(source_header.SOPClassUID),
+                referenced_sop_instance_uid=measurement.sop_instance_uid,
+            ),
+        )
+        cv, cs, cm = attenuation.category_code
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{measurement.level} trabecular ROI"),
+            referenced_region=region,
+            finding_type=CodedConcept("91747007", "SCT", "Lumen of vertebral body"),
+            finding_category=CodedConcept("91723000", "SCT", "Anatomical structure"),
+            finding_sites=[hd.sr.FindingSite(site)] if site else None,
+            measurements=[
+                hd.sr.Measurement(name=ATTENUATION, value=round(measurement.mean_hu, 1), unit=HU, derivation=MEAN),
+                hd.sr.Measurement(name=ATTENUATION, value=round(measurement.sd_hu, 1), unit=HU, derivation=SD),
+                hd.sr.Measurement(name=AREA, value=round(measurement.area_mm2, 1), unit=MM2),
+            ],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(ATTENUATION_CATEGORY, CodedConcept(cv, cs, cm))],
+            algorithm_id=rule_alg,
+        ))
+    if fused is not None and fused_model is not None:
+        alg = hd.sr.AlgorithmIdentification(name=fused_model[0], version=fused_model[1])
+        cv, cs, cm = fused.category_code
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Fused screening model"),
+            algorithm_id=alg,
+            measurements=[
+                hd.sr.Measurement(name=PROBABILITY, value=round(fused.probability, 4), unit=RATIO, algorithm_id=alg),
+                hd.sr.Measurement(name=THRESHOLD, value=round(fused.threshold, 4), unit=RATIO),
+            ],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(SCREENING_CATEGORY, CodedConcept(cv, cs, cm))],
+        ))
+        if fused.explanation is not None and fused.explanation.features:
+            labels = {f.name: f.label for f in FEATURES}
+            shap = [hd.sr.Measurement(name=SHAP_BASE, value=round(fused.explanation.base_value, 5), unit=RATIO)]
+            shap += [hd.sr.Measurement(name=_shap_code(n, labels[n]), value=round(v, 5), unit=RATIO)
+                     for n, v in zip(fused.explanation.features, fused.explanation.contributions)]
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Model explanation (SHAP)"),
+                algorithm_id=alg, measurements=shap))
     lab_measurements = []
     for lab in labs.values:
         m = hd.sr.Measurement(
@@ -137,48 +164,57 @@ def build_sr(
             m[0].ObservationDateTime = _dicom_dt(lab.observed_at)
         lab_measurements.append(m)
     if lab_measurements:
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Laboratory values used"),
-                measurements=lab_measurements,
-            )
-        )
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Laboratory values used"),
+            measurements=lab_measurements,
+        ))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
         imaging_measurements=groups,
     )
-    root = report[0]
-    text_items = [
-        f"Screening rule/model: {prediction.model_name} {prediction.model_version}. "
-        f"Category: {prediction.category_label}. "
-        f"{measurement.level} trabecular mean {measurement.mean_hu:.0f} HU (SD {measurement.sd_hu:.0f}, "
-        f"ROI {measurement.area_mm2:.0f} mm2). Thresholds: "
-        + ", ".join(f"{k}={v:g}" for k, v in prediction.thresholds.items())
-        + f". Modalities used: {', '.join(prediction.modalities_used)}.",
-        f"Slice selection: {selection.method}, level {selection.level}, anchor {selection.anchor}, "
-        f"confidence {selection.confidence:.2f}.",
+    texts = []
+    if fused is not None and fused_model is not None:
+        texts.append(
+            f"Screening result ({fused_model[0]} {fused_model[1]}): probability {fused.probability:.3f}, "
+            f"operating point {fused.threshold:.3f} -> {fused.category_label}. Modalities used: "
+            f"{', '.join(fused.modalities)}.")
+        if fused.explanation is not None and fused.explanation.features:
+            top = sorted(zip(fused.explanation.features, fused.explanation.contributions), key=lambda t: -abs(t[1]))
+            texts.append("Largest SHAP contributions (probability units): "
+                         + "; ".join(f"{n} {v:+.3f}" for n, v in top[:6])
+                         + f". Base value {fused.explanation.base_value:.3f}.")
+    if measurement is not None and attenuation is not None:
+        texts.append(
+            f"{measurement.level} trabecular mean {measurement.mean_hu:.0f} HU (SD {measurement.sd_hu:.0f}, ROI "
+            f"{measurement.area_mm2:.0f} mm2); {attenuation.model_name} {attenuation.model_version}: "
+            f"{attenuation.category_label} (" + ", ".join(f"{k}={v:g}" for k, v in attenuation.thresholds.items())
+            + ").")
+    if selection is not None:
+        texts.append(f"Slice selection: {selection.method}, level {selection.level}, anchor {selection.anchor}, "
+                     f"confidence {selection.confidence:.2f}.")
+    if image_note:
+        texts.append(f"Image not used: {image_note}.")
+    texts.append(
         "Laboratory values: "
         + ("; ".join(f"{v.name} {v.value:g} {v.unit} ({v.observed_at:%Y-%m-%d})" if v.observed_at
                      else f"{v.name} {v.value:g} {v.unit}" for v in labs.values)
            if labs.values else "none available in the look-back window")
         + (". Not used: " + "; ".join(f"{e.name}: {e.reason}" for e in labs.excluded) if labs.excluded else "")
-        + ". Labs are reported, not yet used by the screening rule.",
-        "Demographics (from the image header): " + _demographics_text(demographics)
-        + ". Reported, not yet used by the screening rule.",
-        DISCLAIMER,
-    ]
-    for text in text_items:
+        + ".")
+    texts.append("Demographics (from the image header): " + _demographics_text(demographics) + ".")
+    texts.append(DISCLAIMER)
+    root = report[0]
+    for text in texts:
         root.ContentSequence.append(
-            hd.sr.TextContentItem(name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        )
+            hd.sr.TextContentItem(name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     evidence = Dataset()
     for kw in ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName",
                "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime", "AccessionNumber",
                "ReferringPhysicianName", "IssuerOfPatientID", "PatientAge"):
         if kw in source_header:
             setattr(evidence, kw, source_header.get(kw))
-    evidence.SOPInstanceUID = measurement.sop_instance_uid
+    evidence.SOPInstanceUID = source_sop_instance_uid
     sr = hd.sr.Comprehensive3DSR(
         evidence=[evidence],
         content=report,

@@ -1,0 +1,135 @@
+"""The fused screening model in service: inputs from the study, prediction through engines, SHAP.
+
+Image (2.5D L1 patch), demographics (DICOM header) and labs (LabPanel) are each
+optional; the model takes any subset. Probabilities are calibrated with the
+card's Platt parameters; the operating point is the card's threshold for the
+subset of modalities present.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import engines
+from engines.bundle import ModelBundle
+from hl7.panel import LabPanel
+from pipeline.demographics import Demographics
+from pipeline.explain import Explanation, exact_shapley
+from pipeline.features import DEMOGRAPHIC_IDX, FEATURES, LAB_IDX
+
+SHAP_BACKGROUND_ROWS = 8
+SUBSET_BY_MODALITIES = {
+    (True, True, True): "all",
+    (True, True, False): "all",
+    (True, False, True): "image_demographics",
+    (True, False, False): "image_only",
+    (False, True, True): "tabular",
+    (False, True, False): "labs_only",
+    (False, False, True): "demographics_only",
+}
+
+
+@dataclass(frozen=True)
+class TabularInput:
+    values: np.ndarray  # raw, canonical units, NaN where missing (F,)
+    used: dict[str, tuple[float, str]]  # feature -> (value, source)
+
+
+@dataclass(frozen=True)
+class FusedOutput:
+    probability: float
+    logit: float
+    category_id: str
+    category_label: str
+    category_code: tuple[str, str, str]
+    threshold: float
+    subset: str
+    modalities: tuple[str, ...]
+    explanation: Explanation | None
+
+
+def tabular_input(labs: LabPanel, demo: Demographics) -> TabularInput:
+    values = np.full(len(FEATURES), np.nan)
+    used: dict[str, tuple[float, str]] = {}
+    header = {
+        "age": demo.age_years,
+        "female": None if demo.sex is None else float(demo.sex == "F"),
+        "height": demo.height_m * 100 if demo.height_m else None,
+        "weight": demo.weight_kg,
+        "bmi": demo.bmi,
+    }
+    for i, f in enumerate(FEATURES):
+        if f.group == "demographics":
+            v = header.get(f.name)
+            if v is not None:
+                values[i] = float(v)
+                used[f.name] = (float(v), "DICOM header")
+        else:
+            lab = next((labs.get(code) for code in f.loinc if labs.get(code)), None)
+            if lab is not None:
+                values[i] = lab.value
+                used[f.name] = (lab.value, f"LOINC {lab.loinc}, {lab.observed_at:%Y-%m-%d}" if lab.observed_at
+                                else f"LOINC {lab.loinc}")
+    return TabularInput(values, used)
+
+
+class FusedModel:
+    def __init__(self, bundle: ModelBundle, backend: str = "auto") -> None:
+        self.bundle = bundle
+        card = bundle.card.raw
+        self.card = card
+        self.image_engine = engines.load(bundle.path, backend, graph="image_encoder", threads=1)
+        self.head_engine = engines.load(bundle.path, backend, graph="head", threads=2)
+        feats = card["inputs"]["features"]
+        if [f["name"] for f in feats] != [f.name for f in FEATURES]:
+            raise engines.BundleError(f"{bundle.path}: feature list differs from this software's")
+        self.mean = np.array([f["mean"] for f in feats], dtype=np.float32)
+        self.std = np.array([f["std"] for f in feats], dtype=np.float32)
+        self.platt = (float(card["calibration"]["a"]), float(card["calibration"]["b"]))
+        bg = np.load(bundle.path / "shap_background.npz")
+        rows = slice(0, SHAP_BACKGROUND_ROWS)  # exact Shapley costs 2^p x rows evaluations
+        self.bg_values, self.bg_mask = bg["tab_values"][rows].astype(np.float32), bg["tab_mask"][rows].astype(bool)
+        self.categories = {c["id"]: c for c in card["categories"]}
+
+    @property
+    def backend(self) -> str:
+        return self.head_engine.backend
+
+    def _prob(self, logit: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(self.platt[0] * logit + self.platt[1])))
+
+    def embed(self, patch: np.ndarray | None) -> np.ndarray:
+        if patch is None:
+            return np.zeros((1, 64), dtype=np.float32)
+        return self.image_engine(image=patch[None].astype(np.float32))["embedding"]
+
+    def predict(self, patch: np.ndarray | None, tab: TabularInput, explain: bool = True) -> FusedOutput:
+        mask = ~np.isnan(tab.values)
+        has_img = patch is not None
+        has_labs, has_demo = bool(mask[list(LAB_IDX)].any()), bool(mask[list(DEMOGRAPHIC_IDX)].any())
+        if not (has_img or has_labs or has_demo):
+            raise ValueError("no modality available: nothing to screen")
+        scaled = np.where(mask, (np.nan_to_num(tab.values) - self.mean) / self.std, 0.0).astype(np.float32)
+        emb = self.embed(patch)
+        img_present = np.array([[1.0 if has_img else 0.0]], dtype=np.float32)
+
+        def f(values: np.ndarray, m: np.ndarray) -> np.ndarray:
+            n = values.shape[0]
+            logit = self.head_engine(embedding=np.repeat(emb, n, axis=0), image_present=np.repeat(img_present, n, 0),
+                                     tab_values=values * m, tab_mask=m)["logit"][:, 0]
+            return self._prob(logit)
+
+        logit = float(self.head_engine(embedding=emb, image_present=img_present, tab_values=scaled[None],
+                                       tab_mask=mask[None].astype(np.float32))["logit"][0, 0])
+        prob = float(self._prob(np.array(logit)))
+        subset = SUBSET_BY_MODALITIES[(has_img, has_labs, has_demo)]
+        threshold = float(self.card["thresholds"][f"operating_point_{subset}"])
+        cid = "screen_positive" if prob >= threshold else "screen_negative"
+        cat = self.categories[cid]
+        expl = exact_shapley(f, scaled, mask, self.bg_values, self.bg_mask, tuple(x.name for x in FEATURES)) \
+            if explain else None
+        modalities = tuple(m for m, ok in (("image", has_img), ("demographics", has_demo), ("labs", has_labs)) if ok)
+        return FusedOutput(prob, logit, cid, cat["label"],
+                           (cat["code"]["value"], cat["code"]["scheme"], cat["code"]["meaning"]),
+                           threshold, subset, modalities, expl)

@@ -1,0 +1,121 @@
+"""The fused model: engines parity with PyTorch, exact SHAP, training on a slice, tabular eval."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import engines
+from engines.bundle import load_bundle
+from pipeline.demographics import Demographics
+from pipeline.explain import exact_shapley
+from pipeline.features import FEATURES
+from pipeline.fused import FusedModel, tabular_input
+from pipeline.training.models import Student
+from pipeline.training.nhanes import shipped_nhanes_dir
+from hl7.panel import LabPanel
+
+BUNDLE = load_bundle("fused_kdamm_v1")
+
+
+def test_onnx_runtime_matches_pytorch():
+    net = Student(len(FEATURES))
+    net.load_state_dict(torch.load(BUNDLE.path / "student.pt"))
+    net.eval()
+    rng = np.random.default_rng(0)
+    n = 64
+    img = rng.normal(0, 1, (n, 3, 32, 32)).astype(np.float32)
+    present = (rng.random((n, 1)) < 0.5).astype(np.float32)
+    mask = (rng.random((n, len(FEATURES))) < 0.7).astype(np.float32)
+    vals = (rng.normal(0, 1, (n, len(FEATURES))) * mask).astype(np.float32)
+    with torch.no_grad():
+        ref = net(*map(torch.from_numpy, (img, present, vals, mask))).numpy()
+    enc = engines.load(BUNDLE.path, graph="image_encoder")
+    head = engines.load(BUNDLE.path, graph="head")
+    assert enc.backend == "onnxruntime-cpu" or enc.backend == "onnxruntime-cuda"
+    emb = enc(image=img)["embedding"]
+    got = head(embedding=emb, image_present=present, tab_values=vals, tab_mask=mask)["logit"]
+    assert np.max(np.abs(got - ref)) < 1e-4
+
+
+def test_forced_unavailable_backend_is_an_error():
+    if "onnxruntime-cuda" in engines.available_backends():
+        pytest.skip("CUDA execution provider present")
+    with pytest.raises(engines.EngineError, match="not available"):
+        engines.load(BUNDLE.path, "onnxruntime-cuda", graph="head")
+
+
+def test_exact_shapley_is_additive_and_exact_on_a_linear_model():
+    w = np.arange(1, 6, dtype=float)
+
+    def f(values, mask):
+        return (values * mask) @ w
+
+    x = np.array([1.0, -2.0, 0.5, 3.0, 0.0])
+    m = np.array([1, 1, 1, 1, 0], bool)
+    bg_v = np.zeros((4, 5))
+    bg_m = np.zeros((4, 5), bool)
+    e = exact_shapley(f, x, m, bg_v, bg_m, tuple("abcde"))
+    assert e.features == ("a", "b", "c", "d")
+    assert np.allclose(e.contributions, (x * w)[:4])  # linear model: phi_i = w_i (x_i - E[bg_i])
+    assert abs(e.base_value + sum(e.contributions) - e.output) < 1e-9
+
+
+def test_fused_prediction_explains_tabular_inputs_additively():
+    model = FusedModel(BUNDLE)
+    tab = tabular_input(LabPanel("P", None, None, 90), Demographics(72, "F", 1.58, 51.0))
+    out = model.predict(None, tab)
+    assert out.modalities == ("demographics",) and out.subset == "demographics_only"
+    e = out.explanation
+    assert set(e.features) == {"age", "female", "height", "weight", "bmi"}
+    assert abs(e.base_value + sum(e.contributions) - out.probability) < 1e-5
+    older = model.predict(None, tabular_input(LabPanel("P", None, None, 90), Demographics(85, "F", 1.58, 45.0)))
+    assert older.probability > out.probability  # older and lighter: higher risk
+    with pytest.raises(ValueError, match="no modality"):
+        model.predict(None, tabular_input(LabPanel("P", None, None, 90), Demographics(None, None, None, None)))
+
+
+def test_model_card_is_honest_about_data():
+    card = BUNDLE.card.raw
+    assert "SEMI-SYNTHETIC" in card["intended_use"] and "RESEARCH USE ONLY" in card["intended_use"]
+    assert "NHANES" in card["data"]["real"] and "semi_synthetic" in card["data"]
+    assert "Hendrickson" in card["generator"]["citation"]
+    assert card["cohort"]["split"]["test"]["positives"] > 0
+
+
+def _quick_train(tmp_path, name):
+    out = subprocess.run([sys.executable, "-c", (
+        "from pathlib import Path; from pipeline.training.train import TrainConfig, run; import json;"
+        "s = run(TrainConfig(limit=1200, teacher_epochs=2, student_epochs=2, bootstrap=30), "
+        f"Path({str(tmp_path / name)!r}), Path({str(tmp_path / (name + '_report'))!r}), log=lambda *a: None);"
+        "print(json.dumps(s['results'], default=float))")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_training_on_a_slice_is_reproducible(tmp_path):
+    a = _quick_train(tmp_path, "a")
+    b = _quick_train(tmp_path, "b")
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert (tmp_path / "a" / "head.onnx").exists() and (tmp_path / "a_report" / "roc.png").exists()
+    assert set(a["subsets"]) == {"all", "image_only", "image_demographics", "tabular", "labs_only",
+                                 "demographics_only"}
+
+
+def test_eval_tabular_on_one_cycle(tmp_path):
+    for f in shipped_nhanes_dir().glob("*_H.csv.xz"):
+        if not f.name.startswith("BIOPRO"):  # a missing table means that modality is missing
+            shutil.copy(f, tmp_path / f.name)
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "eval", "tabular", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    m = re.match(r"tabular eval: n=(\d+) prevalence=([0-9.]+) auc_model=([0-9.]+) auc_ost=([0-9.]+) "
+                 r"auc_logreg=([0-9.]+)$", last)
+    assert m, last
+    assert int(m.group(1)) > 1000 and 0.5 < float(m.group(3)) <= 1.0
+    assert "calcium 100%" in r.stdout  # BIOPRO absent: the labs it carries are missing
