@@ -185,7 +185,7 @@ def write_report(report_dir: Path, summary: dict, curves: dict, d) -> None:
         "## Teachers and baselines (test split, same run)",
         "",
         f"- Tabular teacher ({r['teachers']['tabular']['kind']}; validation AUC trees "
-        f"{r['teachers']['tabular']['val_auc_trees']:.3f} vs MLP {r['teachers']['tabular']['val_auc_mlp']:.3f}): "
+        f"{r['teachers']['tabular']['val_auc_trees']:.3f} vs MLP ensemble {r['teachers']['tabular']['val_auc_mlp']:.3f}): "
         f"AUC {_ci(r['teachers']['tabular']['auc'])}",
         f"- OST 0.2 x (weight - age): AUC {_ci(r['baselines']['ost']['auc'])}",
         f"- Logistic regression, same features: AUC {_ci(r['baselines']['logreg']['auc'])}",

@@ -7,7 +7,6 @@ only). Every figure in the card and the report is measured in this run.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ class TrainConfig:
     no_labs_fraction: float = 0.4
     no_body_size_fraction: float = 0.3
     teacher_epochs: int = 25
+    teacher_ensemble: int = 5
     student_epochs: int = 30
     batch_size: int = 256
     lr: float = 2e-3
@@ -152,21 +152,48 @@ def _bce(pos_weight: float):
     return nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight]))
 
 
-def train_tabular_mlp(x, m, y, cfg: TrainConfig, seed: int, epochs: int) -> TabularTeacher:
+def train_tabular_mlp_es(x, m, y, x_val, m_val, y_val, cfg: TrainConfig, seed: int,
+                         max_epochs: int) -> tuple[TabularTeacher, int]:
+    """Masked MLP, stopped at the epoch with the best validation AUC."""
     torch.manual_seed(seed)
     net = TabularTeacher(x.shape[1])
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     loss_fn = _bce(cfg.pos_weight)
     rng = np.random.default_rng(seed)
     xt, mt, yt = torch.from_numpy(x), torch.from_numpy(m.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
-    for _ in range(epochs):
+    best_auc, best_state, best_epoch = -1.0, None, 0
+    for epoch in range(max_epochs):
         net.train()
         for b in _batches(len(y), cfg.batch_size, rng):
             opt.zero_grad()
-            loss = loss_fn(net(xt[b], mt[b]).squeeze(1), yt[b])
-            loss.backward()
+            loss_fn(net(xt[b], mt[b]).squeeze(1), yt[b]).backward()
             opt.step()
-    return net.eval()
+        net.eval()
+        a = M.auc(y_val, _mlp_logits(net, x_val, m_val))
+        if a > best_auc:
+            best_auc, best_epoch = a, epoch + 1
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(best_state)
+    return net.eval(), best_epoch
+
+
+class MLPEnsemble:
+    """Mean logit of several early-stopped masked MLPs (different seeds)."""
+
+    def __init__(self, nets: list[TabularTeacher]) -> None:
+        self.nets = nets
+
+    def logits(self, x, m) -> np.ndarray:
+        return np.mean([_mlp_logits(n, x, m) for n in self.nets], axis=0)
+
+
+def train_mlp_ensemble(x, m, y, x_val, m_val, y_val, cfg: TrainConfig, seed: int) -> tuple[MLPEnsemble, list[int]]:
+    nets, epochs = [], []
+    for k in range(cfg.teacher_ensemble):
+        net, ep = train_tabular_mlp_es(x, m, y, x_val, m_val, y_val, cfg, seed + 101 * k, cfg.teacher_epochs)
+        nets.append(net)
+        epochs.append(ep)
+    return MLPEnsemble(nets), epochs
 
 
 def _mlp_logits(net, x, m) -> np.ndarray:
@@ -332,31 +359,35 @@ def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) 
     log(f"cohort: {len(d.y)} adults, prevalence {d.y.mean():.4f}; split train/val/test "
         f"{tr.size}/{va.size}/{te.size} (positives {d.y[tr].sum()}/{d.y[va].sum()}/{d.y[te].sum()})")
 
-    # --- tabular teacher: gradient-boosted trees vs masked MLP, on real availability ---
+    # --- tabular teacher: gradient-boosted trees vs masked MLP ensemble, on real availability ---
+    xs_real = d.scaled(d.m_real)
     gbt = _gbt(cfg.seed).fit(np.where(d.m_real, d.x_raw, np.nan)[tr], d.y[tr])
-    mlp = train_tabular_mlp(d.scaled(d.m_real)[tr], d.m_real[tr], d.y[tr], cfg, cfg.seed, cfg.teacher_epochs)
+    mlp, mlp_epochs = train_mlp_ensemble(xs_real[tr], d.m_real[tr], d.y[tr], xs_real[va], d.m_real[va], d.y[va],
+                                         cfg, cfg.seed)
     val_gbt = M.auc(d.y[va], _gbt_logit(gbt, d.x_raw[va], d.m_real[va]))
-    val_mlp = M.auc(d.y[va], _mlp_logits(mlp, d.scaled(d.m_real)[va], d.m_real[va]))
-    teacher_kind = "gradient-boosted trees" if val_gbt >= val_mlp else "masked MLP"
-    log(f"tabular teacher: validation AUC trees {val_gbt:.3f}, MLP {val_mlp:.3f} -> {teacher_kind}")
+    val_mlp = M.auc(d.y[va], mlp.logits(xs_real[va], d.m_real[va]))
+    teacher_kind = "gradient-boosted trees" if val_gbt > val_mlp else \
+        f"masked MLP ensemble ({cfg.teacher_ensemble} seeds, early stopping)"
+    log(f"tabular teacher: validation AUC trees {val_gbt:.3f}, MLP ensemble {val_mlp:.3f} -> {teacher_kind}")
+    trees = teacher_kind == "gradient-boosted trees"
 
     def teacher_tab_logit(rows, mask):
-        if teacher_kind == "gradient-boosted trees":
+        if trees:
             return _gbt_logit(gbt, d.x_raw[rows], mask[rows])
-        return _mlp_logits(mlp, d.scaled(mask)[rows], mask[rows])
+        return mlp.logits(d.scaled(mask)[rows], mask[rows])
 
     # Out-of-fold teacher signal for the training rows (a teacher's in-sample output is overconfident).
     oof = np.full(len(d.y), np.nan)
     folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=cfg.seed)
     for k, (a, b) in enumerate(folds.split(tr, d.y[tr])):
         ra, rb = tr[a], tr[b]
-        if teacher_kind == "gradient-boosted trees":
+        if trees:
             g = _gbt(cfg.seed + k).fit(np.where(d.m_real, d.x_raw, np.nan)[ra], d.y[ra])
             oof[rb] = _gbt_logit(g, d.x_raw[rb], d.m_hosp[rb])
         else:
-            net = train_tabular_mlp(d.scaled(d.m_real)[ra], d.m_real[ra], d.y[ra], cfg, cfg.seed + k,
-                                    cfg.teacher_epochs)
-            oof[rb] = _mlp_logits(net, d.scaled(d.m_hosp)[rb], d.m_hosp[rb])
+            ens, _ = train_mlp_ensemble(xs_real[ra], d.m_real[ra], d.y[ra], xs_real[va], d.m_real[va], d.y[va], cfg,
+                                        cfg.seed + 7 * k)
+            oof[rb] = ens.logits(d.scaled(d.m_hosp)[rb], d.m_hosp[rb])
     oof[tr[~d.m_hosp[tr].any(axis=1)]] = np.nan
 
     # --- image teacher (semi-synthetic) ---
@@ -407,6 +438,7 @@ def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) 
     ost_ok = ~np.isnan(ost_te)
     student_tab = results["_curves"]["tabular"][1]
     results["teachers"]["tabular"] = {"kind": teacher_kind, "val_auc_trees": val_gbt, "val_auc_mlp": val_mlp,
+                                      "mlp_epochs": mlp_epochs,
                                       "auc": list(M.bootstrap_auc(y_tab, teacher_te, n=cfg.bootstrap, seed=cfg.seed))}
     rows_img = te[d.has_image[te]]
     results["teachers"]["image"] = {"auc": list(M.bootstrap_auc(d.y[rows_img],
