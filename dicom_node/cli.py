@@ -90,12 +90,16 @@ def _compare_metrics(a, b, path: str = "") -> list[str]:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.what == "imaging":
+        from pipeline.validation import run_eval
+
+        run_eval(args.dir, with_variants=args.variants)
+        return 0
     if args.what == "tabular":
         from pipeline.training.evaluate import eval_tabular
 
         eval_tabular(args.dir, bundle=args.bundle)
         return 0
-    print(f"osteoscreen: eval {args.what} is not available yet", file=sys.stderr)
     return 2
 
 
@@ -134,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--quick", action="store_true", help="small slice and few epochs (smoke test)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate on data the model never saw")
-    e.add_argument("what", choices=["tabular"])
-    e.add_argument("dir", type=Path, help="folder of NHANES files <TABLE>_<SUFFIX>.csv.xz")
+    e.add_argument("what", choices=["tabular", "imaging"])
+    e.add_argument("dir", type=Path, help="tabular: folder of NHANES files <TABLE>_<SUFFIX>.csv.xz; imaging: "
+                   "CASES_DIR/<case>/{ct.nii.gz|dicom/} + labels.nii.gz")
+    e.add_argument("--variants", action="store_true", help="imaging: also run robustness variants of each case")
     e.add_argument("--bundle", default="fused_kdamm_v1")
     e.set_defaults(func=_eval)
     c = sub.add_parser("config", help="configuration tools")

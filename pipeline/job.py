@@ -117,7 +117,9 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     sr = build_sr(source_header=src_header, source_sop_instance_uid=source_uid, demographics=demo, labs=req.labs,
                   node=req.node, series_uid=sr_series, sop_uid=sr_uid, fused=fused,
                   fused_model=(bundle.card.name, bundle.card.version), selection=selection,
-                  measurement=measurement, attenuation=attenuation, image_note=image_note)
+                  measurement=measurement, attenuation=attenuation, image_note=image_note,
+                  roi_source_rc=volume.to_source_rc(measurement.roi_polygon_rc) if measurement is not None
+                  and volume is not None else None)
     write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
     outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
 

@@ -57,6 +57,16 @@ class Volume:
     header: Dataset  # a source header without pixel data (patient/study/equipment)
     slice_thickness_mm: float | None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    source_flips: tuple[bool, bool] = (False, False)  # rows, columns mirrored from the source images
+
+    def to_source_rc(self, rc: np.ndarray) -> np.ndarray:
+        """Pixel coordinates (row, col) in this volume -> in the source image's pixel grid."""
+        rc = np.array(rc, dtype=float, copy=True)
+        if self.source_flips[0]:
+            rc[..., 0] = self.hu.shape[1] - 1 - rc[..., 0]
+        if self.source_flips[1]:
+            rc[..., 1] = self.hu.shape[2] - 1 - rc[..., 1]
+        return rc
 
     @property
     def normal(self) -> np.ndarray:
@@ -166,6 +176,36 @@ def _header_copy(ds: Dataset) -> Dataset:
     return out
 
 
+def canonical_axial(volume: Volume) -> Volume:
+    """Reorient an axial stack so rows run anterior->posterior, columns right->left (patient
+    left = +x) and slices inferior->superior, as the localiser expects; remember the flips."""
+    hu, pos = volume.hu, volume.positions.copy()
+    row_dir, col_dir = volume.row_direction.copy(), volume.column_direction.copy()
+    flip_r = bool(col_dir[1] < 0)  # rows should run towards posterior (+y)
+    flip_c = bool(row_dir[0] < 0)  # columns should run towards the patient's left (+x)
+    notes = list(volume.notes)
+    if flip_r:
+        pos = pos + (hu.shape[1] - 1) * volume.spacing[1] * col_dir
+        col_dir = -col_dir
+        hu = hu[:, ::-1, :]
+    if flip_c:
+        pos = pos + (hu.shape[2] - 1) * volume.spacing[2] * row_dir
+        row_dir = -row_dir
+        hu = hu[:, :, ::-1]
+    refs = volume.slice_refs
+    if len(pos) > 1 and pos[-1][2] < pos[0][2]:
+        hu, pos, refs = hu[::-1], pos[::-1], tuple(reversed(refs))
+        notes.append("slice order reversed to run inferior to superior")
+    if flip_r or flip_c:
+        notes.append(f"image mirrored for analysis (rows: {flip_r}, columns: {flip_c})")
+    if not (flip_r or flip_c) and hu is volume.hu:
+        return volume
+    return Volume(hu=np.ascontiguousarray(hu), spacing=volume.spacing, positions=pos, row_direction=row_dir,
+                  column_direction=col_dir, slice_refs=refs, header=volume.header,
+                  slice_thickness_mm=volume.slice_thickness_mm, notes=tuple(notes),
+                  source_flips=(flip_r != volume.source_flips[0], flip_c != volume.source_flips[1]))
+
+
 def load_volume(paths: Sequence[str | Path], *, max_tilt_deg: float = 10.0) -> Volume:
     """Read a series from files into a checked int16 HU volume."""
     headers = [(Path(p), _header(Path(p))) for p in paths]
@@ -194,7 +234,7 @@ def load_volume(paths: Sequence[str | Path], *, max_tilt_deg: float = 10.0) -> V
     iop = np.asarray(first.ImageOrientationPatient, dtype=float)
     ps = np.asarray(first.PixelSpacing, dtype=float)  # (row spacing, column spacing)
     thickness = first.get("SliceThickness")
-    return Volume(
+    return canonical_axial(Volume(
         hu=hu,
         spacing=(step, float(ps[0]), float(ps[1])),
         positions=np.array([np.asarray(ds.ImagePositionPatient, float) for _, ds in stack]),
@@ -204,4 +244,4 @@ def load_volume(paths: Sequence[str | Path], *, max_tilt_deg: float = 10.0) -> V
         header=_header_copy(first),
         slice_thickness_mm=float(thickness) if thickness not in (None, "") else None,
         notes=tuple(notes),
-    )
+    ))

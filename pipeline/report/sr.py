@@ -93,6 +93,7 @@ def build_sr(
     measurement: BoneMeasurement | None = None,
     attenuation: Prediction | None = None,
     image_note: str | None = None,
+    roi_source_rc: np.ndarray | None = None,
     series_number: int = 9901,
 ) -> hd.sr.Comprehensive3DSR:
     """The screening report. The ROI group is present when the image could be measured."""
@@ -112,7 +113,9 @@ def build_sr(
         site = VERTEBRA_SITES.get(measurement.level)
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=np.asarray(measurement.roi_polygon_rc)[:, ::-1] + 0.5,  # (column, row), pixel centres
+            # (column, row) in the source image's pixel grid, pixel centres
+            graphic_data=np.asarray(measurement.roi_polygon_rc if roi_source_rc is None else roi_source_rc)[:, ::-1]
+            + 0.5,
             source_image=hd.sr.SourceImageForRegion(
                 referenced_sop_class_uid=str(source_header.SOPClassUID),
                 referenced_sop_instance_uid=measurement.sop_instance_uid,

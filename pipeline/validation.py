@@ -1,0 +1,167 @@
+"""`osteoscreen eval imaging CASES_DIR`: level and ROI accuracy against reference vertebra labels.
+
+Case format: CASES_DIR/<case>/ holds `ct.nii.gz` (HU) or `dicom/` (one CT series),
+plus `labels.nii.gz` on the CT grid in TotalSegmentator v2 numbering (33 T11,
+32 T12, 31 L1, 30 L2, 29 L3, 28 L4, 27 L5). Without label 31, L1 is not in view and
+the right answer is "L1 not found".
+
+Reference HU (recomputable by anyone): the mean HU of L1 label voxels at least 5 mm
+inside the label (Euclidean distance in mm), within the central third of the label's
+z-extent and the anterior half of its antero-posterior extent.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from dicom_node.sample import load_lps_volume
+from pipeline.bone import MeasurementError, measure_trabecular
+from pipeline.selection import SelectionError, select_level_slices
+from pipeline.volume import Volume, VolumeError, canonical_axial, load_volume
+
+L1 = 31
+LEVELS = {33: "T11", 32: "T12", 31: "L1", 30: "L2", 29: "L3", 28: "L4", 27: "L5", 26: "S1", 34: "T10"}
+VERTEBRA_LABELS = range(26, 51)
+
+
+@dataclass
+class CaseResult:
+    case: str
+    l1_in_view: bool
+    claimed: bool  # the service would report an L1 result
+    status: str  # correct / uncertain / wrong_confident / wrong_uncertain
+    slice_level: str | None  # dominant vertebra label on the chosen slice
+    inside_l1: bool | None
+    distance_mm: float | None
+    roi_hu: float | None
+    reference_hu: float | None
+    hu_error: float | None
+    confidence: float
+    reason: str | None
+    seconds: float
+
+
+def reference_hu(hu: np.ndarray, labels: np.ndarray, spacing) -> float | None:
+    m = labels == L1
+    if not m.any():
+        return None
+    dist = ndi.distance_transform_edt(m, sampling=spacing)
+    zs = np.nonzero(m.any(axis=(1, 2)))[0]
+    rows = np.nonzero(m.any(axis=(0, 2)))[0]
+    third = (zs.max() - zs.min() + 1) / 3.0
+    z = np.arange(m.shape[0])[:, None, None]
+    r = np.arange(m.shape[1])[None, :, None]
+    sel = (dist >= 5.0) & (z >= zs.min() + third) & (z <= zs.max() - third) & (r <= (rows.min() + rows.max()) / 2)
+    return float(hu[sel].mean()) if sel.any() else None
+
+
+def inside_l1(labels: np.ndarray, k: int) -> tuple[bool, str | None]:
+    counts = {lab: int(np.sum(labels[k] == lab)) for lab in VERTEBRA_LABELS}
+    counts = {k2: v for k2, v in counts.items() if v}
+    dominant = max(counts, key=counts.get) if counts else None
+    zs = np.nonzero((labels == L1).any(axis=(1, 2)))[0]
+    if dominant != L1 or zs.size == 0:
+        return False, LEVELS.get(dominant, str(dominant)) if dominant else None
+    margin = 0.2 * (zs.max() - zs.min())
+    return bool(zs.min() + margin <= k <= zs.max() - margin), "L1"
+
+
+def volume_from_array(hu: np.ndarray, spacing, origin=(0.0, 0.0, 0.0)) -> Volume:
+    origin = np.asarray(origin, float)
+    pos = np.array([origin + np.array([0.0, 0.0, k * spacing[0]]) for k in range(hu.shape[0])])
+    return Volume(hu=hu.astype(np.int16), spacing=tuple(float(s) for s in spacing), positions=pos,
+                  row_direction=np.array([1.0, 0, 0]), column_direction=np.array([0, 1.0, 0]), slice_refs=(),
+                  header=None, slice_thickness_mm=float(spacing[0]))  # type: ignore[arg-type]
+
+
+def load_case(case_dir: Path) -> tuple[Volume, np.ndarray]:
+    labels, _, _ = load_lps_volume(case_dir / "labels.nii.gz")
+    if (case_dir / "ct.nii.gz").exists():
+        hu, origin, spacing = load_lps_volume(case_dir / "ct.nii.gz")
+        return volume_from_array(hu, spacing, origin), labels.astype(np.int16)
+    files = sorted(p for p in (case_dir / "dicom").rglob("*") if p.is_file())
+    vol = load_volume(files)
+    if labels.shape != vol.shape:
+        raise VolumeError(f"labels grid {labels.shape} differs from the CT grid {vol.shape}")
+    return vol, labels.astype(np.int16)
+
+
+def evaluate(name: str, vol: Volume, labels: np.ndarray) -> CaseResult:
+    t0 = time.monotonic()
+    l1_in_view = bool((labels == L1).any())
+    ref = reference_hu(vol.hu, labels, vol.spacing)
+    try:
+        sel, loc = select_level_slices(vol, "L1")
+        slab = (int(np.ceil(sel.z_range[0])), int(np.floor(sel.z_range[1])))
+        m = measure_trabecular(vol, loc, sel.centre_index, slab)
+    except (SelectionError, MeasurementError) as exc:
+        status = "uncertain" if l1_in_view else "correct"
+        return CaseResult(name, l1_in_view, False, status, None, None, None, None, ref, None, 0.0, exc.reason,
+                          time.monotonic() - t0)
+    k = sel.centre_index
+    ok, level = inside_l1(labels, k)
+    zs = np.nonzero((labels == L1).any(axis=(1, 2)))[0]
+    dist = abs(k - (zs.min() + zs.max()) / 2.0) * vol.spacing[0] if zs.size else None
+    err = abs(m.mean_hu - ref) if ref is not None else None
+    status = "correct" if ok else "wrong_confident"
+    return CaseResult(name, l1_in_view, True, status, level, ok, dist, m.mean_hu, ref, err, sel.confidence, None,
+                      time.monotonic() - t0)
+
+
+def variants(vol: Volume, labels: np.ndarray, seed: int = 0):
+    """Robustness variants of one real case: (name, volume, labels)."""
+    n = vol.shape[0]
+    cut = int(round(0.3 * n))
+    yield "crop_top", volume_from_array(vol.hu[: n - cut], vol.spacing, vol.positions[0]), labels[: n - cut]
+    yield "crop_bottom", volume_from_array(vol.hu[cut:], vol.spacing, vol.positions[cut]), labels[cut:]
+    rng = np.random.default_rng(seed)
+    noisy = np.clip(vol.hu + rng.normal(0, 30, vol.hu.shape), -32768, 32767).astype(np.int16)
+    yield "noise_30hu", volume_from_array(noisy, vol.spacing, vol.positions[0]), labels
+    step = 5.0
+    zs = np.arange(0, (n - 1) * vol.spacing[0] + 1e-6, step) / vol.spacing[0]
+    lo = np.floor(zs).astype(int)
+    hi = np.minimum(lo + 1, n - 1)
+    w = (zs - lo)[:, None, None]
+    thick = (vol.hu[lo] * (1 - w) + vol.hu[hi] * w).astype(np.int16)
+    yield "resample_5mm", volume_from_array(thick, (step, vol.spacing[1], vol.spacing[2]), vol.positions[0]), \
+        labels[np.round(zs).astype(int)]
+    # The same patient stored with mirrored rows and columns (another ImageOrientationPatient).
+    flipped = Volume(hu=vol.hu[:, ::-1, ::-1].copy(), spacing=vol.spacing,
+                     positions=vol.positions + (vol.shape[1] - 1) * vol.spacing[1] * np.array([0, 1.0, 0])
+                     + (vol.shape[2] - 1) * vol.spacing[2] * np.array([1.0, 0, 0]),
+                     row_direction=np.array([-1.0, 0, 0]), column_direction=np.array([0, -1.0, 0]), slice_refs=(),
+                     header=None, slice_thickness_mm=vol.slice_thickness_mm)  # type: ignore[arg-type]
+    yield "flipped_orientation", canonical_axial(flipped), labels
+
+
+def run_eval(cases_dir: str | Path, with_variants: bool = False, out=print) -> list[CaseResult]:
+    cases_dir = Path(cases_dir)
+    results: list[CaseResult] = []
+    for case in sorted(p for p in cases_dir.iterdir() if p.is_dir()):
+        try:
+            vol, labels = load_case(case)
+        except (VolumeError, FileNotFoundError) as exc:
+            out(f"{case.name}: cannot load: {exc}")
+            continue
+        todo = [(case.name, vol, labels)]
+        if with_variants:
+            todo += [(f"{case.name}/{v}", vv, ll) for v, vv, ll in variants(vol, labels)]
+        for name, v, lab in todo:
+            r = evaluate(name, v, lab)
+            results.append(r)
+            def fmt(x, f="{:.0f}"):
+                return "-" if x is None else f.format(x)
+            out(f"{name:40s} {r.status:16s} L1 in view {str(r.l1_in_view):5s} slice level {r.slice_level or '-':4s} "
+                f"dist {fmt(r.distance_mm)} mm  ROI {fmt(r.roi_hu)} HU ref {fmt(r.reference_hu)} HU "
+                f"err {fmt(r.hu_error)}  conf {r.confidence:.2f}  {r.seconds:.1f}s"
+                + (f"  ({r.reason})" if r.reason else ""))
+    claimed = [r for r in results if r.claimed and r.hu_error is not None]
+    max_err = max((r.hu_error for r in claimed), default=0.0)
+    out(f"imaging eval: cases={len(results)} correct={sum(r.status == 'correct' for r in results)} "
+        f"uncertain={sum(r.status == 'uncertain' for r in results)} "
+        f"wrong_confident={sum(r.status == 'wrong_confident' for r in results)} max_hu_err={max_err:.1f}")
+    return results
