@@ -40,7 +40,9 @@ class BoneMeasurement:
     n_pixels: int
     roi_polygon_rc: np.ndarray  # closed polygon (row, col) in pixel coordinates of the slice
     roi_centre_rc: tuple[float, float]
-    method: str = "trabecular ellipse, cortex hull eroded 4 mm, anterior 2/3"
+    median_hu: float = float("nan")
+    dense_fraction: float = 0.0  # share of ROI pixels above 400 HU (endplate/cortex contamination)
+    method: str = "trabecular ellipse, cortex hull eroded 4 mm, anterior 2/3, mid-body slice with least dense bone"
 
 
 def _hull_mask(shape: tuple[int, int], points_rc: np.ndarray) -> np.ndarray:
@@ -131,4 +133,41 @@ def measure_trabecular(volume: Volume, loc: Localisation, slice_index: int, slab
         n_pixels=int(values.size),
         roi_polygon_rc=poly,
         roi_centre_rc=(float(centre[0] + R0), float(centre[1] + C0)),
+        median_hu=float(np.median(values)),
+        dense_fraction=float(np.mean(values > DENSE_HU)),
     )
+
+
+DENSE_HU = 400.0
+
+
+def measure_mid_body(volume: Volume, loc: Localisation, z_range: tuple[float, float], level: str = "L1",
+                     search_fraction: float = 0.2) -> BoneMeasurement:
+    """Measure on the mid-body slice least touched by endplate or cortex.
+
+    Candidates lie within +-20% of the body's disc-to-disc height around its centre.
+    In a tilted spine one axial slice can cut an endplate in front and mid-body
+    behind; the share of ROI pixels above 400 HU (cortical/endplate density) ranks
+    the candidates, with a small penalty for distance from the centre.
+    """
+    lo, hi = z_range
+    centre = 0.5 * (lo + hi)
+    half = max(0, int(round(search_fraction * (hi - lo))))
+    slab = (int(np.ceil(lo)), int(np.floor(hi)))
+    best: tuple[float, BoneMeasurement] | None = None
+    last_error: MeasurementError | None = None
+    for d in range(-half, half + 1):
+        k = int(round(centre)) + d
+        if not 0 <= k < volume.shape[0]:
+            continue
+        try:
+            m = measure_trabecular(volume, loc, k, slab, level=level)
+        except MeasurementError as exc:
+            last_error = exc
+            continue
+        score = m.dense_fraction + 0.01 * abs(d)
+        if best is None or score < best[0]:
+            best = (score, m)
+    if best is None:
+        raise last_error or MeasurementError(f"{level} could not be measured")
+    return best[1]

@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from engines.bundle import load_bundle
 from hl7.panel import LabPanel
-from pipeline.bone import MeasurementError, measure_trabecular
+from pipeline.bone import MeasurementError, measure_mid_body
 from pipeline.demographics import demographics_from_header
 from pipeline.fused import FusedModel, tabular_input
 from pipeline.image_input import extract_patch
@@ -89,8 +89,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     try:
         volume = load_volume(req.instance_paths, max_tilt_deg=req.max_tilt_deg)
         selection, loc = select_level_slices(volume, "L1")
-        slab = (int(np.ceil(selection.z_range[0])), int(np.floor(selection.z_range[1])))
-        measurement = measure_trabecular(volume, loc, selection.centre_index, slab, level="L1")
+        measurement = measure_mid_body(volume, loc, selection.z_range, level="L1")
     except (VolumeError, SelectionError, MeasurementError) as exc:
         image_note = exc.reason
     header = volume.header if volume is not None else pydicom.dcmread(req.instance_paths[0], stop_before_pixels=True)
@@ -135,14 +134,14 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             f"(SD {measurement.sd_hu:.0f}, ROI {measurement.area_mm2:.0f} mm2) - {attenuation.category_label} "
             f"by {attenuation.model_name}",
             f"Level: {selection.level} by {selection.method} (anchor {selection.anchor}, "
-            f"confidence {selection.confidence:.2f}), slice {selection.centre_index + 1} of {volume.shape[0]}",
+            f"confidence {selection.confidence:.2f}), slice {measurement.slice_index + 1} of {volume.shape[0]}",
             "Labs: " + ("; ".join(f"{v.name} {v.value:.3g} {v.unit}" for v in req.labs.values)
                         if req.labs.values else "none found"),
             "Patient: " + ", ".join(x for x in (
                 f"{demo.age_years:.0f} y" if demo.age_years is not None else "", demo.sex or "") if x),
         ]
         rgb, _ = render_key_image(
-            volume.hu[selection.centre_index], (volume.spacing[1], volume.spacing[2]), measurement.roi_polygon_rc,
+            volume.hu[measurement.slice_index], (volume.spacing[1], volume.spacing[2]), measurement.roi_polygon_rc,
             title="osteoscreen - L1 bone screening", lines=lines, footer=SHORT_DISCLAIMER)
         sc = build_sc(source_header=src_header, source_sop_instance_uid=source_uid, rgb=rgb, node=req.node,
                       series_uid=sc_series, sop_uid=sc_uid)

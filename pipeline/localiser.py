@@ -39,6 +39,7 @@ MIN_DISC_SCORE_HU = 20.0
 RIB_EXCLUSION_RADIUS_MM = 35.0
 CANAL_CENTRE_OFFSET_MM = 8.0  # canal centre lies about this far behind the body's posterior wall
 WAIST_FRACTION = 0.7
+MAX_SEGMENT_RATIO = 1.5
 RIB_MIN_LATERAL_MM = 65.0
 RIB_MAX_MEDIAL_MM = 42.0
 
@@ -407,4 +408,13 @@ def localise(volume: Volume) -> Localisation:
         if l1.z_lower in inferred or l1.z_upper in inferred:
             confidence *= 0.8
             notes.append("a disc bounding L1 was inferred from the spacing of its neighbours")
+        # A missed disc between the rib anchor and L1 would shift every level: refuse instead.
+        heights = [(x.z_upper - x.z_lower) * sp[0] for x in segments if x.complete]
+        typical = float(np.median(heights)) if heights else 35.0
+        for seg in segments:
+            h = (seg.z_upper - seg.z_lower) * sp[0]
+            if seg.label in ("T12", "L1") and h > MAX_SEGMENT_RATIO * typical:
+                reason = (f"{seg.label} would span {h:.0f} mm (typical here {typical:.0f} mm): a disc was probably "
+                          "missed, so the level is uncertain")
+                confidence = 0.0
     return Localisation(segments, tuple(discs), tuple(ribs), centre, box, anchor, round(confidence, 3), reason, tuple(notes))

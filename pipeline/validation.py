@@ -7,7 +7,8 @@ the right answer is "L1 not found".
 
 Reference HU (recomputable by anyone): the mean HU of L1 label voxels at least 5 mm
 inside the label (Euclidean distance in mm), within the central third of the label's
-z-extent and the anterior half of its antero-posterior extent.
+z-extent and the anterior half of its antero-posterior extent. Robustness variants
+keep their parent case's reference: resampling or noise does not change the anatomy.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from dicom_node.sample import load_lps_volume
-from pipeline.bone import MeasurementError, measure_trabecular
+from pipeline.bone import MeasurementError, measure_mid_body
 from pipeline.selection import SelectionError, select_level_slices
 from pipeline.volume import Volume, VolumeError, canonical_axial, load_volume
 
@@ -90,19 +91,20 @@ def load_case(case_dir: Path) -> tuple[Volume, np.ndarray]:
     return vol, labels.astype(np.int16)
 
 
-def evaluate(name: str, vol: Volume, labels: np.ndarray) -> CaseResult:
+def evaluate(name: str, vol: Volume, labels: np.ndarray, ref: float | None = None) -> CaseResult:
+    """``ref`` overrides the reference HU (variants keep their parent case's: the anatomy did not change)."""
     t0 = time.monotonic()
     l1_in_view = bool((labels == L1).any())
-    ref = reference_hu(vol.hu, labels, vol.spacing)
+    if ref is None:
+        ref = reference_hu(vol.hu, labels, vol.spacing)
     try:
         sel, loc = select_level_slices(vol, "L1")
-        slab = (int(np.ceil(sel.z_range[0])), int(np.floor(sel.z_range[1])))
-        m = measure_trabecular(vol, loc, sel.centre_index, slab)
+        m = measure_mid_body(vol, loc, sel.z_range)
     except (SelectionError, MeasurementError) as exc:
         status = "uncertain" if l1_in_view else "correct"
         return CaseResult(name, l1_in_view, False, status, None, None, None, None, ref, None, 0.0, exc.reason,
                           time.monotonic() - t0)
-    k = sel.centre_index
+    k = m.slice_index
     ok, level = inside_l1(labels, k)
     zs = np.nonzero((labels == L1).any(axis=(1, 2)))[0]
     dist = abs(k - (zs.min() + zs.max()) / 2.0) * vol.spacing[0] if zs.size else None
@@ -147,11 +149,12 @@ def run_eval(cases_dir: str | Path, with_variants: bool = False, out=print) -> l
         except (VolumeError, FileNotFoundError) as exc:
             out(f"{case.name}: cannot load: {exc}")
             continue
+        ref = reference_hu(vol.hu, labels, vol.spacing)
         todo = [(case.name, vol, labels)]
         if with_variants:
             todo += [(f"{case.name}/{v}", vv, ll) for v, vv, ll in variants(vol, labels)]
         for name, v, lab in todo:
-            r = evaluate(name, v, lab)
+            r = evaluate(name, v, lab, ref if (lab == L1).any() else None)
             results.append(r)
             def fmt(x, f="{:.0f}"):
                 return "-" if x is None else f.format(x)

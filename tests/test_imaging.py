@@ -117,3 +117,25 @@ def test_missing_slices_are_refused(sample_series):
     files = [f for i, f in enumerate(sample_series.files) if i != 40]
     with pytest.raises(VolumeError, match="missing"):
         load_volume(files)
+
+
+def test_eval_imaging_command_on_the_shipped_case(tmp_path):
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    case = tmp_path / "cases" / "example_ct"
+    case.mkdir(parents=True)
+    shutil.copy(sample_data_dir() / "example_ct.nii.gz", case / "ct.nii.gz")
+    shutil.copy(sample_data_dir() / "totalseg_v2_labels.nii.gz", case / "labels.nii.gz")
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "eval", "imaging", str(tmp_path / "cases"),
+                        "--variants"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    m = re.match(r"imaging eval: cases=(\d+) correct=(\d+) uncertain=(\d+) wrong_confident=(\d+) "
+                 r"max_hu_err=([0-9.]+)$", last)
+    assert m, last
+    assert int(m.group(1)) == 6 and int(m.group(4)) == 0
+    assert float(m.group(5)) <= 15.0
+    assert "example_ct " in r.stdout and "correct" in r.stdout.splitlines()[0]
