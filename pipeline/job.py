@@ -10,7 +10,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.uid import generate_uid
