@@ -103,6 +103,34 @@ def _eval(args: argparse.Namespace) -> int:
     return 2
 
 
+def _hl7(args: argparse.Namespace) -> int:
+    from hl7 import tools
+
+    if args.action == "bench":
+        tools.bench()
+        return 0
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    store = Path(settings.node.state_dir) / "labs.sqlite"
+    if args.action == "send":
+        if not args.arg:
+            print("osteoscreen hl7 send FILE", file=sys.stderr)
+            return 2
+        return tools.send_file(Path(args.arg), args.host or settings.hl7.host, args.port or settings.hl7.port)
+    if not store.exists():
+        print(f"osteoscreen: no lab store at {store}", file=sys.stderr)
+        return 2
+    if args.action == "labs":
+        if not args.arg:
+            print("osteoscreen hl7 labs PATIENT_ID", file=sys.stderr)
+            return 2
+        return tools.show_labs(store, args.arg, args.issuer, args.window_days or settings.labs.window_days)
+    return tools.show_errors(store)
+
+
 def _config(args: argparse.Namespace) -> int:
     if args.action == "default":
         sys.stdout.write(default_toml())
@@ -144,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--variants", action="store_true", help="imaging: also run robustness variants of each case")
     e.add_argument("--bundle", default="fused_kdamm_v1")
     e.set_defaults(func=_eval)
+    h = sub.add_parser("hl7", help="HL7 interface tools for IT")
+    h.add_argument("action", choices=["send", "labs", "errors", "bench"])
+    h.add_argument("arg", nargs="?", help="send: message file; labs: patient ID")
+    h.add_argument("--config", type=Path, help="node configuration (state dir, HL7 port)")
+    h.add_argument("--host")
+    h.add_argument("--port", type=int)
+    h.add_argument("--issuer", help="labs: assigning authority of the patient ID")
+    h.add_argument("--window-days", type=int)
+    h.set_defaults(func=_hl7)
     c = sub.add_parser("config", help="configuration tools")
     c.add_argument("action", choices=["check", "default"])
     c.add_argument("file", type=Path, nargs="?")

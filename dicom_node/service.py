@@ -22,6 +22,7 @@ from engines.runtime import load_graph
 from hl7.lookup import lookup_labs
 from hl7.mllp import MLLPServer
 from hl7.panel import LabPanel
+from hl7.parse_worker import BackgroundParser
 from hl7.receiver import LabReceiver
 from hl7.store import LabStore
 from pipeline.demographics import study_date
@@ -45,6 +46,7 @@ class Service:
         self.results_dir = self.state_dir / "results"
         self.lab_store = LabStore(self.state_dir / "labs.sqlite")
         self.lab_receiver = LabReceiver(self.lab_store)
+        self.lab_parser = BackgroundParser(self.state_dir / "labs.sqlite")
         self.mllp = (
             MLLPServer(s.hl7.host, s.hl7.port, self.lab_receiver.handle, self.lab_receiver.refuse,
                        max_message_bytes=s.hl7.max_message_bytes, read_timeout_s=s.hl7.read_timeout_s)
@@ -75,7 +77,7 @@ class Service:
         requeued = self.db.requeue_running_jobs()
         if requeued:
             log.info("resuming %d job(s) interrupted by the last shutdown", requeued)
-        self.lab_receiver.start()
+        self.lab_parser.start()
         if self.mllp:
             self.mllp.start()
         self.jobs.start()
@@ -102,7 +104,7 @@ class Service:
         self.jobs.stop()
         if self.mllp:
             self.mllp.stop()
-        self.lab_receiver.stop()
+        self.lab_parser.stop()
         self.lab_store.close()
         self.db.close()
 

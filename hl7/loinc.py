@@ -14,6 +14,7 @@ class Analyte:
     name: str
     unit: str  # canonical UCUM unit
     factors: dict[str, float]  # accepted unit (normalised spelling) -> factor to canonical
+    plausible: tuple[float, float] = (0.0, float("inf"))  # in the canonical unit; outside = data error
 
 
 def _u(*pairs: tuple[str, float]) -> dict[str, float]:
@@ -30,20 +31,21 @@ def normalise_unit(unit: str) -> str:
 _COUNT = _u(("10*3/uL", 1.0), ("10*9/L", 1.0), ("K/uL", 1.0), ("/nL", 1.0), ("{cells}/uL", 1e-3), ("/uL", 1e-3))
 
 _ANALYTES = [
-    Analyte("17861-6", "Calcium", "mg/dL", _u(("mg/dL", 1.0), ("mmol/L", 4.008))),
-    Analyte("2777-1", "Phosphate", "mg/dL", _u(("mg/dL", 1.0), ("mmol/L", 3.097))),
-    Analyte("6768-6", "Alkaline phosphatase", "U/L", _u(("U/L", 1.0), ("IU/L", 1.0), ("ukat/L", 60.0))),
-    Analyte("1751-7", "Albumin", "g/dL", _u(("g/dL", 1.0), ("g/L", 0.1))),
-    Analyte("2160-0", "Creatinine", "mg/dL", _u(("mg/dL", 1.0), ("umol/L", 1 / 88.42))),
-    Analyte("2885-2", "Total protein", "g/dL", _u(("g/dL", 1.0), ("g/L", 0.1))),
-    Analyte("2345-7", "Glucose", "mg/dL", _u(("mg/dL", 1.0), ("mmol/L", 18.016))),
-    Analyte("3094-0", "Urea nitrogen", "mg/dL", _u(("mg/dL", 1.0), ("mmol/L", 2.801))),
-    Analyte("62292-8", "25-hydroxyvitamin D (D2+D3)", "nmol/L", _u(("nmol/L", 1.0), ("ng/mL", 2.496))),
-    Analyte("1989-3", "25-hydroxyvitamin D3", "nmol/L", _u(("nmol/L", 1.0), ("ng/mL", 2.496))),
-    Analyte("2731-8", "Parathyrin intact", "pg/mL", _u(("pg/mL", 1.0), ("ng/L", 1.0), ("pmol/L", 9.43))),
-    Analyte("718-7", "Hemoglobin", "g/dL", _u(("g/dL", 1.0), ("g/L", 0.1), ("mmol/L", 1.611))),
-    Analyte("6690-2", "Leukocytes", "10*3/uL", _COUNT),
-    Analyte("777-3", "Platelets", "10*3/uL", _COUNT),
+    Analyte("17861-6", "Calcium", "mg/dL", _u(("mg/dL", 1.0), ("mmol/L", 4.008)), (4.0, 16.0)),
+    Analyte("2777-1", "Phosphate", "mg/dL", _u(("mg/dL", 1.0), ("mmol/L", 3.097)), (0.5, 15.0)),
+    Analyte("6768-6", "Alkaline phosphatase", "U/L", _u(("U/L", 1.0), ("IU/L", 1.0), ("ukat/L", 60.0)), (5.0, 3000.0)),
+    Analyte("1751-7", "Albumin", "g/dL", _u(("g/dL", 1.0), ("g/L", 0.1)), (0.5, 7.0)),
+    Analyte("2160-0", "Creatinine", "mg/dL", _u(("mg/dL", 1.0), ("umol/L", 1 / 88.42)), (0.1, 25.0)),
+    Analyte("2885-2", "Total protein", "g/dL", _u(("g/dL", 1.0), ("g/L", 0.1)), (2.0, 15.0)),
+    Analyte("2345-7", "Glucose", "mg/dL", _u(("mg/dL", 1.0), ("mmol/L", 18.016)), (10.0, 2000.0)),
+    Analyte("3094-0", "Urea nitrogen", "mg/dL", _u(("mg/dL", 1.0), ("mmol/L", 2.801)), (1.0, 300.0)),
+    Analyte("62292-8", "25-hydroxyvitamin D (D2+D3)", "nmol/L", _u(("nmol/L", 1.0), ("ng/mL", 2.496)), (2.0, 500.0)),
+    Analyte("1989-3", "25-hydroxyvitamin D3", "nmol/L", _u(("nmol/L", 1.0), ("ng/mL", 2.496)), (2.0, 500.0)),
+    Analyte("2731-8", "Parathyrin intact", "pg/mL", _u(("pg/mL", 1.0), ("ng/L", 1.0), ("pmol/L", 9.43)), (1.0, 5000.0)),
+    Analyte("718-7", "Hemoglobin", "g/dL", _u(("g/dL", 1.0), ("g/L", 0.1), ("g/mL", 100.0), ("mmol/L", 1.611)),
+            (2.0, 25.0)),
+    Analyte("6690-2", "Leukocytes", "10*3/uL", _COUNT, (0.1, 500.0)),
+    Analyte("777-3", "Platelets", "10*3/uL", _COUNT, (1.0, 3000.0)),
 ]
 
 ANALYTES: dict[str, Analyte] = {a.loinc: a for a in _ANALYTES}
@@ -84,9 +86,15 @@ def canonical_code(code: str, system: str) -> str | None:
 
 
 def to_canonical(loinc: str, value: float, unit: str) -> tuple[float, str]:
+    """Value in the canonical unit; UnitError for unknown units or physiologically impossible values."""
     analyte = ANALYTES[loinc]
     factor = analyte.factors.get(normalise_unit(unit))
     if factor is None:
         raise UnitError(f"unit {unit!r} not recognised for {analyte.name} (expected one of "
                         f"{', '.join(sorted(analyte.factors))})")
-    return value * factor, analyte.unit
+    converted = value * factor
+    lo, hi = analyte.plausible
+    if not lo <= converted <= hi:
+        raise UnitError(f"implausible {analyte.name} {converted:.4g} {analyte.unit} (from {value:g} {unit}; "
+                        f"plausible {lo:g}-{hi:g}): excluded")
+    return converted, analyte.unit

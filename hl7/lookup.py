@@ -5,6 +5,7 @@ import datetime as dt
 
 from hl7.loinc import ANALYTES
 from hl7.panel import LabExclusion, LabPanel, LabValue
+from hl7.parse_worker import parse_pending
 from hl7.store import LabStore
 
 
@@ -26,6 +27,7 @@ def lookup_labs(
     values: dict[str, LabValue] = {}
     excluded: dict[tuple[str, str], LabExclusion] = {}
     notes: list[str] = []
+    ranks: dict[str, tuple] = {}
     if not patient_id:
         return LabPanel(patient_id, issuer, study_date, window_days, notes=("no patient ID in the study",))
     start = end = None
@@ -34,6 +36,7 @@ def lookup_labs(
         end = dt.datetime.combine(study_date + dt.timedelta(days=after_days), dt.time.max)
     else:
         notes.append("study date unknown: lab dates not checked")
+    parse_pending(store, patient_id=patient_id)  # messages the background parser has not reached yet
     for obs in store.observations_for(patient_id, issuer, match_without_issuer):
         if obs.loinc is None or obs.loinc not in ANALYTES:
             continue
@@ -47,7 +50,9 @@ def lookup_labs(
                 obs.loinc, name, f"observed {when}, outside {window_days} days before the study")
             continue
         current = values.get(obs.loinc)
-        if current is None or (obs.observed_at and current.observed_at and obs.observed_at > current.observed_at):
+        rank = (obs.observed_at or dt.datetime.min, obs.status == "C", obs.message_id)
+        if current is None or rank > ranks[obs.loinc]:
+            ranks[obs.loinc] = rank  # latest observation; a correction supersedes the original
             values[obs.loinc] = LabValue(
                 loinc=obs.loinc, name=name, value=float(obs.value), unit=str(obs.unit),
                 observed_at=obs.observed_at, source=obs.source, original=f"{obs.value_text} {obs.unit_text}".strip(),

@@ -100,6 +100,8 @@ class MLLPServer:
                     await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log.info("MLLP connection from %s lost: %s", peer, exc)
+        except asyncio.CancelledError:  # shutdown: end quietly
+            pass
         finally:
             writer.close()
             try:

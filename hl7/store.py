@@ -86,7 +86,7 @@ class LabStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
@@ -128,10 +128,22 @@ class LabStore:
                 raise
             return StoreOutcome(mid, False)
 
-    def pending_messages(self) -> list[tuple[int, bytes]]:
+    def pending_messages(self, *, patient_id: str | None = None, limit: int | None = None) -> list[tuple[int, bytes]]:
+        sql = "SELECT id, raw FROM messages WHERE parse_state='pending'"
+        args: tuple = ()
+        if patient_id is not None:
+            sql += " AND id IN (SELECT message_id FROM message_patients WHERE patient_id=?)"
+            args = (patient_id,)
+        sql += " ORDER BY id" + (f" LIMIT {int(limit)}" if limit else "")
         with self._lock:
-            return [(r[0], r[1]) for r in self._db.execute(
-                "SELECT id, raw FROM messages WHERE parse_state='pending' ORDER BY id")]
+            return [(r[0], r[1]) for r in self._db.execute(sql, args)]
+
+    def parse_errors(self) -> list[tuple[int, str, str, str]]:
+        """(message id, received at, sender|control id, error) of messages that could not be parsed."""
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(  # type: ignore[misc]
+                "SELECT id, received_at, sender || ' ' || control_id, parse_error FROM messages"
+                " WHERE parse_state='failed' ORDER BY id")]
 
     def save_parse(self, message_id: int, observations: list[dict], error: str | None) -> None:
         with self._lock:

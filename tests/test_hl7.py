@@ -11,6 +11,7 @@ from hl7.lookup import lookup_labs
 from hl7.mllp import FrameReader, MLLPServer
 from hl7.parse import parse_observations
 from hl7.precheck import PrecheckError, parse_header
+from hl7.parse_worker import parse_pending
 from hl7.receiver import LabReceiver
 from hl7.store import LabStore
 
@@ -22,13 +23,11 @@ STUDY = dt.datetime(2026, 1, 5, 9, 0)
 def listener(tmp_path):
     store = LabStore(tmp_path / "labs.sqlite")
     receiver = LabReceiver(store)
-    receiver.start()
     server = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse, max_message_bytes=64 * 1024,
                         read_timeout_s=5)
     server.start()
     yield server, receiver, store
     server.stop()
-    receiver.stop()
     store.close()
 
 
@@ -66,7 +65,7 @@ def test_many_messages_on_one_connection_malformed_does_not_break_it(listener):
         assert ack_code(c.send(demo_oru_message(STUDY, "M2").replace(b"\r", b"\n"))) == "AA"  # LF segment ends
         assert ack_code(c.send(demo_oru_message(STUDY, "M3"))) == "AA"
     assert store.message_count() == 3
-    assert receiver.wait_parsed()
+    assert parse_pending(store) == 3
     assert store.parse_states() == {"parsed": 3}
 
 
@@ -114,7 +113,6 @@ def test_units_are_normalised_and_window_applied(listener):
         assert ack_code(c.send(demo_oru_message(STUDY, "U1"))) == "AA"
         old = demo_oru_message(STUDY - dt.timedelta(days=400), "U0").replace(b"|9.1|", b"|8.0|")
         assert ack_code(c.send(old)) == "AA"
-    assert receiver.wait_parsed()
     panel = lookup_labs(store, "OS-DEMO-0001", "OSTEOSCREEN-DEMO", STUDY.date(), window_days=90)
     got = {v.loinc: v for v in panel.values}
     assert got["17861-6"].value == pytest.approx(9.1)  # the recent calcium, not the old one
@@ -132,7 +130,7 @@ def test_real_public_messages_are_accepted_and_parsed(listener, name):
     raw = (DATA / name).read_bytes()
     with MLLPClient("127.0.0.1", server.bound_port) as c:
         assert ack_code(c.send(raw)) == "AA"
-    assert receiver.wait_parsed()
+    assert parse_pending(store) == 1
     assert store.parse_states() == {"parsed": 1}
     rows = parse_observations(raw)
     assert rows and all("problem" in r for r in rows)

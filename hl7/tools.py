@@ -1,0 +1,94 @@
+"""IT tools: send a file, show a patient's labs, list parse errors, benchmark the listener."""
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hl7.client import MLLPClient, ack_code
+from hl7.lookup import lookup_labs
+from hl7.mllp import CR, FS, MLLPServer, frame
+from hl7.precheck import split_segments
+from hl7.receiver import LabReceiver
+from hl7.store import LabStore
+
+
+def send_file(path: Path, host: str, port: int, out=print) -> int:
+    text = Path(path).read_bytes().decode("latin-1")
+    raw = "\r".join(split_segments(text)).encode("latin-1") + b"\r"
+    with MLLPClient(host, port) as c:
+        ack = c.send(raw)
+    code = ack_code(ack)
+    out(ack.decode("latin-1").replace("\r", "\n").strip())
+    out(f"hl7 send: {path} -> {host}:{port} {code}")
+    return 0 if code in ("AA", "CA") else 1
+
+
+def show_labs(store_path: Path, patient_id: str, issuer: str | None, window_days: int, out=print) -> int:
+    store = LabStore(store_path)
+    try:
+        panel = lookup_labs(store, patient_id, issuer, dt.date.today(), window_days=window_days)
+    finally:
+        store.close()
+    for v in panel.values:
+        when = v.observed_at.isoformat(sep=" ") if v.observed_at else "undated"
+        out(f"{v.loinc:8s} {v.name:30s} {v.value:10.4g} {v.unit:10s} {when}  ({v.original}; {v.source})")
+    for e in panel.excluded:
+        out(f"{e.code:8s} {e.name:30s} not used: {e.reason}")
+    out(f"hl7 labs: patient {patient_id}: {len(panel.values)} usable, {len(panel.excluded)} excluded "
+        f"(window {window_days} days before today)")
+    return 0
+
+
+def show_errors(store_path: Path, out=print) -> int:
+    store = LabStore(store_path)
+    try:
+        rows = store.parse_errors()
+        states = store.parse_states()
+    finally:
+        store.close()
+    for mid, at, who, err in rows:
+        out(f"message {mid} received {at} from {who}: {err}")
+    out(f"hl7 errors: {len(rows)} unparsed message(s); states {states}")
+    return 1 if rows else 0
+
+
+def bench(n: int = 2000, out=print) -> dict:
+    """Own listener on a free loopback port, fresh store; one connection, one message in flight."""
+    from dicom_node.sample import demo_oru_message
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LabStore(Path(tmp) / "labs.sqlite")
+        receiver = LabReceiver(store)
+        server = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse)
+        server.start()
+        try:
+            msgs = [frame(demo_oru_message(dt.datetime(2026, 1, 5, 9), f"BENCH{i:06d}")) for i in range(n)]
+            s = socket.create_connection(("127.0.0.1", server.bound_port))
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            lat, buf, acks = [], b"", 0
+            t0 = time.perf_counter()
+            for m in msgs:
+                t = time.perf_counter()
+                s.sendall(m)
+                while FS + CR not in buf:
+                    buf += s.recv(65536)
+                end = buf.index(FS + CR)
+                acks += b"MSA|AA" in buf[:end]
+                buf = buf[end + 2 :]
+                lat.append(time.perf_counter() - t)
+            elapsed = time.perf_counter() - t0
+            s.close()
+            stored = store.message_count()
+        finally:
+            server.stop()
+            store.close()
+    res = {"n": n, "msgs_s": n / elapsed, "p50_ms": float(np.median(lat) * 1000),
+           "p99_ms": float(np.percentile(lat, 99) * 1000), "acked": acks, "stored": stored}
+    out(f"{n} ORU^R01 messages on one connection, ACK awaited for each; {acks} AA, {stored} stored")
+    out(f"hl7 bench: msgs_s={res['msgs_s']:.0f} p50_ms={res['p50_ms']:.2f} p99_ms={res['p99_ms']:.2f}")
+    return res
