@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"osteoscreen: cannot start: {exc}", file=sys.stderr)
         return 1
     try:
-        service.serve_forever()
+        service.serve_forever(args.config)
     except OSError as exc:
         print(f"osteoscreen: {exc}", file=sys.stderr)
         return 1

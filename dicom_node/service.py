@@ -108,20 +108,70 @@ class Service:
         self.lab_store.close()
         self.db.close()
 
-    def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT."""
-        done = threading.Event()
+    def reload(self, settings: Settings) -> list[str]:
+        """Apply what can change without dropping associations; say what needs a restart."""
+        old, new = self.settings, settings
+        applied, restart = [], []
+        if new.node.allowed_calling_aets != old.node.allowed_calling_aets:
+            self.scp.set_allowed_calling_aets(list(new.node.allowed_calling_aets))
+            applied.append("node.allowed_calling_aets")
+        if new.destinations != old.destinations:
+            self.exporter.set_destinations(list(new.destinations))
+            applied.append("destinations")
+        for section in ("routing", "labs", "screening", "export"):
+            if getattr(new, section) != getattr(old, section):
+                applied.append(section)
+        for key in ("ae_title", "host", "port", "state_dir", "max_pdu", "series_quiet_s"):
+            if getattr(new.node, key) != getattr(old.node, key):
+                restart.append(f"node.{key}")
+        if new.hl7 != old.hl7:
+            restart.append("hl7")
+        self.settings = new
+        log.info("configuration reloaded: applied %s%s", ", ".join(applied) or "no changes",
+                 f"; restart needed for {', '.join(restart)}" if restart else "")
+        return restart
 
-        def _handler(signum, _frame):
+    def serve_forever(self, config_path=None) -> None:
+        """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration file."""
+        from config import ConfigError, load_settings
+        from dicom_node.systemd import Notifier
+
+        notifier = Notifier()
+        done = threading.Event()
+        reload_requested = threading.Event()
+
+        def _stop(signum, _frame):
             log.info("received %s", signal.Signals(signum).name)
             done.set()
 
-        signal.signal(signal.SIGTERM, _handler)
-        signal.signal(signal.SIGINT, _handler)
+        def _hup(_signum, _frame):
+            reload_requested.set()
+            done.set()  # wake the main loop
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGHUP, _hup)
         self.start()
+        notifier.ready(f"DICOM {self.settings.node.ae_title}:{self.scp.port} ready")
+        tick = min(5.0, notifier.watchdog_s / 2) if notifier.watchdog_s else 5.0
         try:
-            done.wait()
+            while True:
+                done.wait(tick)
+                if reload_requested.is_set():
+                    reload_requested.clear()
+                    done.clear()
+                    notifier.reloading()
+                    try:
+                        self.reload(load_settings(config_path))
+                    except ConfigError as exc:
+                        log.error("reload refused, keeping the running configuration: %s", exc)
+                    notifier.ready("configuration reloaded")
+                    continue
+                if done.is_set():
+                    break
+                notifier.watchdog()
         finally:
+            notifier.stopping()
             self.stop()
 
     # --- event handlers -----------------------------------------------------------
