@@ -131,6 +131,28 @@ def _hl7(args: argparse.Namespace) -> int:
     return tools.show_errors(store)
 
 
+def _admin(args: argparse.Namespace) -> int:
+    from dicom_node import admin
+
+    if args.command == "echo":
+        return admin.echo(args.target, args.aet)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    state = Path(settings.node.state_dir)
+    try:
+        if args.command == "status":
+            return admin.status(state)
+        if args.command == "jobs":
+            return admin.jobs(state, args.action, args.job_id)
+        return admin.outbox(state, args.action)
+    except FileNotFoundError as exc:
+        print(f"osteoscreen: {exc}", file=sys.stderr)
+        return 2
+
+
 def _config(args: argparse.Namespace) -> int:
     if args.action == "default":
         sys.stdout.write(default_toml())
@@ -181,6 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--issuer", help="labs: assigning authority of the patient ID")
     h.add_argument("--window-days", type=int)
     h.set_defaults(func=_hl7)
+    st = sub.add_parser("status", help="queues, last errors and skipped series of a node")
+    st.add_argument("--config", type=Path)
+    st.set_defaults(func=_admin)
+    j = sub.add_parser("jobs", help="list, show, retry or cancel screening jobs")
+    j.add_argument("action", choices=["list", "show", "retry", "cancel"])
+    j.add_argument("job_id", type=int, nargs="?")
+    j.add_argument("--config", type=Path)
+    j.set_defaults(func=_admin)
+    o = sub.add_parser("outbox", help="list results waiting for delivery, or make them due now")
+    o.add_argument("action", choices=["list", "retry"])
+    o.add_argument("--config", type=Path)
+    o.set_defaults(func=_admin)
+    ec = sub.add_parser("echo", help="C-ECHO a DICOM peer: AE@host:port")
+    ec.add_argument("target")
+    ec.add_argument("--aet", default="OSTEOSCREEN", help="calling AE title")
+    ec.set_defaults(func=_admin)
     c = sub.add_parser("config", help="configuration tools")
     c.add_argument("action", choices=["check", "default"])
     c.add_argument("file", type=Path, nargs="?")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -102,6 +103,27 @@ def test_ct_in_sr_and_sc_out_to_orthanc(node_factory, orthanc, sample_series, tm
     sc = pydicom.dcmread(sc_path)
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == ref
     assert sc.BurnedInAnnotation == "YES"
+
+    # No PHI in the service log: neither the patient ID nor the name appears in any line.
+    log = node.log()
+    assert "job 1 screened" in log
+    for phi in (study.PatientID, str(study.PatientName), str(study.PatientName).replace("^", " ")):
+        assert phi not in log, f"{phi!r} found in the log"
+
+    # IT commands on the live node's state
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True,
+                           timeout=60)
+        return r.returncode, r.stdout + r.stderr
+
+    rc, text = cli("status", "--config", str(node.config))
+    assert rc == 0 and "jobs: {'done': 1}" in text and "outbox: {'sent': 2}" in text, text
+    rc, text = cli("jobs", "list", "--config", str(node.config))
+    assert rc == 0 and "outcome=screened" in text
+    rc, text = cli("outbox", "list", "--config", str(node.config))
+    assert rc == 0 and text.count(": sent") == 2
+    rc, text = cli("echo", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+    assert rc == 0 and "OK" in text
 
 
 def _walk(seq):

@@ -1,0 +1,109 @@
+"""IT commands on a node's state: status, jobs, outbox, echo. They read and change SQLite only."""
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import time
+from pathlib import Path
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+
+def _db(state_dir: Path) -> sqlite3.Connection:
+    path = Path(state_dir) / "osteoscreen.sqlite"
+    if not path.exists():
+        raise FileNotFoundError(f"no node database at {path}")
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    db.execute("PRAGMA busy_timeout=30000")
+    return db
+
+
+def status(state_dir: Path, out=print) -> int:
+    db = _db(state_dir)
+    q = lambda sql: db.execute(sql).fetchall()  # noqa: E731
+    series = dict(q("SELECT state, count(*) FROM series GROUP BY state"))
+    jobs = dict(q("SELECT state, count(*) FROM jobs GROUP BY state"))
+    outbox = dict(q("SELECT state, count(*) FROM outbox GROUP BY state"))
+    n_inst = q("SELECT count(*) FROM instances")[0][0]
+    out(f"state: {state_dir}")
+    out(f"instances stored: {n_inst}; series: {series or 'none'}")
+    out(f"jobs: {jobs or 'none'}")
+    out(f"outbox: {outbox or 'none'}")
+    for jid, err in q("SELECT id, last_error FROM jobs WHERE last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 5"):
+        out(f"  job {jid} last error: {err}")
+    for oid, dest, err in q("SELECT id, destination, last_error FROM outbox WHERE last_error IS NOT NULL AND "
+                            "state!='sent' ORDER BY id DESC LIMIT 5"):
+        out(f"  outbox {oid} -> {dest}: {err}")
+    skipped = q("SELECT reason, count(*) FROM series WHERE eligible=0 GROUP BY reason ORDER BY 2 DESC LIMIT 5")
+    for reason, n in skipped:
+        out(f"  skipped x{n}: {reason}")
+    return 0
+
+
+def jobs(state_dir: Path, action: str, job_id: int | None, out=print) -> int:
+    db = _db(state_dir)
+    if action == "list":
+        for r in db.execute("SELECT id, series_uid, state, attempts, outcome, updated_at FROM jobs ORDER BY id"):
+            out(f"{r[0]:6d} {r[2]:8s} attempts={r[3]} outcome={r[4] or '-'} "
+                f"updated={dt.datetime.fromtimestamp(r[5]).isoformat(timespec='seconds')} series={r[1]}")
+        return 0
+    if job_id is None:
+        out("a job id is required")
+        return 2
+    if action == "show":
+        r = db.execute("SELECT id, series_uid, state, attempts, last_error, outcome, result_json FROM jobs WHERE id=?",
+                       (job_id,)).fetchone()
+        if not r:
+            out(f"no job {job_id}")
+            return 1
+        out(f"job {r[0]}: {r[2]}, attempts {r[3]}, outcome {r[5]}, last error {r[4]}\nseries {r[1]}\n{r[6] or ''}")
+        return 0
+    if action == "retry":
+        n = db.execute("UPDATE jobs SET state='pending', next_attempt_at=0, attempts=0 WHERE id=? AND "
+                       "state IN ('failed','done')", (job_id,)).rowcount
+        out(f"job {job_id} queued again" if n else f"job {job_id} is not failed or done")
+        return 0 if n else 1
+    if action == "cancel":
+        n = db.execute("UPDATE jobs SET state='cancelled' WHERE id=? AND state='pending'", (job_id,)).rowcount
+        out(f"job {job_id} cancelled" if n else f"job {job_id} is not pending")
+        return 0 if n else 1
+    return 2
+
+
+def outbox(state_dir: Path, action: str, out=print) -> int:
+    db = _db(state_dir)
+    if action == "list":
+        for r in db.execute("SELECT id, job_id, destination, state, attempts, last_error, sop_instance_uid "
+                            "FROM outbox ORDER BY id"):
+            out(f"{r[0]:6d} job {r[1]} -> {r[2]}: {r[3]} attempts={r[4]} {r[6]}" + (f"  ({r[5]})" if r[5] else ""))
+        return 0
+    if action == "retry":
+        n = db.execute("UPDATE outbox SET state='pending', next_attempt_at=0 WHERE state IN ('pending','failed')"
+                       ).rowcount
+        out(f"{n} outbox item(s) due now (a running node picks them up within 5 s)")
+        return 0
+    return 2
+
+
+def echo(target: str, calling_aet: str = "OSTEOSCREEN", out=print) -> int:
+    """C-ECHO to AE@host:port."""
+    try:
+        aet, hostport = target.split("@", 1)
+        host, port = hostport.rsplit(":", 1)
+    except ValueError:
+        out("target must be AE@host:port")
+        return 2
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    t0 = time.monotonic()
+    assoc = ae.associate(host, int(port), ae_title=aet)
+    if not assoc.is_established:
+        out(f"echo {target}: association {'rejected' if assoc.is_rejected else 'failed'}")
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    ok = bool(status) and status.Status == 0
+    out(f"echo {target}: {'OK' if ok else 'failed'} ({(time.monotonic() - t0) * 1000:.0f} ms)")
+    return 0 if ok else 1
