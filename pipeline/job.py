@@ -21,6 +21,7 @@ from pipeline.demographics import demographics_from_header
 from pipeline.fused import FusedModel, tabular_input
 from pipeline.image_input import extract_patch
 from pipeline.durable import write_durably
+from pipeline.features import FEATURES
 from pipeline.report.notice import SHORT_DISCLAIMER
 from pipeline.report.render import render_key_image
 from pipeline.report.sc import build_sc
@@ -123,12 +124,12 @@ def run_screening(req: JobRequest) -> ScreeningResult:
 
     if measurement is not None and volume is not None and selection is not None and attenuation is not None:
         expl = fused.explanation
-        top = sorted(zip(expl.features, expl.contributions), key=lambda t: -abs(t[1]))[:4] if expl else []
+        top = sorted(zip(expl.features, expl.contributions), key=lambda t: -abs(t[1]))[:6] if expl else []
+        labels = {f.name: f.label for f in FEATURES}
         lines = [
             f"Screening: {fused.category_label}",
             f"Probability {fused.probability:.2f} (operating point {fused.threshold:.2f}); "
             f"modalities: {', '.join(fused.modalities)}",
-            "Top contributions: " + (", ".join(f"{n} {v:+.2f}" for n, v in top) if top else "n/a"),
             f"{measurement.level} trabecular attenuation: {measurement.mean_hu:.0f} HU "
             f"(SD {measurement.sd_hu:.0f}, ROI {measurement.area_mm2:.0f} mm2) - {attenuation.category_label} "
             f"by {attenuation.model_name}",
@@ -138,10 +139,12 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                         if req.labs.values else "none found"),
             "Patient: " + ", ".join(x for x in (
                 f"{demo.age_years:.0f} y" if demo.age_years is not None else "", demo.sex or "") if x),
+            f"Model: {bundle.card.name} {bundle.card.version}",
         ]
         rgb, _ = render_key_image(
             volume.hu[measurement.slice_index], (volume.spacing[1], volume.spacing[2]), measurement.roi_polygon_rc,
-            title="osteoscreen - L1 bone screening", lines=lines, footer=SHORT_DISCLAIMER)
+            title="osteoscreen - L1 bone screening", lines=lines, footer=SHORT_DISCLAIMER,
+            bars=[(labels[n], v) for n, v in top], bars_title="Top factors (SHAP, probability units)")
         sc = build_sc(source_header=src_header, source_sop_instance_uid=source_uid, rgb=rgb, node=req.node,
                       series_uid=sc_series, sop_uid=sc_uid)
         write_durably(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))

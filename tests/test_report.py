@@ -114,3 +114,46 @@ def test_sr_carries_probability_category_and_shap(screened):
     shap = [i for i in items if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue.startswith("OS-SHAP")]
     assert len(shap) >= 3
     assert all(np.isfinite(float(i.MeasuredValueSequence[0].NumericValue)) for i in shap)
+
+
+def test_sr_reads_back_with_highdicom_and_renders_with_dcmtk(screened, sample_series):
+    import highdicom as hd
+
+    result, out = screened
+    sr = hd.sr.srread(out / "sr.dcm")
+    report = sr.content
+    roi = report.get_planar_roi_measurement_groups()
+    assert len(roi) == 1
+    values = {(m.name.value, m.derivation.value if m.derivation else None): m.value for m in roi[0].get_measurements()}
+    assert values[("112031", "373098007")] == pytest.approx(result.summary["mean_hu"], abs=0.05)
+    assert values[("42798000", None)] == pytest.approx(result.summary["roi_area_mm2"], abs=0.05)
+    assert roi[0].roi.GraphicType == "POLYLINE"
+    assert roi[0].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+        result.summary["source_sop_instance_uid"]
+    groups = {str(g.tracking_identifier): g for g in report.get_image_measurement_groups()}
+    fused = {m.name.value: m.value for m in groups["Fused screening model"].get_measurements()}
+    assert fused["OS0002"] == pytest.approx(result.summary["probability"], abs=1e-4)
+    shap = {m.name.value: m.value for m in groups["Model explanation (SHAP)"].get_measurements()}
+    for name, v in result.summary["shap"].items():
+        assert shap[f"OS-SHAP-{name}"[:16]] == pytest.approx(v, abs=1e-5)
+    labs = {m.name.value: m.value for m in groups["Laboratory values used"].get_measurements()}
+    assert labs == {"17861-6": pytest.approx(9.1)}
+    for tool in ("dsrdump", "dsr2html"):
+        exe = need_tool(tool)
+        r = subprocess.run([exe, str(out / "sr.dcm")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "RESEARCH USE ONLY" in r.stdout and "Attenuation Coefficient" in r.stdout
+
+
+def test_key_image_layout(screened):
+    """Golden layout: image area 512 px high, 420 px panel, title, disclaimer and SHAP bars present."""
+    _, out = screened
+    img = np.asarray(Image.open(out / "sc.png"))
+    h, w, _ = img.shape
+    assert h == 512 and w == 512 + 420  # 366 x 303 mm slice scaled to 512 px wide, plus the 420 px panel
+    panel = img[:, w - 420 :]
+    yellow = (panel[..., 0] > 200) & (panel[..., 1] > 150) & (panel[..., 2] < 80)
+    assert yellow[-40:].any(), "disclaimer footer missing"
+    red_bars = (panel[..., 0] > 200) & (panel[..., 1] < 100) & (panel[..., 2] < 100)
+    assert red_bars.sum() > 100, "SHAP bar chart missing"
+    assert (panel[:40] > 200).any(), "title missing"

@@ -42,6 +42,8 @@ def render_key_image(
     title: str,
     lines: list[str],
     footer: str,
+    bars: list[tuple[str, float]] | None = None,
+    bars_title: str = "",
 ) -> tuple[np.ndarray, float]:
     """RGB uint8 image (rows, cols, 3) and the scale from source pixels to image pixels.
 
@@ -71,8 +73,30 @@ def render_key_image(
             d.text((x, y), t, fill=(230, 230, 230), font=small)
             y += 19
         y += 3
+    if bars:
+        y = _bar_chart(d, x, y + 6, PANEL_PX - 28, bars, bars_title, small)
     fy = canvas.height - 12
     for t in reversed(_wrap(d, footer, small, PANEL_PX - 24)):
         fy -= 19
         d.text((x, fy), t, fill=(255, 200, 0), font=small)
     return np.asarray(canvas), float(sy)
+
+
+def _bar_chart(d: ImageDraw.ImageDraw, x: int, y: int, width: int, bars: list[tuple[str, float]], title: str,
+               font) -> int:
+    """Signed horizontal bars (red raises risk, blue lowers it) around a centre line."""
+    d.text((x, y), title, fill=(230, 230, 230), font=font)
+    y += 20
+    label_w = 120
+    half = (width - label_w - 50) / 2
+    centre = x + label_w + half
+    top = max(abs(v) for _, v in bars) or 1.0
+    for name, v in bars:
+        d.text((x, y), name[:16], fill=(210, 210, 210), font=font)
+        length = half * abs(v) / top
+        x0, x1 = (centre, centre + length) if v >= 0 else (centre - length, centre)
+        d.rectangle([x0, y + 3, x1, y + 14], fill=(220, 70, 70) if v >= 0 else (80, 140, 230))
+        d.text((centre + half + 6, y), f"{v:+.3f}", fill=(210, 210, 210), font=font)
+        y += 19
+    d.line([(centre, y - 19 * len(bars)), (centre, y)], fill=(160, 160, 160), width=1)
+    return y
