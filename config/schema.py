@@ -91,7 +91,7 @@ class ScreeningSettings(_Section):
     attenuation_rule: str = Field(
         "pickhardt_l1_2013", description="Threshold rule reported with the L1 measurement (bundle name or path)."
     )
-    backend: str = Field("auto", pattern=r"^(auto|onnxruntime-cuda|onnxruntime-cpu)$")
+    backend: str = Field("auto", pattern=r"^(auto|onnxruntime-cuda|onnxruntime-cpu|pytorch)$")
 
 
 class Destination(_Section):

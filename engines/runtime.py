@@ -1,8 +1,9 @@
 """Inference backends behind one interface: named numpy arrays in, named numpy arrays out.
 
 ``auto`` picks the first available of: TensorRT (not built yet: see the engines
-issue), ONNX Runtime CUDA, ONNX Runtime CPU. A forced backend that is not
-available is an error at load time, never a silent fallback.
+issue), ONNX Runtime CUDA, ONNX Runtime CPU, PyTorch (TorchScript files in the
+bundle, the reference implementation). A forced backend that is not available is
+an error at load time, never a silent fallback.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-BACKENDS = ("auto", "onnxruntime-cuda", "onnxruntime-cpu")
+BACKENDS = ("auto", "onnxruntime-cuda", "onnxruntime-cpu", "pytorch")
 
 
 class EngineError(Exception):
@@ -45,6 +46,14 @@ def _ort_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def available_backends() -> list[str]:
     prov = _ort_providers()
     out = []
@@ -52,7 +61,45 @@ def available_backends() -> list[str]:
         out.append("onnxruntime-cuda")
     if "CPUExecutionProvider" in prov:
         out.append("onnxruntime-cpu")
+    if _torch_available():
+        out.append("pytorch")
     return out
+
+
+class _TorchScriptSession:
+    """The subset of onnxruntime.InferenceSession.run that Engine uses, over a TorchScript module."""
+
+    def __init__(self, path: Path, output_names: tuple[str, ...], threads: int | None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.module = torch.jit.load(str(path), map_location="cpu").eval()
+        self.input_names = tuple(a.name for a in self.module.forward.schema.arguments[1:])
+        self.output_names = output_names
+
+    def run(self, names, feeds):
+        with self._torch.no_grad():
+            out = self.module(*(self._torch.from_numpy(feeds[n]) for n in self.input_names))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.numpy() for o in outs]
+
+
+def _load_torchscript(onnx_path: Path, threads: int | None) -> Engine:
+    ts = onnx_path.with_suffix(".ts")
+    if not ts.is_file():
+        raise EngineError(f"backend pytorch needs {ts.name} in the bundle (written by `osteoscreen train`)")
+    output_names: tuple[str, ...] = ("output",)
+    try:
+        import onnx
+
+        output_names = tuple(o.name for o in onnx.load(str(onnx_path), load_external_data=False).graph.output)
+    except Exception:  # noqa: BLE001 - names are a convenience; the module still runs
+        pass
+    sess = _TorchScriptSession(ts, output_names, threads)
+    return Engine(graph=onnx_path.stem, backend="pytorch", device="cpu", precision="fp32",
+                  input_names=sess.input_names, output_names=output_names, _session=sess)
 
 
 def load_graph(onnx_path: str | Path, backend: str = "auto", *, threads: int | None = None) -> Engine:
@@ -66,6 +113,8 @@ def load_graph(onnx_path: str | Path, backend: str = "auto", *, threads: int | N
     if chosen not in avail:
         raise EngineError(f"backend {backend} is not available here (available: {avail or 'none'}); "
                           "install onnxruntime (CPU) or onnxruntime-gpu with CUDA")
+    if chosen == "pytorch":
+        return _load_torchscript(path, threads)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -119,3 +119,22 @@ def test_eval_tabular_on_one_cycle(tmp_path):
     assert m, last
     assert int(m.group(1)) > 1000 and 0.5 < float(m.group(3)) <= 1.0
     assert "calcium 100%" in r.stdout  # BIOPRO absent: the labs it carries are missing
+
+
+def test_backends_agree_onnxruntime_vs_pytorch_reference():
+    """Stated tolerance: 1e-4 on logits and embeddings (fp32 on CPU)."""
+    rng = np.random.default_rng(1)
+    n = 32
+    img = rng.normal(0, 1, (n, 3, 32, 32)).astype(np.float32)
+    mask = (rng.random((n, len(FEATURES))) < 0.6).astype(np.float32)
+    vals = (rng.normal(0, 1, (n, len(FEATURES))) * mask).astype(np.float32)
+    present = np.ones((n, 1), np.float32)
+    outs = {}
+    for backend in ("onnxruntime-cpu", "pytorch"):
+        enc = engines.load(BUNDLE.path, backend, graph="image_encoder")
+        head = engines.load(BUNDLE.path, backend, graph="head")
+        assert (enc.backend, head.backend, head.device, head.precision) == (backend, backend, "cpu", "fp32")
+        emb = enc(image=img)["embedding"]
+        outs[backend] = (emb, head(embedding=emb, image_present=present, tab_values=vals, tab_mask=mask)["logit"])
+    assert np.max(np.abs(outs["pytorch"][0] - outs["onnxruntime-cpu"][0])) < 1e-4
+    assert np.max(np.abs(outs["pytorch"][1] - outs["onnxruntime-cpu"][1])) < 1e-4

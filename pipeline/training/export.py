@@ -37,6 +37,11 @@ def write_bundle(bundle_dir: Path, student: Student, d, summary: dict, logreg: d
     _export(student.head, (torch.zeros(2, EMBED), torch.ones(2, 1), torch.zeros(2, n_f), torch.ones(2, n_f)),
             ["embedding", "image_present", "tab_values", "tab_mask"], ["logit"], bundle_dir / "head.onnx")
     torch.save(student.state_dict(), bundle_dir / "student.pt")
+    # TorchScript copies: the PyTorch reference backend of engines (no model code needed to load them)
+    torch.jit.trace(student.image_encoder, (torch.zeros(2, 3, PATCH_PX, PATCH_PX),)).save(
+        str(bundle_dir / "image_encoder.ts"))
+    torch.jit.trace(student.head, (torch.zeros(2, EMBED), torch.ones(2, 1), torch.zeros(2, n_f),
+                                   torch.ones(2, n_f))).save(str(bundle_dir / "head.ts"))
     rng = np.random.default_rng(summary["config"]["seed"] + 7)
     tr = np.nonzero(d.split == "train")[0]
     bg = rng.choice(tr, SHAP_BACKGROUND_ROWS, replace=False)
@@ -71,7 +76,8 @@ def write_bundle(bundle_dir: Path, student: Student, d, summary: dict, logreg: d
             "image": {"slices_mm": list(SLICE_OFFSETS_MM), "pixels": PATCH_PX, "pixel_mm": PATCH_MM,
                       "scaling": "(HU - 100) / 200, clipped to [-3, 5]", "centre": "L1 vertebral body"},
         },
-        "files": {n: _sha(bundle_dir / n) for n in ("image_encoder.onnx", "head.onnx", "shap_background.npz")},
+        "files": {n: _sha(bundle_dir / n) for n in ("image_encoder.onnx", "head.onnx", "image_encoder.ts", "head.ts",
+                                                    "shap_background.npz")},
         "calibration": summary["calibration"],
         "thresholds": {f"operating_point_{k}": v for k, v in summary["thresholds"].items()},
         "operating_point": f"per modality subset: calibrated probability giving sensitivity >= "
