@@ -10,11 +10,18 @@ from config import ConfigError, default_toml, load_settings
 from dicom_node import __version__
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _settings(path):
+    """Validated settings, or None after printing the error (file, line and key) to stderr."""
     try:
-        settings = load_settings(args.config)
+        return load_settings(path)
     except ConfigError as exc:
         print(f"osteoscreen: {exc}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(args.config)
+    if settings is None:
         return 2
     logging.basicConfig(level=settings.logging.level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -109,10 +116,8 @@ def _hl7(args: argparse.Namespace) -> int:
     if args.action == "bench":
         tools.bench()
         return 0
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+    settings = _settings(args.config)
+    if settings is None:
         return 2
     store = Path(settings.node.state_dir) / "labs.sqlite"
     if args.action == "send":
@@ -136,10 +141,8 @@ def _admin(args: argparse.Namespace) -> int:
 
     if args.command == "echo":
         return admin.echo(args.target, args.aet)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+    settings = _settings(args.config)
+    if settings is None:
         return 2
     state = Path(settings.node.state_dir)
     try:
@@ -157,10 +160,8 @@ def _config(args: argparse.Namespace) -> int:
     if args.action == "default":
         sys.stdout.write(default_toml())
         return 0
-    try:
-        s = load_settings(args.file)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+    s = _settings(args.file)
+    if s is None:
         return 2
     print(f"{args.file}: OK (AE {s.node.ae_title} on {s.node.host}:{s.node.port}, "
           f"{len(s.destinations)} destination(s), state in {s.node.state_dir})")
