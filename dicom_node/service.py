@@ -1,6 +1,7 @@
 """The one place that wires the node together: SCP, completion, routing, labs, jobs, export."""
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import signal
 import threading
@@ -199,9 +200,20 @@ class Service:
         row = self.db.series(series_uid)
         assert row is not None
         s = self.settings.labs
-        return lookup_labs(self.lab_store, row.patient_id, row.issuer or None, study_date(header),
-                           window_days=s.window_days, after_days=s.after_study_days,
-                           match_without_issuer=s.match_without_issuer)
+        born = str(header.get("PatientBirthDate", "") or "")
+        try:
+            birth = dt.datetime.strptime(born[:8], "%Y%m%d").date() if born else None
+        except ValueError:
+            birth = None
+        panel = lookup_labs(self.lab_store, row.patient_id, row.issuer or None, study_date(header),
+                            window_days=s.window_days, after_days=s.after_study_days,
+                            match_without_issuer=s.match_without_issuer, birth_date=birth,
+                            sex=str(header.get("PatientSex", "") or ""))
+        for note in panel.notes:
+            if "blocked" in note:
+                log.warning("series %s: %s", series_uid, note)
+                self.db.audit("labs", series_uid, note)
+        return panel
 
     def build_request(self, job: JobRow) -> JobRequest:
         paths = self.db.instance_paths(job.series_uid)

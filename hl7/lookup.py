@@ -18,11 +18,16 @@ def lookup_labs(
     window_days: int = 90,
     after_days: int = 1,
     match_without_issuer: bool = True,
+    birth_date: dt.date | None = None,
+    sex: str | None = None,
 ) -> LabPanel:
     """The most recent usable value per LOINC code within the window before the study.
 
     Values of analytes the product uses that cannot be used (outside the window,
     unit not recognised, not final, not numeric) are listed with the reason.
+    Identity: a message whose PID birth date or sex contradicts the image's is
+    another patient with the same identifier (or a data error): its results are
+    blocked, with the reason, never used.
     """
     values: dict[str, LabValue] = {}
     excluded: dict[tuple[str, str], LabExclusion] = {}
@@ -37,10 +42,25 @@ def lookup_labs(
     else:
         notes.append("study date unknown: lab dates not checked")
     parse_pending(store, patient_id=patient_id)  # messages the background parser has not reached yet
+    want_dob = birth_date.strftime("%Y%m%d") if birth_date else ""
+    want_sex = (sex or "").upper()[:1]
+    blocked: set[int] = set()
     for obs in store.observations_for(patient_id, issuer, match_without_issuer):
         if obs.loinc is None or obs.loinc not in ANALYTES:
             continue
         name = ANALYTES[obs.loinc].name
+        clash = []
+        if want_dob and obs.birth_date and obs.birth_date != want_dob:
+            clash.append("birth date")
+        if want_sex in ("F", "M") and obs.sex in ("F", "M") and obs.sex != want_sex:
+            clash.append("sex")
+        if clash:
+            if obs.message_id not in blocked:
+                blocked.add(obs.message_id)
+                notes.append(f"labs from {obs.source} blocked: {' and '.join(clash)} differ from the image's")
+            excluded[(obs.loinc, "identity")] = LabExclusion(
+                obs.loinc, name, f"blocked: {' and '.join(clash)} in the lab message differ from the image's")
+            continue
         if obs.problem or obs.value is None:
             excluded[(obs.loinc, obs.problem or "no value")] = LabExclusion(obs.loinc, name, obs.problem or "no value")
             continue

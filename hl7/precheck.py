@@ -34,6 +34,8 @@ class MessageHeader:
     accept_ack_type: str
     application_ack_type: str
     patient_ids: tuple[PatientIdentifier, ...] = ()
+    birth_date: str = ""  # PID-7, YYYYMMDD part
+    sex: str = ""  # PID-8 (F, M, O, U, ...)
 
     @property
     def sender(self) -> str:
@@ -120,4 +122,6 @@ def parse_header(text: str) -> MessageHeader:
         ids.append(PatientIdentifier(ident, issuer, _component(rep, cs, 4).strip()))
     if not ids:
         raise PrecheckError("AE", "PID-3 (patient identifier list) is empty", header, 101)
-    return MessageHeader(**{**header.__dict__, "patient_ids": tuple(ids)})
+    dob = _component(pid_fields[7], cs, 0).strip()[:8] if len(pid_fields) > 7 else ""
+    sex = pid_fields[8].strip()[:1].upper() if len(pid_fields) > 8 else ""
+    return MessageHeader(**{**header.__dict__, "patient_ids": tuple(ids), "birth_date": dob, "sex": sex})

@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS message_patients (
     message_id INTEGER NOT NULL REFERENCES messages(id),
     patient_id TEXT NOT NULL,
-    issuer TEXT NOT NULL
+    issuer TEXT NOT NULL,
+    birth_date TEXT NOT NULL DEFAULT '',
+    sex TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS message_patients_pid ON message_patients(patient_id);
 CREATE TABLE IF NOT EXISTS observations (
@@ -69,6 +71,8 @@ class StoredObservation:
     status: str
     observed_at: dt.datetime | None
     problem: str | None
+    birth_date: str = ""
+    sex: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,14 @@ class LabStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older release up to this schema (columns are only ever added)."""
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(message_patients)")}
+        for col in ("birth_date", "sex"):
+            if col not in cols:
+                self._db.execute(f"ALTER TABLE message_patients ADD COLUMN {col} TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -119,8 +131,8 @@ class LabStore:
                 )
                 mid = int(cur.lastrowid)
                 self._db.executemany(
-                    "INSERT INTO message_patients (message_id, patient_id, issuer) VALUES (?,?,?)",
-                    [(mid, p.id, p.issuer) for p in header.patient_ids],
+                    "INSERT INTO message_patients (message_id, patient_id, issuer, birth_date, sex) VALUES (?,?,?,?,?)",
+                    [(mid, p.id, p.issuer, header.birth_date, header.sex) for p in header.patient_ids],
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -178,7 +190,7 @@ class LabStore:
         """Observations from messages about this patient (issuer rules as configured)."""
         sql = (
             "SELECT o.message_id, m.sender || ' ' || m.control_id, o.code, o.name, o.loinc, o.value_text, o.unit_text,"
-            " o.value, o.unit, o.status, o.observed_at, o.problem, mp.issuer"
+            " o.value, o.unit, o.status, o.observed_at, o.problem, mp.issuer, mp.birth_date, mp.sex"
             " FROM observations o JOIN messages m ON m.id=o.message_id"
             " JOIN message_patients mp ON mp.message_id=o.message_id WHERE mp.patient_id=?"
         )
@@ -199,5 +211,6 @@ class LabStore:
                 message_id=r[0], source=r[1], code=r[2], name=r[3], loinc=r[4], value_text=r[5], unit_text=r[6],
                 value=r[7], unit=r[8], status=r[9],
                 observed_at=dt.datetime.fromisoformat(r[10]) if r[10] else None, problem=r[11],
+                birth_date=r[13], sex=r[14],
             ))
         return out

@@ -189,3 +189,34 @@ def test_hl7_bench_command():
 
     assert re.match(r"hl7 bench: msgs_s=\d+ p50_ms=[0-9.]+ p99_ms=[0-9.]+$", r.stdout.strip().splitlines()[-1])
     assert "2000 AA, 2000 stored" in r.stdout
+
+
+def test_identity_mismatch_blocks_labs(listener):
+    server, store = listener
+    s = socket.create_connection(("127.0.0.1", server.bound_port))
+    s.sendall(VT + demo_oru_message(STUDY, "ID1") + FS + CR)  # PID-7 19580312, PID-8 F
+    assert msa(read_acks(s, 1)[0])[0] == "AA"
+    s.close()
+    ok = lookup_labs(store, "OS-DEMO-0001", "OSTEOSCREEN-DEMO", STUDY.date(), birth_date=dt.date(1958, 3, 12),
+                     sex="F")
+    assert len(ok.values) == 6
+    other = lookup_labs(store, "OS-DEMO-0001", "OSTEOSCREEN-DEMO", STUDY.date(), birth_date=dt.date(1971, 6, 1),
+                        sex="M")
+    assert other.is_empty
+    assert any("birth date and sex" in n for n in other.notes)
+    assert all("blocked" in e.reason for e in other.excluded)
+
+
+def test_older_store_is_migrated(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE message_patients (message_id INTEGER NOT NULL, patient_id TEXT NOT NULL, "
+                     "issuer TEXT NOT NULL); INSERT INTO message_patients VALUES (1, 'P', '');")
+    db.commit()
+    db.close()
+    store = LabStore(path)  # opens an older store and adds the new columns
+    store.close()
+    cols = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(message_patients)")}
+    assert {"birth_date", "sex"} <= cols
