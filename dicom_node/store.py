@@ -47,6 +47,11 @@ class InstanceStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = db
+        stale = list(self.root.rglob(".incoming.*"))
+        for p in stale:  # written by a process that died before the rename: never acknowledged
+            p.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d half-written instance file(s) left by an interrupted run", len(stale))
 
     def path_for(self, study: str, series: str, sop: str) -> Path:
         return self.root / study / series / f"{sop}.dcm"
