@@ -43,9 +43,6 @@ class SeriesCompletion:
         self._scheduler.add_job(self._fire, "date", run_date=when, args=[series_uid], id=series_uid,
                                 replace_existing=True)
 
-    def pending(self) -> int:
-        return len(self._scheduler.get_jobs())
-
     def _fire(self, series_uid: str) -> None:
         try:
             self.on_ready(SeriesReady(series_uid, self.quiet_s, dt.datetime.now(dt.timezone.utc)))

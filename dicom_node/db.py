@@ -5,7 +5,6 @@ synchronous=FULL so a commit that returned is on disk.
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sqlite3
 import threading
@@ -282,11 +281,6 @@ class NodeDB:
         with self._tx() as db:
             db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
                        (time.time(), kind, subject, detail))
-
-    def audit_rows(self, kind: str | None = None) -> list[tuple[str, str, str, str]]:
-        rows = self._query("SELECT at, kind, subject, detail FROM audit" + (" WHERE kind=?" if kind else "")
-                           + " ORDER BY id", (kind,) if kind else ())
-        return [(dt.datetime.fromtimestamp(r[0]).isoformat(timespec="seconds"), r[1], r[2], r[3]) for r in rows]
 
 
 class _Tx:

@@ -141,7 +141,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                 f"{demo.age_years:.0f} y" if demo.age_years is not None else "", demo.sex or "") if x),
             f"Model: {bundle.card.name} {bundle.card.version}",
         ]
-        rgb, _ = render_key_image(
+        rgb = render_key_image(
             volume.hu[measurement.slice_index], (volume.spacing[1], volume.spacing[2]), measurement.roi_polygon_rc,
             title="osteoscreen - L1 bone screening", lines=lines, footer=SHORT_DISCLAIMER,
             bars=[(labels[n], v) for n, v in top], bars_title="Top factors (SHAP, probability units)")

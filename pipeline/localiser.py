@@ -72,7 +72,6 @@ class Localisation:
     segments: tuple[VertebraSegment, ...]  # inferior -> superior
     discs: tuple[float, ...]
     ribs: tuple[Rib, ...]
-    body_centre_rc: np.ndarray  # (Z, 2) row/col of the body centre per slice, full-resolution pixels
     body_box_rc: np.ndarray  # (Z, 4) row_min, row_max, col_min, col_max of the body per slice
     anchor: str | None
     confidence: float
@@ -352,21 +351,19 @@ def localise(volume: Volume) -> Localisation:
     """Find the vertebral bodies of an axial CT and name them where an anchor allows."""
     hu, sp, f = _downsample(volume.hu, volume.spacing)
     z_n = hu.shape[0]
-    empty = np.full((z_n, 2), np.nan)
     if z_n * sp[0] < 40.0:
-        return Localisation((), (), (), empty, np.full((z_n, 4), np.nan), None, 0.0,
+        return Localisation((), (), (), np.full((z_n, 4), np.nan), None, 0.0,
                             reason=f"z coverage {z_n * sp[0]:.0f} mm is too short to find vertebral levels")
     xmid = _body_midline(hu)
     tracked = _track_body(hu, sp, xmid)
     if tracked is None:
-        return Localisation((), (), (), empty, np.full((z_n, 4), np.nan), None, 0.0,
+        return Localisation((), (), (), np.full((z_n, 4), np.nan), None, 0.0,
                             reason="no spinal column found")
     track, _ = tracked
     profile = _core_profile(hu, sp, track)
     discs, inferred, notes = _find_discs(profile, sp[0])
     ribs = _find_ribs(hu, sp, track)
     segs = _segments(discs, z_n)
-    centre = np.stack([(track[:, 0] + track[:, 1]) / 2 * f + (f - 1) / 2, track[:, 2] * f + (f - 1) / 2], axis=1)
     box = np.stack([track[:, 0] * f, track[:, 1] * f, (track[:, 2] - track[:, 3]) * f, (track[:, 2] + track[:, 3]) * f], axis=1)
 
     labels: list[str | None] = [None] * len(segs)
@@ -417,4 +414,4 @@ def localise(volume: Volume) -> Localisation:
                 reason = (f"{seg.label} would span {h:.0f} mm (typical here {typical:.0f} mm): a disc was probably "
                           "missed, so the level is uncertain")
                 confidence = 0.0
-    return Localisation(segments, tuple(discs), tuple(ribs), centre, box, anchor, round(confidence, 3), reason, tuple(notes))
+    return Localisation(segments, tuple(discs), tuple(ribs), box, anchor, round(confidence, 3), reason, tuple(notes))

@@ -19,17 +19,16 @@ class SelectionError(Exception):
 @dataclass(frozen=True)
 class SliceSelection:
     level: str
-    centre_index: int
-    indices: tuple[int, ...]  # selected slices, central first
+    centre_index: int  # the level's disc-to-disc midpoint; the measurement picks its own mid-body slice
     confidence: float
     method: str
     anchor: str | None
     z_range: tuple[float, float]  # the level's disc-to-disc extent (slice indices)
 
 
-def select_level_slices(volume: Volume, level: str = "L1", *, localisation: Localisation | None = None,
-                        half_width_fraction: float = 0.15) -> tuple[SliceSelection, Localisation]:
-    """The central slices of a vertebral body: its mid-slice and neighbours within +-15% of its height."""
+def select_level_slices(volume: Volume, level: str = "L1", *,
+                        localisation: Localisation | None = None) -> tuple[SliceSelection, Localisation]:
+    """The vertebral body of ``level``: its disc-to-disc range and midpoint."""
     loc = localisation or localise(volume)
     if loc.reason:
         raise SelectionError(loc.reason)
@@ -39,13 +38,10 @@ def select_level_slices(volume: Volume, level: str = "L1", *, localisation: Loca
     if loc.confidence <= 0:
         raise SelectionError(f"{level} found with no confidence")
     centre = int(round(seg.centre))
-    half = max(0, int((seg.z_upper - seg.z_lower) * half_width_fraction))
-    others = [k for d in range(1, half + 1) for k in (centre - d, centre + d) if 0 <= k < volume.shape[0]]
     return (
         SliceSelection(
             level=level,
             centre_index=centre,
-            indices=(centre, *others),
             confidence=loc.confidence,
             method=f"{SELECTOR_NAME} v{SELECTOR_VERSION}",
             anchor=loc.anchor,

@@ -19,7 +19,6 @@ import pydicom
 from pydicom.dataset import Dataset
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 # Keep header-only copies of these for reports (patient/study module etc.).
 _HEADER_SKIP = {"PixelData", "FloatPixelData", "DoubleFloatPixelData"}
@@ -75,15 +74,6 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.hu.shape)  # type: ignore[return-value]
-
-    def pixel_to_patient(self, k: int, rc: np.ndarray) -> np.ndarray:
-        """(row, col) pixel coordinates on slice k -> LPS patient coordinates in mm."""
-        rc = np.atleast_2d(np.asarray(rc, dtype=float))
-        return (
-            self.positions[k][None, :]
-            + rc[:, 1:2] * self.spacing[2] * self.row_direction[None, :]
-            + rc[:, 0:1] * self.spacing[1] * self.column_direction[None, :]
-        )
 
 
 def _header(path: Path) -> Dataset:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dicom_node.sample import load_lps_volume, sample_data_dir, sample_labels_lps
-from pipeline.bone import measure_trabecular
+from pipeline.bone import measure_mid_body
 from pipeline.selection import SelectionError, select_level_slices
 from pipeline.volume import Volume, VolumeError, load_volume
 
@@ -34,8 +34,8 @@ def l1_extent(labels):
 
 def test_selected_slice_is_inside_l1_by_reference_labels(volume):
     labels = sample_labels_lps()
-    sel, _ = select_level_slices(volume, "L1")
-    k = sel.centre_index
+    sel, loc = select_level_slices(volume, "L1")
+    k = measure_mid_body(volume, loc, sel.z_range).slice_index  # the slice the SR and SC report
     counts = np.bincount(labels[k].ravel(), minlength=50)
     vertebrae = {lab: counts[lab] for lab in range(26, 34) if counts[lab]}
     assert max(vertebrae, key=vertebrae.get) == L1_LABEL, f"slice {k}: {vertebrae}"
@@ -48,12 +48,11 @@ def test_selected_slice_is_inside_l1_by_reference_labels(volume):
 def test_trabecular_roi_lies_in_l1_and_excludes_cortex(volume):
     labels = sample_labels_lps()
     sel, loc = select_level_slices(volume, "L1")
-    slab = (int(np.ceil(sel.z_range[0])), int(np.floor(sel.z_range[1])))
-    m = measure_trabecular(volume, loc, sel.centre_index, slab)
+    m = measure_mid_body(volume, loc, sel.z_range)
     r, c = (int(round(v)) for v in m.roi_centre_rc)
-    assert labels[sel.centre_index, r, c] == L1_LABEL
+    assert labels[m.slice_index, r, c] == L1_LABEL
     poly = np.round(m.roi_polygon_rc).astype(int)
-    inside = labels[sel.centre_index][poly[:, 0], poly[:, 1]] == L1_LABEL
+    inside = labels[m.slice_index][poly[:, 0], poly[:, 1]] == L1_LABEL
     assert inside.mean() > 0.95, "ROI outline leaves the L1 label"
     assert m.area_mm2 >= 200
     assert 0 < m.mean_hu < 300 and m.sd_hu < 80, "trabecular bone, not cortex or soft tissue"

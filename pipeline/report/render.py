@@ -44,8 +44,8 @@ def render_key_image(
     footer: str,
     bars: list[tuple[str, float]] | None = None,
     bars_title: str = "",
-) -> tuple[np.ndarray, float]:
-    """RGB uint8 image (rows, cols, 3) and the scale from source pixels to image pixels.
+) -> np.ndarray:
+    """RGB uint8 image (rows, cols, 3) of the slice and the panel.
 
     The slice is resampled to square pixels and scaled so its longer side is 512 px.
     """
@@ -79,7 +79,7 @@ def render_key_image(
     for t in reversed(_wrap(d, footer, small, PANEL_PX - 24)):
         fy -= 19
         d.text((x, fy), t, fill=(255, 200, 0), font=small)
-    return np.asarray(canvas), float(sy)
+    return np.asarray(canvas)
 
 
 def _bar_chart(d: ImageDraw.ImageDraw, x: int, y: int, width: int, bars: list[tuple[str, float]], title: str,
