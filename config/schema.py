@@ -92,6 +92,11 @@ class ScreeningSettings(_Section):
         "pickhardt_l1_2013", description="Threshold rule reported with the L1 measurement (bundle name or path)."
     )
     backend: str = Field("auto", pattern=r"^(auto|onnxruntime-cuda|onnxruntime-cpu|pytorch)$")
+    contrast: str = Field(
+        "flag", pattern=r"^(flag|skip)$",
+        description="Contrast-enhanced studies (header agent or enhanced aorta at L1): 'flag' screens them and "
+                    "says so in every output; 'skip' records them as not screened.",
+    )
 
 
 class Destination(_Section):

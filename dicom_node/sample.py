@@ -159,3 +159,26 @@ def demo_oru_message(when: dt.datetime, control_id: str = "DEMO0001") -> bytes:
     obs = (when - dt.timedelta(days=1)).strftime("%Y%m%d%H%M")
     text = template.format(msg_time=when.strftime("%Y%m%d%H%M%S"), control_id=control_id, obs_time=obs)
     return "\r".join(line for line in text.splitlines() if line).encode("ascii") + b"\r"
+
+
+def write_multiframe_series(series: SampleSeries, out_dir: str | Path, *, tag: str = "demo-mf") -> SampleSeries:
+    """The sample series as one Legacy Converted Enhanced CT object (all slices as frames of one instance).
+
+    highdicom's converter builds the functional groups (plane position and
+    orientation, pixel measures, rescale) from the single-frame headers, as a
+    PACS or a modality-side converter would.
+    """
+    import highdicom as hd
+    import pydicom
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    legacy = [pydicom.dcmread(p) for p in series.files]
+    series_uid = _uid(tag, "series")
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy, series_instance_uid=series_uid, series_number=3, sop_instance_uid=_uid(tag, "sop"),
+        instance_number=1,
+    )
+    path = out / "CT_multiframe.dcm"
+    mf.save_as(path, enforce_file_format=True)
+    return SampleSeries(out, [path], series.study_uid, series_uid, series.patient_id, series.issuer)

@@ -230,6 +230,7 @@ class Service:
             max_tilt_deg=self.settings.routing.max_axial_tilt_deg,
             attenuation_rule=self.settings.screening.attenuation_rule,
             backend=self.settings.screening.backend,
+            contrast_policy=self.settings.screening.contrast,
         )
 
     def on_job_result(self, job: JobRow, result: ScreeningResult) -> None:

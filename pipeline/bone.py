@@ -42,6 +42,7 @@ class BoneMeasurement:
     roi_centre_rc: tuple[float, float]
     median_hu: float = float("nan")
     dense_fraction: float = 0.0  # share of ROI pixels above 400 HU (endplate/cortex contamination)
+    frame_number: int | None = None  # 1-based frame of a multi-frame source instance
     method: str = "trabecular ellipse, cortex hull eroded 4 mm, anterior 2/3, mid-body slice with least dense bone"
 
 
@@ -127,6 +128,7 @@ def measure_trabecular(volume: Volume, loc: Localisation, slice_index: int, slab
         level=level,
         slice_index=slice_index,
         sop_instance_uid=volume.slice_refs[slice_index].sop_instance_uid if volume.slice_refs else "",
+        frame_number=volume.slice_refs[slice_index].frame_number if volume.slice_refs else None,
         mean_hu=float(values.mean()),
         sd_hu=float(values.std(ddof=1)) if values.size > 1 else 0.0,
         area_mm2=area,
@@ -139,20 +141,24 @@ def measure_trabecular(volume: Volume, loc: Localisation, slice_index: int, slab
 
 
 DENSE_HU = 400.0
+MIN_SEARCH_SLICES = 2
 
 
 def measure_mid_body(volume: Volume, loc: Localisation, z_range: tuple[float, float], level: str = "L1",
                      search_fraction: float = 0.2) -> BoneMeasurement:
     """Measure on the mid-body slice least touched by endplate or cortex.
 
-    Candidates lie within +-20% of the body's disc-to-disc height around its centre.
+    Candidates lie within +-20% of the body's disc-to-disc height around its centre (at least
+    +-2 slices).
     In a tilted spine one axial slice can cut an endplate in front and mid-body
     behind; the share of ROI pixels above 400 HU (cortical/endplate density) ranks
     the candidates, with a small penalty for distance from the centre.
     """
     lo, hi = z_range
     centre = 0.5 * (lo + hi)
-    half = max(0, int(round(search_fraction * (hi - lo))))
+    # At least +-2 slices: with thick slices (5 mm) 20% of the height is one slice, less than the
+    # disc positions' own uncertainty, and the least-dense rule then has no endplate-free slice to choose.
+    half = max(MIN_SEARCH_SLICES, int(round(search_fraction * (hi - lo))))
     slab = (int(np.ceil(lo)), int(np.floor(hi)))
     best: tuple[float, BoneMeasurement] | None = None
     last_error: MeasurementError | None = None

@@ -17,6 +17,8 @@ from pydicom.uid import generate_uid
 from engines.bundle import load_bundle
 from hl7.panel import LabPanel
 from pipeline.bone import MeasurementError, measure_mid_body
+from pipeline.calibration import CalibrationCheck, check_calibration
+from pipeline.contrast import ContrastAssessment, assess_contrast
 from pipeline.demographics import demographics_from_header
 from pipeline.fused import FusedModel, tabular_input
 from pipeline.image_input import extract_patch
@@ -46,6 +48,7 @@ class JobRequest:
     max_tilt_deg: float = 10.0
     attenuation_rule: str = "pickhardt_l1_2013"  # reported measurement category
     backend: str = "auto"
+    contrast_policy: str = "flag"  # "flag": screen and say so; "skip": not screened
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,37 @@ def _write_result(out: Path, result: ScreeningResult) -> ScreeningResult:
     return result
 
 
+def _image_checks(volume, header, measurement) -> tuple[ContrastAssessment, CalibrationCheck | None]:
+    """Contrast phase (header, then the aorta at L1) and the air/fat HU calibration check."""
+    if volume is None:
+        return assess_contrast(None, header), None
+    if measurement is None:
+        return assess_contrast(volume, header), check_calibration(volume)
+    contrast = assess_contrast(volume, header, slice_index=measurement.slice_index,
+                               roi_centre_rc=measurement.roi_centre_rc,
+                               roi_top_row=float(measurement.roi_polygon_rc[:, 0].min()))
+    return contrast, check_calibration(volume, measurement.slice_index)
+
+
+def _quality_notes(contrast: ContrastAssessment, calibration: CalibrationCheck | None) -> list[str]:
+    notes = [f"Contrast: {contrast.text}."
+             + (" Contrast raises trabecular attenuation (typically 10-20 HU in the portal venous phase), so a "
+                "normal value is less reassuring than on an unenhanced scan; a low value remains meaningful."
+                if contrast.contrast else "")]
+    if calibration is not None:
+        notes.append(f"HU calibration check: {calibration.text}.")
+    return notes
+
+
+def _panel_flags(contrast: ContrastAssessment, calibration: CalibrationCheck | None) -> list[str]:
+    flags = []
+    if contrast.contrast:
+        flags.append(f"CONTRAST: {contrast.phase} ({contrast.source}) - HU raised by contrast")
+    if calibration is not None and calibration.flag:
+        flags.append(f"CALIBRATION FLAG: {calibration.text}")
+    return flags
+
+
 def run_screening(req: JobRequest) -> ScreeningResult:
     """Screen one series with whatever modalities are usable; give up only when none is.
 
@@ -93,6 +127,12 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     except (VolumeError, SelectionError, MeasurementError) as exc:
         image_note = exc.reason
     header = volume.header if volume is not None else pydicom.dcmread(req.instance_paths[0], stop_before_pixels=True)
+    contrast, calibration = _image_checks(volume, header, measurement)
+    if contrast.contrast and req.contrast_policy == "skip":
+        reason = (f"contrast-enhanced study ({contrast.text}); contrast studies are not screened "
+                  "([screening] contrast = \"skip\")")
+        return _write_result(out, ScreeningResult("not_screened", reason, req.series_uid,
+                                                  {"reason": reason, "contrast": contrast.as_dict()}))
     demo = demographics_from_header(header)
     tab = tabular_input(req.labs, demo)
     patch = None
@@ -117,6 +157,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                   node=req.node, series_uid=sr_series, sop_uid=sr_uid, fused=fused,
                   fused_model=(bundle.card.name, bundle.card.version), selection=selection,
                   measurement=measurement, attenuation=attenuation, image_note=image_note,
+                  quality_notes=_quality_notes(contrast, calibration),
                   roi_source_rc=volume.to_source_rc(measurement.roi_polygon_rc) if measurement is not None
                   and volume is not None else None)
     write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
@@ -135,6 +176,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             f"by {attenuation.model_name}",
             f"Level: {selection.level} by {selection.method} (anchor {selection.anchor}, "
             f"confidence {selection.confidence:.2f}), slice {measurement.slice_index + 1} of {volume.shape[0]}",
+            *_panel_flags(contrast, calibration),
             "Labs: " + ("; ".join(f"{v.name} {v.value:.3g} {v.unit}" for v in req.labs.values)
                         if req.labs.values else "none found"),
             "Patient: " + ", ".join(x for x in (
@@ -145,7 +187,8 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             volume.hu[measurement.slice_index], (volume.spacing[1], volume.spacing[2]), measurement.roi_polygon_rc,
             title="osteoscreen - L1 bone screening", lines=lines, footer=SHORT_DISCLAIMER,
             bars=[(labels[n], v) for n, v in top], bars_title="Top factors (SHAP, probability units)")
-        sc = build_sc(source_header=src_header, source_sop_instance_uid=source_uid, rgb=rgb, node=req.node,
+        sc = build_sc(source_header=src_header, source_sop_instance_uid=source_uid,
+                      source_frame_number=measurement.frame_number, rgb=rgb, node=req.node,
                       series_uid=sc_series, sop_uid=sc_uid)
         write_durably(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))
         write_durably(out / "sc.png", lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
@@ -164,6 +207,8 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         "shap": fused.explanation.as_dict() if fused.explanation else {},
         "shap_base": fused.explanation.base_value if fused.explanation else None,
         "image_note": image_note,
+        "contrast": contrast.as_dict(),
+        "calibration": calibration.as_dict() if calibration is not None else None,
         "labs_used": [{"loinc": v.loinc, "name": v.name, "value": v.value, "unit": v.unit,
                        "observed_at": v.observed_at.isoformat() if v.observed_at else None} for v in req.labs.values],
         "labs_excluded": [asdict(e) for e in req.labs.excluded],
@@ -173,6 +218,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             "level": measurement.level,
             "slice_index": measurement.slice_index,
             "source_sop_instance_uid": measurement.sop_instance_uid,
+            "source_frame_number": measurement.frame_number,
             "mean_hu": round(measurement.mean_hu, 1),
             "sd_hu": round(measurement.sd_hu, 1),
             "roi_area_mm2": round(measurement.area_mm2, 1),

@@ -21,6 +21,8 @@ from scipy import ndimage as ndi
 
 from dicom_node.sample import load_lps_volume
 from pipeline.bone import MeasurementError, measure_mid_body
+from pipeline.calibration import check_calibration
+from pipeline.contrast import assess_contrast
 from pipeline.selection import SelectionError, select_level_slices
 from pipeline.volume import Volume, VolumeError, canonical_axial, load_volume
 
@@ -44,6 +46,8 @@ class CaseResult:
     confidence: float
     reason: str | None
     seconds: float
+    contrast: str = "-"  # phase as the service records it
+    calibration: str = "-"  # air/fat medians, flagged when implausible
 
 
 def reference_hu(hu: np.ndarray, labels: np.ndarray, spacing) -> float | None:
@@ -110,8 +114,13 @@ def evaluate(name: str, vol: Volume, labels: np.ndarray, ref: float | None = Non
     dist = abs(k - (zs.min() + zs.max()) / 2.0) * vol.spacing[0] if zs.size else None
     err = abs(m.mean_hu - ref) if ref is not None else None
     status = "correct" if ok else "wrong_confident"
+    contrast = assess_contrast(vol, vol.header, slice_index=k, roi_centre_rc=m.roi_centre_rc,
+                               roi_top_row=float(m.roi_polygon_rc[:, 0].min()))
+    cal = check_calibration(vol, k)
     return CaseResult(name, l1_in_view, True, status, level, ok, dist, m.mean_hu, ref, err, sel.confidence, None,
-                      time.monotonic() - t0)
+                      time.monotonic() - t0, contrast.phase + (f" {contrast.aorta_hu:.0f} HU" if contrast.aorta_hu
+                                                                else ""),
+                      cal.text if cal.plausible is not False else "FLAGGED " + cal.text)
 
 
 def variants(vol: Volume, labels: np.ndarray, seed: int = 0):
@@ -160,7 +169,8 @@ def run_eval(cases_dir: str | Path, with_variants: bool = False, out=print) -> l
                 return "-" if x is None else f.format(x)
             out(f"{name:40s} {r.status:16s} L1 in view {str(r.l1_in_view):5s} slice level {r.slice_level or '-':4s} "
                 f"dist {fmt(r.distance_mm)} mm  ROI {fmt(r.roi_hu)} HU ref {fmt(r.reference_hu)} HU "
-                f"err {fmt(r.hu_error)}  conf {r.confidence:.2f}  {r.seconds:.1f}s"
+                f"err {fmt(r.hu_error)}  conf {r.confidence:.2f}  {r.seconds:.1f}s  contrast: {r.contrast}  "
+                f"calibration: {r.calibration}"
                 + (f"  ({r.reason})" if r.reason else ""))
     claimed = [r for r in results if r.claimed and r.hu_error is not None]
     max_err = max((r.hu_error for r in claimed), default=0.0)

@@ -1,8 +1,11 @@
 """Series -> int16 HU volume with geometry.
 
-Headers are read without pixel data, checked (orientation, tilt, duplicates,
+Single-frame CT and multi-frame (Enhanced / Legacy Converted Enhanced) CT are
+both read as a list of frames: headers without pixel data give each frame's
+position, orientation, spacing and rescale (from the functional groups for
+multi-frame objects). The frames are checked (orientation, tilt, duplicates,
 gaps, spacing) and sorted; highdicom's volume-position check confirms the
-stack is a regular 3D volume. Pixels are then decoded one slice at a time
+stack is a regular 3D volume. Pixels are then decoded one frame at a time
 straight into a preallocated int16 array: highdicom's own volume builder
 would stack float64 frames, 4x the memory for a 1,000-slice series.
 """
@@ -16,9 +19,13 @@ from typing import Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
+import pydicom.pixels
 from pydicom.dataset import Dataset
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+CT_STORAGE_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_STORAGE, LEGACY_ENHANCED_CT_STORAGE)
 
 # Keep header-only copies of these for reports (patient/study module etc.).
 _HEADER_SKIP = {"PixelData", "FloatPixelData", "DoubleFloatPixelData"}
@@ -37,6 +44,7 @@ class SliceRef:
     sop_class_uid: str
     sop_instance_uid: str
     path: str
+    frame_number: int | None = None  # 1-based, for multi-frame objects
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,38 +99,114 @@ def _sop_class(ds: Dataset) -> str:
     return uid
 
 
-def _is_axial_image(ds: Dataset) -> bool:
+@dataclass(frozen=True, eq=False)
+class _Frame:
+    """One image plane: a single-frame instance, or one frame of a multi-frame instance."""
+
+    path: Path
+    header: Dataset
+    frame_number: int | None  # 1-based; None for single-frame instances
+    orientation: tuple[float, ...] | None
+    position: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    thickness: float | None
+    slope: float
+    intercept: float
+    localizer: bool
+
+
+def _item(seq_parent: Dataset | None, keyword: str) -> Dataset | None:
+    if seq_parent is None or keyword not in seq_parent or not len(seq_parent[keyword].value):
+        return None
+    return seq_parent[keyword].value[0]
+
+
+def _group(shared: Dataset | None, per_frame: Dataset | None, keyword: str) -> Dataset | None:
+    """A functional group macro item: per-frame wins over shared."""
+    return _item(per_frame, keyword) or _item(shared, keyword)
+
+
+def _floats(value, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _opt_float(value, default: float | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _frames(path: Path, ds: Dataset) -> list[_Frame]:
+    """The image planes of one instance, with their geometry and rescale."""
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
-    return "LOCALIZER" not in image_type and "ImageOrientationPatient" in ds and "ImagePositionPatient" in ds
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" not in ds and "SharedFunctionalGroupsSequence" not in ds:
+        if n_frames > 1:  # multi-frame without functional groups: no per-frame geometry to trust
+            return [_Frame(path, ds, i + 1, None, None, None, None, 1.0, 0.0, False) for i in range(n_frames)]
+        return [_Frame(
+            path, ds, None,
+            _floats(ds.get("ImageOrientationPatient"), 6), _floats(ds.get("ImagePositionPatient"), 3),
+            _floats(ds.get("PixelSpacing"), 2), _opt_float(ds.get("SliceThickness"), None),
+            _opt_float(ds.get("RescaleSlope"), 1.0) or 1.0, _opt_float(ds.get("RescaleIntercept"), 0.0) or 0.0,
+            "LOCALIZER" in image_type,
+        )]
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence") or []
+    frames: list[_Frame] = []
+    for i in range(n_frames):
+        pf = per_frame_seq[i] if i < len(per_frame_seq) else None
+        orient = _group(shared, pf, "PlaneOrientationSequence")
+        pos = _group(shared, pf, "PlanePositionSequence")
+        meas = _group(shared, pf, "PixelMeasuresSequence")
+        rescale = _group(shared, pf, "PixelValueTransformationSequence")
+        ftype = _group(shared, pf, "CTImageFrameTypeSequence")
+        frame_type = [str(v).upper() for v in (ftype.get("FrameType", []) if ftype is not None else [])]
+        frames.append(_Frame(
+            path, ds, i + 1,
+            _floats(orient.get("ImageOrientationPatient"), 6) if orient is not None else None,
+            _floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None,
+            _floats(meas.get("PixelSpacing"), 2) if meas is not None else None,
+            _opt_float(meas.get("SliceThickness"), None) if meas is not None else None,
+            (_opt_float(rescale.get("RescaleSlope"), 1.0) or 1.0) if rescale is not None else 1.0,
+            (_opt_float(rescale.get("RescaleIntercept"), 0.0) or 0.0) if rescale is not None else 0.0,
+            "LOCALIZER" in image_type or "LOCALIZER" in frame_type,
+        ))
+    return frames
 
 
-def _select_stack(headers: list[tuple[Path, Dataset]]) -> tuple[list[tuple[Path, Dataset]], list[str]]:
-    """Keep the largest group of parallel image slices; say what was left out."""
+def _select_stack(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Frame], list[str]]:
+    """Keep the largest group of parallel image planes; say what was left out."""
     notes: list[str] = []
-    images = [(p, ds) for p, ds in headers if _sop_class(ds) == CT_IMAGE_STORAGE]
+    images = [(p, ds) for p, ds in headers if _sop_class(ds) in CT_STORAGE_CLASSES]
     if len(images) < len(headers):
         notes.append(f"{len(headers) - len(images)} non-CT-image instances ignored")
-    usable = [(p, ds) for p, ds in images if _is_axial_image(ds)]
-    if len(usable) < len(images):
-        notes.append(f"{len(images) - len(usable)} localizer/unpositioned images ignored")
+    frames = [f for p, ds in images for f in _frames(p, ds)]
+    usable = [f for f in frames if not f.localizer and f.orientation and f.position and f.pixel_spacing]
+    if len(usable) < len(frames):
+        notes.append(f"{len(frames) - len(usable)} localizer/unpositioned images ignored")
     if not usable:
         raise VolumeError("no positioned CT image slices in the series")
-    groups: dict[tuple, list[tuple[Path, Dataset]]] = {}
-    for p, ds in usable:
-        iop = tuple(np.round(np.asarray(ds.ImageOrientationPatient, dtype=float), 3))
-        key = (iop, int(ds.Rows), int(ds.Columns), tuple(np.round(np.asarray(ds.PixelSpacing, float), 4)))
-        groups.setdefault(key, []).append((p, ds))
+    groups: dict[tuple, list[_Frame]] = {}
+    for f in usable:
+        key = (tuple(np.round(f.orientation, 3)), int(f.header.Rows), int(f.header.Columns),
+               tuple(np.round(f.pixel_spacing, 4)))
+        groups.setdefault(key, []).append(f)
     best = max(groups.values(), key=len)
     if len(groups) > 1:
         notes.append(f"{len(usable) - len(best)} slices with another orientation/size ignored")
     return best, notes
 
 
-def _check_and_sort(stack: list[tuple[Path, Dataset]], max_tilt_deg: float) -> tuple[list[tuple[Path, Dataset]], float]:
-    iop = np.asarray(stack[0][1].ImageOrientationPatient, dtype=float)
+def _check_and_sort(stack: list[_Frame], max_tilt_deg: float) -> tuple[list[_Frame], float]:
+    iop = np.asarray(stack[0].orientation, dtype=float)
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
-    pos = np.array([np.asarray(ds.ImagePositionPatient, dtype=float) for _, ds in stack])
+    pos = np.array([f.position for f in stack], dtype=float)
     proj = pos @ normal
     order = np.argsort(proj, kind="stable")
     proj, pos = proj[order], pos[order]
@@ -147,14 +231,39 @@ def _check_and_sort(stack: list[tuple[Path, Dataset]], max_tilt_deg: float) -> t
             f"inconsistent slice spacing ({steps.min():.2f}-{steps.max():.2f} mm); resampling is not supported"
         )
     if tilt <= 1e-3:
-        datasets = [ds for _, ds in stack]
         try:
-            spacing, _ = hd.spatial.get_series_volume_positions(datasets, rtol=0.01, sort=True)
-        except Exception as exc:  # noqa: BLE001 - highdicom needs complete image metadata
-            raise VolumeError(f"geometry check failed (incomplete image metadata?): {exc}") from None
+            spacing, _ = hd.spatial.get_volume_positions(pos.tolist(), iop.tolist(), rtol=0.01, sort=True)
+        except Exception as exc:  # noqa: BLE001 - highdicom refuses inconsistent geometry
+            raise VolumeError(f"geometry check failed: {exc}") from None
         if spacing is None:
             raise VolumeError("slices do not form a regular 3D volume (highdicom geometry check)")
     return stack, step
+
+
+def _decode_into(hu: np.ndarray, stack: list[_Frame]) -> None:
+    """Decode each plane into its slot of ``hu``; a multi-frame file is read once, frame by frame."""
+    slot: dict[Path, dict[int | None, int]] = {}
+    for k, f in enumerate(stack):
+        slot.setdefault(f.path, {})[f.frame_number] = k
+    for path, wanted in slot.items():
+        try:
+            if None in wanted:  # single frame
+                planes = iter([pydicom.dcmread(path).pixel_array])
+                indices = [None]
+            else:
+                indices = sorted(wanted)  # type: ignore[type-var]
+                planes = pydicom.pixels.iter_pixels(path, indices=[n - 1 for n in indices])  # type: ignore[operator]
+            for number, arr in zip(indices, planes):
+                k = wanted[number]
+                f = stack[k]
+                if f.slope == 1.0 and float(f.intercept).is_integer():
+                    hu[k] = np.clip(arr.astype(np.int32, copy=False) + int(f.intercept), -32768, 32767)
+                else:
+                    hu[k] = np.clip(np.rint(arr.astype(np.float32) * f.slope + f.intercept), -32768, 32767)
+        except VolumeError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise VolumeError(f"cannot decode pixel data of {path.name}: {exc}") from None
 
 
 def _header_copy(ds: Dataset) -> Dataset:
@@ -206,32 +315,21 @@ def load_volume(paths: Sequence[str | Path], *, max_tilt_deg: float = 10.0) -> V
         raise VolumeError(f"instances from {len(series)} series were given as one")
     stack, notes = _select_stack(headers)
     stack, step = _check_and_sort(stack, max_tilt_deg)
-    first = stack[0][1]
-    rows, cols = int(first.Rows), int(first.Columns)
-    hu = np.empty((len(stack), rows, cols), dtype=np.int16)
-    for k, (path, _) in enumerate(stack):
-        ds = pydicom.dcmread(path)
-        try:
-            arr = ds.pixel_array
-        except Exception as exc:  # noqa: BLE001
-            raise VolumeError(f"cannot decode pixel data of {path.name}: {exc}") from None
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        if slope == 1.0 and intercept.is_integer():
-            hu[k] = np.clip(arr.astype(np.int32, copy=False) + int(intercept), -32768, 32767)
-        else:
-            hu[k] = np.clip(np.rint(arr.astype(np.float32) * slope + intercept), -32768, 32767)
-    iop = np.asarray(first.ImageOrientationPatient, dtype=float)
-    ps = np.asarray(first.PixelSpacing, dtype=float)  # (row spacing, column spacing)
-    thickness = first.get("SliceThickness")
+    first = stack[0]
+    hu = np.empty((len(stack), int(first.header.Rows), int(first.header.Columns)), dtype=np.int16)
+    _decode_into(hu, stack)
+    iop = np.asarray(first.orientation, dtype=float)
+    if any(f.frame_number is not None for f in stack):
+        notes.append(f"multi-frame CT: {len(stack)} frames from {len({f.path for f in stack})} instance(s)")
     return canonical_axial(Volume(
         hu=hu,
-        spacing=(step, float(ps[0]), float(ps[1])),
-        positions=np.array([np.asarray(ds.ImagePositionPatient, float) for _, ds in stack]),
+        spacing=(step, float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),  # (row, column) spacing
+        positions=np.array([f.position for f in stack], dtype=float),
         row_direction=iop[:3],
         column_direction=iop[3:],
-        slice_refs=tuple(SliceRef(_sop_class(ds), str(ds.get("SOPInstanceUID", "")), str(p)) for p, ds in stack),
-        header=_header_copy(first),
-        slice_thickness_mm=float(thickness) if thickness not in (None, "") else None,
+        slice_refs=tuple(SliceRef(_sop_class(f.header), str(f.header.get("SOPInstanceUID", "")), str(f.path),
+                                  f.frame_number) for f in stack),
+        header=_header_copy(first.header),
+        slice_thickness_mm=first.thickness,
         notes=tuple(notes),
     ))

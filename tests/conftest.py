@@ -114,11 +114,12 @@ def node_factory(tmp_path):
         n.stop()
 
 
-def storescu(files, port: int, calling: str = "CT1", called: str = "OSTEOSCREEN") -> subprocess.CompletedProcess:
+def storescu(files, port: int, calling: str = "CT1", called: str = "OSTEOSCREEN",
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     exe = need_tool("storescu")
     env = dict(os.environ, TCP_NODELAY="1")
-    return subprocess.run([exe, "-aet", calling, "-aec", called, "--max-pdu", "131072", "127.0.0.1", str(port),
-                           *map(str, files)], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([exe, "-aet", calling, "-aec", called, "--max-pdu", "131072", *extra, "127.0.0.1",
+                           str(port), *map(str, files)], env=env, capture_output=True, text=True, timeout=300)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):

@@ -202,3 +202,28 @@ def test_restart_after_sigkill_still_produces_the_result(node_factory, orthanc, 
         assert "was receiving at shutdown" in restarted.log()
     finally:
         restarted.stop()
+
+
+def test_multiframe_ct_in_sr_and_sc_out(node_factory, orthanc, sample_series, tmp_path):
+    """A scanner that sends one multi-frame (Legacy Converted Enhanced) CT object: the SR and SC reference
+    the measured frame of that object."""
+    from dicom_node.sample import write_multiframe_series
+
+    mf = write_multiframe_series(sample_series, tmp_path / "mf", tag="e2e-mf")
+    node = node_factory(destinations=[{"name": "pacs", "ae_title": orthanc.aet, "port": orthanc.dicom_port}]).start()
+    r = storescu(mf.files, node.port, extra=("--required",))  # storescu's default list lacks this SOP class
+    assert r.returncode == 0, r.stderr
+    srs, scs = wait_for(lambda: (lambda a: a if a[0] and a[1] else None)(results_in(orthanc)), 180,
+                        "SR and SC in Orthanc")
+    sr_path, sc_path = tmp_path / "sr.dcm", tmp_path / "sc.dcm"
+    sr_path.write_bytes(orthanc.get_bytes(f"/instances/{srs[0]['id']}/file"))
+    sc_path.write_bytes(orthanc.get_bytes(f"/instances/{scs[0]['id']}/file"))
+    assert dciodvfy_errors(sr_path) == [] and dciodvfy_errors(sc_path) == []
+    source = pydicom.dcmread(mf.files[0], stop_before_pixels=True)
+    scoord = [i for i in _walk(pydicom.dcmread(sr_path).ContentSequence) if i.ValueType == "SCOORD"]
+    ref = scoord[0].ContentSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert 1 <= int(ref.ReferencedFrameNumber) <= int(source.NumberOfFrames)
+    sc_ref = pydicom.dcmread(sc_path).SourceImageSequence[0]
+    assert sc_ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert int(sc_ref.ReferencedFrameNumber) == int(ref.ReferencedFrameNumber)

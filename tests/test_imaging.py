@@ -138,3 +138,54 @@ def test_eval_imaging_command_on_the_shipped_case(tmp_path):
     assert int(m.group(1)) == 6 and int(m.group(4)) == 0
     assert float(m.group(5)) <= 15.0
     assert "example_ct " in r.stdout and "correct" in r.stdout.splitlines()[0]
+
+
+@pytest.fixture(scope="module")
+def multiframe_series(sample_series, tmp_path_factory):
+    from dicom_node.sample import write_multiframe_series
+
+    return write_multiframe_series(sample_series, tmp_path_factory.mktemp("multiframe"), tag="tests-mf")
+
+
+def test_multiframe_ct_gives_the_same_volume_as_the_single_frame_series(volume, multiframe_series):
+    mf = load_volume(multiframe_series.files)
+    assert np.array_equal(mf.hu, volume.hu) and mf.hu.dtype == np.int16
+    assert np.allclose(mf.positions, volume.positions) and mf.spacing == pytest.approx(volume.spacing)
+    assert mf.slice_thickness_mm == volume.slice_thickness_mm
+    assert sorted(r.frame_number for r in mf.slice_refs) == list(range(1, mf.shape[0] + 1))
+    assert len({r.sop_instance_uid for r in mf.slice_refs}) == 1
+    assert any("multi-frame" in n for n in mf.notes)
+
+
+def test_multiframe_without_per_frame_positions_is_refused(multiframe_series, tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(multiframe_series.files[0])
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        del item.PlanePositionSequence
+    bad = tmp_path / "nopos.dcm"
+    ds.save_as(bad)
+    with pytest.raises(VolumeError, match="no positioned CT image slices"):
+        load_volume([bad])
+
+
+def test_multiframe_routing_facts_come_from_functional_groups(multiframe_series):
+    from config.schema import RoutingSettings
+    from dicom_node.routing import decide, series_facts
+
+    facts = series_facts([str(p) for p in multiframe_series.files], "SCANNER")
+    assert facts.n_slices == 112 and facts.slice_thickness_mm == 3.0 and facts.tilt_from_axial_deg == 0.0
+    assert decide(facts, RoutingSettings()).eligible
+
+
+def test_enhanced_ct_sop_class_reads_through_the_same_functional_groups(volume, multiframe_series, tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(multiframe_series.files[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image
+    ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0].RescaleIntercept = "-1000"
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path)
+    vol = load_volume([path])
+    assert vol.slice_refs[0].sop_class_uid == "1.2.840.10008.5.1.4.1.1.2.1"
+    assert np.array_equal(vol.hu.astype(np.int32), volume.hu.astype(np.int32) + 24)  # rescale from the groups

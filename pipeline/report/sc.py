@@ -13,6 +13,7 @@ def build_sc(
     *,
     source_header: Dataset,
     source_sop_instance_uid: str,
+    source_frame_number: int | None = None,
     rgb: np.ndarray,
     node: NodeIdentity,
     series_uid: str,
@@ -43,6 +44,8 @@ def build_sc(
     ref = Dataset()
     ref.ReferencedSOPClassUID = str(source_header.SOPClassUID)
     ref.ReferencedSOPInstanceUID = source_sop_instance_uid
+    if source_frame_number:
+        ref.ReferencedFrameNumber = source_frame_number
     sc.SourceImageSequence = [ref]
     sc.DerivationDescription = "Selected L1 slice, bone window, trabecular ROI outline and screening summary"
     return sc

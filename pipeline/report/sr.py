@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -93,6 +94,7 @@ def build_sr(
     measurement: BoneMeasurement | None = None,
     attenuation: Prediction | None = None,
     image_note: str | None = None,
+    quality_notes: Sequence[str] = (),
     roi_source_rc: np.ndarray | None = None,
     series_number: int = 9901,
 ) -> hd.sr.Comprehensive3DSR:
@@ -119,6 +121,7 @@ def build_sr(
             source_image=hd.sr.SourceImageForRegion(
                 referenced_sop_class_uid=str(source_header.SOPClassUID),
                 referenced_sop_instance_uid=measurement.sop_instance_uid,
+                referenced_frame_numbers=[measurement.frame_number] if measurement.frame_number else None,
             ),
         )
         cv, cs, cm = attenuation.category_code
@@ -198,6 +201,7 @@ def build_sr(
                      f"confidence {selection.confidence:.2f}.")
     if image_note:
         texts.append(f"Image not used: {image_note}.")
+    texts.extend(quality_notes)
     texts.append(
         "Laboratory values: "
         + ("; ".join(f"{v.name} {v.value:g} {v.unit} ({v.observed_at:%Y-%m-%d})" if v.observed_at
