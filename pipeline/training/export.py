@@ -190,14 +190,18 @@ def write_report(report_dir: Path, summary: dict, curves: dict, d) -> None:
         "",
         "## Teachers and baselines (test split, same run)",
         "",
-        f"- Tabular teacher ({r['teachers']['tabular']['kind']}; validation AUC trees "
-        f"{r['teachers']['tabular']['val_auc_trees']:.3f} vs MLP ensemble {r['teachers']['tabular']['val_auc_mlp']:.3f}): "
-        f"AUC {_ci(r['teachers']['tabular']['auc'])}",
+        f"- Tabular teacher: {r['teachers']['tabular']['kind']}, chosen by 5-fold cross-validated AUC on the "
+        "training split (" + ", ".join(f"{c} {a:.3f}" for c, a in r['teachers']['tabular']['cv_auc'].items())
+        + "; validation split: " + ", ".join(f"{c} {a:.3f}" for c, a in r['teachers']['tabular']['val_auc'].items())
+        + f"): test AUC {_ci(r['teachers']['tabular']['auc'])}",
         f"- OST 0.2 x (weight - age): AUC {_ci(r['baselines']['ost']['auc'])}",
-        f"- Logistic regression, same features: AUC {_ci(r['baselines']['logreg']['auc'])}",
+        f"- Logistic regression, same features (standardised, mean-imputed, missing indicators): AUC "
+        f"{_ci(r['baselines']['logreg']['auc'])}. When the teacher is the MLP + logistic average, this is its "
+        "linear member alone, so teacher minus logistic is what the MLP adds.",
         f"- Teacher minus OST: {_ci(comp['teacher_minus_ost'])}; teacher minus logistic: "
         f"{_ci(comp['teacher_minus_logreg'])}",
-        f"- What the labs add (trees, demographics + labs minus demographics only): {_ci(comp['labs_added_trees'])}",
+        f"- What the labs add (trees, demographics + labs minus demographics only): {_ci(comp['labs_added_trees'])}; "
+        f"(logistic, same comparison): {_ci(comp['labs_added_logreg'])}",
         f"- Student (demographics + labs path) minus tabular teacher: {_ci(comp['student_tabular_minus_teacher'])}",
         f"- Image teacher (semi-synthetic): AUC {_ci(r['teachers']['image']['auc'])}",
         f"- Pickhardt L1 HU on the semi-synthetic images: AUC {_ci(r['baselines']['pickhardt_l1_hu']['auc'])}; "

@@ -212,6 +212,47 @@ def _gbt_logit(model, x_raw, mask) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+TEACHER_CANDIDATES = ("trees", "mlp", "mlp+linear")
+TEACHER_TEXT = {
+    "trees": "gradient-boosted trees",
+    "mlp": "masked MLP ensemble ({n} seeds, early stopping)",
+    "mlp+linear": "masked MLP ensemble ({n} seeds, early stopping) averaged with a logistic model",
+}
+
+
+@dataclass
+class TeacherMembers:
+    """The tabular teacher candidates fitted on one set of rows.
+
+    ``mlp+linear`` averages the MLP ensemble's log-odds with the logistic model's; the logistic
+    log-odds are shifted by log(pos_weight) onto the MLP's class-weighted scale first, so the
+    average is a logit the student can be distilled towards.
+    """
+
+    gbt: HistGradientBoostingClassifier
+    mlp: "MLPEnsemble"
+    mlp_epochs: list[int]
+    logreg: dict
+    pos_weight: float
+
+    def logits(self, candidate: str, d: "Data", rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if candidate == "trees":
+            return _gbt_logit(self.gbt, d.x_raw[rows], mask[rows])
+        mlp = self.mlp.logits(d.scaled(mask)[rows], mask[rows])
+        if candidate == "mlp":
+            return mlp
+        linear = logreg_score(self.logreg, d.scaled(mask)[rows], mask[rows]) + np.log(self.pos_weight)
+        return 0.5 * (mlp + linear)
+
+
+def fit_teacher_members(d: "Data", rows: np.ndarray, val: np.ndarray, cfg: "TrainConfig", seed: int) -> TeacherMembers:
+    """Fit every tabular teacher candidate on ``rows`` (the MLPs stop early on ``val``), on real availability."""
+    xs = d.scaled(d.m_real)
+    gbt = _gbt(seed).fit(np.where(d.m_real, d.x_raw, np.nan)[rows], d.y[rows])
+    mlp, epochs = train_mlp_ensemble(xs[rows], d.m_real[rows], d.y[rows], xs[val], d.m_real[val], d.y[val], cfg, seed)
+    return TeacherMembers(gbt, mlp, epochs, fit_logreg(d, rows, cfg.seed), cfg.pos_weight)
+
+
 def train_image_teacher(images, y, cfg: TrainConfig, seed: int) -> ImageTeacher:
     torch.manual_seed(seed)
     net = ImageTeacher()
@@ -359,35 +400,31 @@ def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) 
     log(f"cohort: {len(d.y)} adults, prevalence {d.y.mean():.4f}; split train/val/test "
         f"{tr.size}/{va.size}/{te.size} (positives {d.y[tr].sum()}/{d.y[va].sum()}/{d.y[te].sum()})")
 
-    # --- tabular teacher: gradient-boosted trees vs masked MLP ensemble, on real availability ---
-    xs_real = d.scaled(d.m_real)
-    gbt = _gbt(cfg.seed).fit(np.where(d.m_real, d.x_raw, np.nan)[tr], d.y[tr])
-    mlp, mlp_epochs = train_mlp_ensemble(xs_real[tr], d.m_real[tr], d.y[tr], xs_real[va], d.m_real[va], d.y[va],
-                                         cfg, cfg.seed)
-    val_gbt = M.auc(d.y[va], _gbt_logit(gbt, d.x_raw[va], d.m_real[va]))
-    val_mlp = M.auc(d.y[va], mlp.logits(xs_real[va], d.m_real[va]))
-    teacher_kind = "gradient-boosted trees" if val_gbt > val_mlp else \
-        f"masked MLP ensemble ({cfg.teacher_ensemble} seeds, early stopping)"
-    log(f"tabular teacher: validation AUC trees {val_gbt:.3f}, MLP ensemble {val_mlp:.3f} -> {teacher_kind}")
-    trees = teacher_kind == "gradient-boosted trees"
+    # --- tabular teacher: candidates compared by 5-fold cross-validated AUC on the training split ---
+    # (the validation split has under 80 positives: too few to choose a model family on its own)
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=cfg.seed)
+    oof_real = {c: np.full(len(d.y), np.nan) for c in TEACHER_CANDIDATES}
+    oof_hosp = {c: np.full(len(d.y), np.nan) for c in TEACHER_CANDIDATES}
+    for k, (a, b) in enumerate(tqdm(list(folds.split(tr, d.y[tr])), desc="teacher CV", leave=False)):
+        ra, rb = tr[a], tr[b]
+        members = fit_teacher_members(d, ra, va, cfg, cfg.seed + 7 * k)
+        for c in TEACHER_CANDIDATES:
+            oof_real[c][rb] = members.logits(c, d, rb, d.m_real)
+            oof_hosp[c][rb] = members.logits(c, d, rb, d.m_hosp)
+    cv_auc = {c: M.auc(d.y[tr], oof_real[c][tr]) for c in TEACHER_CANDIDATES}
+    choice = max(TEACHER_CANDIDATES, key=lambda c: cv_auc[c])
+    teacher = fit_teacher_members(d, tr, va, cfg, cfg.seed)
+    val_auc = {c: M.auc(d.y[va], teacher.logits(c, d, va, d.m_real)) for c in TEACHER_CANDIDATES}
+    teacher_kind = TEACHER_TEXT[choice].format(n=cfg.teacher_ensemble)
+    log("tabular teacher: cross-validated AUC " + ", ".join(f"{c} {cv_auc[c]:.3f}" for c in TEACHER_CANDIDATES)
+        + f" -> {teacher_kind}")
 
     def teacher_tab_logit(rows, mask):
-        if trees:
-            return _gbt_logit(gbt, d.x_raw[rows], mask[rows])
-        return mlp.logits(d.scaled(mask)[rows], mask[rows])
+        return teacher.logits(choice, d, rows, mask)
 
-    # Out-of-fold teacher signal for the training rows (a teacher's in-sample output is overconfident).
-    oof = np.full(len(d.y), np.nan)
-    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=cfg.seed)
-    for k, (a, b) in enumerate(folds.split(tr, d.y[tr])):
-        ra, rb = tr[a], tr[b]
-        if trees:
-            g = _gbt(cfg.seed + k).fit(np.where(d.m_real, d.x_raw, np.nan)[ra], d.y[ra])
-            oof[rb] = _gbt_logit(g, d.x_raw[rb], d.m_hosp[rb])
-        else:
-            ens, _ = train_mlp_ensemble(xs_real[ra], d.m_real[ra], d.y[ra], xs_real[va], d.m_real[va], d.y[va], cfg,
-                                        cfg.seed + 7 * k)
-            oof[rb] = ens.logits(d.scaled(d.m_hosp)[rb], d.m_hosp[rb])
+    # Out-of-fold teacher signal for the training rows (a teacher's in-sample output is overconfident),
+    # on the modalities a hospital would have.
+    oof = oof_hosp[choice]
     oof[tr[~d.m_hosp[tr].any(axis=1)]] = np.nan
 
     # --- image teacher (semi-synthetic) ---
@@ -432,13 +469,13 @@ def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) 
     rows_tab, _, mask_tab = subset_rows_and_mask(d, te, "tabular")
     y_tab = d.y[rows_tab]
     teacher_te = teacher_tab_logit(rows_tab, mask_tab)
-    logreg = fit_logreg(d, tr, cfg.seed)
+    logreg = teacher.logreg  # the baseline is the teacher's linear member on its own
     lr_te = logreg_score(logreg, d.scaled(d.m_real)[rows_tab], d.m_real[rows_tab])
     ost_te = ost_score(d.x_raw[rows_tab])
     ost_ok = ~np.isnan(ost_te)
     student_tab = results["_curves"]["tabular"][1]
-    results["teachers"]["tabular"] = {"kind": teacher_kind, "val_auc_trees": val_gbt, "val_auc_mlp": val_mlp,
-                                      "mlp_epochs": mlp_epochs,
+    results["teachers"]["tabular"] = {"kind": teacher_kind, "choice": choice, "cv_auc": cv_auc, "val_auc": val_auc,
+                                      "mlp_epochs": teacher.mlp_epochs,
                                       "auc": list(M.bootstrap_auc(y_tab, teacher_te, n=cfg.bootstrap, seed=cfg.seed))}
     rows_img = te[d.has_image[te]]
     results["teachers"]["image"] = {"auc": list(M.bootstrap_auc(d.y[rows_img],
@@ -466,7 +503,14 @@ def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) 
     gbt_demo = _gbt(cfg.seed).fit(d.x_raw[tr][:, demo_cols], d.y[tr])
     demo_te = _gbt_logit(gbt_demo, d.x_raw[rows_tab][:, demo_cols], d.m_real[rows_tab][:, demo_cols])
     results["comparisons"]["labs_added_trees"] = list(M.bootstrap_auc_difference(
-        y_tab, _gbt_logit(gbt, d.x_raw[rows_tab], d.m_real[rows_tab]), demo_te, n=cfg.bootstrap, seed=cfg.seed))
+        y_tab, _gbt_logit(teacher.gbt, d.x_raw[rows_tab], d.m_real[rows_tab]), demo_te, n=cfg.bootstrap, seed=cfg.seed))
+    demo_lr = LogisticRegression(C=1.0, max_iter=2000, random_state=cfg.seed).fit(
+        np.concatenate([d.scaled(d.m_real)[tr][:, demo_cols], (~d.m_real[tr][:, demo_cols]).astype(np.float32)], 1),
+        d.y[tr])
+    demo_lr_te = demo_lr.decision_function(np.concatenate(
+        [d.scaled(d.m_real)[rows_tab][:, demo_cols], (~d.m_real[rows_tab][:, demo_cols]).astype(np.float32)], 1))
+    results["comparisons"]["labs_added_logreg"] = list(M.bootstrap_auc_difference(
+        y_tab, lr_te, demo_lr_te, n=cfg.bootstrap, seed=cfg.seed))
 
     curves = results.pop("_curves")
     summary = {
