@@ -1,4 +1,11 @@
-"""Acknowledgements (original mode): AA, AE, AR with a reason in MSA-3."""
+"""Acknowledgements: original mode (AA/AE/AR) and enhanced mode (accept CA/CE/CR, application AA/AE).
+
+A message is in enhanced mode when MSH-15 (accept acknowledgement type) or
+MSH-16 (application acknowledgement type) is valued. Then MSH-15 says when an
+accept ACK is sent (AL always, NE never, ER on error only, SU on success only;
+empty means AL), and MSH-16 likewise for the application ACK (empty means NE).
+Every ACK carries the reason in MSA-3.
+"""
 from __future__ import annotations
 
 import datetime as dt
@@ -8,6 +15,24 @@ import os
 from hl7.precheck import MessageHeader
 
 _counter = itertools.count(1)
+
+ACCEPT_CODE = {"AA": "CA", "AE": "CE", "AR": "CR"}  # original-mode outcome -> enhanced accept ACK
+
+
+def is_enhanced(header: MessageHeader | None) -> bool:
+    return header is not None and bool(header.accept_ack_type or header.application_ack_type)
+
+
+def ack_wanted(condition: str, success: bool, *, default: str) -> bool:
+    """Whether an MSH-15/16 condition (AL, NE, ER, SU) asks for an ACK with this outcome."""
+    condition = (condition or default).upper()
+    if condition == "NE":
+        return False
+    if condition == "ER":
+        return not success
+    if condition == "SU":
+        return success
+    return True  # AL, or an unknown value: answering is the safe side
 
 
 def escape(text: str, fs: str = "|", enc: str = "^~\\&") -> str:
@@ -49,7 +74,7 @@ def build_ack(code: str, text: str, header: MessageHeader | None, *, error_code:
     ])
     msa = fs.join(["MSA", code, escape(header.control_id if header else "", fs, enc), escape(text[:200], fs, enc)])
     segments = [msh, msa]
-    if code != "AA":
+    if code not in ("AA", "CA"):
         cs, sub = enc[0], enc[3]
         label = ERROR_TEXT.get(error_code, "Application error")
         if version in ("2.3", "2.3.1", "2.4"):  # ERR-1: error code and location (ELD)

@@ -18,7 +18,17 @@ class MLLPClient:
     def send_raw(self, data: bytes) -> None:
         self._sock.sendall(data)
 
-    def read_frame(self) -> bytes:
+    def read_frame(self, timeout_s: float | None = None) -> bytes:
+        """The next frame; ``timeout_s`` (if given) bounds this read and raises TimeoutError."""
+        if timeout_s is not None:
+            previous = self._sock.gettimeout()
+            self._sock.settimeout(timeout_s)
+            try:
+                return self.read_frame()
+            except socket.timeout as exc:
+                raise TimeoutError(f"no frame within {timeout_s:g} s") from exc
+            finally:
+                self._sock.settimeout(previous)
         while True:
             end = self._buf.find(FS + CR)
             if end >= 0:

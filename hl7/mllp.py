@@ -16,7 +16,7 @@ from typing import Callable
 VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
 log = logging.getLogger("osteoscreen.hl7.mllp")
 
-Handler = Callable[[bytes], bytes]
+Handler = Callable[[bytes], "bytes | list[bytes]"]  # the ACK frames to send (enhanced mode: 0-2)
 
 
 def frame(message: bytes) -> bytes:
@@ -96,7 +96,8 @@ class MLLPServer:
                         ack = self.refuse(f"message exceeds the maximum size of {self.max_message_bytes} bytes")
                     else:
                         ack = await loop.run_in_executor(None, self._safe_handle, message)
-                    writer.write(frame(ack))
+                    for reply in ([ack] if isinstance(ack, bytes) else ack):  # enhanced mode: 0, 1 or 2 ACKs
+                        writer.write(frame(reply))
                     await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log.info("MLLP connection from %s lost: %s", peer, exc)
@@ -109,7 +110,7 @@ class MLLPServer:
             except Exception:  # noqa: BLE001
                 pass
 
-    def _safe_handle(self, message: bytes) -> bytes:
+    def _safe_handle(self, message: bytes) -> bytes | list[bytes]:
         try:
             return self.handler(message)
         except Exception as exc:  # noqa: BLE001 - the listener must survive any handler failure

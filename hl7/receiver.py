@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import logging
 
-from hl7.ack import build_ack
-from hl7.precheck import PrecheckError, parse_header
+from hl7.ack import ACCEPT_CODE, ack_wanted, build_ack, is_enhanced
+from hl7.parse import parse_observations
+from hl7.precheck import MessageHeader, PrecheckError, parse_header
 from hl7.store import DuplicateConflict, LabStore
 
 log = logging.getLogger("osteoscreen.hl7")
 
 
 class LabReceiver:
-    """The MLLP handler: AA only after the raw message is committed."""
+    """The MLLP handler: AA (or CA) only after the raw message is committed.
+
+    ``handle`` returns the ACK frames to send, in order: one in original mode; in
+    enhanced mode the accept ACK and/or the application ACK, as MSH-15/16 ask, or
+    none. The application ACK (requested by MSH-16) follows the accept ACK on the
+    same connection, after the message has been parsed: AA when its observations
+    were read, AE with the parse error otherwise.
+    """
 
     def __init__(self, store: LabStore) -> None:
         self.store = store
@@ -23,24 +31,50 @@ class LabReceiver:
     def refuse(self, reason: str) -> bytes:
         return build_ack("AR", reason, None)
 
-    def handle(self, raw: bytes) -> bytes:
+    def _accept(self, code: str, text: str, header: MessageHeader | None, error_code: int = 207) -> list[bytes]:
+        if not is_enhanced(header):
+            return [build_ack(code, text, header, error_code=error_code)]
+        assert header is not None
+        if ack_wanted(header.accept_ack_type, code == "AA", default="AL"):
+            return [build_ack(ACCEPT_CODE[code], text, header, error_code=error_code)]
+        return []
+
+    def handle(self, raw: bytes) -> list[bytes]:
         text = raw.decode("latin-1")
         try:
             header = parse_header(text)
         except PrecheckError as exc:
             log.warning("HL7 message refused (%s): %s", exc.code, exc.text)
-            return build_ack(exc.code, exc.text, exc.header, error_code=exc.error_code)
+            return self._accept(exc.code, exc.text, exc.header, exc.error_code)
         try:
             outcome = self.store.store_message(raw, header)
         except DuplicateConflict as exc:
             log.warning("HL7 message refused (AE): %s", exc)
-            return build_ack("AE", str(exc), header, error_code=205)
+            return self._accept("AE", str(exc), header, 205)
         except Exception as exc:  # noqa: BLE001 - storage failure: say so, never AA
             log.exception("HL7 message %s could not be stored", header.control_id)
-            return build_ack("AE", f"message not stored: {exc}", header)
+            return self._accept("AE", f"message not stored: {exc}", header)
         if outcome.duplicate:
             log.info("HL7 message %s from %s is a duplicate; already stored", header.control_id, header.sender)
-            return build_ack("AA", "duplicate of a stored message", header)
+            return self._accept("AA", "duplicate of a stored message", header)
         log.debug("HL7 %s^%s %s from %s stored as message %d", header.message_type, header.trigger_event,
                   header.control_id, header.sender, outcome.message_id)
-        return build_ack("AA", "stored", header)
+        acks = self._accept("AA", "stored", header)
+        if (header.application_ack_type or "NE").upper() != "NE":  # some application ACK may be wanted
+            acks += self._application_ack(raw, header, outcome.message_id)
+        return acks
+
+    def _application_ack(self, raw: bytes, header: MessageHeader, message_id: int) -> list[bytes]:
+        """Parse now (the sender asked to hear the result) and answer AA or AE as MSH-16 wants."""
+        try:
+            rows = parse_observations(raw)
+        except Exception as exc:  # noqa: BLE001 - recorded on the message and reported in the AE
+            error = f"{type(exc).__name__}: {exc}"
+            self.store.save_parse(message_id, [], error)
+            ok, text = False, f"stored, but could not be parsed: {error}"
+        else:
+            self.store.save_parse(message_id, rows, None)
+            ok, text = True, f"parsed: {len(rows)} observations"
+        if not ack_wanted(header.application_ack_type, ok, default="NE"):
+            return []
+        return [build_ack("AA" if ok else "AE", text, header)]

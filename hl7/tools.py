@@ -12,20 +12,38 @@ import numpy as np
 from hl7.client import MLLPClient, ack_code
 from hl7.lookup import lookup_labs
 from hl7.mllp import CR, FS, MLLPServer, frame
-from hl7.precheck import split_segments
+from hl7.ack import is_enhanced
+from hl7.precheck import PrecheckError, parse_header, split_segments
 from hl7.receiver import LabReceiver
 from hl7.store import LabStore
 
 
-def send_file(path: Path, host: str, port: int, out=print) -> int:
+def send_file(path: Path, host: str, port: int, out=print, optional_wait_s: float = 5.0) -> int:
+    """Send one message; show every ACK the listener returns (enhanced mode: accept and/or application)."""
     text = Path(path).read_bytes().decode("latin-1")
     raw = "\r".join(split_segments(text)).encode("latin-1") + b"\r"
+    try:
+        header = parse_header(raw.decode("latin-1"))
+    except PrecheckError:
+        header = None
+    enhanced = is_enhanced(header)
+    accept = (header.accept_ack_type or "AL").upper() if enhanced and header else "AL"
+    app = (header.application_ack_type or "NE").upper() if enhanced and header else "NE"
+    acks: list[bytes] = []
     with MLLPClient(host, port) as c:
-        ack = c.send(raw)
-    code = ack_code(ack)
-    out(ack.decode("latin-1").replace("\r", "\n").strip())
-    out(f"hl7 send: {path} -> {host}:{port} {code}")
-    return 0 if code in ("AA", "CA") else 1
+        c.send_raw(frame(raw))
+        for expected, optional in ((accept != "NE", accept != "AL"), (app != "NE", app != "AL")):
+            if not expected:
+                continue
+            try:
+                acks.append(c.read_frame(timeout_s=optional_wait_s if optional else None))
+            except TimeoutError:
+                pass  # an ER/SU condition that did not apply
+    for ack in acks:
+        out(ack.decode("latin-1").replace("\r", "\n").strip())
+    codes = [ack_code(a) for a in acks]
+    out(f"hl7 send: {path} -> {host}:{port} {' '.join(codes) or 'no ACK (as MSH-15/16 asked)'}")
+    return 0 if all(code in ("AA", "CA") for code in codes) else 1
 
 
 def show_labs(store_path: Path, patient_id: str, issuer: str | None, window_days: int, out=print) -> int:

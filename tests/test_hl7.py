@@ -8,7 +8,7 @@ import pytest
 from dicom_node.sample import demo_oru_message
 from hl7.client import MLLPClient, ack_code
 from hl7.lookup import lookup_labs
-from hl7.mllp import FrameReader, MLLPServer
+from hl7.mllp import FrameReader, MLLPServer, frame
 from hl7.parse import parse_observations
 from hl7.precheck import PrecheckError, parse_header
 from hl7.parse_worker import parse_pending
@@ -129,7 +129,8 @@ def test_real_public_messages_are_accepted_and_parsed(listener, name):
     server, receiver, store = listener
     raw = (DATA / name).read_bytes()
     with MLLPClient("127.0.0.1", server.bound_port) as c:
-        assert ack_code(c.send(raw)) == "AA"
+        # the NIST message asks for enhanced mode (MSH-15 AL, MSH-16 NE): accept ACK CA, no application ACK
+        assert ack_code(c.send(raw)) == ("CA" if name.startswith("LRI") else "AA")
     assert parse_pending(store) == 1
     assert store.parse_states() == {"parsed": 1}
     rows = parse_observations(raw)
@@ -148,3 +149,32 @@ def test_idle_connection_is_closed(listener):
     s.settimeout(15)
     assert s.recv(10) == b""  # server closes after its 5 s read timeout
     s.close()
+
+
+def _enhanced(control: str, accept: str, app: str, pid: str = "PID|1||E-1^^^HOSP||DOE^JANE||19500101|F") -> bytes:
+    head = (f"MSH|^~\\&|LIS|LAB|OSTEOSCREEN|RAD|20260104120000||ORU^R01|{control}|P|2.5.1|||{accept}|{app}")
+    obx = "OBR|1|||17861-6^Calcium^LN\rOBX|1|NM|17861-6^Calcium^LN||9.4|mg/dL|||||F|||20260104080000"
+    return (head + "\r" + pid + "\r" + obx + "\r").encode()
+
+
+def test_enhanced_mode_accept_and_application_acks(listener):
+    server, _, store = listener
+    with MLLPClient("127.0.0.1", server.bound_port) as c:
+        c.send_raw(frame(_enhanced("E1", "NE", "NE")))  # no ACK at all
+        c.send_raw(frame(_enhanced("E2", "ER", "")))  # accept ACK only on error: none
+        c.send_raw(frame(_enhanced("E3", "AL", "AL")))  # CA, then the application ACK after the parse
+        accept, app = c.read_frame(), c.read_frame()
+        assert ack_code(accept) == "CA" and b"|E3|" in accept  # the first reply belongs to E3: E1, E2 got none
+        assert ack_code(app) == "AA" and b"|E3|" in app and b"parsed: 1 observations" in app
+        c.send_raw(frame(_enhanced("E4", "SU", "ER", pid="PID|1||")))  # no PID-3: error, SU -> no accept ACK
+        c.send_raw(frame(_enhanced("E5", "ER", "NE", pid="PID|1||")))  # error, ER -> CE with the reason
+        refused = c.read_frame()
+        assert ack_code(refused) == "CE" and b"|E5|" in refused and b"PID-3" in refused
+    assert store.message_count() == 3  # E1, E2, E3 stored; E4, E5 refused
+    assert store.parse_states() == {"parsed": 1, "pending": 2}  # E3 parsed for its application ACK
+
+
+def test_original_mode_is_unchanged_by_empty_msh15_16(listener):
+    server, _, _ = listener
+    with MLLPClient("127.0.0.1", server.bound_port) as c:
+        assert ack_code(c.send(_enhanced("O1", "", ""))) == "AA"
