@@ -11,6 +11,7 @@ import pydicom
 
 from config.schema import RoutingSettings
 from pipeline.demographics import age_years
+from pipeline.volume import first_item, functional_group
 
 CT_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 
@@ -38,12 +39,6 @@ def _most_common(values: list) -> object:
     return Counter(values).most_common(1)[0][0] if values else None
 
 
-def _first_item(ds: pydicom.Dataset | None, keyword: str) -> pydicom.Dataset | None:
-    if ds is None or keyword not in ds or not len(ds[keyword].value):
-        return None
-    return ds[keyword].value[0]
-
-
 def series_facts(paths: Sequence[str], calling_aet: str, sample: int = 7) -> SeriesFacts:
     """Facts from a spread of headers (pixel data not read); frames count for multi-frame objects."""
     idx = np.unique(np.linspace(0, len(paths) - 1, num=min(sample, len(paths))).astype(int)) if paths else []
@@ -54,18 +49,18 @@ def series_facts(paths: Sequence[str], calling_aet: str, sample: int = 7) -> Ser
         n_slices = sum(frames) if len(paths) == len(headers) else int(np.mean(frames) * len(paths))
     tilts, thick, types = [], [], []
     for h in headers:
-        shared = _first_item(h, "SharedFunctionalGroupsSequence")
-        per_frame = _first_item(h, "PerFrameFunctionalGroupsSequence")
+        shared = first_item(h, "SharedFunctionalGroupsSequence")
+        per_frame = first_item(h, "PerFrameFunctionalGroupsSequence")  # the first frame's groups
         iop = h.get("ImageOrientationPatient")
         if iop is None:  # multi-frame: shared functional groups, else the first frame's
-            orient = _first_item(shared, "PlaneOrientationSequence") or _first_item(per_frame, "PlaneOrientationSequence")
+            orient = functional_group(shared, per_frame, "PlaneOrientationSequence")
             iop = orient.get("ImageOrientationPatient") if orient is not None else None
         if iop is not None and len(iop) == 6:
             n = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
             tilts.append(round(float(np.degrees(np.arccos(min(1.0, abs(n[2]) / (np.linalg.norm(n) or 1))))), 1))
         t = h.get("SliceThickness")
         if t in (None, ""):
-            measures = _first_item(shared, "PixelMeasuresSequence") or _first_item(per_frame, "PixelMeasuresSequence")
+            measures = functional_group(shared, per_frame, "PixelMeasuresSequence")
             t = measures.get("SliceThickness") if measures is not None else None
         thick.append(float(t) if t not in (None, "") else None)
         types.append(tuple(str(v).upper() for v in h.get("ImageType", [])))

@@ -20,6 +20,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
+from pipeline.bone import BoneMeasurement
 from pipeline.volume import Volume
 
 ENHANCED_HU = 130.0  # blood above this is enhanced
@@ -50,14 +51,15 @@ def _header_agent(header: Dataset | None) -> str | None:
     return agent
 
 
-def _aorta_hu(volume: Volume, slice_index: int, roi_centre_rc: tuple[float, float],
-              roi_top_row: float) -> float | None:
+def _aorta_hu(volume: Volume, measurement: BoneMeasurement) -> float | None:
     """Median HU at the centre of the widest bright disc anterior to the vertebral body, or None.
 
     The widest inscribed disc (distance transform maximum) finds a vessel lumen even when it
     touches the vertebral cortex or a branch in the thresholded mask; a calcified ring or plaque
     is thin and never holds a wide disc.
     """
+    slice_index, roi_centre_rc = measurement.slice_index, measurement.roi_centre_rc
+    roi_top_row = float(measurement.roi_polygon_rc[:, 0].min())  # the ROI's anterior edge
     _, dy, dx = volume.spacing
     r0 = int(max(0, roi_top_row - 75.0 / dy))
     r1 = int(max(0, roi_top_row - 5.0 / dy))
@@ -81,21 +83,18 @@ def _aorta_hu(volume: Volume, slice_index: int, roi_centre_rc: tuple[float, floa
     return float(np.median(window[core]))
 
 
-def assess_contrast(volume: Volume | None, header: Dataset | None, *, slice_index: int | None = None,
-                    roi_centre_rc: tuple[float, float] | None = None,
-                    roi_top_row: float | None = None) -> ContrastAssessment:
-    """Header first (an agent named there is contrast), then the aorta where the image allows."""
+def assess_contrast(header: Dataset | None, volume: Volume | None = None,
+                    measurement: BoneMeasurement | None = None) -> ContrastAssessment:
+    """Header first (an agent named there is contrast), then the aorta beside the measured L1 slice."""
     agent = _header_agent(header)
-    aorta = None
-    if volume is not None and slice_index is not None and roi_centre_rc is not None and roi_top_row is not None:
-        aorta = _aorta_hu(volume, slice_index, roi_centre_rc, roi_top_row)
+    aorta = _aorta_hu(volume, measurement) if volume is not None and measurement is not None else None
     if aorta is not None:
         phase = "arterial" if aorta >= ARTERIAL_HU else "portal venous"
         src = f"aorta {aorta:.0f} HU at L1" + (f"; header agent '{agent}'" if agent else "")
         return ContrastAssessment(True, phase, src, aorta, agent)
     if agent:
         return ContrastAssessment(True, "contrast, phase unknown", f"header agent '{agent}'", None, agent)
-    if roi_top_row is None:
+    if volume is None or measurement is None:
         return ContrastAssessment(None, "unknown", "no header agent; aorta not assessed (no L1 measurement)")
     return ContrastAssessment(False, "no enhancement detected",
                               f"no header agent; no enhanced aorta (>= {ENHANCED_HU:.0f} HU) anterior to L1")

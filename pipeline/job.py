@@ -79,14 +79,10 @@ def _write_result(out: Path, result: ScreeningResult) -> ScreeningResult:
 
 def _image_checks(volume, header, measurement) -> tuple[ContrastAssessment, CalibrationCheck | None]:
     """Contrast phase (header, then the aorta at L1) and the air/fat HU calibration check."""
+    contrast = assess_contrast(header, volume, measurement)
     if volume is None:
-        return assess_contrast(None, header), None
-    if measurement is None:
-        return assess_contrast(volume, header), check_calibration(volume)
-    contrast = assess_contrast(volume, header, slice_index=measurement.slice_index,
-                               roi_centre_rc=measurement.roi_centre_rc,
-                               roi_top_row=float(measurement.roi_polygon_rc[:, 0].min()))
-    return contrast, check_calibration(volume, measurement.slice_index)
+        return contrast, None
+    return contrast, check_calibration(volume, measurement.slice_index if measurement is not None else None)
 
 
 def _quality_notes(contrast: ContrastAssessment, calibration: CalibrationCheck | None) -> list[str]:

@@ -114,8 +114,7 @@ def evaluate(name: str, vol: Volume, labels: np.ndarray, ref: float | None = Non
     dist = abs(k - (zs.min() + zs.max()) / 2.0) * vol.spacing[0] if zs.size else None
     err = abs(m.mean_hu - ref) if ref is not None else None
     status = "correct" if ok else "wrong_confident"
-    contrast = assess_contrast(vol, vol.header, slice_index=k, roi_centre_rc=m.roi_centre_rc,
-                               roi_top_row=float(m.roi_polygon_rc[:, 0].min()))
+    contrast = assess_contrast(vol.header, vol, m)
     cal = check_calibration(vol, k)
     return CaseResult(name, l1_in_view, True, status, level, ok, dist, m.mean_hu, ref, err, sel.confidence, None,
                       time.monotonic() - t0, contrast.phase + (f" {contrast.aorta_hu:.0f} HU" if contrast.aorta_hu

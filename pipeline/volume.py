@@ -115,15 +115,16 @@ class _Frame:
     localizer: bool
 
 
-def _item(seq_parent: Dataset | None, keyword: str) -> Dataset | None:
+def first_item(seq_parent: Dataset | None, keyword: str) -> Dataset | None:
+    """The first item of sequence ``keyword`` in ``seq_parent``, or None."""
     if seq_parent is None or keyword not in seq_parent or not len(seq_parent[keyword].value):
         return None
     return seq_parent[keyword].value[0]
 
 
-def _group(shared: Dataset | None, per_frame: Dataset | None, keyword: str) -> Dataset | None:
+def functional_group(shared: Dataset | None, per_frame: Dataset | None, keyword: str) -> Dataset | None:
     """A functional group macro item: per-frame wins over shared."""
-    return _item(per_frame, keyword) or _item(shared, keyword)
+    return first_item(per_frame, keyword) or first_item(shared, keyword)
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:
@@ -155,16 +156,16 @@ def _frames(path: Path, ds: Dataset) -> list[_Frame]:
             _opt_float(ds.get("RescaleSlope"), 1.0) or 1.0, _opt_float(ds.get("RescaleIntercept"), 0.0) or 0.0,
             "LOCALIZER" in image_type,
         )]
-    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    shared = first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence") or []
     frames: list[_Frame] = []
     for i in range(n_frames):
         pf = per_frame_seq[i] if i < len(per_frame_seq) else None
-        orient = _group(shared, pf, "PlaneOrientationSequence")
-        pos = _group(shared, pf, "PlanePositionSequence")
-        meas = _group(shared, pf, "PixelMeasuresSequence")
-        rescale = _group(shared, pf, "PixelValueTransformationSequence")
-        ftype = _group(shared, pf, "CTImageFrameTypeSequence")
+        orient = functional_group(shared, pf, "PlaneOrientationSequence")
+        pos = functional_group(shared, pf, "PlanePositionSequence")
+        meas = functional_group(shared, pf, "PixelMeasuresSequence")
+        rescale = functional_group(shared, pf, "PixelValueTransformationSequence")
+        ftype = functional_group(shared, pf, "CTImageFrameTypeSequence")
         frame_type = [str(v).upper() for v in (ftype.get("FrameType", []) if ftype is not None else [])]
         frames.append(_Frame(
             path, ds, i + 1,
@@ -260,8 +261,6 @@ def _decode_into(hu: np.ndarray, stack: list[_Frame]) -> None:
                     hu[k] = np.clip(arr.astype(np.int32, copy=False) + int(f.intercept), -32768, 32767)
                 else:
                     hu[k] = np.clip(np.rint(arr.astype(np.float32) * f.slope + f.intercept), -32768, 32767)
-        except VolumeError:
-            raise
         except Exception as exc:  # noqa: BLE001
             raise VolumeError(f"cannot decode pixel data of {path.name}: {exc}") from None
 

@@ -27,8 +27,7 @@ def measured(sample_series):
 
 
 def _contrast(vol, m, header=None):
-    return assess_contrast(vol, header, slice_index=m.slice_index, roi_centre_rc=m.roi_centre_rc,
-                           roi_top_row=float(m.roi_polygon_rc[:, 0].min()))
+    return assess_contrast(header, vol, m)
 
 
 def _with_vessel(vol, m, hu: float, ring_mm: float | None = None):
@@ -69,10 +68,10 @@ def test_header_agent_is_contrast_even_without_image(measured):
     vol, m = measured
     header = vol.header.copy()
     header.ContrastBolusAgent = "Iohexol 350"
-    c = assess_contrast(None, header)
+    c = assess_contrast(header)
     assert c.contrast is True and c.phase == "contrast, phase unknown" and "Iohexol" in c.source
     header.ContrastBolusAgent = "NONE"
-    assert assess_contrast(None, header).contrast is None
+    assert assess_contrast(header).contrast is None
 
 
 def test_calibration_plausible_on_the_real_ct(measured):

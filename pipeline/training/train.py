@@ -230,12 +230,12 @@ class TeacherMembers:
     """
 
     gbt: HistGradientBoostingClassifier
-    mlp: "MLPEnsemble"
+    mlp: MLPEnsemble
     mlp_epochs: list[int]
     logreg: dict
     pos_weight: float
 
-    def logits(self, candidate: str, d: "Data", rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def logits(self, candidate: str, d: Data, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if candidate == "trees":
             return _gbt_logit(self.gbt, d.x_raw[rows], mask[rows])
         mlp = self.mlp.logits(d.scaled(mask)[rows], mask[rows])
@@ -245,7 +245,7 @@ class TeacherMembers:
         return 0.5 * (mlp + linear)
 
 
-def fit_teacher_members(d: "Data", rows: np.ndarray, val: np.ndarray, cfg: "TrainConfig", seed: int) -> TeacherMembers:
+def fit_teacher_members(d: Data, rows: np.ndarray, val: np.ndarray, cfg: TrainConfig, seed: int) -> TeacherMembers:
     """Fit every tabular teacher candidate on ``rows`` (the MLPs stop early on ``val``), on real availability."""
     xs = d.scaled(d.m_real)
     gbt = _gbt(seed).fit(np.where(d.m_real, d.x_raw, np.nan)[rows], d.y[rows])
