@@ -25,6 +25,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.logging.level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # pynetdicom and APScheduler log every C-STORE at INFO: two lines per instance on the ingest path
+        for chatty in ("pynetdicom", "apscheduler"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     from dicom_node.service import Service
 
     try:
@@ -168,6 +172,26 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from dicom_node.bench import BenchError, run_bench
+
+    if args.runs < 1 or args.slices < 40:
+        print("error: --runs must be >= 1 and --slices >= 40 (the routing minimum)", file=sys.stderr)
+        return 2
+    try:
+        scaling = tuple(int(x) for x in args.scaling.split(",") if x.strip())
+    except ValueError:
+        print(f"error: --scaling takes comma-separated slice counts, not {args.scaling!r}", file=sys.stderr)
+        return 2
+    try:
+        run_bench(runs=args.runs, slices=args.slices, scaling=scaling, workdir=args.workdir,
+                  output=None if str(args.output) == "-" else args.output)
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="osteoscreen", description="Opportunistic osteoporosis screening DICOM node "
                                 "(research use only).")
@@ -220,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     ec.add_argument("target")
     ec.add_argument("--aet", default="OSTEOSCREEN", help="calling AE title")
     ec.set_defaults(func=_admin)
+    b = sub.add_parser("bench", help="benchmark ingest, study latency, memory and scaling against DCMTK and "
+                       "Orthanc on loopback; writes docs/benchmarks.md")
+    b.add_argument("--runs", type=int, default=5, help="runs per figure; the median is reported (default 5)")
+    b.add_argument("--slices", type=int, default=300, help="slices of the 512 x 512 test series (default 300)")
+    b.add_argument("--scaling", default="100,300,600,1000", help="slice counts for the scaling table ('' for none)")
+    b.add_argument("--workdir", type=Path, help="keep series and run folders here (default: a temporary folder)")
+    b.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="report file ('-' for none)")
+    b.set_defaults(func=_bench)
     c = sub.add_parser("config", help="configuration tools")
     c.add_argument("action", choices=["check", "default"])
     c.add_argument("file", type=Path, nargs="?")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +31,9 @@ class SeriesCompletion:
             executors={"default": ThreadPoolExecutor(2)},
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
         )
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}  # series -> monotonic time of its latest instance
+        self._armed: set[str] = set()  # series with a timer in the scheduler
 
     def start(self) -> None:
         self._scheduler.start()
@@ -38,12 +43,37 @@ class SeriesCompletion:
             self._scheduler.shutdown(wait=True)
 
     def touch(self, series_uid: str) -> None:
-        """(Re)start the quiet period of ``series_uid``."""
-        when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.quiet_s)
+        """(Re)start the quiet period of ``series_uid``.
+
+        Called for every instance, so it only records the time; the scheduler
+        holds one timer per series, which re-arms itself for the remainder when
+        it fires early (rescheduling an APScheduler job per instance cost more
+        than the C-STORE it followed).
+        """
+        with self._lock:
+            self._last[series_uid] = time.monotonic()
+            if series_uid in self._armed:
+                return
+            self._armed.add(series_uid)
+        self._arm(series_uid, self.quiet_s)
+
+    def _arm(self, series_uid: str, delay_s: float) -> None:
+        when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay_s)
         self._scheduler.add_job(self._fire, "date", run_date=when, args=[series_uid], id=series_uid,
                                 replace_existing=True)
 
     def _fire(self, series_uid: str) -> None:
+        with self._lock:
+            remaining = self._last.get(series_uid, 0.0) + self.quiet_s - time.monotonic()
+            if remaining > 0.005:
+                rearm = True
+            else:
+                rearm = False
+                self._armed.discard(series_uid)
+                self._last.pop(series_uid, None)
+        if rearm:
+            self._arm(series_uid, remaining)
+            return
         try:
             self.on_ready(SeriesReady(series_uid, self.quiet_s, dt.datetime.now(dt.timezone.utc)))
         except Exception:  # noqa: BLE001 - logged; the series stays 'receiving' and is re-armed at restart

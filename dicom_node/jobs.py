@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import multiprocessing
 import threading
 import time
@@ -15,9 +16,22 @@ from pipeline.job import JobRequest, ScreeningResult, run_screening
 log = logging.getLogger("osteoscreen.jobs")
 
 
-def _worker_init(level: int, logfile: str | None) -> None:
+def _worker_init(level: int, logfile: str | None, warm_model: tuple[str, str] | None = None) -> None:
     logging.basicConfig(level=level, filename=logfile, format="%(asctime)s %(levelname)s [worker] %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    if warm_model:  # load the model sessions now, not during the first study's latency
+        from engines.bundle import load_bundle
+        from pipeline.job import fused_model
+
+        try:
+            fused_model(load_bundle(warm_model[0]), warm_model[1])
+        except Exception:  # noqa: BLE001 - the job itself reports a broken bundle with its reason
+            logging.getLogger("osteoscreen.jobs").exception("worker warm-up failed")
+    logging.getLogger("osteoscreen.jobs").info("worker ready (pid %d)", os.getpid())
+
+
+def _worker_ready() -> int:
+    return 0
 
 
 def _log_target() -> tuple[int, str | None]:
@@ -30,8 +44,10 @@ def _log_target() -> tuple[int, str | None]:
 class JobRunner:
     def __init__(self, db: NodeDB, *, workers: int, max_attempts: int, retry_delay_s: float,
                  build_request: Callable[[JobRow], JobRequest],
-                 on_result: Callable[[JobRow, ScreeningResult], None]) -> None:
+                 on_result: Callable[[JobRow, ScreeningResult], None],
+                 warm_model: tuple[str, str] | None = None) -> None:
         self.db = db
+        self.warm_model = warm_model
         self.workers = workers
         self.max_attempts = max_attempts
         self.retry_delay_s = retry_delay_s
@@ -46,10 +62,12 @@ class JobRunner:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=_log_target())
+                                   initializer=_worker_init, initargs=(*_log_target(), self.warm_model))
 
     def start(self) -> None:
         self._pool = self._new_pool()
+        for _ in range(self.workers):  # start (and warm) the worker processes now, not at the first study
+            self._pool.submit(_worker_ready)
         self._thread.start()
 
     def wake(self) -> None:

@@ -42,8 +42,9 @@ class OrthancPACS:
     kind = "Orthanc"
 
     def __init__(self, workdir: str | Path, *, aet: str = "ORTHANC", dicom_port: int | None = None,
-                 http_port: int | None = None) -> None:
+                 http_port: int | None = None, tcp_nodelay: bool = True) -> None:
         self.workdir = Path(workdir)
+        self.tcp_nodelay = tcp_nodelay  # DCMTK inside Orthanc reads TCP_NODELAY; as packaged Nagle stays on
         self.aet = aet
         self.host = "127.0.0.1"
         self.dicom_port = dicom_port or free_port()
@@ -83,8 +84,13 @@ class OrthancPACS:
         cfg_path = self.workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(cfg, indent=2))
         self._log = open(self.workdir / "orthanc.log", "ab")
+        env = dict(os.environ)
+        if self.tcp_nodelay:
+            env["TCP_NODELAY"] = "1"
+        else:
+            env.pop("TCP_NODELAY", None)
         self._proc = subprocess.Popen([binary, str(cfg_path)], stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -120,9 +120,15 @@ def write_sample_series(
     arr, origin, (dz, dy, dx) = load_lps_volume(nifti or sample_data_dir() / "example_ct.nii.gz")
     study_uid, series_uid, for_uid = _uid(tag, "study"), _uid(tag, "series"), _uid(tag, "for")
     base = _base_dataset(study_uid, series_uid, for_uid, study_date)
-    rows, cols = arr.shape[1:]
+    files = _write_slices(out, tag, base, iter(arr), origin, dz, (dy, dx))
+    return SampleSeries(out, files, study_uid, series_uid, SAMPLE_PATIENT_ID, SAMPLE_ISSUER)
+
+
+def _write_slices(out: Path, tag: str, base: Dataset, slices_hu, origin: np.ndarray, dz: float,
+                  pixel_spacing: tuple[float, float], transfer_syntax: str = ExplicitVRLittleEndian) -> list[Path]:
+    """One CT file per HU slice (inferior -> superior), ``dz`` mm apart, optionally compressed."""
     files = []
-    for k in range(arr.shape[0]):
+    for k, hu in enumerate(slices_hu):
         ds = Dataset()
         ds.update(base)
         sop_uid = _uid(tag, "sop", str(k))
@@ -131,9 +137,9 @@ def write_sample_series(
         pos = origin + np.array([0.0, 0.0, k * dz])
         ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
         ds.SliceLocation = f"{pos[2]:.4f}"
-        ds.PixelSpacing = [f"{dy:.4f}", f"{dx:.4f}"]
-        ds.Rows, ds.Columns = rows, cols
-        stored = (arr[k].astype(np.int32) - _INTERCEPT).astype(np.int16)
+        ds.PixelSpacing = [f"{pixel_spacing[0]:.4f}", f"{pixel_spacing[1]:.4f}"]
+        ds.Rows, ds.Columns = hu.shape
+        stored = (hu.astype(np.int32) - _INTERCEPT).astype(np.int16)
         ds.PixelData = stored.tobytes()
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
@@ -141,9 +147,68 @@ def write_sample_series(
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds.file_meta = meta
+        if transfer_syntax != ExplicitVRLittleEndian:
+            ds.compress(transfer_syntax, generate_instance_uid=False)
         path = out / f"CT{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
+    return files
+
+
+def resampled_sample_slices(n_slices: int, matrix: int = 512, *, noise_hu: float = 8.0, seed: int = 0):
+    """The shipped real CT resampled to ``n_slices`` x ``matrix`` x ``matrix``, one slice at a time.
+
+    The benchmark series generator. The in-plane field of view is padded with
+    air to a square (the source is 101 x 122 voxels of 3 mm, so 366 mm) and
+    resampled bilinearly to ``matrix`` pixels; along z the same 333 mm of
+    anatomy is interpolated linearly onto ``n_slices`` positions. Seeded
+    Gaussian noise (``noise_hu``) stands in for the quantum noise of thin
+    slices, so that compressed transfer syntaxes see realistic entropy rather
+    than the smoothness of interpolation. Returns (slice iterator, origin LPS,
+    slice spacing mm, pixel spacing mm); memory stays at a few slices.
+    """
+    from scipy import ndimage
+
+    if n_slices < 2 or matrix < 16:
+        raise ValueError("the generator needs at least 2 slices and a 16-pixel matrix")
+    arr, origin, (dz, dy, dx) = load_lps_volume(sample_data_dir() / "example_ct.nii.gz")
+    nz, nr, nc = arr.shape
+    side = max(nr * dy, nc * dx)
+    out_spacing = side / matrix
+    pad_r, pad_c = round((side / dy - nr) / 2), round((side / dx - nc) / 2)
+    new_origin = origin - np.array([pad_c * dx, pad_r * dy, 0.0]) + np.array([
+        (out_spacing - dx) / 2, (out_spacing - dy) / 2, 0.0])
+    new_dz = (nz - 1) * dz / (n_slices - 1)
+    rng = np.random.default_rng(seed)
+
+    def slices():
+        for k in range(n_slices):
+            z = k * (nz - 1) / (n_slices - 1)
+            z0 = min(int(z), nz - 2)
+            w = z - z0
+            plane = (1 - w) * arr[z0] + w * arr[z0 + 1]
+            square = np.full((round(side / dy), round(side / dx)), -1024.0, dtype=np.float32)
+            square[pad_r:pad_r + nr, pad_c:pad_c + nc] = plane
+            big = ndimage.zoom(square, (matrix / square.shape[0], matrix / square.shape[1]), order=1)
+            if noise_hu > 0:
+                big += rng.normal(0.0, noise_hu, big.shape).astype(np.float32)
+            yield np.clip(np.rint(big), -1024, 3071).astype(np.int16)
+
+    return slices(), new_origin, new_dz, (out_spacing, out_spacing)
+
+
+def write_resampled_series(out_dir: str | Path, n_slices: int, *, matrix: int = 512, tag: str = "bench",
+                           transfer_syntax: str = ExplicitVRLittleEndian, noise_hu: float = 8.0) -> SampleSeries:
+    """Write :func:`resampled_sample_slices` as a CT series (benchmarks: 300 or 1,000 slices of 512 x 512)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slices, origin, dz, spacing = resampled_sample_slices(n_slices, matrix, noise_hu=noise_hu)
+    study_uid, series_uid, for_uid = _uid(tag, "study"), _uid(tag, "series"), _uid(tag, "for")
+    base = _base_dataset(study_uid, series_uid, for_uid, SAMPLE_STUDY_DATE)
+    # thin reconstructions overlap: the nominal thickness is never below 0.625 mm
+    base.SliceThickness = f"{max(dz, 0.625):.3f}"
+    base.SeriesDescription = f"ABD/PELVIS {n_slices} x {matrix} (resampled sample CT)"
+    files = _write_slices(out, tag, base, slices, origin, dz, spacing, transfer_syntax)
     return SampleSeries(out, files, study_uid, series_uid, SAMPLE_PATIENT_ID, SAMPLE_ISSUER)
 
 

@@ -64,7 +64,8 @@ class Service:
         self.completion = SeriesCompletion(s.node.series_quiet_s, self.on_series_ready)
         self.jobs = JobRunner(self.db, workers=s.jobs.workers, max_attempts=s.jobs.max_attempts,
                               retry_delay_s=s.jobs.retry_delay_s, build_request=self.build_request,
-                              on_result=self.on_job_result)
+                              on_result=self.on_job_result,
+                              warm_model=(s.screening.model, s.screening.backend))
         self.exporter = Exporter(self.db, list(s.destinations), calling_aet=s.export.calling_ae_title or s.node.ae_title,
                                  retry_initial_s=s.export.retry_initial_s, retry_max_s=s.export.retry_max_s,
                                  timeout_s=s.export.timeout_s)

@@ -7,6 +7,7 @@ an error at load time, never a silent fallback.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +48,8 @@ def _ort_providers() -> list[str]:
 
 
 def _torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # find_spec, not import: importing torch costs ~4 s and is only needed if the backend is chosen
+    return importlib.util.find_spec("torch") is not None
 
 
 def available_backends() -> list[str]:

@@ -17,6 +17,7 @@ from hl7.panel import LabPanel
 from pipeline.demographics import Demographics
 from pipeline.explain import Explanation, exact_shapley
 from pipeline.features import DEMOGRAPHIC_IDX, FEATURES, LAB_IDX
+from pipeline.timing import StageClock
 
 SHAP_BACKGROUND_ROWS = 8
 SUBSET_BY_MODALITIES = {
@@ -104,15 +105,22 @@ class FusedModel:
             return np.zeros((1, 64), dtype=np.float32)
         return self.image_engine(image=patch[None].astype(np.float32))["embedding"]
 
-    def predict(self, patch: np.ndarray | None, tab: TabularInput, explain: bool = True) -> FusedOutput:
+    def predict(self, patch: np.ndarray | None, tab: TabularInput, explain: bool = True,
+                clock: StageClock | None = None) -> FusedOutput:
+        """Probability and category from any subset of modalities; ``clock`` gets ``model`` and ``shap``."""
+        clock = clock or StageClock()
         mask = ~np.isnan(tab.values)
         has_img = patch is not None
         has_labs, has_demo = bool(mask[list(LAB_IDX)].any()), bool(mask[list(DEMOGRAPHIC_IDX)].any())
         if not (has_img or has_labs or has_demo):
             raise ValueError("no modality available: nothing to screen")
-        scaled = np.where(mask, (np.nan_to_num(tab.values) - self.mean) / self.std, 0.0).astype(np.float32)
-        emb = self.embed(patch)
-        img_present = np.array([[1.0 if has_img else 0.0]], dtype=np.float32)
+        with clock.stage("model"):
+            scaled = np.where(mask, (np.nan_to_num(tab.values) - self.mean) / self.std, 0.0).astype(np.float32)
+            emb = self.embed(patch)
+            img_present = np.array([[1.0 if has_img else 0.0]], dtype=np.float32)
+            logit = float(self.head_engine(embedding=emb, image_present=img_present, tab_values=scaled[None],
+                                           tab_mask=mask[None].astype(np.float32))["logit"][0, 0])
+            prob = float(self._prob(np.array(logit)))
 
         def f(values: np.ndarray, m: np.ndarray) -> np.ndarray:
             n = values.shape[0]
@@ -120,15 +128,14 @@ class FusedModel:
                                      tab_values=values * m, tab_mask=m)["logit"][:, 0]
             return self._prob(logit)
 
-        logit = float(self.head_engine(embedding=emb, image_present=img_present, tab_values=scaled[None],
-                                       tab_mask=mask[None].astype(np.float32))["logit"][0, 0])
-        prob = float(self._prob(np.array(logit)))
         subset = SUBSET_BY_MODALITIES[(has_img, has_labs, has_demo)]
         threshold = float(self.card["thresholds"][f"operating_point_{subset}"])
         cid = "screen_positive" if prob >= threshold else "screen_negative"
         cat = self.categories[cid]
-        expl = exact_shapley(f, scaled, mask, self.bg_values, self.bg_mask, tuple(x.name for x in FEATURES)) \
-            if explain else None
+        expl = None
+        if explain:
+            with clock.stage("shap"):
+                expl = exact_shapley(f, scaled, mask, self.bg_values, self.bg_mask, tuple(x.name for x in FEATURES))
         modalities = tuple(m for m, ok in (("image", has_img), ("demographics", has_demo), ("labs", has_labs)) if ok)
         return FusedOutput(prob, logit, cid, cat["label"],
                            (cat["code"]["value"], cat["code"]["scheme"], cat["code"]["meaning"]),

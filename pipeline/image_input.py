@@ -33,5 +33,6 @@ def extract_patch(hu: np.ndarray, spacing: tuple[float, float, float], centre_zr
     for i, off in enumerate(offsets_mm):
         z = np.full(rr.shape, centre_zrc[0] + off / dz)
         coords = np.stack([z, centre_zrc[1] + r_mm / dr, centre_zrc[2] + c_mm / dc])
-        out[i] = ndi.map_coordinates(hu.astype(np.float32), coords, order=1, mode="nearest")
+        # interpolate the int16 volume directly: a float copy of it would cost 4 bytes per voxel per offset
+        out[i] = ndi.map_coordinates(hu, coords, order=1, mode="nearest", output=np.float32)
     return normalise_hu(out)

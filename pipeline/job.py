@@ -6,7 +6,9 @@ the same objects and a re-send is idempotent at the PACS.
 """
 from __future__ import annotations
 
+import functools
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from pipeline.report.sc import build_sc
 from pipeline.report.sr import NodeIdentity, build_sr
 from pipeline.screening import classify_attenuation
 from pipeline.selection import SelectionError, select_level_slices
+from pipeline.timing import StageClock, peak_rss_mb
 from pipeline.volume import VolumeError, load_volume
 
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -66,6 +69,16 @@ class ScreeningResult:
     series_uid: str
     summary: dict
     outputs: tuple[OutputObject, ...] = ()
+
+
+@functools.lru_cache(maxsize=4)
+def _fused_model_cached(bundle_path: str, backend: str) -> FusedModel:
+    return FusedModel(load_bundle(bundle_path), backend)
+
+
+def fused_model(bundle, backend: str) -> FusedModel:
+    """One FusedModel (ONNX sessions) per bundle and backend per worker process, kept between jobs."""
+    return _fused_model_cached(str(bundle.path), backend)
 
 
 def _uid(series_uid: str, kind: str, model_version: str) -> str:
@@ -111,19 +124,24 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     reason; labs may be missing; demographics come from the header. The fused model
     takes any subset. The Pickhardt L1 category stays a reported measurement.
     """
+    started_at = time.time()
+    clock = StageClock()
     bundle = load_bundle(req.model)
     rule = load_bundle(req.attenuation_rule)
     out = Path(req.output_dir)
     volume = selection = loc = measurement = None
     image_note = None
     try:
-        volume = load_volume(req.instance_paths, max_tilt_deg=req.max_tilt_deg)
-        selection, loc = select_level_slices(volume, "L1")
-        measurement = measure_mid_body(volume, loc, selection.z_range, level="L1")
+        volume = load_volume(req.instance_paths, max_tilt_deg=req.max_tilt_deg, clock=clock)
+        with clock.stage("selection"):
+            selection, loc = select_level_slices(volume, "L1")
+        with clock.stage("measurement"):
+            measurement = measure_mid_body(volume, loc, selection.z_range, level="L1")
     except (VolumeError, SelectionError, MeasurementError) as exc:
         image_note = exc.reason
     header = volume.header if volume is not None else pydicom.dcmread(req.instance_paths[0], stop_before_pixels=True)
-    contrast, calibration = _image_checks(volume, header, measurement)
+    with clock.stage("image_checks"):
+        contrast, calibration = _image_checks(volume, header, measurement)
     if contrast.contrast and req.contrast_policy == "skip":
         reason = (f"contrast-enhanced study ({contrast.text}); contrast studies are not screened "
                   "([screening] contrast = \"skip\")")
@@ -132,12 +150,13 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     demo = demographics_from_header(header)
     tab = tabular_input(req.labs, demo)
     patch = None
-    if measurement is not None and volume is not None:
-        r, c = measurement.roi_centre_rc
-        patch = extract_patch(volume.hu, volume.spacing, (float(measurement.slice_index), r, c))
-    model = FusedModel(bundle, req.backend)
+    with clock.stage("model"):
+        if measurement is not None and volume is not None:
+            r, c = measurement.roi_centre_rc
+            patch = extract_patch(volume.hu, volume.spacing, (float(measurement.slice_index), r, c))
+        model = fused_model(bundle, req.backend)
     try:
-        fused = model.predict(patch, tab)
+        fused = model.predict(patch, tab, clock=clock)
     except ValueError as exc:
         reason = f"{exc}" + (f" (image: {image_note})" if image_note else "")
         return _write_result(out, ScreeningResult("not_screened", reason, req.series_uid, {"reason": reason}))
@@ -149,46 +168,47 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     source_uid = measurement.sop_instance_uid if measurement is not None else str(header.SOPInstanceUID)
     src_header = header.copy()
     src_header.SOPInstanceUID = source_uid
-    sr = build_sr(source_header=src_header, source_sop_instance_uid=source_uid, demographics=demo, labs=req.labs,
-                  node=req.node, series_uid=sr_series, sop_uid=sr_uid, fused=fused,
-                  fused_model=(bundle.card.name, bundle.card.version), selection=selection,
-                  measurement=measurement, attenuation=attenuation, image_note=image_note,
-                  quality_notes=_quality_notes(contrast, calibration),
-                  roi_source_rc=volume.to_source_rc(measurement.roi_polygon_rc) if measurement is not None
-                  and volume is not None else None)
-    write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
-    outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
+    with clock.stage("report"):
+        sr = build_sr(source_header=src_header, source_sop_instance_uid=source_uid, demographics=demo, labs=req.labs,
+                      node=req.node, series_uid=sr_series, sop_uid=sr_uid, fused=fused,
+                      fused_model=(bundle.card.name, bundle.card.version), selection=selection,
+                      measurement=measurement, attenuation=attenuation, image_note=image_note,
+                      quality_notes=_quality_notes(contrast, calibration),
+                      roi_source_rc=volume.to_source_rc(measurement.roi_polygon_rc) if measurement is not None
+                      and volume is not None else None)
+        write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
+        outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
 
-    if measurement is not None and volume is not None and selection is not None and attenuation is not None:
-        expl = fused.explanation
-        top = sorted(zip(expl.features, expl.contributions), key=lambda t: -abs(t[1]))[:6] if expl else []
-        labels = {f.name: f.label for f in FEATURES}
-        lines = [
-            f"Screening: {fused.category_label}",
-            f"Probability {fused.probability:.2f} (operating point {fused.threshold:.2f}); "
-            f"modalities: {', '.join(fused.modalities)}",
-            f"{measurement.level} trabecular attenuation: {measurement.mean_hu:.0f} HU "
-            f"(SD {measurement.sd_hu:.0f}, ROI {measurement.area_mm2:.0f} mm2) - {attenuation.category_label} "
-            f"by {attenuation.model_name}",
-            f"Level: {selection.level} by {selection.method} (anchor {selection.anchor}, "
-            f"confidence {selection.confidence:.2f}), slice {measurement.slice_index + 1} of {volume.shape[0]}",
-            *_panel_flags(contrast, calibration),
-            "Labs: " + ("; ".join(f"{v.name} {v.value:.3g} {v.unit}" for v in req.labs.values)
-                        if req.labs.values else "none found"),
-            "Patient: " + ", ".join(x for x in (
-                f"{demo.age_years:.0f} y" if demo.age_years is not None else "", demo.sex or "") if x),
-            f"Model: {bundle.card.name} {bundle.card.version}",
-        ]
-        rgb = render_key_image(
-            volume.hu[measurement.slice_index], (volume.spacing[1], volume.spacing[2]), measurement.roi_polygon_rc,
-            title="osteoscreen - L1 bone screening", lines=lines, footer=SHORT_DISCLAIMER,
-            bars=[(labels[n], v) for n, v in top], bars_title="Top factors (SHAP, probability units)")
-        sc = build_sc(source_header=src_header, source_sop_instance_uid=source_uid,
-                      source_frame_number=measurement.frame_number, rgb=rgb, node=req.node,
-                      series_uid=sc_series, sop_uid=sc_uid)
-        write_durably(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))
-        write_durably(out / "sc.png", lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
-        outputs.append(OutputObject("sc", str(out / "sc.dcm"), SC_SOP_CLASS, sc_uid))
+        if measurement is not None and volume is not None and selection is not None and attenuation is not None:
+            expl = fused.explanation
+            top = sorted(zip(expl.features, expl.contributions), key=lambda t: -abs(t[1]))[:6] if expl else []
+            labels = {f.name: f.label for f in FEATURES}
+            lines = [
+                f"Screening: {fused.category_label}",
+                f"Probability {fused.probability:.2f} (operating point {fused.threshold:.2f}); "
+                f"modalities: {', '.join(fused.modalities)}",
+                f"{measurement.level} trabecular attenuation: {measurement.mean_hu:.0f} HU "
+                f"(SD {measurement.sd_hu:.0f}, ROI {measurement.area_mm2:.0f} mm2) - {attenuation.category_label} "
+                f"by {attenuation.model_name}",
+                f"Level: {selection.level} by {selection.method} (anchor {selection.anchor}, "
+                f"confidence {selection.confidence:.2f}), slice {measurement.slice_index + 1} of {volume.shape[0]}",
+                *_panel_flags(contrast, calibration),
+                "Labs: " + ("; ".join(f"{v.name} {v.value:.3g} {v.unit}" for v in req.labs.values)
+                            if req.labs.values else "none found"),
+                "Patient: " + ", ".join(x for x in (
+                    f"{demo.age_years:.0f} y" if demo.age_years is not None else "", demo.sex or "") if x),
+                f"Model: {bundle.card.name} {bundle.card.version}",
+            ]
+            rgb = render_key_image(
+                volume.hu[measurement.slice_index], (volume.spacing[1], volume.spacing[2]), measurement.roi_polygon_rc,
+                title="osteoscreen - L1 bone screening", lines=lines, footer=SHORT_DISCLAIMER,
+                bars=[(labels[n], v) for n, v in top], bars_title="Top factors (SHAP, probability units)")
+            sc = build_sc(source_header=src_header, source_sop_instance_uid=source_uid,
+                          source_frame_number=measurement.frame_number, rgb=rgb, node=req.node,
+                          series_uid=sc_series, sop_uid=sc_uid)
+            write_durably(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))
+            write_durably(out / "sc.png", lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
+            outputs.append(OutputObject("sc", str(out / "sc.dcm"), SC_SOP_CLASS, sc_uid))
 
     summary = {
         "study_uid": str(header.get("StudyInstanceUID", "")),
@@ -226,4 +246,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         })
     if volume is not None:
         summary["volume_notes"] = list(volume.notes)
+        summary["slices"] = int(volume.shape[0])
+    summary["performance"] = {"started_at": round(started_at, 3), "stage_s": clock.as_dict(),
+                              "worker_peak_rss_mb": peak_rss_mb()}
     return _write_result(out, ScreeningResult("screened", None, req.series_uid, summary, tuple(outputs)))

@@ -22,6 +22,8 @@ import pydicom
 import pydicom.pixels
 from pydicom.dataset import Dataset
 
+from pipeline.timing import StageClock
+
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 LEGACY_ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
@@ -304,31 +306,42 @@ def canonical_axial(volume: Volume) -> Volume:
                   source_flips=(flip_r != volume.source_flips[0], flip_c != volume.source_flips[1]))
 
 
-def load_volume(paths: Sequence[str | Path], *, max_tilt_deg: float = 10.0) -> Volume:
-    """Read a series from files into a checked int16 HU volume."""
-    headers = [(Path(p), _header(Path(p))) for p in paths]
-    if not headers:
-        raise VolumeError("empty series")
-    series = Counter(str(ds.get("SeriesInstanceUID", "")) for _, ds in headers)
-    if len(series) > 1:
-        raise VolumeError(f"instances from {len(series)} series were given as one")
-    stack, notes = _select_stack(headers)
-    stack, step = _check_and_sort(stack, max_tilt_deg)
-    first = stack[0]
-    hu = np.empty((len(stack), int(first.header.Rows), int(first.header.Columns)), dtype=np.int16)
-    _decode_into(hu, stack)
+def load_volume(paths: Sequence[str | Path], *, max_tilt_deg: float = 10.0, clock: StageClock | None = None
+                ) -> Volume:
+    """Read a series from files into a checked int16 HU volume.
+
+    ``clock`` (optional) gets two stages: ``load_decode`` (reading headers and
+    decoding pixels) and ``volume`` (stack selection, geometry checks, sorting,
+    orientation).
+    """
+    clock = clock or StageClock()
+    with clock.stage("load_decode"):
+        headers = [(Path(p), _header(Path(p))) for p in paths]
+    with clock.stage("volume"):
+        if not headers:
+            raise VolumeError("empty series")
+        series = Counter(str(ds.get("SeriesInstanceUID", "")) for _, ds in headers)
+        if len(series) > 1:
+            raise VolumeError(f"instances from {len(series)} series were given as one")
+        stack, notes = _select_stack(headers)
+        stack, step = _check_and_sort(stack, max_tilt_deg)
+        first = stack[0]
+    with clock.stage("load_decode"):
+        hu = np.empty((len(stack), int(first.header.Rows), int(first.header.Columns)), dtype=np.int16)
+        _decode_into(hu, stack)
     iop = np.asarray(first.orientation, dtype=float)
     if any(f.frame_number is not None for f in stack):
         notes.append(f"multi-frame CT: {len(stack)} frames from {len({f.path for f in stack})} instance(s)")
-    return canonical_axial(Volume(
-        hu=hu,
-        spacing=(step, float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),  # (row, column) spacing
-        positions=np.array([f.position for f in stack], dtype=float),
-        row_direction=iop[:3],
-        column_direction=iop[3:],
-        slice_refs=tuple(SliceRef(_sop_class(f.header), str(f.header.get("SOPInstanceUID", "")), str(f.path),
-                                  f.frame_number) for f in stack),
-        header=_header_copy(first.header),
-        slice_thickness_mm=first.thickness,
-        notes=tuple(notes),
-    ))
+    with clock.stage("volume"):
+        return canonical_axial(Volume(
+            hu=hu,
+            spacing=(step, float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),  # (row, column) spacing
+            positions=np.array([f.position for f in stack], dtype=float),
+            row_direction=iop[:3],
+            column_direction=iop[3:],
+            slice_refs=tuple(SliceRef(_sop_class(f.header), str(f.header.get("SOPInstanceUID", "")), str(f.path),
+                                      f.frame_number) for f in stack),
+            header=_header_copy(first.header),
+            slice_thickness_mm=first.thickness,
+            notes=tuple(notes),
+        ))
