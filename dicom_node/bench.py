@@ -70,6 +70,7 @@ def send(files: list[Path], port: int, *, called: str, syntax: str = "raw", node
     """One storescu association (128 KiB PDUs); seconds from start to exit (last response + release)."""
     cmd = [_need("storescu"), "-aet", "CT1", "-aec", called, PROPOSE[syntax], "--max-pdu", str(MAX_PDU),
            "127.0.0.1", str(port), *map(str, files)]
+    os.sync()  # start with no dirty pages from earlier runs or the generator being written back meanwhile
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=_nodelay_env(nodelay), capture_output=True, text=True, timeout=900)
     elapsed = time.perf_counter() - t0
@@ -82,6 +83,7 @@ def send_concurrently(series: list[SampleSeries], port: int, *, called: str) -> 
     """One storescu process per series, all at once; seconds until the last one exits."""
     cmd = [_need("storescu"), "-aet", "CT1", "-aec", called, PROPOSE["raw"], "--max-pdu", str(MAX_PDU),
            "127.0.0.1", str(port)]
+    os.sync()
     t0 = time.perf_counter()
     procs = [subprocess.Popen(cmd + list(map(str, s.files)), env=_nodelay_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for s in series]
