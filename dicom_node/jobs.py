@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
