@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from typing import Callable
 
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
-from dicom_node.pacs import OrthancPACS, free_port, orthanc_binary
+from dicom_node.pacs import OrthancPACS, free_port, orthanc_binary, wait_port
 from dicom_node.sample import SampleSeries, write_resampled_series
 
 MAX_PDU = 131072
@@ -55,15 +54,11 @@ def _need(tool: str) -> str:
     return path
 
 
-def _wait_port(port: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise BenchError(f"nothing listening on 127.0.0.1:{port} after {timeout_s:.0f} s")
+def _listening(port: int) -> None:
+    try:
+        wait_port(port, 60.0)
+    except TimeoutError as exc:
+        raise BenchError(f"{exc}: the receiver did not start") from None
 
 
 def send(files: list[Path], port: int, *, called: str, syntax: str = "raw", nodelay: bool = True) -> float:
@@ -109,8 +104,13 @@ class Storescp:
         self._proc = subprocess.Popen([_need("storescp"), "+xa", "--max-pdu", str(MAX_PDU), "-od", str(self.out),
                                        str(self.port)], env=_nodelay_env(), stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
-        _wait_port(self.port)
+        _listening(self.port)
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
 
     def __exit__(self, *exc) -> None:
         assert self._proc is not None
@@ -143,7 +143,7 @@ class Node:
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
-        _wait_port(self.port)
+        _listening(self.port)
         deadline = time.monotonic() + 120
         while "worker ready" not in self.log_path.read_text(errors="replace"):  # warm-up off the clock
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -236,8 +236,7 @@ def bench_ingest(work: Path, raw: SampleSeries, concurrent: list[SampleSeries], 
     record("storescp", plain)
     record("storescp + sync", synced)
     with Storescp(work) as scp:
-        res.fsyncs_per_instance["storescp"] = _fsyncs(scp._proc.pid, lambda: send(raw.files, scp.port,  # type: ignore[union-attr]
-                                                                                 called="STORESCP"), n)
+        res.fsyncs_per_instance["storescp"] = _fsyncs(scp.pid, lambda: send(raw.files, scp.port, called="STORESCP"), n)
     # Orthanc with TCP_NODELAY=1 (the durable peer), and as packaged (Nagle on)
     for label, nodelay, k in (("orthanc (TCP_NODELAY=1)", True, runs), ("orthanc (as packaged)", False, min(runs, 3))):
         times = []
@@ -259,7 +258,8 @@ def bench_ingest(work: Path, raw: SampleSeries, concurrent: list[SampleSeries], 
                 raise BenchError(f"osteoscreen indexed {node.stored()} of {n} instances")
     record("osteoscreen", times)
     with Node(work / "node") as node:
-        res.fsyncs_per_instance["osteoscreen"] = _fsyncs(node.proc.pid, lambda: send(raw.files, node.port,  # type: ignore[union-attr]
+        assert node.proc is not None
+        res.fsyncs_per_instance["osteoscreen"] = _fsyncs(node.proc.pid, lambda: send(raw.files, node.port,
                                                                                     called=NODE_AET), n)
     # 4 concurrent senders
     total = sum(len(s.files) for s in concurrent)
@@ -347,7 +347,7 @@ def _latency_record(node: Node, slices: int, acked: float, in_pacs: float, quiet
     perf = summary.get("performance", {})
     stages = {"routing (after the quiet period)": decided - (last_received + quiet_s),
               "job dispatch + lab lookup": perf.get("started_at", decided) - decided}
-    stages.update({k.replace("_", "/") if k == "load_decode" else k: v for k, v in perf.get("stage_s", {}).items()})
+    stages.update({"load/decode" if k == "load_decode" else k: v for k, v in perf.get("stage_s", {}).items()})
     worker_total = sum(perf.get("stage_s", {}).values())
     stages["result recording"] = max(0.0, finished - perf.get("started_at", created) - worker_total)
     stages["export (C-STORE to the PACS)"] = in_pacs - finished

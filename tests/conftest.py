@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.pacs import OrthancPACS, free_port, orthanc_binary
+from dicom_node.pacs import OrthancPACS, free_port, orthanc_binary, wait_port  # noqa: F401 - tests import it from here
 from dicom_node.sample import write_sample_series
 
 DATA = Path(__file__).parent / "data"
@@ -39,17 +38,6 @@ def orthanc(tmp_path):
     pacs.start()
     yield pacs
     pacs.stop()
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on port {port}")
 
 
 class NodeProcess:

@@ -26,7 +26,7 @@ def test_osteoscreen_fsyncs_every_instance_and_storescp_does_not(small_series, t
         pytest.skip("strace cannot attach here (no ptrace permission)")
     assert fsyncs >= 2.0  # instance file + its directory (+ the index commit)
     with Storescp(tmp_path) as scp:
-        assert _fsyncs(scp._proc.pid, lambda: send(small_series.files, scp.port, called="STORESCP"), n) == 0.0
+        assert _fsyncs(scp.pid, lambda: send(small_series.files, scp.port, called="STORESCP"), n) == 0.0
         assert len(list((tmp_path / "storescp").iterdir())) == n
 
 
