@@ -52,6 +52,26 @@ class LabSettings(_Section):
     match_without_issuer: bool = Field(
         True, description="Match patient IDs when either side carries no issuer (single-issuer sites)."
     )
+    issuer_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Names of one assigning authority as DICOM (IssuerOfPatientID) or HL7 (PID-3.4) spell it, "
+                    "mapped to one name before they are compared, e.g. {\"1.2.3.4.5\" = \"HOSP\"}.",
+    )
+    mapping_file: Path | None = Field(
+        None, description="Lab mapping table (TOML); empty uses the shipped hl7/lab_mapping.toml.")
+    accept_preliminary: bool = Field(False, description="Use preliminary (OBX-11 P) results when no final one exists.")
+
+    @field_validator("mapping_file")
+    @classmethod
+    def _mapping_loads(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            from hl7.mapping import MappingError, load_mapping
+
+            try:
+                load_mapping(v)
+            except MappingError as exc:
+                raise ValueError(str(exc)) from exc
+        return v
 
 
 class RoutingSettings(_Section):

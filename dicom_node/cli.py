@@ -136,7 +136,8 @@ def _hl7(args: argparse.Namespace) -> int:
         if not args.arg:
             print("osteoscreen hl7 labs PATIENT_ID", file=sys.stderr)
             return 2
-        return tools.show_labs(store, args.arg, args.issuer, args.window_days or settings.labs.window_days)
+        return tools.show_labs(store, args.arg, args.issuer, args.window_days or settings.labs.window_days,
+                               labs=settings.labs)
     return tools.show_errors(store)
 
 

@@ -21,6 +21,7 @@ from dicom_node.store import InstanceRef, InstanceStore
 from engines.bundle import load_bundle, resolve_bundle_path
 from engines.runtime import load_graph
 from hl7.lookup import lookup_labs
+from hl7.mapping import load_mapping
 from hl7.mllp import MLLPServer
 from hl7.panel import LabPanel
 from hl7.parse_worker import BackgroundParser
@@ -46,8 +47,9 @@ class Service:
         self.instances = InstanceStore(self.state_dir / "instances", self.db)
         self.results_dir = self.state_dir / "results"
         self.lab_store = LabStore(self.state_dir / "labs.sqlite")
-        self.lab_receiver = LabReceiver(self.lab_store)
-        self.lab_parser = BackgroundParser(self.state_dir / "labs.sqlite")
+        self.lab_mapping = load_mapping(s.labs.mapping_file)
+        self.lab_receiver = LabReceiver(self.lab_store, self.lab_mapping)
+        self.lab_parser = BackgroundParser(self.state_dir / "labs.sqlite", mapping_file=s.labs.mapping_file)
         self.mllp = (
             MLLPServer(s.hl7.host, s.hl7.port, self.lab_receiver.handle, self.lab_receiver.refuse,
                        max_message_bytes=s.hl7.max_message_bytes, read_timeout_s=s.hl7.read_timeout_s)
@@ -209,7 +211,8 @@ class Service:
         panel = lookup_labs(self.lab_store, row.patient_id, row.issuer or None, study_date(header),
                             window_days=s.window_days, after_days=s.after_study_days,
                             match_without_issuer=s.match_without_issuer, birth_date=birth,
-                            sex=str(header.get("PatientSex", "") or ""))
+                            sex=str(header.get("PatientSex", "") or ""), mapping=self.lab_mapping,
+                            accept_preliminary=s.accept_preliminary, issuer_aliases=s.issuer_aliases)
         for note in panel.notes:
             if "blocked" in note:
                 log.warning("series %s: %s", series_uid, note)

@@ -3,10 +3,36 @@ from __future__ import annotations
 
 import datetime as dt
 
-from hl7.loinc import ANALYTES
+from hl7.mapping import DEFAULT, LabMapping
 from hl7.panel import LabExclusion, LabPanel, LabValue
 from hl7.parse_worker import parse_pending
-from hl7.store import LabStore
+from hl7.store import LabStore, StoredObservation
+
+FINAL_STATUSES = {"F", "C", "A", ""}  # final, corrected, amended; empty is treated as final (OBX-11 is optional)
+DELETING_STATUSES = {"D", "W"}  # delete the earlier OBX; posted original was wrong
+STATUS_TEXT = {"P": "preliminary", "R": "entered, not verified", "S": "partial", "I": "pending", "X": "not obtainable",
+               "D": "deletion", "W": "posted as wrong", "N": "not asked", "O": "order detail"}
+
+
+def _superseded(observations: list[StoredObservation], mapping: LabMapping) -> dict[int, str]:
+    """Index -> reason, for values a later D/W result deletes (same analyte, same observation time)."""
+    deletions: list[tuple[str, dt.datetime | None, int, str]] = []
+    for o in observations:
+        if o.status in DELETING_STATUSES:
+            loinc = mapping.interpret(o.code, o.code_system, o.alt_code, o.alt_system, "", "0", "").loinc
+            if loinc:
+                deletions.append((loinc, o.observed_at, o.message_id, o.status))
+    gone: dict[int, str] = {}
+    if not deletions:
+        return gone
+    for i, o in enumerate(observations):
+        if o.status in DELETING_STATUSES:
+            continue
+        loinc = mapping.interpret(o.code, o.code_system, o.alt_code, o.alt_system, "", "0", "").loinc
+        for d_loinc, d_when, d_mid, d_status in deletions:
+            if loinc == d_loinc and o.observed_at == d_when and o.message_id < d_mid:
+                gone[i] = f"withdrawn by a later result (OBX-11 {d_status}, {STATUS_TEXT[d_status]})"
+    return gone
 
 
 def lookup_labs(
@@ -20,14 +46,17 @@ def lookup_labs(
     match_without_issuer: bool = True,
     birth_date: dt.date | None = None,
     sex: str | None = None,
+    mapping: LabMapping = DEFAULT,
+    accept_preliminary: bool = False,
+    issuer_aliases: dict[str, str] | None = None,
 ) -> LabPanel:
-    """The most recent usable value per LOINC code within the window before the study.
+    """The most recent usable value per analyte within the window before the study.
 
-    Values of analytes the product uses that cannot be used (outside the window,
-    unit not recognised, not final, not numeric) are listed with the reason.
-    Identity: a message whose PID birth date or sex contradicts the image's is
-    another patient with the same identifier (or a data error): its results are
-    blocked, with the reason, never used.
+    Values the mapping table knows but that cannot be used (outside the window,
+    unit not recognised, implausible, not final, withdrawn, not numeric) are
+    listed with the reason. Identity: a message whose PID birth date or sex
+    contradicts the image's is another patient with the same identifier (or a
+    data error): its results are blocked, with the reason, never used.
     """
     values: dict[str, LabValue] = {}
     excluded: dict[tuple[str, str], LabExclusion] = {}
@@ -41,14 +70,20 @@ def lookup_labs(
         end = dt.datetime.combine(study_date + dt.timedelta(days=after_days), dt.time.max)
     else:
         notes.append("study date unknown: lab dates not checked")
-    parse_pending(store, patient_id=patient_id)  # messages the background parser has not reached yet
+    parse_pending(store, patient_id=patient_id, mapping=mapping)  # messages the background parser has not reached
     want_dob = birth_date.strftime("%Y%m%d") if birth_date else ""
     want_sex = (sex or "").upper()[:1]
     blocked: set[int] = set()
-    for obs in store.observations_for(patient_id, issuer, match_without_issuer):
-        if obs.loinc is None or obs.loinc not in ANALYTES:
+    accepted = FINAL_STATUSES | ({"P"} if accept_preliminary else set())
+    observations = store.observations_for(patient_id, issuer, match_without_issuer, issuer_aliases)
+    withdrawn = _superseded(observations, mapping)
+    for i, obs in enumerate(observations):
+        found = mapping.interpret(obs.code, obs.code_system, obs.alt_code, obs.alt_system, obs.value_type,
+                                  obs.value_text, obs.unit_text)
+        if found.loinc is None or obs.status in DELETING_STATUSES:
             continue
-        name = ANALYTES[obs.loinc].name
+        loinc = found.loinc
+        name = mapping.analytes[loinc].name
         clash = []
         if want_dob and obs.birth_date and obs.birth_date != want_dob:
             clash.append("birth date")
@@ -58,24 +93,32 @@ def lookup_labs(
             if obs.message_id not in blocked:
                 blocked.add(obs.message_id)
                 notes.append(f"labs from {obs.source} blocked: {' and '.join(clash)} differ from the image's")
-            excluded[(obs.loinc, "identity")] = LabExclusion(
-                obs.loinc, name, f"blocked: {' and '.join(clash)} in the lab message differ from the image's")
+            excluded[(loinc, "identity")] = LabExclusion(
+                loinc, name, f"blocked: {' and '.join(clash)} in the lab message differ from the image's")
             continue
-        if obs.problem or obs.value is None:
-            excluded[(obs.loinc, obs.problem or "no value")] = LabExclusion(obs.loinc, name, obs.problem or "no value")
+        if i in withdrawn:
+            excluded[(loinc, "withdrawn")] = LabExclusion(loinc, name, withdrawn[i])
+            continue
+        if obs.status not in accepted:
+            what = STATUS_TEXT.get(obs.status, "not final")
+            excluded[(loinc, "status")] = LabExclusion(loinc, name, f"result status {obs.status} ({what}) is not used")
+            continue
+        if found.problem or found.value is None:
+            excluded[(loinc, found.problem or "no value")] = LabExclusion(loinc, name, found.problem or "no value")
             continue
         if start is not None and (obs.observed_at is None or not start <= obs.observed_at <= end):
             when = obs.observed_at.date().isoformat() if obs.observed_at else "undated"
-            excluded[(obs.loinc, "window")] = LabExclusion(
-                obs.loinc, name, f"observed {when}, outside {window_days} days before the study")
+            excluded[(loinc, "window")] = LabExclusion(
+                loinc, name, f"observed {when}, outside {window_days} days before the study")
             continue
-        current = values.get(obs.loinc)
-        rank = (obs.observed_at or dt.datetime.min, obs.status == "C", obs.message_id)
-        if current is None or rank > ranks[obs.loinc]:
-            ranks[obs.loinc] = rank  # latest observation; a correction supersedes the original
-            values[obs.loinc] = LabValue(
-                loinc=obs.loinc, name=name, value=float(obs.value), unit=str(obs.unit),
+        # Latest observation wins; at the same time a correction beats the original, final beats preliminary.
+        rank = (obs.observed_at or dt.datetime.min, obs.status == "C", obs.status != "P", obs.message_id)
+        if loinc not in values or rank > ranks[loinc]:
+            ranks[loinc] = rank
+            values[loinc] = LabValue(
+                loinc=loinc, name=name, value=float(found.value), unit=str(found.unit),
                 observed_at=obs.observed_at, source=obs.source, original=f"{obs.value_text} {obs.unit_text}".strip(),
+                flags=obs.abnormal_flags, status=obs.status or "F",
             )
     kept = tuple(sorted(values.values(), key=lambda v: v.loinc))
     dropped = tuple(e for (code, _), e in sorted(excluded.items()) if code not in values)

@@ -14,6 +14,8 @@ class LabValue:
     observed_at: dt.datetime | None
     source: str  # sending facility and message control ID
     original: str = ""  # value and unit as received
+    flags: str = ""  # OBX-8 abnormal flags as the lab sent them (L, H, LL, HH, A, ...); "~" between repeats
+    status: str = "F"  # OBX-11 of the value used (F, C, A; P only where preliminary results are accepted)
 
 
 @dataclass(frozen=True)

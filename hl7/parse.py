@@ -1,4 +1,9 @@
-"""Full parse of a stored ORU^R01 with hl7apy (after the ACK) into observation rows."""
+"""Full parse of a stored result message with hl7apy (after the ACK) into observation rows.
+
+Rows keep what the OBX said (identifiers, value, unit, status, flags, time) so the
+lookup can apply the current mapping table and status policy; the mapped value
+stored with each row is what the table made of it at parse time.
+"""
 from __future__ import annotations
 
 import datetime as dt
@@ -6,10 +11,9 @@ import datetime as dt
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
-from hl7.loinc import UnitError, canonical_code, to_canonical
+from hl7.mapping import DEFAULT, LabMapping
 from hl7.precheck import split_segments
 
-FINAL_STATUSES = {"F", "C", "A", ""}  # final, corrected, amended; empty is treated as final
 
 
 def parse_hl7_datetime(text: str) -> dt.datetime | None:
@@ -38,8 +42,15 @@ def _value(field) -> str:
         return ""
 
 
-def parse_observations(raw: bytes) -> list[dict]:
-    """OBX rows with mapped LOINC and canonical value where possible; a problem is recorded per row."""
+def _repetitions(field) -> list[str]:
+    try:
+        return [rep.to_er7() for rep in field]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def parse_observations(raw: bytes, mapping: LabMapping = DEFAULT) -> list[dict]:
+    """OBX rows of any result message (ORU^R01, RSP^K11, ORF^R04), mapped where the table allows."""
     text = raw.decode("latin-1")
     er7 = "\r".join(split_segments(text))
     msg = parse_message(er7, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
@@ -55,36 +66,19 @@ def parse_observations(raw: bytes) -> list[dict]:
         if name != "OBX":
             continue
         seq += 1
-        ident = _value(seg.obx_3).split(enc_cs)
-        code = ident[0] if ident else ""
-        text_name = ident[1] if len(ident) > 1 else ""
-        system = ident[2] if len(ident) > 2 else ""
-        value_type = _value(seg.obx_2)
+        ident = _value(seg.obx_3).split(enc_cs) + [""] * 6
+        code, text_name, system, alt_code, alt_system = ident[0], ident[1], ident[2], ident[3], ident[5]
+        value_type = _value(seg.obx_2).strip().upper()
         value_text = _value(seg.obx_5)
         unit_text = _value(seg.obx_6).split(enc_cs)[0]
+        flags = "~".join(f.split(enc_cs)[0].strip() for f in _repetitions(seg.obx_8) if f.strip())
         status = _value(seg.obx_11).strip().upper()
         observed = parse_hl7_datetime(_value(seg.obx_14).split(enc_cs)[0]) or obr_time
-        loinc = canonical_code(code, system)
-        value = unit = problem = None
-        if loinc is None and len(ident) > 5 and ident[5].upper() in ("LN", "LOINC"):
-            loinc = canonical_code(ident[3], ident[5])  # alternate identifier is LOINC
-        if loinc is None:
-            problem = "not a LOINC code used by osteoscreen"
-        elif status not in FINAL_STATUSES:
-            problem = f"result status {status} is not final"
-        elif value_type and value_type not in ("NM", "SN", "ST", "TX"):
-            problem = f"value type {value_type} is not numeric"
-        else:
-            try:
-                number = float(value_text.replace(enc_cs, "").strip().lstrip("=<>").strip())
-                value, unit = to_canonical(loinc, number, unit_text)
-            except UnitError as exc:
-                problem = str(exc)
-            except ValueError:
-                problem = f"value {value_text!r} is not a number"
+        found = mapping.interpret(code, system, alt_code, alt_system, value_type, value_text, unit_text)
         rows.append({
-            "seq": seq, "code": code, "code_system": system, "name": text_name or code, "loinc": loinc,
-            "value_text": value_text, "unit_text": unit_text, "value": value, "unit": unit, "status": status,
-            "observed_at": observed.isoformat() if observed else None, "problem": problem,
+            "seq": seq, "code": code, "code_system": system, "alt_code": alt_code, "alt_system": alt_system,
+            "name": text_name or code, "loinc": found.loinc, "value_type": value_type, "value_text": value_text,
+            "unit_text": unit_text, "value": found.value, "unit": found.unit, "abnormal_flags": flags,
+            "status": status, "observed_at": observed.isoformat() if observed else None, "problem": found.problem,
         })
     return rows

@@ -5,18 +5,20 @@ import logging
 import multiprocessing
 from pathlib import Path
 
+from hl7.mapping import DEFAULT, LabMapping, load_mapping
 from hl7.parse import parse_observations
 from hl7.store import LabStore
 
 log = logging.getLogger("osteoscreen.hl7.parse")
 
 
-def parse_pending(store: LabStore, *, patient_id: str | None = None, limit: int | None = None) -> int:
+def parse_pending(store: LabStore, *, patient_id: str | None = None, limit: int | None = None,
+                  mapping: LabMapping = DEFAULT) -> int:
     """Parse messages stored but not yet parsed; a failure is recorded on the message, never dropped."""
     done = 0
     for mid, raw in store.pending_messages(patient_id=patient_id, limit=limit):
         try:
-            rows = parse_observations(raw)
+            rows = parse_observations(raw, mapping)
         except Exception as exc:  # noqa: BLE001 - recorded and visible (`osteoscreen hl7 errors`)
             log.error("HL7 message %d stored but could not be parsed: %s", mid, exc)
             store.save_parse(mid, [], f"{type(exc).__name__}: {exc}")
@@ -26,12 +28,13 @@ def parse_pending(store: LabStore, *, patient_id: str | None = None, limit: int 
     return done
 
 
-def _loop(db_path: str, poll_s: float, stop) -> None:  # pragma: no cover - runs in a child process
+def _loop(db_path: str, poll_s: float, stop, mapping_file: str | None) -> None:  # pragma: no cover - child
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [hl7-parser] %(message)s")
+    mapping = load_mapping(mapping_file)
     store = LabStore(db_path)
     while not stop.is_set():
         try:
-            n = parse_pending(store, limit=50)
+            n = parse_pending(store, limit=50, mapping=mapping)
         except Exception:  # noqa: BLE001 - keep going; the next poll retries
             log.exception("background HL7 parse failed")
             n = 0
@@ -43,11 +46,12 @@ def _loop(db_path: str, poll_s: float, stop) -> None:  # pragma: no cover - runs
 class BackgroundParser:
     """A separate process, so hl7apy's CPU time never holds the listener's GIL."""
 
-    def __init__(self, db_path: str | Path, poll_s: float = 1.0) -> None:
+    def __init__(self, db_path: str | Path, poll_s: float = 1.0, mapping_file: str | Path | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._stop = ctx.Event()
-        self._proc = ctx.Process(target=_loop, args=(str(db_path), poll_s, self._stop), name="hl7-parser",
-                                 daemon=True)
+        self._proc = ctx.Process(target=_loop, args=(str(db_path), poll_s, self._stop,
+                                                     str(mapping_file) if mapping_file else None),
+                                 name="hl7-parser", daemon=True)
 
     def start(self) -> None:
         self._proc.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from hl7.ack import ACCEPT_CODE, ack_wanted, build_ack, is_enhanced
+from hl7.mapping import DEFAULT, LabMapping
 from hl7.parse import parse_observations
 from hl7.precheck import MessageHeader, PrecheckError, parse_header
 from hl7.store import DuplicateConflict, LabStore
@@ -25,8 +26,9 @@ class LabReceiver:
     were read, AE with the parse error otherwise.
     """
 
-    def __init__(self, store: LabStore) -> None:
+    def __init__(self, store: LabStore, mapping: LabMapping = DEFAULT) -> None:
         self.store = store
+        self.mapping = mapping
 
     def refuse(self, reason: str) -> bytes:
         return build_ack("AR", reason, None)
@@ -67,7 +69,7 @@ class LabReceiver:
     def _application_ack(self, raw: bytes, header: MessageHeader, message_id: int) -> list[bytes]:
         """Parse now (the sender asked to hear the result) and answer AA or AE as MSH-16 wants."""
         try:
-            rows = parse_observations(raw)
+            rows = parse_observations(raw, self.mapping)
         except Exception as exc:  # noqa: BLE001 - recorded on the message and reported in the AE
             error = f"{type(exc).__name__}: {exc}"
             self.store.save_parse(message_id, [], error)

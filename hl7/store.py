@@ -43,12 +43,16 @@ CREATE TABLE IF NOT EXISTS observations (
     seq INTEGER NOT NULL,
     code TEXT NOT NULL,
     code_system TEXT NOT NULL,
+    alt_code TEXT NOT NULL DEFAULT '',
+    alt_system TEXT NOT NULL DEFAULT '',
     name TEXT NOT NULL,
     loinc TEXT,
     value_text TEXT NOT NULL,
     unit_text TEXT NOT NULL,
     value REAL,
     unit TEXT,
+    value_type TEXT NOT NULL DEFAULT '',
+    abnormal_flags TEXT NOT NULL DEFAULT '',
     status TEXT NOT NULL,
     observed_at TEXT,
     problem TEXT
@@ -62,6 +66,11 @@ class StoredObservation:
     message_id: int
     source: str
     code: str
+    code_system: str
+    alt_code: str
+    alt_system: str
+    value_type: str
+    abnormal_flags: str
     name: str
     loinc: str | None
     value_text: str
@@ -73,6 +82,9 @@ class StoredObservation:
     problem: str | None
     birth_date: str = ""
     sex: str = ""
+
+
+_OBSERVATION_DEFAULTS = {"alt_code": "", "alt_system": "", "value_type": "", "abnormal_flags": ""}
 
 
 @dataclass(frozen=True)
@@ -98,10 +110,12 @@ class LabStore:
 
     def _migrate(self) -> None:
         """Bring a store written by an older release up to this schema (columns are only ever added)."""
-        cols = {r[1] for r in self._db.execute("PRAGMA table_info(message_patients)")}
-        for col in ("birth_date", "sex"):
-            if col not in cols:
-                self._db.execute(f"ALTER TABLE message_patients ADD COLUMN {col} TEXT NOT NULL DEFAULT ''")
+        for table, added in (("message_patients", ("birth_date", "sex")),
+                             ("observations", ("alt_code", "alt_system", "value_type", "abnormal_flags"))):
+            cols = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            for col in added:
+                if col not in cols:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -163,11 +177,11 @@ class LabStore:
             try:
                 self._db.execute("DELETE FROM observations WHERE message_id=?", (message_id,))
                 self._db.executemany(
-                    "INSERT INTO observations (message_id, seq, code, code_system, name, loinc, value_text, unit_text,"
-                    " value, unit, status, observed_at, problem) VALUES"
-                    " (:message_id,:seq,:code,:code_system,:name,:loinc,:value_text,:unit_text,:value,:unit,:status,"
-                    ":observed_at,:problem)",
-                    [{**o, "message_id": message_id} for o in observations],
+                    "INSERT INTO observations (message_id, seq, code, code_system, alt_code, alt_system, name, loinc,"
+                    " value_type, value_text, unit_text, value, unit, abnormal_flags, status, observed_at, problem)"
+                    " VALUES (:message_id,:seq,:code,:code_system,:alt_code,:alt_system,:name,:loinc,:value_type,"
+                    ":value_text,:unit_text,:value,:unit,:abnormal_flags,:status,:observed_at,:problem)",
+                    [{**_OBSERVATION_DEFAULTS, **o, "message_id": message_id} for o in observations],
                 )
                 self._db.execute(
                     "UPDATE messages SET parse_state=?, parse_error=? WHERE id=?",
@@ -186,29 +200,44 @@ class LabStore:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM messages").fetchone()[0])
 
-    def observations_for(self, patient_id: str, issuer: str | None, match_without_issuer: bool) -> list[StoredObservation]:
-        """Observations from messages about this patient (issuer rules as configured)."""
+    def observations_for(self, patient_id: str, issuer: str | None, match_without_issuer: bool,
+                         issuer_aliases: dict[str, str] | None = None) -> list[StoredObservation]:
+        """Observations from messages about this patient.
+
+        Identity is the identifier plus its assigning authority. ``issuer_aliases``
+        maps the names either side uses for one authority (DICOM IssuerOfPatientID,
+        HL7 PID-3.4 namespace or universal ID) to one name before they are compared.
+        """
+        aliases = {k.strip().upper(): v.strip().upper() for k, v in (issuer_aliases or {}).items()}
+
+        def canon(name: str | None) -> str:
+            n = (name or "").strip().upper()
+            return aliases.get(n, n)
+
         sql = (
             "SELECT o.message_id, m.sender || ' ' || m.control_id, o.code, o.name, o.loinc, o.value_text, o.unit_text,"
-            " o.value, o.unit, o.status, o.observed_at, o.problem, mp.issuer, mp.birth_date, mp.sex"
+            " o.value, o.unit, o.status, o.observed_at, o.problem, mp.issuer, mp.birth_date, mp.sex,"
+            " o.code_system, o.alt_code, o.alt_system, o.value_type, o.abnormal_flags"
             " FROM observations o JOIN messages m ON m.id=o.message_id"
-            " JOIN message_patients mp ON mp.message_id=o.message_id WHERE mp.patient_id=?"
+            " JOIN message_patients mp ON mp.message_id=o.message_id WHERE mp.patient_id=? ORDER BY o.message_id, o.seq"
         )
         with self._lock:
             rows = self._db.execute(sql, (patient_id,)).fetchall()
+        want = canon(issuer)
         out, seen = [], set()
         for r in rows:
-            their_issuer = r[12]
-            if issuer and their_issuer and issuer != their_issuer:
+            theirs = canon(r[12])
+            if want and theirs and want != theirs:
                 continue
-            if (not issuer or not their_issuer) and not match_without_issuer and issuer != their_issuer:
+            if (not want or not theirs) and not match_without_issuer and want != theirs:
                 continue
             key = (r[0], r[2], r[10], r[5])
             if key in seen:
                 continue
             seen.add(key)
             out.append(StoredObservation(
-                message_id=r[0], source=r[1], code=r[2], name=r[3], loinc=r[4], value_text=r[5], unit_text=r[6],
+                message_id=r[0], source=r[1], code=r[2], code_system=r[15], alt_code=r[16], alt_system=r[17],
+                value_type=r[18], abnormal_flags=r[19], name=r[3], loinc=r[4], value_text=r[5], unit_text=r[6],
                 value=r[7], unit=r[8], status=r[9],
                 observed_at=dt.datetime.fromisoformat(r[10]) if r[10] else None, problem=r[11],
                 birth_date=r[13], sex=r[14],

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from hl7.client import MLLPClient, ack_code
+from config.schema import LabSettings
 from hl7.lookup import lookup_labs
+from hl7.mapping import load_mapping
 from hl7.mllp import CR, FS, MLLPServer, frame
 from hl7.ack import is_enhanced
 from hl7.precheck import PrecheckError, parse_header, split_segments
@@ -46,15 +48,21 @@ def send_file(path: Path, host: str, port: int, out=print, optional_wait_s: floa
     return 0 if all(code in ("AA", "CA") for code in codes) else 1
 
 
-def show_labs(store_path: Path, patient_id: str, issuer: str | None, window_days: int, out=print) -> int:
+def show_labs(store_path: Path, patient_id: str, issuer: str | None, window_days: int, out=print,
+              labs: LabSettings | None = None) -> int:
+    s = labs or LabSettings()
     store = LabStore(store_path)
     try:
-        panel = lookup_labs(store, patient_id, issuer, dt.date.today(), window_days=window_days)
+        panel = lookup_labs(store, patient_id, issuer, dt.date.today(), window_days=window_days,
+                            match_without_issuer=s.match_without_issuer, mapping=load_mapping(s.mapping_file),
+                            accept_preliminary=s.accept_preliminary, issuer_aliases=s.issuer_aliases)
     finally:
         store.close()
     for v in panel.values:
         when = v.observed_at.isoformat(sep=" ") if v.observed_at else "undated"
-        out(f"{v.loinc:8s} {v.name:30s} {v.value:10.4g} {v.unit:10s} {when}  ({v.original}; {v.source})")
+        flag = f" flag {v.flags}" if v.flags else ""
+        out(f"{v.loinc:8s} {v.name:30s} {v.value:10.4g} {v.unit:16s} {when}  ({v.original}{flag}; {v.status}; "
+            f"{v.source})")
     for e in panel.excluded:
         out(f"{e.code:8s} {e.name:30s} not used: {e.reason}")
     out(f"hl7 labs: patient {patient_id}: {len(panel.values)} usable, {len(panel.excluded)} excluded "

@@ -2,7 +2,7 @@
 
 One list, used by training (NHANES columns), by the service (LOINC codes from
 HL7, demographics from the DICOM header) and by the SR (names and units).
-Canonical units are the NHANES units, which hl7.loinc converts to.
+Canonical units are the NHANES units, which the lab mapping table (hl7/lab_mapping.toml) converts to.
 """
 from __future__ import annotations
 

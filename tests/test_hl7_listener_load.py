@@ -141,7 +141,7 @@ def test_corrected_result_supersedes_the_original(listener):
 
 
 def test_unit_conversions():
-    from hl7.loinc import to_canonical
+    from hl7.mapping import to_canonical
 
     assert to_canonical("17861-6", 2.5, "mmol/L")[0] == pytest.approx(10.02)
     assert to_canonical("2160-0", 88.42, "µmol/L")[0] == pytest.approx(1.0)

@@ -11,7 +11,7 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from hl7.panel import LabPanel
+from hl7.panel import LabPanel, LabValue
 from pipeline.bone import BoneMeasurement
 from pipeline.demographics import Demographics
 from pipeline.report.notice import DISCLAIMER
@@ -59,6 +59,16 @@ def _coding_scheme_identification() -> Dataset:
     item.CodingSchemeName = "osteoscreen private codes"
     item.CodingSchemeResponsibleOrganization = "osteoscreen project"
     return item
+
+
+def _lab_text(v: LabValue) -> str:
+    """One lab value as the radiologist reads it: value, unit, the lab's own flag, status if not final, date."""
+    text = f"{v.name} {v.value:g} {v.unit}"
+    if v.flags and v.flags.upper() not in ("N", "NORMAL"):
+        text += f" [flag {v.flags}]"
+    if v.status == "P":
+        text += " (preliminary)"
+    return text + (f" ({v.observed_at:%Y-%m-%d})" if v.observed_at else "")
 
 
 def _demographics_text(d: Demographics | None) -> str:
@@ -204,8 +214,7 @@ def build_sr(
     texts.extend(quality_notes)
     texts.append(
         "Laboratory values: "
-        + ("; ".join(f"{v.name} {v.value:g} {v.unit} ({v.observed_at:%Y-%m-%d})" if v.observed_at
-                     else f"{v.name} {v.value:g} {v.unit}" for v in labs.values)
+        + ("; ".join(_lab_text(v) for v in labs.values)
            if labs.values else "none available in the look-back window")
         + (". Not used: " + "; ".join(f"{e.name}: {e.reason}" for e in labs.excluded) if labs.excluded else "")
         + ".")
