@@ -36,6 +36,30 @@ class NodeSettings(_Section):
     device_serial_number: str = "0001"
 
 
+class TLSSettings(_Section):
+    """TLS for an MLLP connection. Files are PEM. Off unless ``enabled``."""
+
+    enabled: bool = False
+    cert_file: Path | None = Field(None, description="Our certificate (listener: required; client: for mutual TLS).")
+    key_file: Path | None = Field(None, description="Private key of cert_file.")
+    ca_file: Path | None = Field(
+        None, description="Listener: require client certificates signed by these CAs. "
+                          "Client: trust these CAs instead of the system store.")
+    check_hostname: bool = Field(True, description="Client: the server certificate must name the host.")
+
+    @model_validator(mode="after")
+    def _files(self) -> "TLSSettings":
+        if not self.enabled:
+            return self
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        for name in ("cert_file", "key_file", "ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} does not exist or is not a file")
+        return self
+
+
 class HL7Settings(_Section):
     """The MLLP listener that receives ORU^R01 lab results."""
 
@@ -44,6 +68,38 @@ class HL7Settings(_Section):
     port: Port = 2575
     max_message_bytes: int = Field(1_048_576, ge=1024)
     read_timeout_s: float = Field(300.0, gt=0)
+    tls: TLSSettings = TLSSettings()
+
+    @model_validator(mode="after")
+    def _listener_tls(self) -> "HL7Settings":
+        if self.tls.enabled and self.tls.cert_file is None:
+            raise ValueError("hl7.tls: a listener needs cert_file and key_file")
+        return self
+
+
+class LISQuerySettings(_Section):
+    """Pull labs from the LIS when the local store lacks what a job needs (off unless ``enabled``)."""
+
+    enabled: bool = False
+    protocol: str = Field("qbp_q11", pattern=r"^(qbp_q11|qry_r02)$",
+                          description="qbp_q11: QBP^Q11 -> RSP^K11 (v2.5); qry_r02: QRY^R02 -> ORF^R04 (legacy).")
+    host: str = "127.0.0.1"
+    port: Port = 2576
+    version: str = Field("", pattern=r"^(|2\.3|2\.3\.1|2\.4|2\.5|2\.5\.1)$",
+                         description="MSH-12; empty: 2.5.1 for qbp_q11, 2.3 for qry_r02.")
+    sending_application: str = "OSTEOSCREEN"
+    sending_facility: str = ""
+    receiving_application: str = "LIS"
+    receiving_facility: str = ""
+    query_name: str = Field("Z_LAB_RESULTS^Lab results history^OSTEOSCREEN",
+                            description="QPD-1 (qbp_q11), as agreed in the site's conformance statement.")
+    max_results: int = Field(200, ge=1, description="RCP-2 / QRD-7 quantity limit.")
+    connect_timeout_s: float = Field(3.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(2, ge=0, le=10, description="Further attempts after a failed connection or timeout.")
+    budget_s: float = Field(15.0, gt=0, description="All attempts together; the job then goes on without the labs.")
+    requery_after_s: float = Field(300.0, ge=0, description="Do not ask again for the same patient within this time.")
+    tls: TLSSettings = TLSSettings()
 
 
 class LabSettings(_Section):
@@ -141,6 +197,7 @@ class Settings(_Section):
     node: NodeSettings = NodeSettings()
     hl7: HL7Settings = HL7Settings()
     labs: LabSettings = LabSettings()
+    lis_query: LISQuerySettings = LISQuerySettings()
     routing: RoutingSettings = RoutingSettings()
     jobs: JobSettings = JobSettings()
     screening: ScreeningSettings = ScreeningSettings()

@@ -128,7 +128,13 @@ def _hl7(args: argparse.Namespace) -> int:
         if not args.arg:
             print("osteoscreen hl7 send FILE", file=sys.stderr)
             return 2
-        return tools.send_file(Path(args.arg), args.host or settings.hl7.host, args.port or settings.hl7.port)
+        return tools.send_file(Path(args.arg), args.host or settings.hl7.host, args.port or settings.hl7.port,
+                               tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    if args.action == "query":
+        if not args.arg:
+            print("osteoscreen hl7 query PATIENT_ID [--issuer AUTHORITY]", file=sys.stderr)
+            return 2
+        return tools.query_lis(settings, args.arg, args.issuer, args.window_days or settings.labs.window_days)
     if not store.exists():
         print(f"osteoscreen: no lab store at {store}", file=sys.stderr)
         return 2
@@ -221,13 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--bundle", default="fused_kdamm_v1")
     e.set_defaults(func=_eval)
     h = sub.add_parser("hl7", help="HL7 interface tools for IT")
-    h.add_argument("action", choices=["send", "labs", "errors", "bench"])
-    h.add_argument("arg", nargs="?", help="send: message file; labs: patient ID")
+    h.add_argument("action", choices=["send", "labs", "query", "errors", "bench"])
+    h.add_argument("arg", nargs="?", help="send: message file; labs, query: patient ID")
     h.add_argument("--config", type=Path, help="node configuration (state dir, HL7 port)")
     h.add_argument("--host")
     h.add_argument("--port", type=int)
     h.add_argument("--issuer", help="labs: assigning authority of the patient ID")
     h.add_argument("--window-days", type=int)
+    h.add_argument("--tls-ca", type=Path, help="send: connect with TLS, trusting this CA (PEM)")
+    h.add_argument("--tls-cert", type=Path, help="send: client certificate for mutual TLS (PEM)")
+    h.add_argument("--tls-key", type=Path, help="send: key of --tls-cert")
     h.set_defaults(func=_hl7)
     st = sub.add_parser("status", help="queues, last errors and skipped series of a node")
     st.add_argument("--config", type=Path)

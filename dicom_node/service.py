@@ -1,6 +1,7 @@
 """The one place that wires the node together: SCP, completion, routing, labs, jobs, export."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import signal
@@ -25,13 +26,17 @@ from hl7.mapping import load_mapping
 from hl7.mllp import MLLPServer
 from hl7.panel import LabPanel
 from hl7.parse_worker import BackgroundParser
+from hl7.query import LabQueryClient
 from hl7.receiver import LabReceiver
 from hl7.store import LabStore
+from hl7.tls import client_context, server_context
 from pipeline.demographics import study_date
+from pipeline.features import FEATURES
 from pipeline.job import JobRequest, ScreeningResult
 from pipeline.report.sr import NodeIdentity
 
 log = logging.getLogger("osteoscreen.service")
+MODEL_LAB_CODES = tuple(f.loinc for f in FEATURES if f.group == "labs")  # the labs the fused model uses
 
 
 class Service:
@@ -52,9 +57,12 @@ class Service:
         self.lab_parser = BackgroundParser(self.state_dir / "labs.sqlite", mapping_file=s.labs.mapping_file)
         self.mllp = (
             MLLPServer(s.hl7.host, s.hl7.port, self.lab_receiver.handle, self.lab_receiver.refuse,
-                       max_message_bytes=s.hl7.max_message_bytes, read_timeout_s=s.hl7.read_timeout_s)
+                       max_message_bytes=s.hl7.max_message_bytes, read_timeout_s=s.hl7.read_timeout_s,
+                       ssl_context=server_context(s.hl7.tls))
             if s.hl7.enabled else None
         )
+        self.lab_query = (LabQueryClient(s.lis_query, self.lab_store, client_context(s.lis_query.tls))
+                          if s.lis_query.enabled else None)
         self.node_identity = NodeIdentity(
             manufacturer=s.node.manufacturer,
             model_name="osteoscreen",
@@ -202,22 +210,39 @@ class Service:
         header = pydicom.dcmread(header_path, stop_before_pixels=True)
         row = self.db.series(series_uid)
         assert row is not None
-        s = self.settings.labs
         born = str(header.get("PatientBirthDate", "") or "")
         try:
             birth = dt.datetime.strptime(born[:8], "%Y%m%d").date() if born else None
         except ValueError:
             birth = None
-        panel = lookup_labs(self.lab_store, row.patient_id, row.issuer or None, study_date(header),
-                            window_days=s.window_days, after_days=s.after_study_days,
-                            match_without_issuer=s.match_without_issuer, birth_date=birth,
-                            sex=str(header.get("PatientSex", "") or ""), mapping=self.lab_mapping,
-                            accept_preliminary=s.accept_preliminary, issuer_aliases=s.issuer_aliases)
+        when = study_date(header)
+        panel = self._lookup(row.patient_id, row.issuer or None, when, birth, str(header.get("PatientSex", "") or ""))
+        missing = [codes[0] for codes in MODEL_LAB_CODES if not any(panel.get(c) for c in codes)]
+        if missing and self.lab_query is not None and row.patient_id:
+            ref = when or dt.date.today()
+            outcome = self.lab_query.fetch(row.patient_id, row.issuer or None,
+                                           ref - dt.timedelta(days=self.settings.labs.window_days),
+                                           ref + dt.timedelta(days=self.settings.labs.after_study_days))
+            if outcome.status != "skipped":
+                self.db.audit("lis_query", series_uid, outcome.note)
+            if outcome.status == "found":
+                panel = self._lookup(row.patient_id, row.issuer or None, when, birth,
+                                     str(header.get("PatientSex", "") or ""))
+            if outcome.status != "skipped":
+                panel = dataclasses.replace(panel, notes=panel.notes + (outcome.note,))
         for note in panel.notes:
             if "blocked" in note:
                 log.warning("series %s: %s", series_uid, note)
                 self.db.audit("labs", series_uid, note)
         return panel
+
+    def _lookup(self, patient_id: str, issuer: str | None, when: dt.date | None, birth: dt.date | None,
+                sex: str) -> LabPanel:
+        s = self.settings.labs
+        return lookup_labs(self.lab_store, patient_id, issuer, when, window_days=s.window_days,
+                           after_days=s.after_study_days, match_without_issuer=s.match_without_issuer,
+                           birth_date=birth, sex=sex, mapping=self.lab_mapping,
+                           accept_preliminary=s.accept_preliminary, issuer_aliases=s.issuer_aliases)
 
     def build_request(self, job: JobRow) -> JobRequest:
         paths = self.db.instance_paths(job.series_uid)

@@ -1,14 +1,26 @@
-"""A minimal MLLP client: send messages on one connection, read one ACK each."""
+"""A minimal MLLP client: send messages on one connection, read one ACK each (optionally over TLS)."""
 from __future__ import annotations
 
 import socket
+import ssl
 
 from hl7.mllp import CR, FS, frame
 
 
 class MLLPClient:
-    def __init__(self, host: str, port: int, timeout_s: float = 30.0) -> None:
-        self._sock = socket.create_connection((host, port), timeout=timeout_s)
+    def __init__(self, host: str, port: int, timeout_s: float = 30.0, *, connect_timeout_s: float | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """``connect_timeout_s`` bounds the TCP (and TLS) handshake; ``timeout_s`` each read afterwards."""
+        sock = socket.create_connection((host, port), timeout=connect_timeout_s or timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if ssl_context is not None:
+                sock = ssl_context.wrap_socket(sock, server_hostname=host)
+            sock.settimeout(timeout_s)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
         self._buf = bytearray()
 
     def send(self, message: bytes) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
 from typing import Callable
 
@@ -59,8 +60,10 @@ class MLLPServer:
     """Runs its own event loop in a background thread."""
 
     def __init__(self, host: str, port: int, handler: Handler, refuse: Callable[[str], bytes], *,
-                 max_message_bytes: int = 1_048_576, read_timeout_s: float = 300.0) -> None:
+                 max_message_bytes: int = 1_048_576, read_timeout_s: float = 300.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        self.ssl_context = ssl_context
         self.handler = handler
         self.refuse = refuse  # builds a negative ACK for a message that could not be handled
         self.max_message_bytes = max_message_bytes
@@ -99,7 +102,7 @@ class MLLPServer:
                     for reply in ([ack] if isinstance(ack, bytes) else ack):  # enhanced mode: 0, 1 or 2 ACKs
                         writer.write(frame(reply))
                     await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.info("MLLP connection from %s lost: %s", peer, exc)
         except asyncio.CancelledError:  # shutdown: end quietly
             pass
@@ -123,7 +126,8 @@ class MLLPServer:
         asyncio.set_event_loop(loop)
         try:
             self._server = loop.run_until_complete(
-                asyncio.start_server(self._client, self.host, self.port, reuse_address=True))
+                asyncio.start_server(self._client, self.host, self.port, reuse_address=True, ssl=self.ssl_context,
+                                     ssl_handshake_timeout=min(self.read_timeout_s, 30.0) if self.ssl_context else None))
         except BaseException as exc:  # noqa: BLE001
             self._error = exc
             self._ready.set()
@@ -146,7 +150,7 @@ class MLLPServer:
         self._ready.wait()
         if self._error:
             raise OSError(f"cannot listen for HL7 on {self.host}:{self.port}: {self._error}")
-        log.info("MLLP listener on %s:%d", self.host, self.bound_port)
+        log.info("MLLP listener on %s:%d%s", self.host, self.bound_port, " (TLS)" if self.ssl_context else "")
 
     def stop(self) -> None:
         if self._loop and self._thread:

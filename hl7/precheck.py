@@ -63,7 +63,12 @@ def _component(value: str, comp_sep: str, index: int) -> str:
     return parts[index] if index < len(parts) else ""
 
 
-def parse_header(text: str) -> MessageHeader:
+def parse_header(text: str, supported: tuple[tuple[str, str], ...] = SUPPORTED_MESSAGES) -> MessageHeader:
+    """MSH and PID of a message; PrecheckError (AE/AR with the reason) when it cannot be accepted.
+
+    ``supported`` is what the caller accepts: the listener takes ORU^R01; the
+    query client takes the LIS's RSP^K11 or ORF^R04 answers.
+    """
     segments = split_segments(text)
     if not segments or not segments[0].startswith("MSH") or len(segments[0]) < 8:
         raise PrecheckError("AE", "message does not start with an MSH segment", None, 100)
@@ -98,10 +103,11 @@ def parse_header(text: str) -> MessageHeader:
         raise PrecheckError("AE", "MSH-10 (message control ID) is empty", header, 101)
     if not header.message_type:
         raise PrecheckError("AE", "MSH-9 (message type) is empty", header, 101)
-    if (header.message_type, header.trigger_event) not in SUPPORTED_MESSAGES:
+    if (header.message_type, header.trigger_event) not in supported:
+        accepted = " or ".join("^".join(m) for m in supported)
         raise PrecheckError(
-            "AR", f"unsupported message type {header.message_type}^{header.trigger_event}: only ORU^R01 is accepted", header, 200
-        )
+            "AR", f"unsupported message type {header.message_type}^{header.trigger_event}: only {accepted} is accepted",
+            header, 200)
     if header.version not in SUPPORTED_VERSIONS:
         raise PrecheckError(
             "AR", f"unsupported HL7 version {header.version or '(empty)'}: supported {', '.join(SUPPORTED_VERSIONS)}", header, 203

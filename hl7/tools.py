@@ -10,17 +10,20 @@ from pathlib import Path
 import numpy as np
 
 from hl7.client import MLLPClient, ack_code
-from config.schema import LabSettings
+from config.schema import LabSettings, Settings, TLSSettings
 from hl7.lookup import lookup_labs
 from hl7.mapping import load_mapping
 from hl7.mllp import CR, FS, MLLPServer, frame
 from hl7.ack import is_enhanced
 from hl7.precheck import PrecheckError, parse_header, split_segments
+from hl7.query import LabQueryClient
 from hl7.receiver import LabReceiver
 from hl7.store import LabStore
+from hl7.tls import client_context
 
 
-def send_file(path: Path, host: str, port: int, out=print, optional_wait_s: float = 5.0) -> int:
+def send_file(path: Path, host: str, port: int, out=print, optional_wait_s: float = 5.0, *,
+              tls_ca: Path | None = None, tls_cert: Path | None = None, tls_key: Path | None = None) -> int:
     """Send one message; show every ACK the listener returns (enhanced mode: accept and/or application)."""
     text = Path(path).read_bytes().decode("latin-1")
     raw = "\r".join(split_segments(text)).encode("latin-1") + b"\r"
@@ -32,7 +35,9 @@ def send_file(path: Path, host: str, port: int, out=print, optional_wait_s: floa
     accept = (header.accept_ack_type or "AL").upper() if enhanced and header else "AL"
     app = (header.application_ack_type or "NE").upper() if enhanced and header else "NE"
     acks: list[bytes] = []
-    with MLLPClient(host, port) as c:
+    ctx = client_context(TLSSettings(enabled=True, ca_file=tls_ca, cert_file=tls_cert, key_file=tls_key)) \
+        if tls_ca or tls_cert else None
+    with MLLPClient(host, port, ssl_context=ctx) as c:
         c.send_raw(frame(raw))
         for expected, optional in ((accept != "NE", accept != "AL"), (app != "NE", app != "AL")):
             if not expected:
@@ -68,6 +73,25 @@ def show_labs(store_path: Path, patient_id: str, issuer: str | None, window_days
     out(f"hl7 labs: patient {patient_id}: {len(panel.values)} usable, {len(panel.excluded)} excluded "
         f"(window {window_days} days before today)")
     return 0
+
+
+def query_lis(settings: Settings, patient_id: str, issuer: str | None, window_days: int, out=print) -> int:
+    """Ask the configured LIS for one patient's labs now, store the answer and show what the lookup makes of it."""
+    q = settings.lis_query
+    if not q.enabled:
+        out("note: lis_query.enabled is false; querying anyway with the [lis_query] settings")
+    store_path = Path(settings.node.state_dir) / "labs.sqlite"
+    store = LabStore(store_path)
+    try:
+        client = LabQueryClient(q.model_copy(update={"requery_after_s": 0.0}), store, client_context(q.tls))
+        today = dt.date.today()
+        outcome = client.fetch(patient_id, issuer, today - dt.timedelta(days=window_days), today)
+    finally:
+        store.close()
+    out(f"hl7 query: {q.protocol} to {q.host}:{q.port}: {outcome.note}")
+    if outcome.status == "found":
+        show_labs(store_path, patient_id, issuer, window_days, out, labs=settings.labs)
+    return 0 if outcome.status in ("found", "no data") else 1
 
 
 def show_errors(store_path: Path, out=print) -> int:

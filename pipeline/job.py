@@ -228,6 +228,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         "labs_used": [{"loinc": v.loinc, "name": v.name, "value": v.value, "unit": v.unit,
                        "observed_at": v.observed_at.isoformat() if v.observed_at else None} for v in req.labs.values],
         "labs_excluded": [asdict(e) for e in req.labs.excluded],
+        "labs_notes": list(req.labs.notes),
     }
     if measurement is not None and selection is not None and attenuation is not None and loc is not None:
         summary.update({

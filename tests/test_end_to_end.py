@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -227,3 +229,35 @@ def test_multiframe_ct_in_sr_and_sc_out(node_factory, orthanc, sample_series, tm
     sc_ref = pydicom.dcmread(sc_path).SourceImageSequence[0]
     assert sc_ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert int(sc_ref.ReferencedFrameNumber) == int(ref.ReferencedFrameNumber)
+
+
+def test_labs_pulled_from_the_lis_when_the_store_has_none(node_factory, sample_series):
+    """No ORU was received for this patient: the node asks the LIS (QBP^Q11), and the job uses what it answers."""
+    from tests.lis_simulator import LabPatient, LISSimulator
+
+    study = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    day = dt.datetime.strptime(study.StudyDate, "%Y%m%d") - dt.timedelta(days=2)
+    patient = LabPatient(study.PatientID, str(study.get("IssuerOfPatientID", "")), study.PatientBirthDate,
+                         study.PatientSex, results=[
+                             ("17861-6", "Calcium", "2.25", "mmol/L", "F", day.strftime("%Y%m%d0800")),
+                             ("6768-6", "ALP", "95", "U/L", "F", day.strftime("%Y%m%d0800"))])
+    with LISSimulator([patient]) as lis:
+        node = node_factory(extra=f'[lis_query]\nenabled = true\nport = {lis.port}\nbudget_s = 5.0\n').start()
+        r = storescu(sample_series.files, node.port)
+        assert r.returncode == 0, r.stderr
+        db = node.state_dir / "osteoscreen.sqlite"
+
+        def done():
+            with sqlite3.connect(db) as c:
+                row = c.execute("SELECT state, result_json FROM jobs WHERE id=1").fetchone()
+            return row if row and row[0] == "done" else None
+
+        state, result = wait_for(done, 180, "job 1 done")
+        assert len(lis.requests) == 1 and "QBP^Q11" in lis.requests[0] and study.PatientID in lis.requests[0]
+    summary = json.loads(result)
+    used = {v["loinc"]: v["value"] for v in summary["labs_used"]}
+    assert used["17861-6"] == pytest.approx(2.25 * 4.008) and used["6768-6"] == pytest.approx(95)
+    assert any("LIS query" in n and "found" in n for n in summary["labs_notes"])
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT count(*) FROM audit WHERE kind='lis_query'").fetchone()[0] == 1
+    assert study.PatientID not in node.log()

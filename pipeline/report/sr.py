@@ -217,6 +217,7 @@ def build_sr(
         + ("; ".join(_lab_text(v) for v in labs.values)
            if labs.values else "none available in the look-back window")
         + (". Not used: " + "; ".join(f"{e.name}: {e.reason}" for e in labs.excluded) if labs.excluded else "")
+        + (". " + "; ".join(labs.notes) if labs.notes else "")
         + ".")
     texts.append("Demographics (from the image header): " + _demographics_text(demographics) + ".")
     texts.append(DISCLAIMER)
