@@ -66,6 +66,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     sent_at REAL,
     UNIQUE (destination, sop_instance_uid)
 );
+CREATE TABLE IF NOT EXISTS reports (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    result_key TEXT NOT NULL,
+    sr_series_uid TEXT NOT NULL,
+    sr_sop_uid TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_study ON reports(study_uid);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
     at REAL NOT NULL,
@@ -99,6 +109,17 @@ class JobRow:
     last_error: str | None
     outcome: str | None
     result: dict | None
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """The SR sent for a study (the latest one is what a new result is compared with)."""
+
+    study_uid: str
+    job_id: int
+    result_key: str
+    sr_series_uid: str
+    sr_sop_uid: str
 
 
 @dataclass(frozen=True)
@@ -217,11 +238,23 @@ class NodeDB:
         rows = self._query("SELECT min(next_attempt_at) FROM jobs WHERE state='pending'")
         return rows[0][0] if rows and rows[0][0] is not None else None
 
+    def latest_report(self, study_uid: str) -> ReportRow | None:
+        rows = self._query("SELECT study_uid, job_id, result_key, sr_series_uid, sr_sop_uid FROM reports"
+                           " WHERE study_uid=? ORDER BY id DESC LIMIT 1", (study_uid,))
+        return ReportRow(*rows[0]) if rows else None
+
     def finish_job(self, job_id: int, outcome: str, result: dict[str, Any],
-                   outputs: list[tuple[str, str, str, str]]) -> None:
-        """Mark a job done and queue its outputs: (destination, path, sop_class, sop_instance) per row."""
+                   outputs: list[tuple[str, str, str, str]], report: ReportRow | None = None) -> None:
+        """Mark a job done and queue its outputs: (destination, path, sop_class, sop_instance) per row.
+
+        ``report`` records the SR as the study's latest, in the same transaction as its outbox rows.
+        """
         now = time.time()
         with self._tx() as db:
+            if report is not None:
+                db.execute("INSERT INTO reports (study_uid, job_id, result_key, sr_series_uid, sr_sop_uid, created_at)"
+                           " VALUES (?,?,?,?,?,?)", (report.study_uid, report.job_id, report.result_key,
+                                                    report.sr_series_uid, report.sr_sop_uid, now))
             db.execute("UPDATE jobs SET state='done', outcome=?, result_json=?, last_error=NULL, updated_at=?"
                        " WHERE id=?", (outcome, json.dumps(result), now, job_id))
             db.executemany(

@@ -11,12 +11,16 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
 from dicom_node.db import JobRow, NodeDB
+from hl7.parse_worker import exit_when_orphaned
 from pipeline.job import JobRequest, ScreeningResult, run_screening
 
 log = logging.getLogger("osteoscreen.jobs")
 
 
-def _worker_init(level: int, logfile: str | None, warm_model: tuple[str, str] | None = None) -> None:
+def _worker_init(level: int, logfile: str | None, warm_model: tuple[str, str] | None = None,
+                 parent: int | None = None) -> None:
+    if parent is not None:
+        exit_when_orphaned(parent)
     logging.basicConfig(level=level, filename=logfile, format="%(asctime)s %(levelname)s [worker] %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     if warm_model:  # load the model sessions now, not during the first study's latency
@@ -62,7 +66,7 @@ class JobRunner:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(*_log_target(), self.warm_model))
+                                   initializer=_worker_init, initargs=(*_log_target(), self.warm_model, os.getpid()))
 
     def start(self) -> None:
         self._pool = self._new_pool()

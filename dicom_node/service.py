@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 from config.schema import Settings
 from dicom_node import __version__
 from dicom_node.completion import SeriesCompletion, SeriesReady
-from dicom_node.db import JobRow, NodeDB
+from dicom_node.db import JobRow, NodeDB, ReportRow
 from dicom_node.export import Exporter
 from dicom_node.jobs import JobRunner
 from dicom_node.routing import decide, series_facts
@@ -248,6 +248,8 @@ class Service:
         paths = self.db.instance_paths(job.series_uid)
         if not paths:
             raise RuntimeError(f"no stored instances for series {job.series_uid}")
+        series = self.db.series(job.series_uid)
+        previous = self.db.latest_report(series.study_uid) if series else None
         return JobRequest(
             job_id=job.id,
             series_uid=job.series_uid,
@@ -260,17 +262,32 @@ class Service:
             attenuation_rule=self.settings.screening.attenuation_rule,
             backend=self.settings.screening.backend,
             contrast_policy=self.settings.screening.contrast,
+            predecessor_sr=(previous.study_uid, previous.sr_series_uid, previous.sr_sop_uid) if previous else None,
         )
 
     def on_job_result(self, job: JobRow, result: ScreeningResult) -> None:
         outputs = [(d.name, o.path, o.sop_class_uid, o.sop_instance_uid)
                    for d in self.settings.destinations for o in result.outputs]
         summary = dict(result.summary)
-        self.db.finish_job(job.id, result.status, summary, outputs)
+        report = None
+        if result.status == "screened" and summary.get("result_key"):
+            study = summary.get("study_uid", "")
+            previous = self.db.latest_report(study)
+            if previous is not None and previous.result_key == summary["result_key"]:
+                # Same study, vertebra, models, categories and labs as the report already sent: no second SR.
+                summary["duplicate_of"] = previous.sr_sop_uid
+                outputs = []
+                self.db.audit("report", job.series_uid, f"same result as the SR of job {previous.job_id}: not sent again")
+                log.info("job %d: same result as job %d for this study; no second SR", job.id, previous.job_id)
+            else:
+                report = ReportRow(study, job.id, summary["result_key"], summary["sr_series_uid"],
+                                   summary["sr_sop_instance_uid"])
+        self.db.finish_job(job.id, result.status, summary, outputs, report)
         if result.status == "screened":
             log.info("job %d screened: p=%.3f %s (modalities %s), L1 %s HU; %d object(s) queued for %d "
                      "destination(s)", job.id, summary["probability"], summary["category"],
-                     "+".join(summary["modalities"]), summary.get("mean_hu", "n/a"), len(result.outputs),
+                     "+".join(summary["modalities"]), summary.get("mean_hu", "n/a"),
+                     0 if "duplicate_of" in summary else len(result.outputs),
                      len(self.settings.destinations))
             self.exporter.wake()
         else:

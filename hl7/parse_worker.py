@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import threading
 from pathlib import Path
 
 from hl7.mapping import DEFAULT, LabMapping, load_mapping
@@ -28,8 +30,23 @@ def parse_pending(store: LabStore, *, patient_id: str | None = None, limit: int 
     return done
 
 
-def _loop(db_path: str, poll_s: float, stop, mapping_file: str | None) -> None:  # pragma: no cover - child
+def exit_when_orphaned(parent: int, poll_s: float = 1.0) -> None:
+    """End this child process when its parent is gone (killed with SIGKILL, say), instead of lingering.
+
+    systemd stops the whole cgroup, but a parent killed outside systemd (or in a
+    test) would otherwise leave spawned children polling a store nobody serves.
+    """
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _loop(db_path: str, poll_s: float, stop, mapping_file: str | None, parent: int) -> None:  # pragma: no cover
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [hl7-parser] %(message)s")
+    exit_when_orphaned(parent)
     mapping = load_mapping(mapping_file)
     store = LabStore(db_path)
     while not stop.is_set():
@@ -50,7 +67,7 @@ class BackgroundParser:
         ctx = multiprocessing.get_context("spawn")
         self._stop = ctx.Event()
         self._proc = ctx.Process(target=_loop, args=(str(db_path), poll_s, self._stop,
-                                                     str(mapping_file) if mapping_file else None),
+                                                     str(mapping_file) if mapping_file else None, os.getpid()),
                                  name="hl7-parser", daemon=True)
 
     def start(self) -> None:

@@ -52,6 +52,27 @@ class JobRequest:
     attenuation_rule: str = "pickhardt_l1_2013"  # reported measurement category
     backend: str = "auto"
     contrast_policy: str = "flag"  # "flag": screen and say so; "skip": not screened
+    # The latest SR already sent for this study (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID): a new SR
+    # for the study is a new version of it and says so (Predecessor Documents Sequence).
+    predecessor_sr: tuple[str, str, str] | None = None
+
+
+def result_key(summary: dict) -> str:
+    """What makes two reports of one study the same: vertebra, models, categories and the lab values used.
+
+    A second series of the same study (or the same series sent again) that gives
+    the same key produces no second SR; any difference (another vertebra, a new
+    model version, another category, corrected labs) is a new version of the report.
+    """
+    key = {
+        "level": summary.get("level"),
+        "model": summary.get("model"),
+        "attenuation_rule": summary.get("attenuation_rule"),
+        "category_id": summary.get("category_id"),
+        "attenuation_category": summary.get("attenuation_category"),
+        "labs": sorted((v["loinc"], round(float(v["value"]), 3), v.get("observed_at")) for v in summary["labs_used"]),
+    }
+    return json.dumps(key, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -164,6 +185,8 @@ def run_screening(req: JobRequest) -> ScreeningResult:
 
     versions = f"{bundle.card.version}/{rule.card.version}" + (f"/{selection.method}" if selection else "")
     sr_series, sc_series = _uid(req.series_uid, "sr-series", versions), _uid(req.series_uid, "sc-series", versions)
+    if req.predecessor_sr:  # a new version of the study's report gets new UIDs; a retried job keeps its own
+        versions += f"/after:{req.predecessor_sr[2]}"
     sr_uid, sc_uid = _uid(req.series_uid, "sr", versions), _uid(req.series_uid, "sc", versions)
     source_uid = measurement.sop_instance_uid if measurement is not None else str(header.SOPInstanceUID)
     src_header = header.copy()
@@ -175,7 +198,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                       measurement=measurement, attenuation=attenuation, image_note=image_note,
                       quality_notes=_quality_notes(contrast, calibration),
                       roi_source_rc=volume.to_source_rc(measurement.roi_polygon_rc) if measurement is not None
-                      and volume is not None else None)
+                      and volume is not None else None, predecessor=req.predecessor_sr)
         write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
         outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
 
@@ -229,6 +252,9 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                        "observed_at": v.observed_at.isoformat() if v.observed_at else None} for v in req.labs.values],
         "labs_excluded": [asdict(e) for e in req.labs.excluded],
         "labs_notes": list(req.labs.notes),
+        "sr_series_uid": sr_series,
+        "sr_sop_instance_uid": sr_uid,
+        "predecessor_sr": req.predecessor_sr[2] if req.predecessor_sr else None,
     }
     if measurement is not None and selection is not None and attenuation is not None and loc is not None:
         summary.update({
@@ -248,6 +274,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     if volume is not None:
         summary["volume_notes"] = list(volume.notes)
         summary["slices"] = int(volume.shape[0])
+    summary["result_key"] = result_key(summary)
     summary["performance"] = {"started_at": round(started_at, 3), "stage_s": clock.as_dict(),
                               "worker_peak_rss_mb": peak_rss_mb()}
     return _write_result(out, ScreeningResult("screened", None, req.series_uid, summary, tuple(outputs)))

@@ -261,3 +261,61 @@ def test_labs_pulled_from_the_lis_when_the_store_has_none(node_factory, sample_s
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT count(*) FROM audit WHERE kind='lis_query'").fetchone()[0] == 1
     assert study.PatientID not in node.log()
+
+
+def _second_series(files, out: Path, tag: str) -> list[Path]:
+    """The same slices as another series of the same study (new series and SOP Instance UIDs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    series_uid = generate_uid(entropy_srcs=[tag, "series"])
+    paths = []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[tag, str(i)])
+        ds.save_as(out / f"{i:04d}.dcm", enforce_file_format=True)
+        paths.append(out / f"{i:04d}.dcm")
+    return paths
+
+
+def test_second_series_gives_no_second_sr_and_a_changed_result_names_its_predecessor(node_factory, orthanc,
+                                                                                   sample_series, tmp_path):
+    node = node_factory(destinations=[{"name": "pacs", "ae_title": orthanc.aet, "port": orthanc.dicom_port}]).start()
+    study = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    study_day = dt.datetime.strptime(study.StudyDate, "%Y%m%d")
+    send_labs(node, study_day.date())
+    db = node.state_dir / "osteoscreen.sqlite"
+
+    def job_done(job_id: int):
+        with sqlite3.connect(db) as c:
+            row = c.execute("SELECT state, result_json FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return json.loads(row[1]) if row and row[0] == "done" else None
+
+    assert storescu(sample_series.files, node.port).returncode == 0
+    first = wait_for(lambda: job_done(1), 180, "job 1")
+    wait_for(lambda: len(results_in(orthanc)[0]) == 1, 60, "first SR in Orthanc")
+
+    # A second series of the same study, same labs: same result -> no second SR
+    assert storescu(_second_series(sample_series.files, tmp_path / "s2", "dup-2"), node.port).returncode == 0
+    second = wait_for(lambda: job_done(2), 180, "job 2")
+    assert second["duplicate_of"] == first["sr_sop_instance_uid"]
+
+    # Corrected labs (a new calcium value), then a third series: a new SR that names the first as predecessor
+    with MLLPClient("127.0.0.1", node.hl7_port) as c:
+        corrected = demo_oru_message(study_day.replace(hour=9), "CORR1").replace(
+            b"|9.1|mg/dL|8.6-10.3|N|||F|", b"|8.2|mg/dL|8.6-10.3|L|||C|")
+        assert ack_code(c.send(corrected)) == "AA"
+    assert storescu(_second_series(sample_series.files, tmp_path / "s3", "dup-3"), node.port).returncode == 0
+    third = wait_for(lambda: job_done(3), 180, "job 3")
+    assert "duplicate_of" not in third and third["predecessor_sr"] == first["sr_sop_instance_uid"]
+    srs = wait_for(lambda: (lambda s: s if len(s) == 2 else None)(results_in(orthanc)[0]), 60, "second SR")
+    newest = next(s for s in srs if s["tags"]["SOPInstanceUID"] == third["sr_sop_instance_uid"])
+    path = tmp_path / "sr3.dcm"
+    path.write_bytes(orthanc.get_bytes(f"/instances/{newest['id']}/file"))
+    sr = pydicom.dcmread(path)
+    pre = sr.PredecessorDocumentsSequence[0]
+    assert pre.StudyInstanceUID == study.StudyInstanceUID
+    assert pre.ReferencedSeriesSequence[0].SeriesInstanceUID == first["sr_series_uid"]
+    assert pre.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+        first["sr_sop_instance_uid"]
+    assert dciodvfy_errors(path) == []
+    assert len(results_in(orthanc)[0]) == 2

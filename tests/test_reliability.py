@@ -1,6 +1,7 @@
 """Faults inflicted on the real service: PACS outage, kill during pipeline work."""
 import re
 import time
+from pathlib import Path
 
 from dicom_node.pacs import BuiltinPACS, OrthancPACS
 from tests.conftest import need_tool, storescu, wait_for
@@ -36,6 +37,19 @@ def test_pacs_outage_queues_with_backoff_and_other_destination_not_blocked(node_
         other.stop()
 
 
+def _children(pid: int) -> list[int]:
+    """Process IDs whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 def test_kill_during_pipeline_work_delivers_exactly_once(node_factory, sample_series, tmp_path):
     need_tool("Orthanc")
     orthanc = OrthancPACS(tmp_path / "orthanc")
@@ -45,7 +59,11 @@ def test_kill_during_pipeline_work_delivers_exactly_once(node_factory, sample_se
     try:
         assert storescu(sample_series.files, node.port).returncode == 0
         wait_for(lambda: "job 1 (series" in node.log(), 60, "job start")
+        children = _children(node.proc.pid)
+        assert children, "the node should have worker and parser processes"
         node.kill()  # SIGKILL while the worker is screening (or just after)
+        # Its worker and HL7 parser processes end with it instead of lingering as orphans.
+        wait_for(lambda: not any(Path(f"/proc/{c}").exists() for c in children), 15, "orphaned children to exit")
         restarted = type(node)(node.workdir, destinations=dest, quiet_s=0.5)
         restarted.start()
         try:

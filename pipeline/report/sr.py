@@ -41,6 +41,7 @@ THRESHOLD = CodedConcept("OS0003", PRIVATE_SCHEME, "Screening operating point")
 SHAP_BASE = CodedConcept("OS0005", PRIVATE_SCHEME, "SHAP base value")
 RATIO = CodedConcept("{ratio}", "UCUM", "ratio")
 COMMENT = CodedConcept("121106", "DCM", "Comment")
+SR_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def build_sr(
     quality_notes: Sequence[str] = (),
     roi_source_rc: np.ndarray | None = None,
     series_number: int = 9901,
+    predecessor: tuple[str, str, str] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The screening report. The ROI group is present when the image could be measured."""
     observer = hd.sr.ObserverContext(
@@ -232,6 +234,14 @@ def build_sr(
         if kw in source_header:
             setattr(evidence, kw, source_header.get(kw))
     evidence.SOPInstanceUID = source_sop_instance_uid
+    previous = None
+    if predecessor is not None:  # an earlier version of this study's report: viewers show the latest
+        previous = Dataset()
+        previous.SOPClassUID = SR_CLASS_UID
+        previous.StudyInstanceUID, previous.SeriesInstanceUID, previous.SOPInstanceUID = predecessor
+        texts_pre = f"This report replaces an earlier osteoscreen report for this study (SOP {predecessor[2]})."
+        root.ContentSequence.append(hd.sr.TextContentItem(
+            name=COMMENT, value=texts_pre, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[evidence],
         content=report,
@@ -244,6 +254,7 @@ def build_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
+        previous_versions=[previous] if previous is not None else None,
     )
     sr.SeriesDescription = "osteoscreen L1 screening report (research use)"
     sr.SoftwareVersions = node.software_version
