@@ -58,7 +58,7 @@ class Service:
         self.mllp = (
             MLLPServer(s.hl7.host, s.hl7.port, self.lab_receiver.handle, self.lab_receiver.refuse,
                        max_message_bytes=s.hl7.max_message_bytes, read_timeout_s=s.hl7.read_timeout_s,
-                       ssl_context=server_context(s.hl7.tls))
+                       ssl_context=server_context(s.hl7.tls), offload=LabReceiver.needs_parse)
             if s.hl7.enabled else None
         )
         self.lab_query = (LabQueryClient(s.lis_query, self.lab_store, client_context(s.lis_query.tls))

@@ -30,6 +30,16 @@ class LabReceiver:
         self.store = store
         self.mapping = mapping
 
+    @staticmethod
+    def needs_parse(raw: bytes) -> bool:
+        """Whether handling ``raw`` includes the full parse (MSH-16 asks for an application ACK): slow work."""
+        end = raw.find(b"\r")
+        msh = raw[: end if end >= 0 else len(raw)].split(b"\n")[0]
+        if len(msh) < 4:
+            return False
+        fields = msh.split(msh[3:4])
+        return len(fields) > 15 and fields[15].strip().upper() not in (b"", b"NE")
+
     def refuse(self, reason: str) -> bytes:
         return build_ack("AR", reason, None)
 

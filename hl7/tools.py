@@ -114,7 +114,7 @@ def bench(n: int = 2000, out=print) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         store = LabStore(Path(tmp) / "labs.sqlite")
         receiver = LabReceiver(store)
-        server = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse)
+        server = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse, offload=receiver.needs_parse)
         server.start()
         try:
             msgs = [frame(demo_oru_message(dt.datetime(2026, 1, 5, 9), f"BENCH{i:06d}")) for i in range(n)]

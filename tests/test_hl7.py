@@ -23,7 +23,8 @@ STUDY = dt.datetime(2026, 1, 5, 9, 0)
 def listener(tmp_path):
     store = LabStore(tmp_path / "labs.sqlite")
     receiver = LabReceiver(store)
-    server = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse, max_message_bytes=64 * 1024,
+    server = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse, offload=receiver.needs_parse,
+                        max_message_bytes=64 * 1024,
                         read_timeout_s=5)
     server.start()
     yield server, receiver, store
@@ -172,6 +173,15 @@ def test_enhanced_mode_accept_and_application_acks(listener):
         assert ack_code(refused) == "CE" and b"|E5|" in refused and b"PID-3" in refused
     assert store.message_count() == 3  # E1, E2, E3 stored; E4, E5 refused
     assert store.parse_states() == {"parsed": 1, "pending": 2}  # E3 parsed for its application ACK
+
+
+def test_only_messages_that_ask_for_an_application_ack_are_parsed_off_the_loop():
+    base = msh("PID|1||P1", control="A")
+    assert not LabReceiver.needs_parse(base)
+    assert not LabReceiver.needs_parse(base.replace(b"|2.5.1", b"|2.5.1|||AL|NE"))
+    assert LabReceiver.needs_parse(base.replace(b"|2.5.1", b"|2.5.1|||AL|AL"))
+    assert LabReceiver.needs_parse(base.replace(b"|2.5.1", b"|2.5.1|||NE|ER"))
+    assert not LabReceiver.needs_parse(b"garbage")
 
 
 def test_original_mode_is_unchanged_by_empty_msh15_16(listener):
