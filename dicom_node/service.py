@@ -61,7 +61,8 @@ class Service:
                        ssl_context=server_context(s.hl7.tls), offload=LabReceiver.needs_parse)
             if s.hl7.enabled else None
         )
-        self.lab_query = (LabQueryClient(s.lis_query, self.lab_store, client_context(s.lis_query.tls))
+        self.lab_query = (LabQueryClient(s.lis_query, self.lab_store, client_context(s.lis_query.tls),
+                                         issuer_aliases=s.labs.issuer_aliases)
                           if s.lis_query.enabled else None)
         self.node_identity = NodeIdentity(
             manufacturer=s.node.manufacturer,

@@ -96,8 +96,13 @@ def _fields(segment: str, fs: str = "|") -> list[str]:
     return segment.split(fs)
 
 
-def check_answer(query: Query, answer: bytes, patient_id: str, issuer: str | None) -> tuple[str, int]:
-    """("found"|"no data", OBX count) for a usable answer; QueryError with the reason otherwise."""
+def check_answer(query: Query, answer: bytes, patient_id: str, issuer: str | None,
+                 issuer_aliases: dict[str, str] | None = None) -> tuple[str, int]:
+    """("found"|"no data", OBX count) for a usable answer; QueryError with the reason otherwise.
+
+    ``issuer_aliases`` (labs.issuer_aliases) joins the names of one assigning authority.
+    """
+    aliases = {k.strip().upper(): v.strip().upper() for k, v in (issuer_aliases or {}).items()}
     text = answer.decode("latin-1")
     segments = split_segments(text)
     try:
@@ -143,13 +148,14 @@ def check_answer(query: Query, answer: bytes, patient_id: str, issuer: str | Non
         if n_obx:
             raise QueryError("results without a PID segment")
         return "no data", 0
-    want = (issuer or "").strip().upper()
+    want = aliases.get((issuer or "").strip().upper(), (issuer or "").strip().upper())
     for pid in by_name.get("PID", []):
         ids = []
         for rep in (pid[3] if len(pid) > 3 else "").split(segments[0][5] if len(segments[0]) > 5 else "~"):
             parts = rep.split(cs)
             auth = parts[3].split(segments[0][7] if len(segments[0]) > 7 else "&") if len(parts) > 3 else [""]
-            ids.append((parts[0].strip(), (auth[0] or (auth[1] if len(auth) > 1 else "")).strip().upper()))
+            name = (auth[0] or (auth[1] if len(auth) > 1 else "")).strip().upper()
+            ids.append((parts[0].strip(), aliases.get(name, name)))
         if not any(i == patient_id and (not want or not a or a == want) for i, a in ids):
             raise QueryError("the answer holds results for another patient: not stored")
     return ("found" if n_obx else "no data"), n_obx
@@ -159,8 +165,9 @@ class LabQueryClient:
     """Asks the LIS within a time budget; stores usable answers; never raises into the job."""
 
     def __init__(self, settings: LISQuerySettings, store: LabStore, ssl_context: ssl.SSLContext | None = None,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, issuer_aliases: dict[str, str] | None = None) -> None:
         self.s = settings
+        self.issuer_aliases = issuer_aliases or {}
         self.store = store
         self.ssl_context = ssl_context
         self._clock = clock
@@ -211,7 +218,7 @@ class LabQueryClient:
                 started: float, pk: str) -> QueryOutcome:
         elapsed = self._clock() - started
         try:
-            status, n_obx = check_answer(query, answer, patient_id, issuer)
+            status, n_obx = check_answer(query, answer, patient_id, issuer, self.issuer_aliases)
         except QueryError as exc:
             log.warning("LIS query %s for %s: %s", query.control_id, pk, exc)
             return QueryOutcome("failed", str(exc), attempts, elapsed)

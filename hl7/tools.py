@@ -83,7 +83,8 @@ def query_lis(settings: Settings, patient_id: str, issuer: str | None, window_da
     store_path = Path(settings.node.state_dir) / "labs.sqlite"
     store = LabStore(store_path)
     try:
-        client = LabQueryClient(q.model_copy(update={"requery_after_s": 0.0}), store, client_context(q.tls))
+        client = LabQueryClient(q.model_copy(update={"requery_after_s": 0.0}), store, client_context(q.tls),
+                                issuer_aliases=settings.labs.issuer_aliases)
         today = dt.date.today()
         outcome = client.fetch(patient_id, issuer, today - dt.timedelta(days=window_days), today)
     finally:

@@ -68,7 +68,13 @@ def test_no_data_and_refusals_store_nothing(store):
         lis.answer_for, lis.refuse = "", "query not permitted for this application"
         refused = client.fetch("P1", "HOSP", START, END)
         assert refused.status == "failed" and "not permitted" in refused.detail
+        lis.refuse = ""
+        other_name = client.fetch("P1", "1.2.3.4.5", START, END)  # the LIS calls the authority HOSP
+        assert other_name.status == "failed" and "another patient" in other_name.detail
     assert store.message_count() == 0
+    with LISSimulator([P1]) as lis:
+        joined = LabQueryClient(settings(lis.port), store, issuer_aliases={"1.2.3.4.5": "HOSP"})
+        assert joined.fetch("P1", "1.2.3.4.5", START, END).status == "found"
 
 
 def test_bounded_retries_and_time_budget(store):
