@@ -189,6 +189,27 @@ class ExportSettings(_Section):
     timeout_s: float = Field(30.0, gt=0)
 
 
+class FollowupSettings(_Section):
+    """An ORU^R01 per screening result to the RIS/EHR over MLLP, through the persistent outbox (off by default)."""
+
+    enabled: bool = False
+    name: str = Field("ris", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Shown in the outbox as hl7:NAME.")
+    host: str = "127.0.0.1"
+    port: Port = 2577
+    send_for: str = Field("positive", pattern=r"^(positive|all)$",
+                          description="positive: only screen-positive results; all: every screened study.")
+    recommendation: str = Field(
+        "Consider DXA (bone densitometry): opportunistic CT screening suggests an elevated risk of osteoporosis.",
+        min_length=1, description="Wording of the recommendation sent with a positive screen.")
+    sending_application: str = "OSTEOSCREEN"
+    sending_facility: str = ""
+    receiving_application: str = "RIS"
+    receiving_facility: str = ""
+    version: str = Field("2.5.1", pattern=r"^(2\.3|2\.3\.1|2\.4|2\.5|2\.5\.1)$")
+    timeout_s: float = Field(30.0, gt=0, description="Connect and ACK wait; then the outbox retries with backoff.")
+    tls: TLSSettings = TLSSettings()
+
+
 class LoggingSettings(_Section):
     level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
@@ -203,6 +224,7 @@ class Settings(_Section):
     screening: ScreeningSettings = ScreeningSettings()
     destinations: list[Destination] = Field(default_factory=list)
     export: ExportSettings = ExportSettings()
+    followup: FollowupSettings = FollowupSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")

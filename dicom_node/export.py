@@ -1,26 +1,35 @@
-"""Outbox delivery by C-STORE, with exponential backoff while a destination is away."""
+"""Outbox delivery: DICOM by C-STORE, the follow-up HL7 message over MLLP; exponential backoff while a
+destination is away."""
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from config.schema import Destination
+from config.schema import Destination, FollowupSettings
 from dicom_node.db import NodeDB, OutboxRow
+from hl7.client import MLLPClient, ack_code
 
 log = logging.getLogger("osteoscreen.export")
 SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
+HL7_PREFIX = "hl7:"  # outbox destinations that are MLLP receivers, not DICOM AEs
+HL7_SOP_CLASS = "HL7 ORU^R01"  # the outbox's sop_class_uid column for a result message
 
 
 class Exporter:
     def __init__(self, db: NodeDB, destinations: list[Destination], *, calling_aet: str, retry_initial_s: float,
-                 retry_max_s: float, timeout_s: float) -> None:
+                 retry_max_s: float, timeout_s: float, followup: FollowupSettings | None = None,
+                 followup_ssl: ssl.SSLContext | None = None) -> None:
         self.db = db
+        self.followup = followup
+        self.followup_ssl = followup_ssl
         self.destinations = {d.name: d for d in destinations}
         self.calling_aet = calling_aet
         self.retry_initial_s = retry_initial_s
@@ -70,7 +79,45 @@ class Exporter:
                         r.sop_instance_uid, r.destination, r.attempts + 1, delay, error)
             self.db.mark_send_failed(r.id, error, time.time() + delay)
 
+    def _send_hl7(self, name: str, rows: list[OutboxRow]) -> None:
+        """One MLLP connection; each message is sent once its predecessor's AA/CA came back."""
+        f = self.followup
+        if f is None or not f.enabled or name != HL7_PREFIX + f.name:
+            self._fail(rows, f"HL7 destination {name!r} is not configured")
+            return
+        try:
+            client = MLLPClient(f.host, f.port, timeout_s=f.timeout_s, ssl_context=self.followup_ssl)
+        except (OSError, ssl.SSLError) as exc:
+            self._fail(rows, f"cannot connect to {f.host}:{f.port}: {exc}")
+            return
+        with client:
+            for r in rows:
+                try:
+                    message = Path(r.path).read_bytes()
+                except OSError as exc:
+                    self.db.mark_send_failed(r.id, f"cannot read {r.path}: {exc}", time.time(), give_up=True)
+                    continue
+                try:
+                    code = ack_code(client.send(message))
+                except (OSError, ValueError, ssl.SSLError) as exc:
+                    self._fail([r], f"no usable ACK from {f.host}:{f.port}: {exc}")
+                    break
+                if code in ("AA", "CA"):
+                    self.db.mark_sent(r.id, f"sent result message {r.sop_instance_uid} to {name} ({code})")
+                    log.info("sent result message %s to %s (%s:%d), %s", r.sop_instance_uid, name, f.host, f.port,
+                             code)
+                elif code in ("AR", "CR"):  # rejected as unsupported: resending the same bytes cannot help
+                    self.db.mark_send_failed(r.id, f"{name} rejected the result message ({code})", time.time(),
+                                             give_up=True)
+                    log.error("result message %s rejected by %s (%s): given up; see the audit", r.sop_instance_uid,
+                              name, code)
+                else:
+                    self._fail([r], f"{name} answered {code}")
+
     def _send_batch(self, name: str, rows: list[OutboxRow]) -> None:
+        if name.startswith(HL7_PREFIX):
+            self._send_hl7(name, rows)
+            return
         dest = self.destinations.get(name)
         if dest is None:
             self._fail(rows, f"destination {name!r} is not configured")

@@ -14,7 +14,7 @@ from config.schema import Settings
 from dicom_node import __version__
 from dicom_node.completion import SeriesCompletion, SeriesReady
 from dicom_node.db import JobRow, NodeDB, ReportRow
-from dicom_node.export import Exporter
+from dicom_node.export import HL7_PREFIX, HL7_SOP_CLASS, Exporter
 from dicom_node.jobs import JobRunner
 from dicom_node.routing import decide, series_facts
 from dicom_node.scp import StorageSCP
@@ -28,11 +28,14 @@ from hl7.panel import LabPanel
 from hl7.parse_worker import BackgroundParser
 from hl7.query import LabQueryClient
 from hl7.receiver import LabReceiver
+from hl7.result_message import ScreeningReport, build_result_message
 from hl7.store import LabStore
 from hl7.tls import client_context, server_context
 from pipeline.demographics import study_date
+from pipeline.durable import write_durably
 from pipeline.features import FEATURES
 from pipeline.job import JobRequest, ScreeningResult
+from pipeline.report.notice import SHORT_DISCLAIMER
 from pipeline.report.sr import NodeIdentity
 
 log = logging.getLogger("osteoscreen.service")
@@ -78,6 +81,7 @@ class Service:
                               on_result=self.on_job_result,
                               warm_model=(s.screening.model, s.screening.backend))
         self.exporter = Exporter(self.db, list(s.destinations), calling_aet=s.export.calling_ae_title or s.node.ae_title,
+                                 followup=s.followup, followup_ssl=client_context(s.followup.tls),
                                  retry_initial_s=s.export.retry_initial_s, retry_max_s=s.export.retry_max_s,
                                  timeout_s=s.export.timeout_s)
         self.scp = StorageSCP(ae_title=s.node.ae_title, host=s.node.host, port=s.node.port, max_pdu=s.node.max_pdu,
@@ -137,8 +141,11 @@ class Service:
         for key in ("ae_title", "host", "port", "state_dir", "max_pdu", "series_quiet_s"):
             if getattr(new.node, key) != getattr(old.node, key):
                 restart.append(f"node.{key}")
-        if new.hl7 != old.hl7:
-            restart.append("hl7")
+        for section in ("hl7", "lis_query", "followup"):
+            if getattr(new, section) != getattr(old, section):
+                restart.append(section)
+        if new.labs.mapping_file != old.labs.mapping_file:
+            restart.append("labs.mapping_file")  # the listener and the parser process hold the table
         self.settings = new
         log.info("configuration reloaded: applied %s%s", ", ".join(applied) or "no changes",
                  f"; restart needed for {', '.join(restart)}" if restart else "")
@@ -266,6 +273,37 @@ class Service:
             predecessor_sr=(previous.study_uid, previous.sr_series_uid, previous.sr_sop_uid) if previous else None,
         )
 
+    def _followup_message(self, job: JobRow, summary: dict) -> list[tuple[str, str, str, str]]:
+        """The ORU^R01 for the RIS/EHR, written durably next to the job's results; its outbox row."""
+        f = self.settings.followup
+        if not f.enabled or (f.send_for == "positive" and summary.get("category_id") != "screen_positive"):
+            return []
+        import pydicom
+
+        paths = self.db.instance_paths(job.series_uid)
+        header = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        control_id = f"OSR{job.id:06d}"
+        report = ScreeningReport(
+            control_id=control_id, patient_id=str(header.get("PatientID", "")),
+            issuer=str(header.get("IssuerOfPatientID", "") or ""), patient_name=str(header.get("PatientName", "")),
+            birth_date=str(header.get("PatientBirthDate", "") or ""), sex=str(header.get("PatientSex", "") or ""),
+            accession_number=str(header.get("AccessionNumber", "") or ""), study_uid=summary.get("study_uid", ""),
+            study_datetime=str(header.get("StudyDate", "") or "") + str(header.get("StudyTime", "") or "")[:6],
+            category_id=summary["category_id"], category_label=summary["category"],
+            probability=float(summary["probability"]), threshold=float(summary["threshold"]), model=summary["model"],
+            level=summary.get("level"), mean_hu=summary.get("mean_hu"),
+            sr_sop_instance_uid=summary.get("sr_sop_instance_uid", ""), recommendation=f.recommendation,
+            notice=SHORT_DISCLAIMER)
+        message = build_result_message(report, sending_application=f.sending_application,
+                                       sending_facility=f.sending_facility,
+                                       receiving_application=f.receiving_application,
+                                       receiving_facility=f.receiving_facility, version=f.version)
+        path = self.results_dir / f"job-{job.id:06d}" / "result.hl7"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_durably(path, lambda fh: fh.write(message))
+        summary["followup_message"] = control_id
+        return [(HL7_PREFIX + f.name, str(path), HL7_SOP_CLASS, control_id)]
+
     def on_job_result(self, job: JobRow, result: ScreeningResult) -> None:
         outputs = [(d.name, o.path, o.sop_class_uid, o.sop_instance_uid)
                    for d in self.settings.destinations for o in result.outputs]
@@ -283,6 +321,8 @@ class Service:
             else:
                 report = ReportRow(study, job.id, summary["result_key"], summary["sr_series_uid"],
                                    summary["sr_sop_instance_uid"])
+        if result.status == "screened" and "duplicate_of" not in summary:
+            outputs += self._followup_message(job, summary)
         self.db.finish_job(job.id, result.status, summary, outputs, report)
         if result.status == "screened":
             log.info("job %d screened: p=%.3f %s (modalities %s), L1 %s HU; %d object(s) queued for %d "

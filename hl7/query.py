@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from config.schema import LISQuerySettings
 from hl7.client import MLLPClient
+from hl7.er7 import escape
 from hl7.precheck import PrecheckError, parse_header, split_segments
 from hl7.privacy import patient_key
 from hl7.store import DuplicateConflict, LabStore
@@ -57,14 +58,6 @@ class Query:
     message: bytes
 
 
-def _escape(text: str, encoding: str = "^~\\&") -> str:
-    """Escape HL7 delimiters in a value we put into a field (IDs can contain '&' or '^')."""
-    out = text.replace("\\", "\\E\\").replace("|", "\\F\\")
-    for ch, esc in ((encoding[0], "\\S\\"), (encoding[1], "\\R\\"), (encoding[3], "\\T\\")):
-        out = out.replace(ch, esc)
-    return out
-
-
 def build_query(s: LISQuerySettings, patient_id: str, issuer: str | None, start: dt.date, end: dt.date,
                 now: dt.datetime | None = None) -> Query:
     """The query message for ``s.protocol``, asking for one patient's results between two dates."""
@@ -72,8 +65,8 @@ def build_query(s: LISQuerySettings, patient_id: str, issuer: str | None, start:
     control = "Q" + uuid.uuid4().hex[:15].upper()
     tag = "T" + control[1:]
     version = s.version or DEFAULT_VERSION[s.protocol]
-    pid = _escape(patient_id)
-    auth = _escape(issuer or "")
+    pid = escape(patient_id)
+    auth = escape(issuer or "")
     head = "|".join(["MSH", "^~\\&", s.sending_application, s.sending_facility, s.receiving_application,
                      s.receiving_facility, now.strftime("%Y%m%d%H%M%S"), ""])
     if s.protocol == "qbp_q11":

@@ -1,4 +1,5 @@
-"""A small LIS for tests: answers QBP^Q11 with RSP^K11 and QRY^R02 with ORF^R04 over MLLP.
+"""A small LIS/RIS peer for tests: answers QBP^Q11 with RSP^K11 and QRY^R02 with ORF^R04 over MLLP, and
+accepts ORU^R01 result messages (ACK AA) the way a RIS interface would.
 
 Written from the HL7 v2.5 query/response grammar, independently of hl7/ (its own
 framing and segment handling), so a test exercises our query client against a
@@ -28,7 +29,8 @@ class LabPatient:
 
 
 class LISSimulator:
-    def __init__(self, patients: list[LabPatient], *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, patients: list[LabPatient], *, ssl_context: ssl.SSLContext | None = None,
+                 port: int = 0) -> None:
         self.patients = {p.patient_id: p for p in patients}
         self.ssl_context = ssl_context
         self.delay_s = 0.0
@@ -36,7 +38,8 @@ class LISSimulator:
         self.answer_for = ""  # answer with this patient instead of the asked one
         self.refuse = ""  # MSA-1 AE with this text
         self.requests: list[str] = []
-        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.results: list[str] = []  # ORU^R01 messages accepted
+        self._sock = socket.create_server(("127.0.0.1", port))
         self.port = self._sock.getsockname()[1]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -106,6 +109,11 @@ class LISSimulator:
             qrd, qrf = segs["QRD"], segs["QRF"]
             tag, who, start, end = qrd[4], qrd[8].split("^")[0], qrf[2], qrf[3]
             head = [f"MSH|^~\\&|LIS|LAB|{msh[2]}|{msh[3]}|{now}||ORF^R04|{reply_control}|P|2.3"]
+        elif trigger == ["ORU", "R01"]:
+            if "PID" not in segs or "OBX" not in segs or not msh[9]:
+                return f"MSH|^~\\&|LIS|LAB|||{now}||ACK^R01|{reply_control}|P|2.5.1\rMSA|AE|{control}|no PID/OBX\r"
+            self.results.append(request)
+            return f"MSH|^~\\&|LIS|LAB|{msh[2]}|{msh[3]}|{now}||ACK^R01|{reply_control}|P|2.5.1\rMSA|AA|{control}\r"
         else:
             return f"MSH|^~\\&|LIS|LAB|||{now}||ACK|{reply_control}|P|2.5.1\rMSA|AR|{control}|unsupported query\r"
         if self.refuse:

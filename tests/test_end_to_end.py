@@ -319,3 +319,45 @@ def test_second_series_gives_no_second_sr_and_a_changed_result_names_its_predece
         first["sr_sop_instance_uid"]
     assert dciodvfy_errors(path) == []
     assert len(results_in(orthanc)[0]) == 2
+
+
+def test_followup_result_message_reaches_the_ris_through_the_outbox(node_factory, sample_series):
+    """A positive screen produces an ORU^R01 for the RIS; while the RIS is down it waits in the outbox."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    from dicom_node.pacs import free_port
+    from tests.lis_simulator import LISSimulator
+
+    ris_port = free_port()
+    node = node_factory(extra=f'[followup]\nenabled = true\nport = {ris_port}\nsend_for = "all"\n'
+                              f'recommendation = "Consider DXA & review (research)"\n').start()
+    study = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    send_labs(node, dt.datetime.strptime(study.StudyDate, "%Y%m%d").date())
+    assert storescu(sample_series.files, node.port).returncode == 0
+    db = node.state_dir / "osteoscreen.sqlite"
+
+    def outbox_row():
+        with sqlite3.connect(db) as c:
+            return c.execute("SELECT state, attempts, last_error, sop_instance_uid FROM outbox"
+                             " WHERE destination='hl7:ris'").fetchone()
+
+    row = wait_for(lambda: (lambda r: r if r and r[1] >= 1 else None)(outbox_row()), 180, "a failed first attempt")
+    assert row[0] == "pending" and "cannot connect" in row[2]  # the RIS is down: kept, retried
+    with LISSimulator([], port=ris_port) as ris:
+        wait_for(lambda: outbox_row()[0] == "sent", 60, "result message sent")
+        message = ris.results[0]
+    assert len(ris.results) == 1
+    parsed = parse_message(message.replace("\n", "\r"), validation_level=VALIDATION_LEVEL.STRICT)
+    assert parsed.msh.msh_10.value == row[3]
+    assert parsed.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
+    segs = {s.split("|")[0] + s.split("|")[1]: s.split("|") for s in message.split("\r") if s.startswith(("PID", "OBX"))}
+    assert segs["PID1"][3].split("^")[0] == study.PatientID
+    with sqlite3.connect(db) as c:
+        summary = json.loads(c.execute("SELECT result_json FROM jobs WHERE id=1").fetchone()[0])
+    category = [s for k, s in segs.items() if k.startswith("OBX") and s[3].startswith("OS0001")][0]
+    assert category[5].split("^")[0] == summary["category_id"]
+    texts = " ".join(s[5] for k, s in segs.items() if k.startswith("OBX"))
+    assert "RESEARCH USE ONLY" in texts and summary["sr_sop_instance_uid"] in texts
+    if summary["category_id"] == "screen_positive":
+        assert "Consider DXA \\T\\ review (research)" in texts  # '&' escaped as ER7 requires
