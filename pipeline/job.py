@@ -192,13 +192,18 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     src_header = header.copy()
     src_header.SOPInstanceUID = source_uid
     with clock.stage("report"):
+        library = []
+        if measurement is not None and volume is not None:
+            ref = volume.slice_refs[measurement.slice_index]
+            if ref.frame_number is None:  # multi-frame: geometry is per frame; highdicom's entry wants one image
+                library = [pydicom.dcmread(ref.path, stop_before_pixels=True)]
         sr = build_sr(source_header=src_header, source_sop_instance_uid=source_uid, demographics=demo, labs=req.labs,
                       node=req.node, series_uid=sr_series, sop_uid=sr_uid, fused=fused,
                       fused_model=(bundle.card.name, bundle.card.version), selection=selection,
                       measurement=measurement, attenuation=attenuation, image_note=image_note,
                       quality_notes=_quality_notes(contrast, calibration),
                       roi_source_rc=volume.to_source_rc(measurement.roi_polygon_rc) if measurement is not None
-                      and volume is not None else None, predecessor=req.predecessor_sr)
+                      and volume is not None else None, predecessor=req.predecessor_sr, library_images=library)
         write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
         outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
 

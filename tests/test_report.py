@@ -138,6 +138,11 @@ def test_sr_reads_back_with_highdicom_and_renders_with_dcmtk(screened, sample_se
         assert shap[f"OS-SHAP-{name}"[:16]] == pytest.approx(v, abs=1e-5)
     labs = {m.name.value: m.value for m in groups["Laboratory values used"].get_measurements()}
     assert labs == {"17861-6": pytest.approx(9.1)}
+    library = [i for i in report[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    assert library, "no Image Library in the SR"
+    entries = [i for group in library[0].ContentSequence for i in group.ContentSequence if i.ValueType == "IMAGE"]
+    assert entries and entries[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+        result.summary["source_sop_instance_uid"]
     for tool in ("dsrdump", "dsr2html"):
         exe = need_tool(tool)
         r = subprocess.run([exe, str(out / "sr.dcm")], capture_output=True, text=True)

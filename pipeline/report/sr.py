@@ -109,8 +109,13 @@ def build_sr(
     roi_source_rc: np.ndarray | None = None,
     series_number: int = 9901,
     predecessor: tuple[str, str, str] | None = None,
+    library_images: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """The screening report. The ROI group is present when the image could be measured."""
+    """The screening report. The ROI group is present when the image could be measured.
+
+    ``library_images``: headers (no pixels) of the source images the report measured on, listed in the
+    Image Library (modality, geometry) so a viewer can place the ROI without fetching them first.
+    """
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -186,11 +191,18 @@ def build_sr(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Laboratory values used"),
             measurements=lab_measurements,
         ))
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
-        imaging_measurements=groups,
-    )
+    def measurement_report(images: Sequence[Dataset] | None) -> hd.sr.MeasurementReport:
+        return hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+            imaging_measurements=groups,
+            referenced_images=images,
+        )
+
+    try:
+        report = measurement_report(list(library_images) or None)
+    except (AttributeError, ValueError, TypeError):  # an image highdicom cannot describe: the library is optional
+        report = measurement_report(None)
     texts = []
     if fused is not None and fused_model is not None:
         texts.append(
