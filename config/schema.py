@@ -210,6 +210,15 @@ class FollowupSettings(_Section):
     tls: TLSSettings = TLSSettings()
 
 
+class WorklistSettings(_Section):
+    """A daily CSV + JSON list of positive screens for care coordinators (off by default)."""
+
+    enabled: bool = False
+    directory: Path | None = Field(None, description="Default: <state_dir>/worklist. Files are 0600 (they hold PHI).")
+    at: str = Field("06:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$",
+                    description="Local time of day; the list covers the 24 hours before it.")
+
+
 class LoggingSettings(_Section):
     level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
@@ -225,6 +234,7 @@ class Settings(_Section):
     destinations: list[Destination] = Field(default_factory=list)
     export: ExportSettings = ExportSettings()
     followup: FollowupSettings = FollowupSettings()
+    worklist: WorklistSettings = WorklistSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""IT commands on a node's state: status, jobs, outbox, echo. They read and change SQLite only."""
+"""IT commands on a node's state: status, jobs, outbox, worklist, echo. They read and change SQLite (and write
+the worklist files) only."""
 from __future__ import annotations
 
 import datetime as dt
@@ -8,6 +9,9 @@ from pathlib import Path
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
+
+from config.schema import WorklistSettings
+from dicom_node.db import NodeDB
 
 
 def _db(state_dir: Path) -> sqlite3.Connection:
@@ -107,3 +111,20 @@ def echo(target: str, calling_aet: str = "OSTEOSCREEN", out=print) -> int:
     ok = bool(status) and status.Status == 0
     out(f"echo {target}: {'OK' if ok else 'failed'} ({(time.monotonic() - t0) * 1000:.0f} ms)")
     return 0 if ok else 1
+
+
+def worklist(state_dir: Path, settings: WorklistSettings, day: dt.date | None, out=print) -> int:
+    """Write the worklist on demand (the scheduler does it daily when enabled)."""
+    from dicom_node.worklist import write_worklist
+
+    db_path = state_dir / "osteoscreen.sqlite"
+    if not db_path.exists():
+        raise FileNotFoundError(f"no node database at {db_path}")
+    db = NodeDB(db_path)
+    try:
+        at = dt.datetime.strptime(settings.at, "%H:%M").time()
+        path, n = write_worklist(db, settings.directory or state_dir / "worklist", day or dt.date.today(), at=at)
+    finally:
+        db.close()
+    out(f"worklist: {path} ({n} positive screen(s); also {path.with_suffix('.json').name})")
+    return 0

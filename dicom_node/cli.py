@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import sys
 from pathlib import Path
@@ -161,6 +162,8 @@ def _admin(args: argparse.Namespace) -> int:
             return admin.status(state)
         if args.command == "jobs":
             return admin.jobs(state, args.action, args.job_id)
+        if args.command == "worklist":
+            return admin.worklist(state, settings.worklist, args.date)
         return admin.outbox(state, args.action)
     except FileNotFoundError as exc:
         print(f"osteoscreen: {exc}", file=sys.stderr)
@@ -250,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("action", choices=["list", "retry"])
     o.add_argument("--config", type=Path)
     o.set_defaults(func=_admin)
+    wl = sub.add_parser("worklist", help="write the positive-screen worklist now (the 24 h before DATE at the "
+                        "configured time; default today)")
+    wl.add_argument("--date", type=dt.date.fromisoformat, help="YYYY-MM-DD")
+    wl.add_argument("--config", type=Path)
+    wl.set_defaults(func=_admin)
     ec = sub.add_parser("echo", help="C-ECHO a DICOM peer: AE@host:port")
     ec.add_argument("target")
     ec.add_argument("--aet", default="OSTEOSCREEN", help="calling AE title")

@@ -238,6 +238,12 @@ class NodeDB:
         rows = self._query("SELECT min(next_attempt_at) FROM jobs WHERE state='pending'")
         return rows[0][0] if rows and rows[0][0] is not None else None
 
+    def finished_jobs(self, start: float, end: float) -> list[tuple[int, float, dict]]:
+        """(job id, finished at, result) of jobs done in [start, end), oldest first."""
+        return [(r[0], r[1], json.loads(r[2])) for r in self._query(
+            "SELECT id, updated_at, result_json FROM jobs WHERE state='done' AND updated_at>=? AND updated_at<?"
+            " AND result_json IS NOT NULL ORDER BY updated_at", (start, end))]
+
     def latest_report(self, study_uid: str) -> ReportRow | None:
         rows = self._query("SELECT study_uid, job_id, result_key, sr_series_uid, sr_sop_uid FROM reports"
                            " WHERE study_uid=? ORDER BY id DESC LIMIT 1", (study_uid,))

@@ -19,6 +19,7 @@ from dicom_node.jobs import JobRunner
 from dicom_node.routing import decide, series_facts
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceRef, InstanceStore
+from dicom_node.worklist import WorklistScheduler
 from engines.bundle import load_bundle, resolve_bundle_path
 from engines.runtime import load_graph
 from hl7.lookup import lookup_labs
@@ -87,6 +88,9 @@ class Service:
         self.scp = StorageSCP(ae_title=s.node.ae_title, host=s.node.host, port=s.node.port, max_pdu=s.node.max_pdu,
                               allowed_calling_aets=list(s.node.allowed_calling_aets), store=self.instances,
                               on_stored=self.on_instance_stored)
+        self.worklist = (WorklistScheduler(self.db, s.worklist.directory or self.state_dir / "worklist",
+                                           dt.datetime.strptime(s.worklist.at, "%H:%M").time())
+                         if s.worklist.enabled else None)
         self._stopped = threading.Event()
 
     # --- lifecycle --------------------------------------------------------------
@@ -100,6 +104,8 @@ class Service:
         self.jobs.start()
         self.exporter.start()
         self.completion.start()
+        if self.worklist:
+            self.worklist.start()
         for uid in self.db.series_in_state("receiving"):
             log.info("series %s was receiving at shutdown: restarting its quiet period", uid)
             self.completion.touch(uid)
@@ -117,6 +123,8 @@ class Service:
         log.info("stopping")
         self.scp.stop()
         self.completion.stop()
+        if self.worklist:
+            self.worklist.stop()
         self.exporter.stop()
         self.jobs.stop()
         if self.mllp:
@@ -141,7 +149,7 @@ class Service:
         for key in ("ae_title", "host", "port", "state_dir", "max_pdu", "series_quiet_s"):
             if getattr(new.node, key) != getattr(old.node, key):
                 restart.append(f"node.{key}")
-        for section in ("hl7", "lis_query", "followup"):
+        for section in ("hl7", "lis_query", "followup", "worklist"):
             if getattr(new, section) != getattr(old, section):
                 restart.append(section)
         if new.labs.mapping_file != old.labs.mapping_file:

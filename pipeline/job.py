@@ -240,7 +240,10 @@ def run_screening(req: JobRequest) -> ScreeningResult:
 
     summary = {
         "study_uid": str(header.get("StudyInstanceUID", "")),
+        "study_date": str(header.get("StudyDate", "") or ""),
+        "accession_number": str(header.get("AccessionNumber", "") or ""),
         "patient_id": str(header.get("PatientID", "")),
+        "issuer": str(header.get("IssuerOfPatientID", "") or ""),
         "probability": round(fused.probability, 4),
         "threshold": round(fused.threshold, 4),
         "category": fused.category_label,
