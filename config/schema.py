@@ -189,6 +189,13 @@ class ExportSettings(_Section):
     timeout_s: float = Field(30.0, gt=0)
 
 
+class ResultsSettings(_Section):
+    """Optional DICOM objects sent with the SR and the key image (Secondary Capture)."""
+
+    key_object_selection: bool = Field(False, description="A KOS flagging the measured slice and the key image.")
+    presentation_state: bool = Field(False, description="A GSPS drawing the ROI on the measured slice (bone window).")
+
+
 class FollowupSettings(_Section):
     """An ORU^R01 per screening result to the RIS/EHR over MLLP, through the persistent outbox (off by default)."""
 
@@ -233,6 +240,7 @@ class Settings(_Section):
     screening: ScreeningSettings = ScreeningSettings()
     destinations: list[Destination] = Field(default_factory=list)
     export: ExportSettings = ExportSettings()
+    results: ResultsSettings = ResultsSettings()
     followup: FollowupSettings = FollowupSettings()
     worklist: WorklistSettings = WorklistSettings()
     logging: LoggingSettings = LoggingSettings()

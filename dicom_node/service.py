@@ -143,7 +143,7 @@ class Service:
         if new.destinations != old.destinations:
             self.exporter.set_destinations(list(new.destinations))
             applied.append("destinations")
-        for section in ("routing", "labs", "screening", "export"):
+        for section in ("routing", "labs", "screening", "export", "results"):
             if getattr(new, section) != getattr(old, section):
                 applied.append(section)
         for key in ("ae_title", "host", "port", "state_dir", "max_pdu", "series_quiet_s"):
@@ -279,6 +279,8 @@ class Service:
             backend=self.settings.screening.backend,
             contrast_policy=self.settings.screening.contrast,
             predecessor_sr=(previous.study_uid, previous.sr_series_uid, previous.sr_sop_uid) if previous else None,
+            key_object_selection=self.settings.results.key_object_selection,
+            presentation_state=self.settings.results.presentation_state,
         )
 
     def _followup_message(self, job: JobRow, summary: dict) -> list[tuple[str, str, str, str]]:

@@ -37,6 +37,8 @@ from pipeline.volume import VolumeError, load_volume
 
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+GSPS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,36 @@ class JobRequest:
     # The latest SR already sent for this study (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID): a new SR
     # for the study is a new version of it and says so (Predecessor Documents Sequence).
     predecessor_sr: tuple[str, str, str] | None = None
+    key_object_selection: bool = False  # also a KOS flagging the measured slice and the key image
+    presentation_state: bool = False  # also a GSPS with the ROI on the measured slice
+
+
+def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, sc, attenuation
+                ) -> list[OutputObject]:
+    """The optional KOS and GSPS (config switches), next to the SR and SC."""
+    if not (req.key_object_selection or req.presentation_state):
+        return []
+    from pipeline.report.keyobjects import build_gsps, build_kos
+
+    ref = volume.slice_refs[measurement.slice_index]
+    image = pydicom.dcmread(ref.path, stop_before_pixels=True)
+    made = []
+    if req.key_object_selection:
+        uid = _uid(req.series_uid, "kos", versions)
+        kos = build_kos(key_images=[image, sc], node=req.node, series_uid=_uid(req.series_uid, "kos-series", versions),
+                        sop_uid=uid, description=f"{measurement.level} slice measured by osteoscreen and its key image "
+                                                 "(research use only)")
+        write_durably(out / "kos.dcm", lambda fh: kos.save_as(fh, enforce_file_format=True))
+        made.append(OutputObject("kos", str(out / "kos.dcm"), KOS_SOP_CLASS, uid))
+    if req.presentation_state:
+        uid = _uid(req.series_uid, "gsps", versions)
+        gsps = build_gsps(image=image, frame_number=ref.frame_number,
+                          roi_rc=volume.to_source_rc(measurement.roi_polygon_rc),
+                          label=f"{measurement.level} {measurement.mean_hu:.0f} HU ({attenuation.category_label})",
+                          node=req.node, series_uid=_uid(req.series_uid, "gsps-series", versions), sop_uid=uid)
+        write_durably(out / "gsps.dcm", lambda fh: gsps.save_as(fh, enforce_file_format=True))
+        made.append(OutputObject("gsps", str(out / "gsps.dcm"), GSPS_SOP_CLASS, uid))
+    return made
 
 
 def result_key(summary: dict) -> str:
@@ -77,7 +109,7 @@ def result_key(summary: dict) -> str:
 
 @dataclass(frozen=True)
 class OutputObject:
-    kind: str  # "sr" or "sc"
+    kind: str  # "sr", "sc", "kos" or "gsps"
     path: str
     sop_class_uid: str
     sop_instance_uid: str
@@ -237,6 +269,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             write_durably(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))
             write_durably(out / "sc.png", lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
             outputs.append(OutputObject("sc", str(out / "sc.dcm"), SC_SOP_CLASS, sc_uid))
+            outputs += _companions(req, out, versions, measurement, volume, sc, attenuation)
 
     summary = {
         "study_uid": str(header.get("StudyInstanceUID", "")),

@@ -361,3 +361,22 @@ def test_followup_result_message_reaches_the_ris_through_the_outbox(node_factory
     assert "RESEARCH USE ONLY" in texts and summary["sr_sop_instance_uid"] in texts
     if summary["category_id"] == "screen_positive":
         assert "Consider DXA \\T\\ review (research)" in texts  # '&' escaped as ER7 requires
+
+
+def test_kos_and_gsps_round_trip_through_orthanc(node_factory, orthanc, sample_series):
+    node = node_factory(destinations=[{"name": "pacs", "ae_title": orthanc.aet, "port": orthanc.dicom_port}],
+                        extra="[results]\nkey_object_selection = true\npresentation_state = true\n").start()
+    study = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    assert storescu(sample_series.files, node.port).returncode == 0
+    classes = {SR_CLASS: "SR", SC_CLASS: "SC", "1.2.840.10008.5.1.4.1.1.88.59": "KOS",
+               "1.2.840.10008.5.1.4.1.1.11.1": "GSPS"}
+    found = wait_for(lambda: (lambda f: f if len(f) == 4 else None)(
+        {classes[c]: orthanc.instances_by_sop_class(c) for c in classes if orthanc.instances_by_sop_class(c)}),
+        180, "SR, SC, KOS and GSPS in Orthanc")
+    series = set()
+    for kind, items in found.items():
+        assert len(items) == 1, kind
+        tags = items[0]["tags"]
+        assert tags["StudyInstanceUID"] == study.StudyInstanceUID and tags["PatientID"] == study.PatientID
+        series.add(tags["SeriesInstanceUID"])
+    assert len(series) == 4 and study.SeriesInstanceUID not in series  # each in its own new series

@@ -162,3 +162,42 @@ def test_key_image_layout(screened):
     red_bars = (panel[..., 0] > 200) & (panel[..., 1] < 100) & (panel[..., 2] < 100)
     assert red_bars.sum() > 100, "SHAP bar chart missing"
     assert (panel[:40] > 200).any(), "title missing"
+
+
+@pytest.mark.parametrize("multiframe", [False, True])
+def test_key_object_selection_and_presentation_state(sample_series, tmp_path, multiframe):
+    """The optional KOS and GSPS: valid (dciodvfy), pointing at the measured slice (frame) and the key image."""
+    import dataclasses
+
+    from dicom_node.sample import write_multiframe_series
+
+    series = write_multiframe_series(sample_series, tmp_path / "mf", tag="kos-mf") if multiframe else sample_series
+    labs = LabPanel("OS-DEMO-0001", "OSTEOSCREEN-DEMO", dt.date(2026, 1, 5), 90)
+    req = JobRequest(7, series.series_uid, tuple(map(str, series.files)), labs, str(tmp_path / "out"),
+                     "fused_kdamm_v1", NODE)
+    req = dataclasses.replace(req, key_object_selection=True, presentation_state=True)
+    result = run_screening(req)
+    assert {o.kind for o in result.outputs} == {"sr", "sc", "kos", "gsps"}
+    out = tmp_path / "out"
+    exe = need_tool("dciodvfy")
+    for name in ("kos.dcm", "gsps.dcm"):
+        r = subprocess.run([exe, str(out / name)], capture_output=True, text=True)
+        assert [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")] == [], name
+    source = result.summary["source_sop_instance_uid"]
+    sc_uid = next(o.sop_instance_uid for o in result.outputs if o.kind == "sc")
+    kos = pydicom.dcmread(out / "kos.dcm")
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113000"
+    referenced = {s.ReferencedSOPInstanceUID for series_item in kos.CurrentRequestedProcedureEvidenceSequence[0]
+                  .ReferencedSeriesSequence for s in series_item.ReferencedSOPSequence}
+    assert referenced == {source, sc_uid}
+    gsps = pydicom.dcmread(out / "gsps.dcm")
+    image_ref = gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+    assert image_ref.ReferencedSOPInstanceUID == source
+    ann = gsps.GraphicAnnotationSequence[0]
+    if multiframe:
+        assert int(ann.ReferencedImageSequence[0].ReferencedFrameNumber) == result.summary["source_frame_number"]
+    poly = ann.GraphicObjectSequence[0]
+    assert poly.GraphicType == "POLYLINE" and poly.NumberOfGraphicPoints >= 4
+    assert list(poly.GraphicData[:2]) == list(poly.GraphicData[-2:])  # closed
+    assert "HU" in ann.TextObjectSequence[0].UnformattedTextValue
+    assert float(gsps.SoftcopyVOILUTSequence[0].WindowWidth) == 1800.0
