@@ -194,6 +194,9 @@ class ResultsSettings(_Section):
 
     key_object_selection: bool = Field(False, description="A KOS flagging the measured slice and the key image.")
     presentation_state: bool = Field(False, description="A GSPS drawing the ROI on the measured slice (bone window).")
+    report_not_screened: bool = Field(
+        False, description="An SR saying why, when a series routed for screening could not be screened "
+                           "(no usable input, contrast skipped), so the department knows the study was seen.")
 
 
 class FollowupSettings(_Section):

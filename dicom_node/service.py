@@ -281,6 +281,7 @@ class Service:
             predecessor_sr=(previous.study_uid, previous.sr_series_uid, previous.sr_sop_uid) if previous else None,
             key_object_selection=self.settings.results.key_object_selection,
             presentation_state=self.settings.results.presentation_state,
+            report_not_screened=self.settings.results.report_not_screened,
         )
 
     def _followup_message(self, job: JobRow, summary: dict) -> list[tuple[str, str, str, str]]:
@@ -342,4 +343,7 @@ class Service:
                      len(self.settings.destinations))
             self.exporter.wake()
         else:
-            log.info("job %d not screened: %s", job.id, result.reason)
+            log.info("job %d not screened: %s%s", job.id, result.reason,
+                     "; an SR saying so is queued" if result.outputs else "")
+            if result.outputs:
+                self.exporter.wake()

@@ -59,6 +59,7 @@ class JobRequest:
     predecessor_sr: tuple[str, str, str] | None = None
     key_object_selection: bool = False  # also a KOS flagging the measured slice and the key image
     presentation_state: bool = False  # also a GSPS with the ROI on the measured slice
+    report_not_screened: bool = False  # an SR saying why, when the series could not be screened
 
 
 def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, sc, attenuation
@@ -143,6 +144,21 @@ def _write_result(out: Path, result: ScreeningResult) -> ScreeningResult:
     return result
 
 
+def _not_screened(req: JobRequest, out: Path, header, reason: str, summary: dict) -> ScreeningResult:
+    """The result of a series that could not be screened; with ``report_not_screened``, an SR that says why."""
+    outputs: list[OutputObject] = []
+    if req.report_not_screened:
+        versions = f"not-screened/{reason}"
+        sr_uid, sr_series = _uid(req.series_uid, "sr", versions), _uid(req.series_uid, "sr-series", versions)
+        sr = build_sr(source_header=header, source_sop_instance_uid=str(header.SOPInstanceUID),
+                      demographics=demographics_from_header(header), labs=req.labs, node=req.node,
+                      series_uid=sr_series, sop_uid=sr_uid, not_screened_reason=reason)
+        write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
+        outputs.append(OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid))
+        summary = {**summary, "sr_series_uid": sr_series, "sr_sop_instance_uid": sr_uid}
+    return _write_result(out, ScreeningResult("not_screened", reason, req.series_uid, summary, tuple(outputs)))
+
+
 def _image_checks(volume, header, measurement) -> tuple[ContrastAssessment, CalibrationCheck | None]:
     """Contrast phase (header, then the aorta at L1) and the air/fat HU calibration check."""
     contrast = assess_contrast(header, volume, measurement)
@@ -198,8 +214,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     if contrast.contrast and req.contrast_policy == "skip":
         reason = (f"contrast-enhanced study ({contrast.text}); contrast studies are not screened "
                   "([screening] contrast = \"skip\")")
-        return _write_result(out, ScreeningResult("not_screened", reason, req.series_uid,
-                                                  {"reason": reason, "contrast": contrast.as_dict()}))
+        return _not_screened(req, out, header, reason, {"reason": reason, "contrast": contrast.as_dict()})
     demo = demographics_from_header(header)
     tab = tabular_input(req.labs, demo)
     patch = None
@@ -212,7 +227,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         fused = model.predict(patch, tab, clock=clock)
     except ValueError as exc:
         reason = f"{exc}" + (f" (image: {image_note})" if image_note else "")
-        return _write_result(out, ScreeningResult("not_screened", reason, req.series_uid, {"reason": reason}))
+        return _not_screened(req, out, header, reason, {"reason": reason})
     attenuation = classify_attenuation(measurement.mean_hu, rule.card) if measurement is not None else None
 
     versions = f"{bundle.card.version}/{rule.card.version}" + (f"/{selection.method}" if selection else "")

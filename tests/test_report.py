@@ -201,3 +201,28 @@ def test_key_object_selection_and_presentation_state(sample_series, tmp_path, mu
     assert list(poly.GraphicData[:2]) == list(poly.GraphicData[-2:])  # closed
     assert "HU" in ann.TextObjectSequence[0].UnformattedTextValue
     assert float(gsps.SoftcopyVOILUTSequence[0].WindowWidth) == 1800.0
+
+
+@pytest.mark.parametrize("report_it", [True, False])
+def test_not_screened_series_gets_an_sr_saying_why_when_configured(sample_series, tmp_path, report_it):
+    import dataclasses
+
+    src = tmp_path / "contrast"
+    src.mkdir()
+    for f in sample_series.files[90:110]:
+        ds = pydicom.dcmread(f)
+        ds.ContrastBolusAgent = "IOPAMIDOL"
+        ds.save_as(src / f.name, enforce_file_format=True)
+    req = JobRequest(5, sample_series.series_uid, tuple(str(p) for p in sorted(src.iterdir())),
+                     LabPanel("OS-DEMO-0001", None, None, 90), str(tmp_path / "out"), "fused_kdamm_v1", NODE)
+    result = run_screening(dataclasses.replace(req, contrast_policy="skip", report_not_screened=report_it))
+    assert result.status == "not_screened" and "contrast" in result.reason
+    if not report_it:
+        assert result.outputs == ()
+        return
+    assert [o.kind for o in result.outputs] == ["sr"]
+    sr_path = tmp_path / "out" / "sr.dcm"
+    r = subprocess.run([need_tool("dciodvfy"), str(sr_path)], capture_output=True, text=True)
+    assert not [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Error")]
+    r = subprocess.run([need_tool("dsr2html"), str(sr_path)], capture_output=True, text=True)
+    assert "did not screen it: contrast-enhanced study" in r.stdout and "RESEARCH USE ONLY" in r.stdout

@@ -35,6 +35,7 @@ VERTEBRA_SITES = {
     "L3": CodedConcept("36470004", "SCT", "L3 vertebra"),
 }
 SCREENING_CATEGORY = CodedConcept("OS0001", PRIVATE_SCHEME, "Opportunistic osteoporosis screening category")
+NOT_SCREENED = CodedConcept("OS0010", PRIVATE_SCHEME, "Not screened")
 ATTENUATION_CATEGORY = CodedConcept("OS0004", PRIVATE_SCHEME, "L1 attenuation category (threshold rule)")
 PROBABILITY = CodedConcept("OS0002", PRIVATE_SCHEME, "Probability of osteoporosis (femoral neck T-score <= -2.5)")
 THRESHOLD = CodedConcept("OS0003", PRIVATE_SCHEME, "Screening operating point")
@@ -110,6 +111,7 @@ def build_sr(
     series_number: int = 9901,
     predecessor: tuple[str, str, str] | None = None,
     library_images: Sequence[Dataset] = (),
+    not_screened_reason: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The screening report. The ROI group is present when the image could be measured.
 
@@ -191,6 +193,11 @@ def build_sr(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Laboratory values used"),
             measurements=lab_measurements,
         ))
+    if not_screened_reason:  # the coded statement that this series was seen and not screened
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Screening not performed"),
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(SCREENING_CATEGORY, NOT_SCREENED)]))
+
     def measurement_report(images: Sequence[Dataset] | None) -> hd.sr.MeasurementReport:
         return hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
@@ -202,8 +209,13 @@ def build_sr(
     try:
         report = measurement_report(list(library_images) or None)
     except (AttributeError, ValueError, TypeError):  # an image highdicom cannot describe: the library is optional
+        if not library_images:
+            raise
         report = measurement_report(None)
     texts = []
+    if not_screened_reason:
+        texts.append("osteoscreen received this series but did not screen it: " + not_screened_reason
+                     + ". No screening result is given for this study from this series.")
     if fused is not None and fused_model is not None:
         texts.append(
             f"Screening result ({fused_model[0]} {fused_model[1]}): probability {fused.probability:.3f}, "
