@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 
 from engines.bundle import load_bundle
 from hl7.panel import LabPanel
-from pipeline.bone import MeasurementError, measure_mid_body
+from pipeline.bone import BoneMeasurement, MeasurementError, measure_mid_body
 from pipeline.calibration import CalibrationCheck, check_calibration
 from pipeline.contrast import ContrastAssessment, assess_contrast
 from pipeline.demographics import demographics_from_header
@@ -144,6 +144,26 @@ def _write_result(out: Path, result: ScreeningResult) -> ScreeningResult:
     return result
 
 
+ADJACENT_MIN_CONFIDENCE = 0.7  # T12/L2 are reported only when the localiser is at least this sure
+
+
+def _adjacent_levels(volume, loc) -> list[BoneMeasurement]:
+    """T12 and L2 measured like L1 when confidently found (both neighbours fully in view), else nothing."""
+    if loc.confidence < ADJACENT_MIN_CONFIDENCE:
+        return []
+    found = []
+    for level in ("T12", "L2"):
+        try:
+            sel, _ = select_level_slices(volume, level, localisation=loc)
+            lo, hi = sel.z_range
+            if lo <= 0 or hi >= volume.shape[0] - 1:  # cut by the field of view: not a whole body
+                continue
+            found.append(measure_mid_body(volume, loc, sel.z_range, level=level))
+        except (SelectionError, MeasurementError):
+            continue
+    return found
+
+
 def _not_screened(req: JobRequest, out: Path, header, reason: str, summary: dict) -> ScreeningResult:
     """The result of a series that could not be screened; with ``report_not_screened``, an SR that says why."""
     outputs: list[OutputObject] = []
@@ -199,6 +219,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     rule = load_bundle(req.attenuation_rule)
     out = Path(req.output_dir)
     volume = selection = loc = measurement = None
+    adjacent: list = []
     image_note = None
     try:
         volume = load_volume(req.instance_paths, max_tilt_deg=req.max_tilt_deg, clock=clock)
@@ -206,6 +227,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             selection, loc = select_level_slices(volume, "L1")
         with clock.stage("measurement"):
             measurement = measure_mid_body(volume, loc, selection.z_range, level="L1")
+            adjacent = _adjacent_levels(volume, loc)
     except (VolumeError, SelectionError, MeasurementError) as exc:
         image_note = exc.reason
     header = volume.header if volume is not None else pydicom.dcmread(req.instance_paths[0], stop_before_pixels=True)
@@ -243,14 +265,16 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         if measurement is not None and volume is not None:
             ref = volume.slice_refs[measurement.slice_index]
             if ref.frame_number is None:  # multi-frame: geometry is per frame; highdicom's entry wants one image
-                library = [pydicom.dcmread(ref.path, stop_before_pixels=True)]
+                library = [pydicom.dcmread(volume.slice_refs[m.slice_index].path, stop_before_pixels=True)
+                           for m in (measurement, *adjacent)]
         sr = build_sr(source_header=src_header, source_sop_instance_uid=source_uid, demographics=demo, labs=req.labs,
                       node=req.node, series_uid=sr_series, sop_uid=sr_uid, fused=fused,
                       fused_model=(bundle.card.name, bundle.card.version), selection=selection,
                       measurement=measurement, attenuation=attenuation, image_note=image_note,
                       quality_notes=_quality_notes(contrast, calibration),
                       roi_source_rc=volume.to_source_rc(measurement.roi_polygon_rc) if measurement is not None
-                      and volume is not None else None, predecessor=req.predecessor_sr, library_images=library)
+                      and volume is not None else None, predecessor=req.predecessor_sr, library_images=library,
+                      adjacent=[(m, volume.to_source_rc(m.roi_polygon_rc)) for m in adjacent])
         write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
         outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
 
@@ -326,6 +350,9 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             "selection": {"method": selection.method, "anchor": selection.anchor,
                           "confidence": selection.confidence},
             "localiser_notes": list(loc.notes),
+            "adjacent_levels": [{"level": m.level, "mean_hu": round(m.mean_hu, 1), "sd_hu": round(m.sd_hu, 1),
+                                 "roi_area_mm2": round(m.area_mm2, 1), "slice_index": m.slice_index,
+                                 "source_sop_instance_uid": m.sop_instance_uid} for m in adjacent],
         })
     if volume is not None:
         summary["volume_notes"] = list(volume.notes)

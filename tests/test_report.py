@@ -122,8 +122,17 @@ def test_sr_reads_back_with_highdicom_and_renders_with_dcmtk(screened, sample_se
     result, out = screened
     sr = hd.sr.srread(out / "sr.dcm")
     report = sr.content
-    roi = report.get_planar_roi_measurement_groups()
-    assert len(roi) == 1
+    all_roi = report.get_planar_roi_measurement_groups()
+    by_level = {str(g.tracking_identifier).split()[0]: g for g in all_roi}
+    adjacent = {a["level"]: a for a in result.summary["adjacent_levels"]}
+    assert set(by_level) == {"L1", *adjacent}  # T12 / L2 only when confidently found
+    for level, a in adjacent.items():
+        vals = {(m.name.value, m.derivation.value if m.derivation else None): m.value
+                for m in by_level[level].get_measurements()}
+        assert vals[("112031", "373098007")] == pytest.approx(a["mean_hu"], abs=0.05)
+        assert by_level[level].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+            a["source_sop_instance_uid"]
+    roi = [by_level["L1"]]
     values = {(m.name.value, m.derivation.value if m.derivation else None): m.value for m in roi[0].get_measurements()}
     assert values[("112031", "373098007")] == pytest.approx(result.summary["mean_hu"], abs=0.05)
     assert values[("42798000", None)] == pytest.approx(result.summary["roi_area_mm2"], abs=0.05)

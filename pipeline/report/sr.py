@@ -1,6 +1,7 @@
 """TID 1500 Comprehensive 3D SR for one screening result (built with highdicom)."""
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,37 @@ def _lab_text(v: LabValue) -> str:
     return text + (f" ({v.observed_at:%Y-%m-%d})" if v.observed_at else "")
 
 
+def _roi_group(m: BoneMeasurement, source_rc: np.ndarray | None, sop_class_uid: str,
+               algorithm: hd.sr.AlgorithmIdentification | None, evaluations: list | None
+               ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """One vertebra's trabecular ROI: SCOORD on its source slice, mean/SD HU, area, SNOMED finding site."""
+    site = VERTEBRA_SITES.get(m.level)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        # (column, row) in the source image's pixel grid, pixel centres
+        graphic_data=np.asarray(m.roi_polygon_rc if source_rc is None else source_rc)[:, ::-1] + 0.5,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=sop_class_uid,
+            referenced_sop_instance_uid=m.sop_instance_uid,
+            referenced_frame_numbers=[m.frame_number] if m.frame_number else None,
+        ),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{m.level} trabecular ROI"),
+        referenced_region=region,
+        finding_type=CodedConcept("91747007", "SCT", "Lumen of vertebral body"),
+        finding_category=CodedConcept("91723000", "SCT", "Anatomical structure"),
+        finding_sites=[hd.sr.FindingSite(site)] if site else None,
+        measurements=[
+            hd.sr.Measurement(name=ATTENUATION, value=round(m.mean_hu, 1), unit=HU, derivation=MEAN),
+            hd.sr.Measurement(name=ATTENUATION, value=round(m.sd_hu, 1), unit=HU, derivation=SD),
+            hd.sr.Measurement(name=AREA, value=round(m.area_mm2, 1), unit=MM2),
+        ],
+        qualitative_evaluations=evaluations or None,
+        algorithm_id=algorithm,
+    )
+
+
 def _demographics_text(d: Demographics | None) -> str:
     if d is None:
         return "not available"
@@ -112,6 +144,7 @@ def build_sr(
     predecessor: tuple[str, str, str] | None = None,
     library_images: Sequence[Dataset] = (),
     not_screened_reason: str | None = None,
+    adjacent: Sequence[tuple[BoneMeasurement, np.ndarray | None]] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The screening report. The ROI group is present when the image could be measured.
 
@@ -130,34 +163,13 @@ def build_sr(
     )
     groups: list = []
     if measurement is not None and attenuation is not None:
-        rule_alg = hd.sr.AlgorithmIdentification(name=attenuation.model_name, version=attenuation.model_version)
-        site = VERTEBRA_SITES.get(measurement.level)
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            # (column, row) in the source image's pixel grid, pixel centres
-            graphic_data=np.asarray(measurement.roi_polygon_rc if roi_source_rc is None else roi_source_rc)[:, ::-1]
-            + 0.5,
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=str(source_header.SOPClassUID),
-                referenced_sop_instance_uid=measurement.sop_instance_uid,
-                referenced_frame_numbers=[measurement.frame_number] if measurement.frame_number else None,
-            ),
-        )
         cv, cs, cm = attenuation.category_code
-        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{measurement.level} trabecular ROI"),
-            referenced_region=region,
-            finding_type=CodedConcept("91747007", "SCT", "Lumen of vertebral body"),
-            finding_category=CodedConcept("91723000", "SCT", "Anatomical structure"),
-            finding_sites=[hd.sr.FindingSite(site)] if site else None,
-            measurements=[
-                hd.sr.Measurement(name=ATTENUATION, value=round(measurement.mean_hu, 1), unit=HU, derivation=MEAN),
-                hd.sr.Measurement(name=ATTENUATION, value=round(measurement.sd_hu, 1), unit=HU, derivation=SD),
-                hd.sr.Measurement(name=AREA, value=round(measurement.area_mm2, 1), unit=MM2),
-            ],
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(ATTENUATION_CATEGORY, CodedConcept(cv, cs, cm))],
-            algorithm_id=rule_alg,
-        ))
+        groups.append(_roi_group(
+            measurement, roi_source_rc, str(source_header.SOPClassUID),
+            hd.sr.AlgorithmIdentification(name=attenuation.model_name, version=attenuation.model_version),
+            [hd.sr.QualitativeEvaluation(ATTENUATION_CATEGORY, CodedConcept(cv, cs, cm))]))
+    for other, other_rc in adjacent:  # T12 / L2 when confidently found: measurements only, no L1 threshold rule
+        groups.append(_roi_group(other, other_rc, str(source_header.SOPClassUID), None, None))
     if fused is not None and fused_model is not None:
         alg = hd.sr.AlgorithmIdentification(name=fused_model[0], version=fused_model[1])
         cv, cs, cm = fused.category_code
@@ -232,6 +244,10 @@ def build_sr(
             f"{measurement.area_mm2:.0f} mm2); {attenuation.model_name} {attenuation.model_version}: "
             f"{attenuation.category_label} (" + ", ".join(f"{k}={v:g}" for k, v in attenuation.thresholds.items())
             + ").")
+    for other, _ in adjacent:
+        texts.append(f"{other.level} trabecular mean {other.mean_hu:.0f} HU (SD {other.sd_hu:.0f}, ROI "
+                     f"{other.area_mm2:.0f} mm2), measured the same way for comparison; the threshold rule applies "
+                     "to L1 only.")
     if selection is not None:
         texts.append(f"Slice selection: {selection.method}, level {selection.level}, anchor {selection.anchor}, "
                      f"confidence {selection.confidence:.2f}.")
@@ -258,6 +274,12 @@ def build_sr(
         if kw in source_header:
             setattr(evidence, kw, source_header.get(kw))
     evidence.SOPInstanceUID = source_sop_instance_uid
+    evidence_items = [evidence]
+    for other, _ in adjacent:  # the slices the T12/L2 ROIs are drawn on
+        if other.sop_instance_uid != source_sop_instance_uid:
+            item = copy.deepcopy(evidence)
+            item.SOPInstanceUID = other.sop_instance_uid
+            evidence_items.append(item)
     previous = None
     if predecessor is not None:  # an earlier version of this study's report: viewers show the latest
         previous = Dataset()
@@ -267,7 +289,7 @@ def build_sr(
         root.ContentSequence.append(hd.sr.TextContentItem(
             name=COMMENT, value=texts_pre, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[evidence],
+        evidence=evidence_items,
         content=report,
         series_instance_uid=series_uid,
         series_number=series_number,
