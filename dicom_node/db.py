@@ -209,7 +209,32 @@ class NodeDB:
             cur = db.execute(
                 "INSERT OR IGNORE INTO jobs (series_uid, created_at, updated_at) VALUES (?,?,?)",
                 (series_uid, now, now))
-            return int(cur.lastrowid) if cur.rowcount else None
+            if cur.rowcount:
+                return int(cur.lastrowid)
+            # A reopened series (patient identity update): its finished job runs again.
+            row = db.execute("SELECT id FROM jobs WHERE series_uid=? AND state IN ('done','failed')",
+                             (series_uid,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state='pending', attempts=0, next_attempt_at=0, updated_at=? WHERE id=?",
+                       (now, row[0]))
+            return int(row[0])
+
+    def identity_update(self, series_uid: str, patient_id: str, issuer: str, detail: str) -> bool:
+        """Follow a PACS patient identity update: new identity on the series, and decide it again.
+
+        True (and audited) for the first instance that reopens the series; the rest of the re-send finds it
+        already reopened with this identity.
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT patient_id, issuer, state FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            first = row is None or row[2] != "receiving" or (row[0], row[1]) != (patient_id, issuer)
+            db.execute("UPDATE series SET patient_id=?, issuer=?, state='receiving' WHERE series_uid=?",
+                       (patient_id, issuer, series_uid))
+            if first:
+                db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                           (time.time(), "identity", series_uid, detail))
+        return first
 
     # --- jobs -------------------------------------------------------------------
     def claim_job(self) -> JobRow | None:

@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from dicom_node.store import InstanceRef, InstanceRefused, InstanceStore
+from dicom_node.store import InstanceRef, InstanceRefused, InstanceStore, identity_of
 
 log = logging.getLogger("osteoscreen.scp")
 
@@ -141,6 +141,7 @@ class StorageSCP:
                 patient_id=str(ds.get("PatientID", "") or "").strip(),
                 issuer=str(ds.get("IssuerOfPatientID", "") or "").strip(),
                 modality=str(ds.get("Modality", "") or "").strip(),
+                identity=identity_of(ds),
             )
         except InstanceRefused as exc:
             log.warning("C-STORE %s from %s refused (0x%04X): %s", sop_uid or "(no UID)", calling, exc.status, exc.reason)

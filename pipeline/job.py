@@ -7,6 +7,7 @@ the same objects and a re-send is idempotent at the PACS.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -90,14 +91,23 @@ def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, 
     return made
 
 
+def identity_key(header) -> str:
+    """A digest of the patient identity in the header: a corrected identity makes a new report version."""
+    parts = [str(header.get(k, "") or "").strip() for k in
+             ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 def result_key(summary: dict) -> str:
     """What makes two reports of one study the same: vertebra, models, categories and the lab values used.
 
     A second series of the same study (or the same series sent again) that gives
-    the same key produces no second SR; any difference (another vertebra, a new
-    model version, another category, corrected labs) is a new version of the report.
+    the same key produces no second SR; any difference (corrected patient identity,
+    another vertebra, a new model version, another category, corrected labs) is a new
+    version of the report.
     """
     key = {
+        "identity": summary.get("identity_key"),
         "level": summary.get("level"),
         "model": summary.get("model"),
         "attenuation_rule": summary.get("attenuation_rule"),
@@ -316,6 +326,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         "accession_number": str(header.get("AccessionNumber", "") or ""),
         "patient_id": str(header.get("PatientID", "")),
         "issuer": str(header.get("IssuerOfPatientID", "") or ""),
+        "identity_key": identity_key(header),
         "probability": round(fused.probability, 4),
         "threshold": round(fused.threshold, 4),
         "category": fused.category_label,

@@ -380,3 +380,40 @@ def test_kos_and_gsps_round_trip_through_orthanc(node_factory, orthanc, sample_s
         assert tags["StudyInstanceUID"] == study.StudyInstanceUID and tags["PatientID"] == study.PatientID
         series.add(tags["SeriesInstanceUID"])
     assert len(series) == 4 and study.SeriesInstanceUID not in series  # each in its own new series
+
+
+def test_patient_identity_update_on_resend_is_followed(node_factory, orthanc, sample_series, tmp_path):
+    """The PACS corrects the patient of a study and sends it again (same SOP Instance UIDs): the node re-screens
+    it for the corrected patient, sends a new SR version with the new identity, and never uses the old labs."""
+    node = node_factory(destinations=[{"name": "pacs", "ae_title": orthanc.aet, "port": orthanc.dicom_port}]).start()
+    study = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    send_labs(node, dt.datetime.strptime(study.StudyDate, "%Y%m%d").date())  # labs of the original patient
+    db = node.state_dir / "osteoscreen.sqlite"
+
+    def job_result():
+        with sqlite3.connect(db) as c:
+            row = c.execute("SELECT state, result_json FROM jobs WHERE id=1").fetchone()
+        return json.loads(row[1]) if row and row[0] == "done" and row[1] else None
+
+    assert storescu(sample_series.files, node.port).returncode == 0
+    first = wait_for(job_result, 180, "first result")
+    assert first["labs_used"]
+    wait_for(lambda: len(results_in(orthanc)[0]) == 1, 60, "first SR")
+
+    corrected = tmp_path / "corrected"
+    corrected.mkdir()
+    for f in sample_series.files:
+        ds = pydicom.dcmread(f)
+        ds.PatientID, ds.PatientName = "OS-DEMO-0002", "CORRECTED^PATIENT"
+        ds.save_as(corrected / f.name, enforce_file_format=True)
+    assert storescu(sorted(corrected.iterdir()), node.port).returncode == 0
+    second = wait_for(lambda: (lambda r: r if r and r["sr_sop_instance_uid"] != first["sr_sop_instance_uid"]
+                               else None)(job_result()), 180, "result for the corrected patient")
+    assert second["patient_id"] == "OS-DEMO-0002" and second["labs_used"] == []  # the old patient's labs: never
+    assert second["predecessor_sr"] == first["sr_sop_instance_uid"]
+    srs = wait_for(lambda: (lambda s: s if len(s) == 2 else None)(results_in(orthanc)[0]), 60, "second SR")
+    assert {s["tags"]["PatientID"] for s in srs} == {study.PatientID, "OS-DEMO-0002"}
+    with sqlite3.connect(db) as c:
+        audit = [r[0] for r in c.execute("SELECT detail FROM audit WHERE kind='identity'")]
+    assert len(audit) == 1 and "PatientID" in audit[0] and "PatientName" in audit[0]
+    assert "OS-DEMO-0002" not in node.log() and "CORRECTED" not in node.log()
