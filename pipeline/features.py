@@ -17,6 +17,11 @@ class Feature:
     group: str  # "demographics" or "labs"
     loinc: tuple[str, ...] = ()  # accepted LOINC codes (canonical first)
     nhanes: tuple[str, ...] = ()  # NHANES variable names across cycles
+    short: str = ""  # label for narrow places (the key image's factor chart); defaults to ``label``
+
+    @property
+    def short_label(self) -> str:
+        return self.short or self.label
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -27,12 +32,13 @@ FEATURES: tuple[Feature, ...] = (
     Feature("bmi", "Body mass index", "kg/m2", "demographics", nhanes=("BMXBMI",)),
     Feature("calcium", "Calcium", "mg/dL", "labs", ("17861-6",), ("LBXSCA",)),
     Feature("phosphate", "Phosphate", "mg/dL", "labs", ("2777-1",), ("LBXSPH",)),
-    Feature("alp", "Alkaline phosphatase", "U/L", "labs", ("6768-6",), ("LBXSAPSI",)),
+    Feature("alp", "Alkaline phosphatase", "U/L", "labs", ("6768-6",), ("LBXSAPSI",), short="ALP"),
     Feature("albumin", "Albumin", "g/dL", "labs", ("1751-7",), ("LBXSAL",)),
     Feature("creatinine", "Creatinine", "mg/dL", "labs", ("2160-0",), ("LBXSCR",)),
     Feature("total_protein", "Total protein", "g/dL", "labs", ("2885-2",), ("LBXSTP",)),
     Feature("glucose", "Glucose", "mg/dL", "labs", ("2345-7",), ("LBXSGL",)),
-    Feature("vitamin_d", "25-hydroxyvitamin D", "nmol/L", "labs", ("62292-8", "1989-3"), ("LBXVIDMS", "LBDVIDMS")),
+    Feature("vitamin_d", "25-hydroxyvitamin D", "nmol/L", "labs", ("62292-8", "1989-3"), ("LBXVIDMS", "LBDVIDMS"),
+            short="25-OH vitamin D"),
     Feature("hemoglobin", "Hemoglobin", "g/dL", "labs", ("718-7",), ("LBXHGB",)),
     Feature("wbc", "Leukocytes", "10*3/uL", "labs", ("6690-2",), ("LBXWBCSI",)),
     Feature("platelets", "Platelets", "10*3/uL", "labs", ("777-3",), ("LBXPLTSI",)),

@@ -291,7 +291,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         if measurement is not None and volume is not None and selection is not None and attenuation is not None:
             expl = fused.explanation
             top = sorted(zip(expl.features, expl.contributions), key=lambda t: -abs(t[1]))[:6] if expl else []
-            labels = {f.name: f.label for f in FEATURES}
+            labels = {f.name: f.short_label for f in FEATURES}
             lines = [
                 f"Screening: {fused.category_label}",
                 f"Probability {fused.probability:.2f} (operating point {fused.threshold:.2f}); "

@@ -92,7 +92,9 @@ def _bar_chart(d: ImageDraw.ImageDraw, x: int, y: int, width: int, bars: list[tu
     centre = x + label_w + half
     top = max(abs(v) for _, v in bars) or 1.0
     for name, v in bars:
-        d.text((x, y), name[:16], fill=(210, 210, 210), font=font)
+        while name and d.textlength(name, font=font) > label_w - 6:  # fit, never overrun the bars
+            name = name[:-2] + "."
+        d.text((x, y), name, fill=(210, 210, 210), font=font)
         length = half * abs(v) / top
         x0, x1 = (centre, centre + length) if v >= 0 else (centre - length, centre)
         d.rectangle([x0, y + 3, x1, y + 14], fill=(220, 70, 70) if v >= 0 else (80, 140, 230))
