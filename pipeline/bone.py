@@ -9,7 +9,7 @@ opportunistic-screening literature (Pickhardt et al. 2013).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -43,7 +43,10 @@ class BoneMeasurement:
     median_hu: float = float("nan")
     dense_fraction: float = 0.0  # share of ROI pixels above 400 HU (endplate/cortex contamination)
     frame_number: int | None = None  # 1-based frame of a multi-frame source instance
-    method: str = "trabecular ellipse, cortex hull eroded 4 mm, anterior 2/3, mid-body slice with least dense bone"
+    n_slices: int = 1  # slices whose ROI voxels were pooled into mean/SD/median/n_pixels
+    pooled_slices: tuple[int, ...] = ()  # their indices (the ROI outline is the one on ``slice_index``)
+    method: str = ("trabecular ellipse, cortex hull eroded 4 mm, anterior 2/3, mid-body slice with least dense bone, "
+                   "voxels pooled with clean neighbours within 3 mm")
 
 
 def _hull_mask(shape: tuple[int, int], points_rc: np.ndarray) -> np.ndarray:
@@ -63,6 +66,12 @@ def _ellipse(shape, centre, semi_rc):
 def measure_trabecular(volume: Volume, loc: Localisation, slice_index: int, slab: tuple[int, int],
                        level: str = "L1") -> BoneMeasurement:
     """Mean/SD HU in a trabecular ellipse on ``slice_index``; ``slab`` is the body's slice range."""
+    return _measure_slice(volume, loc, slice_index, slab, level)[0]
+
+
+def _measure_slice(volume: Volume, loc: Localisation, slice_index: int, slab: tuple[int, int],
+                   level: str) -> tuple[BoneMeasurement, np.ndarray]:
+    """The measurement on one slice and its ROI voxel values (for pooling over slices)."""
     hu = volume.hu[slice_index]
     _, dy, dx = volume.spacing
     r0, r1, c0, c1 = loc.body_box_rc[slice_index]
@@ -127,6 +136,7 @@ def measure_trabecular(volume: Volume, loc: Localisation, slice_index: int, slab
     return BoneMeasurement(
         level=level,
         slice_index=slice_index,
+        pooled_slices=(slice_index,),
         sop_instance_uid=volume.slice_refs[slice_index].sop_instance_uid if volume.slice_refs else "",
         frame_number=volume.slice_refs[slice_index].frame_number if volume.slice_refs else None,
         mean_hu=float(values.mean()),
@@ -137,10 +147,12 @@ def measure_trabecular(volume: Volume, loc: Localisation, slice_index: int, slab
         roi_centre_rc=(float(centre[0] + R0), float(centre[1] + C0)),
         median_hu=float(np.median(values)),
         dense_fraction=float(np.mean(values > DENSE_HU)),
-    )
+    ), values
 
 
 DENSE_HU = 400.0
+POOL_MM = 3.0  # neighbours of the chosen slice within this distance are pooled (5 mm slices: none)
+POOL_DENSE_TOLERANCE = 0.02  # a neighbour may have at most this many more dense voxels (share) than the chosen
 MIN_SEARCH_SLICES = 2
 
 
@@ -160,20 +172,38 @@ def measure_mid_body(volume: Volume, loc: Localisation, z_range: tuple[float, fl
     # disc positions' own uncertainty, and the least-dense rule then has no endplate-free slice to choose.
     half = max(MIN_SEARCH_SLICES, int(round(search_fraction * (hi - lo))))
     slab = (int(np.ceil(lo)), int(np.floor(hi)))
-    best: tuple[float, BoneMeasurement] | None = None
+    best: tuple[float, int] | None = None
     last_error: MeasurementError | None = None
+    measured: dict[int, tuple[BoneMeasurement, np.ndarray]] = {}
     for d in range(-half, half + 1):
         k = int(round(centre)) + d
         if not 0 <= k < volume.shape[0]:
             continue
         try:
-            m = measure_trabecular(volume, loc, k, slab, level=level)
+            measured[k] = _measure_slice(volume, loc, k, slab, level)
         except MeasurementError as exc:
             last_error = exc
             continue
-        score = m.dense_fraction + 0.01 * abs(d)
+        score = measured[k][0].dense_fraction + 0.01 * abs(d)
         if best is None or score < best[0]:
-            best = (score, m)
+            best = (score, k)
     if best is None:
         raise last_error or MeasurementError(f"{level} could not be measured")
-    return best[1]
+    return _pooled(measured, best[1], volume.spacing[0])
+
+
+def _pooled(measured: dict[int, tuple[BoneMeasurement, np.ndarray]], k_best: int, dz: float) -> BoneMeasurement:
+    """Pool the ROI voxels of the chosen slice and of its neighbours within POOL_MM that are as clean.
+
+    Several slices through mid-body give a steadier mean than one (noise, a single
+    sclerotic island); a neighbour touching an endplate (more dense voxels than the
+    chosen slice) is left out. The ROI outline stays the chosen slice's.
+    """
+    chosen, _ = measured[k_best]
+    reach = int(POOL_MM // dz) if dz > 0 else 0
+    keep = [k for k in range(k_best - reach, k_best + reach + 1)
+            if k in measured and measured[k][0].dense_fraction <= chosen.dense_fraction + POOL_DENSE_TOLERANCE]
+    values = np.concatenate([measured[k][1] for k in keep])
+    return replace(chosen, mean_hu=float(values.mean()), sd_hu=float(values.std(ddof=1)) if values.size > 1 else 0.0,
+                   median_hu=float(np.median(values)), n_pixels=int(values.size), n_slices=len(keep),
+                   pooled_slices=tuple(keep), dense_fraction=float(np.mean(values > DENSE_HU)))

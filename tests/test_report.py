@@ -136,6 +136,9 @@ def test_sr_reads_back_with_highdicom_and_renders_with_dcmtk(screened, sample_se
     values = {(m.name.value, m.derivation.value if m.derivation else None): m.value for m in roi[0].get_measurements()}
     assert values[("112031", "373098007")] == pytest.approx(result.summary["mean_hu"], abs=0.05)
     assert values[("42798000", None)] == pytest.approx(result.summary["roi_area_mm2"], abs=0.05)
+    assert values[("112031", "373099004")] == pytest.approx(result.summary["median_hu"], abs=0.05)  # median
+    assert values[("OS0011", None)] == result.summary["roi_voxels"] > 0
+    assert len(result.summary["roi_slices"]) >= 1 and result.summary["slice_index"] in result.summary["roi_slices"]
     assert roi[0].roi.GraphicType == "POLYLINE"
     assert roi[0].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
         result.summary["source_sop_instance_uid"]

@@ -26,6 +26,9 @@ HU = CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
 MM2 = CodedConcept("mm2", "UCUM", "square millimeter")
 MEAN = CodedConcept("373098007", "SCT", "Mean")
 SD = CodedConcept("386136009", "SCT", "Standard Deviation")
+MEDIAN = CodedConcept("373099004", "SCT", "Median")
+VOXELS = CodedConcept("OS0011", PRIVATE_SCHEME, "ROI voxel count (pooled over slices)")
+VOXEL_UNIT = CodedConcept("{voxels}", "UCUM", "voxels")
 AREA = CodedConcept("42798000", "SCT", "Area")
 ATTENUATION = CodedConcept("112031", "DCM", "Attenuation Coefficient")
 VERTEBRA_SITES = {
@@ -98,7 +101,9 @@ def _roi_group(m: BoneMeasurement, source_rc: np.ndarray | None, sop_class_uid: 
         measurements=[
             hd.sr.Measurement(name=ATTENUATION, value=round(m.mean_hu, 1), unit=HU, derivation=MEAN),
             hd.sr.Measurement(name=ATTENUATION, value=round(m.sd_hu, 1), unit=HU, derivation=SD),
+            hd.sr.Measurement(name=ATTENUATION, value=round(m.median_hu, 1), unit=HU, derivation=MEDIAN),
             hd.sr.Measurement(name=AREA, value=round(m.area_mm2, 1), unit=MM2),
+            hd.sr.Measurement(name=VOXELS, value=m.n_pixels, unit=VOXEL_UNIT),
         ],
         qualitative_evaluations=evaluations or None,
         algorithm_id=algorithm,
@@ -240,8 +245,9 @@ def build_sr(
                          + f". Base value {fused.explanation.base_value:.3f}.")
     if measurement is not None and attenuation is not None:
         texts.append(
-            f"{measurement.level} trabecular mean {measurement.mean_hu:.0f} HU (SD {measurement.sd_hu:.0f}, ROI "
-            f"{measurement.area_mm2:.0f} mm2); {attenuation.model_name} {attenuation.model_version}: "
+            f"{measurement.level} trabecular mean {measurement.mean_hu:.0f} HU (SD {measurement.sd_hu:.0f}, median "
+            f"{measurement.median_hu:.0f}; {measurement.n_pixels} voxels on {measurement.n_slices} slice(s), ROI "
+            f"{measurement.area_mm2:.0f} mm2 on the slice shown); {attenuation.model_name} {attenuation.model_version}: "
             f"{attenuation.category_label} (" + ", ".join(f"{k}={v:g}" for k, v in attenuation.thresholds.items())
             + ").")
     for other, _ in adjacent:
