@@ -41,6 +41,7 @@ RIB_EXCLUSION_RADIUS_MM = 35.0
 CANAL_CENTRE_OFFSET_MM = 8.0  # canal centre lies about this far behind the body's posterior wall
 WAIST_FRACTION = 0.7
 MAX_SEGMENT_RATIO = 1.5
+MAX_NEIGHBOUR_RATIO = 1.45  # T12 / L1 taller than this times their complete neighbours: a merged (missed) disc
 RIB_MIN_LATERAL_MM = 65.0
 RIB_MAX_MEDIAL_MM = 42.0
 
@@ -427,6 +428,22 @@ def localise(volume: Volume) -> Localisation:
             if seg.label in ("T12", "L1") and h > MAX_SEGMENT_RATIO * typical:
                 reason = (f"{seg.label} would span {h:.0f} mm (typical here {typical:.0f} mm): a disc was probably "
                           "missed, so the level is uncertain")
+                confidence = 0.0
+        # The same against the immediate neighbours: where discs were missed elsewhere too (thin or noisy
+        # slices), the median is inflated, but a merged L1 is still about twice its neighbours.
+        by_label = {x.label: x for x in segments}
+        for name, neighbours in (("L1", ("T12", "L2")), ("T12", ("T11", "L1"))):
+            seg = by_label.get(name)
+            near = [(n, (by_label[n].z_upper - by_label[n].z_lower) * sp[0]) for n in neighbours
+                    if n in by_label and by_label[n].complete]
+            if reason is not None or seg is None or not near:
+                continue
+            h = (seg.z_upper - seg.z_lower) * sp[0]
+            mean_near = float(np.mean([x for _, x in near]))
+            if h > MAX_NEIGHBOUR_RATIO * mean_near:
+                reason = (f"{name} would span {h:.0f} mm, {h / mean_near:.1f}x its neighbours ("
+                          + ", ".join(f"{n} {x:.0f} mm" for n, x in near)
+                          + "): a disc was probably missed, so the level is uncertain")
                 confidence = 0.0
     if fz > 1:
         segments, discs, ribs, box = _to_native_slices(segments, discs, ribs, box, fz, n_native)

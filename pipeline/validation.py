@@ -131,14 +131,14 @@ def variants(vol: Volume, labels: np.ndarray, seed: int = 0):
     rng = np.random.default_rng(seed)
     noisy = np.clip(vol.hu + rng.normal(0, 30, vol.hu.shape), -32768, 32767).astype(np.int16)
     yield "noise_30hu", volume_from_array(noisy, vol.spacing, vol.positions[0]), labels
-    step = 5.0
-    zs = np.arange(0, (n - 1) * vol.spacing[0] + 1e-6, step) / vol.spacing[0]
-    lo = np.floor(zs).astype(int)
-    hi = np.minimum(lo + 1, n - 1)
-    w = (zs - lo)[:, None, None]
-    thick = (vol.hu[lo] * (1 - w) + vol.hu[hi] * w).astype(np.int16)
-    yield "resample_5mm", volume_from_array(thick, (step, vol.spacing[1], vol.spacing[2]), vol.positions[0]), \
-        labels[np.round(zs).astype(int)]
+    for name, step in (("resample_5mm", 5.0), ("resample_1mm", 1.0)):  # thick and thin reconstructions
+        zs = np.arange(0, (n - 1) * vol.spacing[0] + 1e-6, step) / vol.spacing[0]
+        lo = np.floor(zs).astype(int)
+        hi = np.minimum(lo + 1, n - 1)
+        w = (zs - lo)[:, None, None]
+        resampled = (vol.hu[lo] * (1 - w) + vol.hu[hi] * w).astype(np.int16)
+        yield name, volume_from_array(resampled, (step, vol.spacing[1], vol.spacing[2]), vol.positions[0]), \
+            labels[np.round(zs).astype(int)]
     # The same patient stored with mirrored rows and columns (another ImageOrientationPatient).
     flipped = Volume(hu=vol.hu[:, ::-1, ::-1].copy(), spacing=vol.spacing,
                      positions=vol.positions + (vol.shape[1] - 1) * vol.spacing[1] * np.array([0, 1.0, 0])
