@@ -18,24 +18,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class NodeSettings(_Section):
-    """The DICOM listener (C-ECHO / C-STORE SCP)."""
-
-    ae_title: AETitle = "OSTEOSCREEN"
-    host: str = "127.0.0.1"
-    port: Port = 11112
-    max_pdu: int = Field(131072, ge=0, description="0 means unlimited")
-    allowed_calling_aets: list[AETitle] = Field(
-        default_factory=list,
-        description="Calling AE titles allowed to associate; empty accepts any (logged as a warning).",
-    )
-    state_dir: Path = Path("/var/lib/osteoscreen")
-    series_quiet_s: float = Field(10.0, gt=0)
-    manufacturer: str = "osteoscreen project"
-    institution_name: str = ""
-    device_serial_number: str = "0001"
-
-
 class TLSSettings(_Section):
     """TLS for an MLLP connection. Files are PEM. Off unless ``enabled``."""
 
@@ -57,6 +39,35 @@ class TLSSettings(_Section):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name} {path} does not exist or is not a file")
+        return self
+
+
+class NodeSettings(_Section):
+    """The DICOM listener (C-ECHO / C-STORE SCP)."""
+
+    ae_title: AETitle = "OSTEOSCREEN"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    max_pdu: int = Field(131072, ge=0, description="0 means unlimited")
+    allowed_calling_aets: list[AETitle] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate; empty accepts any (logged as a warning).",
+    )
+    state_dir: Path = Path("/var/lib/osteoscreen")
+    series_quiet_s: float = Field(10.0, gt=0)
+    manufacturer: str = "osteoscreen project"
+    institution_name: str = ""
+    device_serial_number: str = "0001"
+    max_associations: int = Field(32, ge=1, le=256, description="Concurrent associations; more are rejected "
+                                                              "(A-ASSOCIATE-RJ, transient: local limit exceeded).")
+    min_free_mb: int = Field(512, ge=0, description="C-STORE is refused (0xA700, out of resources) while the state "
+                                                   "directory has less free space than this; 0 disables the check.")
+    tls: TLSSettings = TLSSettings()
+
+    @model_validator(mode="after")
+    def _scp_tls(self) -> "NodeSettings":
+        if self.tls.enabled and self.tls.cert_file is None:
+            raise ValueError("node.tls: the DICOM listener needs cert_file and key_file")
         return self
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Callable
 
 from pydicom.dataset import Dataset
@@ -67,15 +68,20 @@ def _status(code: int, comment: str | None = None) -> Dataset:
 
 class StorageSCP:
     def __init__(self, *, ae_title: str, host: str, port: int, max_pdu: int, allowed_calling_aets: list[str],
-                 store: InstanceStore, on_stored: OnStored) -> None:
+                 store: InstanceStore, on_stored: OnStored, max_associations: int = 32,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        self.ssl_context = ssl_context
         self.store = store
         self.on_stored = on_stored
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = max_pdu
-        self.ae.maximum_associations = 32
+        self.ae.maximum_associations = max_associations
         self.ae.network_timeout = 60
         self.ae.dimse_timeout = 60
+        # ARTIM: a TCP connection that sends no A-ASSOCIATE-RQ (a port scanner, a health probe) holds an
+        # association slot until this expires.
+        self.ae.acse_timeout = 10
         for uid in STORAGE_CLASSES:
             self.ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -94,9 +100,11 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
         ]
-        self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
+                                            ssl_context=self.ssl_context)
         self.port = self._server.server_address[1]
-        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, self.host, self.port)
+        log.info("DICOM SCP %s listening on %s:%d%s", self.ae.ae_title, self.host, self.port,
+                 " (TLS)" if self.ssl_context else "")
 
     def stop(self) -> None:
         if self._server is not None:
@@ -108,9 +116,20 @@ class StorageSCP:
         log.info("association accepted from %s (%s:%s)", a.requestor.ae_title, a.requestor.address, a.requestor.port)
 
     def _on_rejected(self, event) -> None:
+        """Say why: pynetdicom's event does not carry the reason, so it is worked out again here."""
         a = event.assoc
-        log.warning("association from %s (%s) rejected: calling AE title not allowed",
-                    a.requestor.ae_title, a.requestor.address)
+        allowed = self.ae.require_calling_aet
+        acceptors = [x for x in self.ae.active_associations if x.is_acceptor]
+        if allowed and a.requestor.ae_title.strip() not in [t.strip() for t in allowed]:
+            why = "calling AE title not allowed"
+        elif a.requestor.primitive is not None and \
+                str(a.requestor.primitive.called_ae_title).strip() != self.ae.ae_title.strip():
+            why = "called AE title is not ours"
+        elif len(acceptors) > self.ae.maximum_associations:
+            why = f"association limit ({self.ae.maximum_associations}) reached; the sender should retry later"
+        else:
+            why = "association negotiation failed"
+        log.warning("association from %s (%s) rejected: %s", a.requestor.ae_title, a.requestor.address, why)
 
     def _on_echo(self, event) -> int:
         return 0x0000

@@ -53,7 +53,8 @@ class Service:
         load_bundle(s.screening.attenuation_rule)
         load_graph(resolve_bundle_path(s.screening.model) / "head.onnx", s.screening.backend)
         self.db = NodeDB(self.state_dir / "osteoscreen.sqlite")
-        self.instances = InstanceStore(self.state_dir / "instances", self.db)
+        self.instances = InstanceStore(self.state_dir / "instances", self.db,
+                                       min_free_bytes=s.node.min_free_mb * 2**20)
         self.results_dir = self.state_dir / "results"
         self.lab_store = LabStore(self.state_dir / "labs.sqlite")
         self.lab_mapping = load_mapping(s.labs.mapping_file)
@@ -87,6 +88,7 @@ class Service:
                                  timeout_s=s.export.timeout_s)
         self.scp = StorageSCP(ae_title=s.node.ae_title, host=s.node.host, port=s.node.port, max_pdu=s.node.max_pdu,
                               allowed_calling_aets=list(s.node.allowed_calling_aets), store=self.instances,
+                              max_associations=s.node.max_associations, ssl_context=server_context(s.node.tls),
                               on_stored=self.on_instance_stored)
         self.worklist = (WorklistScheduler(self.db, s.worklist.directory or self.state_dir / "worklist",
                                            dt.datetime.strptime(s.worklist.at, "%H:%M").time())
@@ -146,7 +148,8 @@ class Service:
         for section in ("routing", "labs", "screening", "export", "results"):
             if getattr(new, section) != getattr(old, section):
                 applied.append(section)
-        for key in ("ae_title", "host", "port", "state_dir", "max_pdu", "series_quiet_s"):
+        for key in ("ae_title", "host", "port", "state_dir", "max_pdu", "series_quiet_s", "max_associations",
+                    "min_free_mb", "tls"):
             if getattr(new.node, key) != getattr(old.node, key):
                 restart.append(f"node.{key}")
         for section in ("hl7", "lis_query", "followup", "worklist"):

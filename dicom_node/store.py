@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,9 @@ def valid_uid(value: object) -> bool:
 
 
 class InstanceStore:
-    def __init__(self, root: str | Path, db: NodeDB) -> None:
+    def __init__(self, root: str | Path, db: NodeDB, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = db
         stale = list(self.root.rglob(".incoming.*"))
@@ -63,6 +65,16 @@ class InstanceStore:
             p.unlink(missing_ok=True)
         if stale:
             log.info("removed %d half-written instance file(s) left by an interrupted run", len(stale))
+
+    def _check_space(self, incoming: int) -> None:
+        """Refuse before writing when the store would drop below the low-space watermark."""
+        if not self.min_free_bytes:
+            return
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if free - incoming < self.min_free_bytes:
+            raise InstanceRefused(0xA700, f"low disk space: {free // 2**20} MB free in {self.root}, watermark "
+                                          f"{self.min_free_bytes // 2**20} MB; instance not stored")
 
     def _write(self, path: Path, encoded: bytes) -> None:
         try:
@@ -93,6 +105,7 @@ class InstanceStore:
             if not valid_uid(value):
                 raise InstanceRefused(0xA900, f"{name} is missing or not a valid UID ({value!r}); instance not stored")
         path = self.path_for(study_uid, series_uid, sop_uid)
+        self._check_space(len(encoded))
         if self.db.has_instance(sop_uid):
             before = self._stored_identity(path)
             if identity is None or before == identity:

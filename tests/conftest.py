@@ -44,7 +44,7 @@ class NodeProcess:
     """`osteoscreen serve` as a real child process with its own config file."""
 
     def __init__(self, workdir: Path, destinations: list[dict] | None = None, allowed=("CT1",), quiet_s=1.5,
-                 extra: str = "") -> None:
+                 extra: str = "", node_extra: str = "") -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port, self.hl7_port = free_port(), free_port()
@@ -57,6 +57,7 @@ class NodeProcess:
         self.config.write_text(
             f'[node]\nport = {self.port}\nstate_dir = "{self.state_dir}"\nseries_quiet_s = {quiet_s}\n'
             f'allowed_calling_aets = {list(allowed)!r}\n'.replace("'", '"')
+            + node_extra
             + f"[hl7]\nport = {self.hl7_port}\n[export]\nretry_initial_s = 0.5\nretry_max_s = 5.0\n"
             + extra + dest)
         self.proc: subprocess.Popen | None = None
@@ -118,3 +119,24 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    d = tmp_path_factory.mktemp("pki")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=osteoscreen test CA")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext")
+    return d

@@ -1,6 +1,5 @@
 """Pulling labs from a LIS (QBP^Q11 / QRY^R02) within a time budget, and MLLP over TLS."""
 import datetime as dt
-import shutil
 import socket
 import ssl
 import subprocess
@@ -105,27 +104,6 @@ def test_query_fields_are_escaped():
 
 
 # --- TLS ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made with openssl."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    d = tmp_path_factory.mktemp("pki")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=osteoscreen test CA")
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext")
-    return d
-
-
 def test_listener_over_tls_with_client_certificates(tmp_path, pki):
     store = LabStore(tmp_path / "labs.sqlite")
     receiver = LabReceiver(store)

@@ -1,0 +1,76 @@
+"""DICOM listener limits: TLS (tested with DCMTK's TLS build), an association limit, a low-space watermark."""
+import subprocess
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from tests.conftest import need_tool, storescu, wait_for
+
+
+def _dcmtk_tls(tool: str, port: int, pki, files=(), client_cert: bool = True) -> subprocess.CompletedProcess:
+    exe = need_tool(tool)
+    tls = (["+tls", str(pki / "client.key"), str(pki / "client.crt")] if client_cert else ["+tla"])
+    return subprocess.run([exe, *tls, "+cf", str(pki / "ca.crt"), "-aet", "CT1", "-aec", "OSTEOSCREEN",
+                           "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, timeout=120, env={"TCP_NODELAY": "1"})
+
+
+def test_dicom_tls_with_client_certificates(node_factory, sample_series, pki):
+    node = node_factory(extra=f'[node.tls]\nenabled = true\ncert_file = "{pki / "server.crt"}"\n'
+                              f'key_file = "{pki / "server.key"}"\nca_file = "{pki / "ca.crt"}"\n').start()
+    r = _dcmtk_tls("echoscu", node.port, pki)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _dcmtk_tls("storescu", node.port, pki, sample_series.files[:3])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _dcmtk_tls("echoscu", node.port, pki, client_cert=False).returncode != 0  # no client certificate
+    plain = subprocess.run([need_tool("echoscu"), "-aet", "CT1", "-aec", "OSTEOSCREEN", "127.0.0.1", str(node.port)],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.returncode != 0  # no clear-text DICOM on a TLS port
+    assert "(TLS)" in node.log()
+
+
+def test_association_limit_rejects_the_extra_association(node_factory):
+    node = node_factory(node_extra="max_associations = 2\n").start()
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(Verification)
+
+    def hold_two():
+        """Two established associations, once the start-up port probe's slot has expired (ARTIM 10 s)."""
+        held = [ae.associate("127.0.0.1", node.port, ae_title="OSTEOSCREEN") for _ in range(2)]
+        if all(a.is_established for a in held):
+            return held
+        for a in held:
+            if a.is_established:
+                a.release()
+        return None
+
+    held = wait_for(hold_two, 40, "two association slots", interval=3.0)
+    try:
+        extra = ae.associate("127.0.0.1", node.port, ae_title="OSTEOSCREEN")
+        assert extra.is_rejected
+        p = extra.acceptor.primitive
+        assert (p.result, p.result_source, p.diagnostic) == (2, 3, 2)  # transient: local limit exceeded
+    finally:
+        for a in held:
+            a.release()
+    assert "association limit (2) reached" in node.log()
+    again = wait_for(lambda: (lambda a: a if a.is_established else None)(
+        ae.associate("127.0.0.1", node.port, ae_title="OSTEOSCREEN")), 30, "a slot after release", interval=2.0)
+    again.release()
+
+
+def test_low_space_watermark_refuses_c_store_but_keeps_echo(node_factory, sample_series):
+    node = node_factory(node_extra="min_free_mb = 100000000\n").start()  # 100 TB: always below the watermark
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="OSTEOSCREEN")
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+        status = assoc.send_c_store(pydicom.dcmread(sample_series.files[0]))
+        assert status.Status == 0xA700 and "low disk space" in status.ErrorComment
+    finally:
+        assoc.release()
+    assert not list((node.state_dir / "instances").rglob("*.dcm"))  # nothing half-written, nothing indexed
+    assert storescu(sample_series.files[:1], node.port).returncode != 0
