@@ -168,6 +168,8 @@ class JobSettings(_Section):
     workers: int = Field(1, ge=1, le=64)
     max_attempts: int = Field(3, ge=1)
     retry_delay_s: float = Field(30.0, ge=0)
+    timeout_s: float = Field(600.0, gt=0, description="A job running longer is stopped (its worker killed) and "
+                                                     "retried as configured; a hung decoder never blocks the queue.")
 
 
 class ScreeningSettings(_Section):

@@ -49,8 +49,9 @@ class JobRunner:
     def __init__(self, db: NodeDB, *, workers: int, max_attempts: int, retry_delay_s: float,
                  build_request: Callable[[JobRow], JobRequest],
                  on_result: Callable[[JobRow, ScreeningResult], None],
-                 warm_model: tuple[str, str] | None = None) -> None:
+                 warm_model: tuple[str, str] | None = None, timeout_s: float = 600.0) -> None:
         self.db = db
+        self.timeout_s = timeout_s
         self.warm_model = warm_model
         self.workers = workers
         self.max_attempts = max_attempts
@@ -59,6 +60,9 @@ class JobRunner:
         self.on_result = on_result
         self._pool: ProcessPoolExecutor | None = None
         self._running: dict[int, Future] = {}
+        self._started: dict[int, float] = {}  # job id -> monotonic start, for the time limit
+        self._pool_of: dict[int, ProcessPoolExecutor] = {}  # job id -> the pool it runs on
+        self._timed_out: set[int] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-dispatcher", daemon=True)
@@ -89,8 +93,31 @@ class JobRunner:
         with self._lock:
             return len(self._running)
 
+    def _enforce_time_limit(self) -> None:
+        """A job past ``timeout_s`` (a decoder or model that hangs) is stopped by killing its worker pool.
+
+        A process pool cannot cancel one running task, so the pool's processes are
+        killed and a new pool is started; the overdue job fails with the reason
+        (retried as configured), others that shared the pool are retried.
+        """
+        now = time.monotonic()
+        with self._lock:
+            overdue = [j for j, t in self._started.items() if now - t > self.timeout_s and j not in self._timed_out]
+            if not overdue:
+                return
+            pool = self._pool_of.get(overdue[0])
+            self._timed_out.update(j for j in overdue if self._pool_of.get(j) is pool)
+        log.error("job(s) %s exceeded the %g s time limit: stopping their worker process(es)",
+                  ", ".join(map(str, overdue)), self.timeout_s)
+        if pool is not None:
+            for proc in list(getattr(pool, "_processes", {}).values()):  # no public API to kill a task
+                proc.kill()
+            if pool is self._pool and not self._stop.is_set():
+                self._pool = self._new_pool()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._enforce_time_limit()
             while self.busy() < self.workers and not self._stop.is_set():
                 job = self.db.claim_job()
                 if job is None:
@@ -98,6 +125,8 @@ class JobRunner:
                 self._submit(job)
             due = self.db.next_job_due()
             timeout = 1.0 if due is None else max(0.05, min(1.0, due - time.time()))
+            if self.busy():  # check the time limit of running jobs often
+                timeout = min(timeout, 0.25)
             self._wake.wait(timeout)
             self._wake.clear()
 
@@ -117,20 +146,29 @@ class JobRunner:
             fut = self._pool.submit(run_screening, req)
         with self._lock:
             self._running[job.id] = fut
+            self._started[job.id] = time.monotonic()
+            self._pool_of[job.id] = self._pool
         fut.add_done_callback(lambda f, job=job: self._done(job, f))
 
     def _done(self, job: JobRow, fut: Future) -> None:
         with self._lock:
             self._running.pop(job.id, None)
+            self._started.pop(job.id, None)
+            pool = self._pool_of.pop(job.id, None)
+            timed_out = job.id in self._timed_out
+            self._timed_out.discard(job.id)
         if fut.cancelled():
             return
         try:
             result = fut.result()
         except BrokenProcessPool:
-            log.error("job %d: worker process died", job.id)
-            if not self._stop.is_set():
-                self._pool = self._new_pool()
-            self._failed(job, "worker process died")
+            if timed_out:
+                self._failed(job, f"stopped after the {self.timeout_s:g} s time limit ([jobs] timeout_s)")
+            else:
+                log.error("job %d: worker process died", job.id)
+                if pool is self._pool and not self._stop.is_set():
+                    self._pool = self._new_pool()
+                self._failed(job, "worker process died")
         except Exception as exc:  # noqa: BLE001
             log.error("job %d failed: %s: %s", job.id, type(exc).__name__, exc)
             self._failed(job, f"{type(exc).__name__}: {exc}")

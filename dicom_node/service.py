@@ -81,7 +81,7 @@ class Service:
         self.jobs = JobRunner(self.db, workers=s.jobs.workers, max_attempts=s.jobs.max_attempts,
                               retry_delay_s=s.jobs.retry_delay_s, build_request=self.build_request,
                               on_result=self.on_job_result,
-                              warm_model=(s.screening.model, s.screening.backend))
+                              warm_model=(s.screening.model, s.screening.backend), timeout_s=s.jobs.timeout_s)
         self.exporter = Exporter(self.db, list(s.destinations), calling_aet=s.export.calling_ae_title or s.node.ae_title,
                                  followup=s.followup, followup_ssl=client_context(s.followup.tls),
                                  retry_initial_s=s.export.retry_initial_s, retry_max_s=s.export.retry_max_s,

@@ -1,5 +1,6 @@
 """Faults inflicted on the real service: PACS outage, kill during pipeline work."""
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -139,3 +140,30 @@ def test_sigkill_during_ingest_loses_no_acknowledged_instance(node_factory, tmp_
     print(f"\nkill-during-ingest: 10 trials, {totals['acknowledged']} acknowledged, {totals['indexed']} indexed, "
           f"{totals['lost']} lost")
     assert totals["acknowledged"] > 0 and totals["lost"] == 0
+
+
+def test_a_job_over_its_time_limit_is_stopped_and_the_queue_goes_on(node_factory, tmp_path):
+    """A worker that runs too long (a hung decoder, say) is killed; the job fails with the reason after its
+    attempts, a fresh worker takes the next attempt, and the node keeps serving."""
+    import sqlite3
+
+    from dicom_node.sample import write_resampled_series
+
+    series = write_resampled_series(tmp_path / "big", 200, tag="timeout")  # ~3 s of work; the limit is 0.5 s
+    node = node_factory(quiet_s=0.5, extra="[jobs]\ntimeout_s = 0.5\nmax_attempts = 2\nretry_delay_s = 0.2\n").start()
+    assert storescu(series.files, node.port).returncode == 0
+    db = node.state_dir / "osteoscreen.sqlite"
+
+    def failed():
+        with sqlite3.connect(db) as c:
+            row = c.execute("SELECT state, attempts, last_error FROM jobs WHERE id=1").fetchone()
+        return row if row and row[0] == "failed" else None
+
+    state, attempts, error = wait_for(failed, 120, "job 1 to fail on its time limit")
+    assert attempts == 2 and "time limit" in error
+    log = node.log()
+    assert log.count("time limit: stopping their worker") >= 2, log[-2000:]
+    assert "stopped after the 0.5 s time limit" in error  # attempt 2 ran on a new pool: the first one was killed
+    r = subprocess.run([need_tool("echoscu"), "-aet", "CT1", "-aec", "OSTEOSCREEN", "127.0.0.1", str(node.port)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
