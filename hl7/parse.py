@@ -15,7 +15,6 @@ from hl7.mapping import DEFAULT, LabMapping
 from hl7.precheck import split_segments
 
 
-
 def parse_hl7_datetime(text: str) -> dt.datetime | None:
     """HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]) -> naive local datetime; None if unreadable."""
     t = text.strip()

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from hl7.client import MLLPClient, ack_code
 from config.schema import LabSettings, Settings, TLSSettings
+from hl7.ack import is_enhanced
+from hl7.client import MLLPClient, ack_code
 from hl7.lookup import lookup_labs
 from hl7.mapping import load_mapping
 from hl7.mllp import CR, FS, MLLPServer, frame
-from hl7.ack import is_enhanced
 from hl7.precheck import PrecheckError, parse_header, split_segments
 from hl7.query import LabQueryClient
 from hl7.receiver import LabReceiver

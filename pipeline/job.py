@@ -23,10 +23,10 @@ from pipeline.bone import BoneMeasurement, MeasurementError, measure_mid_body
 from pipeline.calibration import CalibrationCheck, check_calibration
 from pipeline.contrast import ContrastAssessment, assess_contrast
 from pipeline.demographics import demographics_from_header
-from pipeline.fused import FusedModel, tabular_input
-from pipeline.image_input import extract_patch
 from pipeline.durable import write_durably
 from pipeline.features import FEATURES
+from pipeline.fused import FusedModel, tabular_input
+from pipeline.image_input import extract_patch
 from pipeline.report.notice import SHORT_DISCLAIMER
 from pipeline.report.render import render_key_image
 from pipeline.report.sc import build_sc

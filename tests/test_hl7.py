@@ -10,8 +10,8 @@ from hl7.client import MLLPClient, ack_code
 from hl7.lookup import lookup_labs
 from hl7.mllp import FrameReader, MLLPServer, frame
 from hl7.parse import parse_observations
-from hl7.precheck import PrecheckError, parse_header
 from hl7.parse_worker import parse_pending
+from hl7.precheck import PrecheckError, parse_header
 from hl7.receiver import LabReceiver
 from hl7.store import LabStore
 

@@ -1,9 +1,8 @@
 """The lab mapping table (config, not code), result status policy, abnormal flags and issuer aliases."""
 import datetime as dt
+import tomllib
 
 import pytest
-
-import tomllib
 
 from config import ConfigError, settings_from_dict
 from hl7.lookup import lookup_labs

@@ -6,7 +6,6 @@ import subprocess
 
 import pytest
 
-
 from config.schema import LISQuerySettings, TLSSettings
 from dicom_node.pacs import free_port
 from dicom_node.sample import demo_oru_message

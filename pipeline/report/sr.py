@@ -15,9 +15,9 @@ from pydicom.sr.codedict import codes
 from hl7.panel import LabPanel, LabValue
 from pipeline.bone import BoneMeasurement
 from pipeline.demographics import Demographics
-from pipeline.report.notice import DISCLAIMER
 from pipeline.features import FEATURES
 from pipeline.fused import FusedOutput
+from pipeline.report.notice import DISCLAIMER
 from pipeline.screening import Prediction
 from pipeline.selection import SliceSelection
 
