@@ -15,6 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
+from hl7.samples import demo_oru_message  # noqa: F401 - the demo and the tests use it from here
 from pipeline.volume import CT_IMAGE_STORAGE
 
 SAMPLE_PATIENT_ID = "OS-DEMO-0001"
@@ -216,14 +217,6 @@ def sample_labels_lps() -> np.ndarray:
     """The TotalSegmentator labels on the same [z, row, col] grid as the sample series."""
     arr, _, _ = load_lps_volume(sample_data_dir() / "totalseg_v2_labels.nii.gz")
     return arr.astype(np.int16)
-
-
-def demo_oru_message(when: dt.datetime, control_id: str = "DEMO0001") -> bytes:
-    """The demo ORU^R01 with CR segment separators, observed the day before ``when``."""
-    template = (sample_data_dir() / "demo_oru.hl7").read_text(encoding="ascii")
-    obs = (when - dt.timedelta(days=1)).strftime("%Y%m%d%H%M")
-    text = template.format(msg_time=when.strftime("%Y%m%d%H%M%S"), control_id=control_id, obs_time=obs)
-    return "\r".join(line for line in text.splitlines() if line).encode("ascii") + b"\r"
 
 
 def write_multiframe_series(series: SampleSeries, out_dir: str | Path, *, tag: str = "demo-mf") -> SampleSeries:

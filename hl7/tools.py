@@ -110,7 +110,7 @@ def show_errors(store_path: Path, out=print) -> int:
 
 def bench(n: int = 2000, out=print) -> dict:
     """Own listener on a free loopback port, fresh store; one connection, one message in flight."""
-    from dicom_node.sample import demo_oru_message
+    from hl7.samples import demo_oru_message
 
     with tempfile.TemporaryDirectory() as tmp:
         store = LabStore(Path(tmp) / "labs.sqlite")
