@@ -42,6 +42,16 @@ class TLSSettings(_Section):
         return self
 
 
+class ListenerTLSSettings(TLSSettings):
+    """TLS for one of our listeners: when enabled, it needs its certificate and key."""
+
+    @model_validator(mode="after")
+    def _listener_cert(self) -> "ListenerTLSSettings":
+        if self.enabled and self.cert_file is None:
+            raise ValueError("a TLS listener needs cert_file and key_file")
+        return self
+
+
 class NodeSettings(_Section):
     """The DICOM listener (C-ECHO / C-STORE SCP)."""
 
@@ -62,13 +72,7 @@ class NodeSettings(_Section):
                                                               "(A-ASSOCIATE-RJ, transient: local limit exceeded).")
     min_free_mb: int = Field(512, ge=0, description="C-STORE is refused (0xA700, out of resources) while the state "
                                                    "directory has less free space than this; 0 disables the check.")
-    tls: TLSSettings = TLSSettings()
-
-    @model_validator(mode="after")
-    def _scp_tls(self) -> "NodeSettings":
-        if self.tls.enabled and self.tls.cert_file is None:
-            raise ValueError("node.tls: the DICOM listener needs cert_file and key_file")
-        return self
+    tls: ListenerTLSSettings = ListenerTLSSettings()
 
 
 class HL7Settings(_Section):
@@ -79,13 +83,7 @@ class HL7Settings(_Section):
     port: Port = 2575
     max_message_bytes: int = Field(1_048_576, ge=1024)
     read_timeout_s: float = Field(300.0, gt=0)
-    tls: TLSSettings = TLSSettings()
-
-    @model_validator(mode="after")
-    def _listener_tls(self) -> "HL7Settings":
-        if self.tls.enabled and self.tls.cert_file is None:
-            raise ValueError("hl7.tls: a listener needs cert_file and key_file")
-        return self
+    tls: ListenerTLSSettings = ListenerTLSSettings()
 
 
 class LISQuerySettings(_Section):

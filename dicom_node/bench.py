@@ -26,7 +26,7 @@ from typing import Callable
 
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
-from dicom_node.pacs import OrthancPACS, free_port, orthanc_binary, wait_port
+from dicom_node.pacs import OrthancPACS, free_port, orthanc_binary, stop_process, wait_port
 from dicom_node.sample import SampleSeries, write_resampled_series
 
 MAX_PDU = 131072
@@ -113,9 +113,7 @@ class Storescp:
         return self._proc.pid
 
     def __exit__(self, *exc) -> None:
-        assert self._proc is not None
-        self._proc.terminate()
-        self._proc.wait(timeout=20)
+        stop_process(self._proc, 20)
 
 
 class Node:
@@ -152,13 +150,7 @@ class Node:
         return self
 
     def __exit__(self, *exc) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
     def peak_rss_mb(self) -> float:
         assert self.proc is not None

@@ -33,6 +33,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen | None, timeout_s: float = 30.0) -> None:
+    """SIGTERM, wait up to ``timeout_s``, then SIGKILL: for the peers and nodes started by tests and the bench."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_port(port: int, timeout_s: float = 30.0) -> None:
     """Block until something accepts TCP connections on 127.0.0.1:``port``; TimeoutError otherwise."""
     deadline = time.monotonic() + timeout_s
@@ -116,13 +128,7 @@ class OrthancPACS:
         raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout_s:.0f} s")
 
     def stop(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc, 20)
         if self._log:
             self._log.close()
             self._log = None

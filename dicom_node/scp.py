@@ -38,7 +38,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from dicom_node.store import InstanceRef, InstanceRefused, InstanceStore, identity_of
+from dicom_node.store import InstanceRef, InstanceRefused, InstanceStore
+from pipeline.demographics import identity_of
 
 log = logging.getLogger("osteoscreen.scp")
 

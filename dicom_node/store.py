@@ -15,6 +15,7 @@ from pathlib import Path
 import pydicom
 
 from dicom_node.db import NodeDB
+from pipeline.demographics import IDENTITY_KEYWORDS, identity_of
 from pipeline.durable import write_durably
 
 log = logging.getLogger("osteoscreen.store")
@@ -28,14 +29,6 @@ class InstanceRefused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-IDENTITY_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
-
-
-def identity_of(ds) -> tuple[str, ...]:
-    """The patient identity an instance carries (what a PACS identity update changes)."""
-    return tuple(str(ds.get(k, "") or "").strip() for k in IDENTITY_KEYWORDS)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,18 @@ class PrecheckError(Exception):
         self.error_code = error_code  # HL7 table 0357
 
 
+def issuer_canon(issuer_aliases: dict[str, str] | None):
+    """A function mapping an assigning-authority name to its one canonical name (labs.issuer_aliases);
+    comparison is case- and space-insensitive."""
+    aliases = {k.strip().upper(): v.strip().upper() for k, v in (issuer_aliases or {}).items()}
+
+    def canon(name: str | None) -> str:
+        n = (name or "").strip().upper()
+        return aliases.get(n, n)
+
+    return canon
+
+
 def split_segments(text: str) -> list[str]:
     """Segments, tolerating LF or CRLF in place of CR and blank lines."""
     return [s for s in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if s.strip()]

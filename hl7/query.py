@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from config.schema import LISQuerySettings
 from hl7.client import MLLPClient
 from hl7.er7 import escape
-from hl7.precheck import PrecheckError, parse_header, split_segments
+from hl7.precheck import PrecheckError, issuer_canon, parse_header, split_segments
 from hl7.privacy import patient_key
 from hl7.store import DuplicateConflict, LabStore
 
@@ -95,7 +95,7 @@ def check_answer(query: Query, answer: bytes, patient_id: str, issuer: str | Non
 
     ``issuer_aliases`` (labs.issuer_aliases) joins the names of one assigning authority.
     """
-    aliases = {k.strip().upper(): v.strip().upper() for k, v in (issuer_aliases or {}).items()}
+    canon = issuer_canon(issuer_aliases)
     text = answer.decode("latin-1")
     segments = split_segments(text)
     try:
@@ -141,14 +141,13 @@ def check_answer(query: Query, answer: bytes, patient_id: str, issuer: str | Non
         if n_obx:
             raise QueryError("results without a PID segment")
         return "no data", 0
-    want = aliases.get((issuer or "").strip().upper(), (issuer or "").strip().upper())
+    want = canon(issuer)
     for pid in by_name.get("PID", []):
         ids = []
         for rep in (pid[3] if len(pid) > 3 else "").split(segments[0][5] if len(segments[0]) > 5 else "~"):
             parts = rep.split(cs)
             auth = parts[3].split(segments[0][7] if len(segments[0]) > 7 else "&") if len(parts) > 3 else [""]
-            name = (auth[0] or (auth[1] if len(auth) > 1 else "")).strip().upper()
-            ids.append((parts[0].strip(), aliases.get(name, name)))
+            ids.append((parts[0].strip(), canon(auth[0] or (auth[1] if len(auth) > 1 else ""))))
         if not any(i == patient_id and (not want or not a or a == want) for i, a in ids):
             raise QueryError("the answer holds results for another patient: not stored")
     return ("found" if n_obx else "no data"), n_obx

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from hl7.precheck import MessageHeader
+from hl7.precheck import MessageHeader, issuer_canon
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -208,11 +208,7 @@ class LabStore:
         maps the names either side uses for one authority (DICOM IssuerOfPatientID,
         HL7 PID-3.4 namespace or universal ID) to one name before they are compared.
         """
-        aliases = {k.strip().upper(): v.strip().upper() for k, v in (issuer_aliases or {}).items()}
-
-        def canon(name: str | None) -> str:
-            n = (name or "").strip().upper()
-            return aliases.get(n, n)
+        canon = issuer_canon(issuer_aliases)
 
         sql = (
             "SELECT o.message_id, m.sender || ' ' || m.control_id, o.code, o.name, o.loinc, o.value_text, o.unit_text,"

@@ -21,6 +21,14 @@ class Demographics:
         return None
 
 
+IDENTITY_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
+
+
+def identity_of(ds) -> tuple[str, ...]:
+    """The patient identity a header carries (what a PACS identity update changes)."""
+    return tuple(str(ds.get(k, "") or "").strip() for k in IDENTITY_KEYWORDS)
+
+
 def _date(value: object) -> dt.date | None:
     try:
         return dt.datetime.strptime(str(value)[:8], "%Y%m%d").date()

@@ -22,7 +22,7 @@ from hl7.panel import LabPanel
 from pipeline.bone import BoneMeasurement, MeasurementError, measure_mid_body
 from pipeline.calibration import CalibrationCheck, check_calibration
 from pipeline.contrast import ContrastAssessment, assess_contrast
-from pipeline.demographics import demographics_from_header
+from pipeline.demographics import demographics_from_header, identity_of
 from pipeline.durable import write_durably
 from pipeline.features import FEATURES
 from pipeline.fused import FusedModel, tabular_input
@@ -93,9 +93,7 @@ def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, 
 
 def identity_key(header) -> str:
     """A digest of the patient identity in the header: a corrected identity makes a new report version."""
-    parts = [str(header.get(k, "") or "").strip() for k in
-             ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return hashlib.sha256("|".join(identity_of(header)).encode()).hexdigest()[:16]
 
 
 def result_key(summary: dict) -> str:

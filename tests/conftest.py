@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.pacs import OrthancPACS, free_port, orthanc_binary, wait_port  # noqa: F401 - tests import it from here
+from dicom_node.pacs import OrthancPACS, free_port, orthanc_binary, stop_process, wait_port  # noqa: F401 - tests import it from here
 from dicom_node.sample import write_sample_series
 
 DATA = Path(__file__).parent / "data"
@@ -77,13 +77,7 @@ class NodeProcess:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
