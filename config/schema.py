@@ -179,6 +179,11 @@ class ScreeningSettings(_Section):
         "pickhardt_l1_2013", description="Threshold rule reported with the L1 measurement (bundle name or path)."
     )
     backend: str = Field("auto", pattern=r"^(auto|onnxruntime-cuda|onnxruntime-cpu|pytorch)$")
+    selector: str = Field(
+        "drlis_v1",
+        description="Learned slice selector bundle (DRLIS), used only where it agrees with the anatomical "
+                    "localiser; empty: the localiser alone.",
+    )
     contrast: str = Field(
         "flag", pattern=r"^(flag|skip)$",
         description="Contrast-enhanced studies (header agent or enhanced aorta at L1): 'flag' screens them and "
@@ -240,8 +245,28 @@ class WorklistSettings(_Section):
                     description="Local time of day; the list covers the 24 hours before it.")
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics over HTTP (GET /metrics). Keep it on loopback: the labels hold no PHI, but the
+    endpoint has no authentication; scrape it through the site's exporter or a local agent."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535, description="0 picks a free port (logged at start).")
+
+
+class RetentionSettings(_Section):
+    """Deleting received CT once it has been screened (or skipped) and delivered."""
+
+    instances_days: float = Field(30.0, ge=0, description="Days after routing; 0 keeps received CT forever. Failed "
+                                                          "jobs and undelivered results keep theirs.")
+    every_h: float = Field(6.0, gt=0, description="How often the purge runs (also once at start).")
+
+
 class LoggingSettings(_Section):
     level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    format: str = Field("auto", pattern=r"^(auto|text|json)$",
+                        description="json: one object per line with job_id and hashed patient_key (for journald "
+                                    "and log shippers); auto: json under systemd, text on a terminal.")
 
 
 class Settings(_Section):
@@ -257,6 +282,8 @@ class Settings(_Section):
     results: ResultsSettings = ResultsSettings()
     followup: FollowupSettings = FollowupSettings()
     worklist: WorklistSettings = WorklistSettings()
+    retention: RetentionSettings = RetentionSettings()
+    metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")

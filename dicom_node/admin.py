@@ -128,3 +128,37 @@ def worklist(state_dir: Path, settings: WorklistSettings, day: dt.date | None, o
         db.close()
     out(f"worklist: {path} ({n} positive screen(s); also {path.with_suffix('.json').name})")
     return 0
+
+
+def backup(state_dir: Path, dest: Path | None, out=print) -> int:
+    from dicom_node.backup import BackupError, backup_state
+
+    try:
+        paths = backup_state(state_dir, dest)
+    except BackupError as exc:
+        out(f"backup failed: {exc}")
+        return 1
+    total = sum(p.stat().st_size for p in paths)
+    out(f"backup ok: {len(paths)} database(s), {total / 1e6:.1f} MB, integrity checked, in {paths[0].parent}")
+    return 0
+
+
+def purge(state_dir: Path, days: float, dry_run: bool, out=print) -> int:
+    from dicom_node.retention import purge_screened_instances
+
+    if days <= 0:
+        out("retention is off ([retention] instances_days = 0): nothing purged; give --days to purge anyway")
+        return 0
+    db_path = state_dir / "osteoscreen.sqlite"
+    if not db_path.exists():
+        raise FileNotFoundError(f"no node database at {db_path}")
+    db = NodeDB(db_path)
+    try:
+        r = purge_screened_instances(db, state_dir / "instances", days, dry_run=dry_run)
+    finally:
+        db.close()
+    verb = "would delete" if dry_run else "deleted"
+    out(f"purge: {verb} {r.instances} instance(s) of {r.series} series, {r.bytes_freed / 1e6:.1f} MB "
+        f"(screened or skipped over {days:g} days ago)" + (f"; {r.missing_files} file(s) already gone"
+                                                          if r.missing_files else ""))
+    return 0

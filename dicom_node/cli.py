@@ -24,8 +24,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     if settings is None:
         return 2
-    logging.basicConfig(level=settings.logging.level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dicom_node.logfmt import configure
+
+    configure(settings.logging.level, settings.logging.format)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # pynetdicom and APScheduler log every C-STORE at INFO: two lines per instance on the ingest path
         for chatty in ("pynetdicom", "apscheduler"):
@@ -51,9 +52,31 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(output=args.output, workdir=args.workdir)
 
 
+def _train_selector(args: argparse.Namespace) -> int:
+    from engines.bundle import bundled_models_dir
+    from pipeline.training.drlis import SelectorTrainConfig, quick_config, train
+
+    if args.cases is None:
+        print("train selector needs CASES_DIR: real labelled CT cases in the eval imaging format "
+              "(CASES_DIR/<case>/{ct.nii.gz|dicom/} + labels.nii.gz)", file=sys.stderr)
+        return 2
+    cfg = quick_config(args.seed) if args.quick else SelectorTrainConfig(seed=args.seed)
+    out = Path(args.out) if args.out else bundled_models_dir() / "drlis_v1"
+    report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
+    s = train(cfg, args.cases, out, report)
+    v = s["final_validation"]
+    print(f"bundle written to {out}; reward curves and metrics in {report} (drlis_curves.png, drlis_metrics.json)")
+    print(f"train selector ok: episodes={s['episodes']} volumes={s['train_volumes']} "
+          f"val_median_mm={v['median_mm']:.1f} val_in_L1={v['in_zone']:.2f} seed={cfg.seed}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     import json
     import tempfile
+
+    if args.what == "selector":
+        return _train_selector(args)
 
     from engines.bundle import bundled_models_dir
     from pipeline.training.train import TrainConfig, run
@@ -106,6 +129,11 @@ def _eval(args: argparse.Namespace) -> int:
         from pipeline.validation import run_eval
 
         run_eval(args.dir, with_variants=args.variants)
+        return 0
+    if args.what == "selector":
+        from pipeline.drlis.evaluate import run_selector_eval
+
+        run_selector_eval(args.dir, with_variants=args.variants, bundle=args.selector)
         return 0
     if args.what == "tabular":
         from pipeline.training.evaluate import eval_tabular
@@ -164,6 +192,11 @@ def _admin(args: argparse.Namespace) -> int:
             return admin.jobs(state, args.action, args.job_id)
         if args.command == "worklist":
             return admin.worklist(state, settings.worklist, args.date)
+        if args.command == "backup":
+            return admin.backup(state, args.dest)
+        if args.command == "purge":
+            days = settings.retention.instances_days if args.days is None else args.days
+            return admin.purge(state, days, args.dry_run)
         return admin.outbox(state, args.action)
     except FileNotFoundError as exc:
         print(f"osteoscreen: {exc}", file=sys.stderr)
@@ -214,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--output", type=Path, help="also leave sr.dcm, sc.dcm and sc.png here")
     d.add_argument("--workdir", type=Path, help="working directory (default: a new temporary one)")
     d.set_defaults(func=_demo)
-    t = sub.add_parser("train", help="rebuild the fused screening bundle (seeded) and its training report")
+    t = sub.add_parser("train", help="rebuild a model bundle (seeded) and its training report: the fused screening "
+                       "model (default) or the DRLIS slice selector")
+    t.add_argument("what", nargs="?", choices=["fused", "selector"], default="fused")
+    t.add_argument("cases", nargs="?", type=Path, help="selector: CASES_DIR of real labelled CT (eval imaging format)")
     t.add_argument("--seed", type=int, default=20261123)
     t.add_argument("--out", help="bundle directory (default: the shipped engines/models/fused_kdamm_v1)")
     t.add_argument("--report", help="report directory (default: ./docs/training)")
@@ -223,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--quick", action="store_true", help="small slice and few epochs (smoke test)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate on data the model never saw")
-    e.add_argument("what", choices=["tabular", "imaging"])
+    e.add_argument("what", choices=["tabular", "imaging", "selector"])
     e.add_argument("dir", type=Path, help="tabular: folder of NHANES files <TABLE>_<SUFFIX>.csv.xz; imaging: "
                    "CASES_DIR/<case>/{ct.nii.gz|dicom/} + labels.nii.gz")
     e.add_argument("--variants", action="store_true", help="imaging: also run robustness variants of each case")
     e.add_argument("--bundle", default="fused_kdamm_v1")
+    e.add_argument("--selector", default="drlis_v1", help="selector: the DRLIS bundle to evaluate")
     e.set_defaults(func=_eval)
     h = sub.add_parser("hl7", help="HL7 interface tools for IT")
     h.add_argument("action", choices=["send", "labs", "query", "errors", "bench"])
@@ -258,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     wl.add_argument("--date", type=dt.date.fromisoformat, help="YYYY-MM-DD")
     wl.add_argument("--config", type=Path)
     wl.set_defaults(func=_admin)
+    bk = sub.add_parser("backup", help="consistent copy of the state databases (safe while the node runs)")
+    bk.add_argument("--dest", type=Path, help="folder for the timestamped copy (default: <state_dir>/backups)")
+    bk.add_argument("--config", type=Path)
+    bk.set_defaults(func=_admin)
+    pg = sub.add_parser("purge", help="apply the retention rule now: delete received CT screened (or skipped) "
+                        "and delivered over [retention] instances_days ago")
+    pg.add_argument("--days", type=float, help="override instances_days")
+    pg.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
+    pg.add_argument("--config", type=Path)
+    pg.set_defaults(func=_admin)
     ec = sub.add_parser("echo", help="C-ECHO a DICOM peer: AE@host:port")
     ec.add_argument("target")
     ec.add_argument("--aet", default="OSTEOSCREEN", help="calling AE title")

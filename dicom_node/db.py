@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicom_node.migrations import Migration, migrate, sql_step
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -86,6 +88,17 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+# Append steps; never edit a released one. Step 1 is the schema of the releases before versioning
+# (CREATE ... IF NOT EXISTS: a no-op on their files).
+MIGRATIONS: list[Migration] = [
+    sql_step(1, "baseline: instances, series, jobs, outbox, reports, audit", SCHEMA),
+    sql_step(2, "indexes for retention and audit queries",
+             "CREATE INDEX IF NOT EXISTS series_state_decided ON series(state, decided_at);"
+             "CREATE INDEX IF NOT EXISTS audit_at ON audit(at);"
+             "CREATE INDEX IF NOT EXISTS outbox_job ON outbox(job_id)"),
+]
+
+
 @dataclass(frozen=True)
 class SeriesRow:
     series_uid: str
@@ -143,7 +156,7 @@ class NodeDB:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        migrate(self._db, self.path, MIGRATIONS)
 
     def close(self) -> None:
         with self._lock:
@@ -175,7 +188,8 @@ class NodeDB:
                 "INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet, first_received,"
                 " last_received, n_instances) VALUES (?,?,?,?,?,?,?,?,1)"
                 " ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received,"
-                " n_instances=n_instances+1",
+                " n_instances=n_instances+1,"
+                " state=CASE WHEN state='purged' THEN 'receiving' ELSE state END",
                 (series_uid, study_uid, patient_id, issuer, modality, calling_aet, now, now),
             )
         return True

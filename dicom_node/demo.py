@@ -94,6 +94,7 @@ def run_demo(output: Path | None = None, workdir: Path | None = None, timeout_s:
             "hl7": {"host": "127.0.0.1", "port": free_port()},
             "destinations": [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}],
             "export": {"retry_initial_s": 1.0, "retry_max_s": 10.0},
+            "metrics": {"port": 0},  # a free port: never collide with a node running on this host
         })
         service = Service(settings)
         service.start()

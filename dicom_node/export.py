@@ -15,6 +15,7 @@ from pynetdicom import AE
 
 from config.schema import Destination, FollowupSettings
 from dicom_node.db import NodeDB, OutboxRow
+from dicom_node.metrics import OUTBOX_RETRIES, OUTBOX_SENT
 from hl7.client import MLLPClient, ack_code
 
 log = logging.getLogger("osteoscreen.export")
@@ -78,6 +79,7 @@ class Exporter:
             log.warning("export of %s to %s failed (attempt %d), retry in %.0f s: %s",
                         r.sop_instance_uid, r.destination, r.attempts + 1, delay, error)
             self.db.mark_send_failed(r.id, error, time.time() + delay)
+            OUTBOX_RETRIES.labels(r.destination).inc()
 
     def _send_hl7(self, name: str, rows: list[OutboxRow]) -> None:
         """One MLLP connection; each message is sent once its predecessor's AA/CA came back."""
@@ -104,6 +106,7 @@ class Exporter:
                     break
                 if code in ("AA", "CA"):
                     self.db.mark_sent(r.id, f"sent result message {r.sop_instance_uid} to {name} ({code})")
+                    OUTBOX_SENT.labels(name).inc()
                     log.info("sent result message %s to %s (%s:%d), %s", r.sop_instance_uid, name, f.host, f.port,
                              code)
                 elif code in ("AR", "CR"):  # rejected as unsupported: resending the same bytes cannot help
@@ -147,6 +150,7 @@ class Exporter:
                 code = int(getattr(status, "Status", -1)) if status else -1
                 if code in SUCCESS_OR_WARNING:
                     self.db.mark_sent(r.id, f"sent {r.sop_instance_uid} to {name} (status 0x{code:04X})")
+                    OUTBOX_SENT.labels(name).inc()
                     log.info("sent %s to %s (%s@%s:%d), status 0x%04X", r.sop_instance_uid, name, dest.ae_title,
                              dest.host, dest.port, code)
                 elif code == -1:

@@ -11,24 +11,27 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
 from dicom_node.db import JobRow, NodeDB
+from dicom_node.logfmt import configure, current_target, job_context
+from dicom_node.metrics import JOBS_FINISHED
 from hl7.parse_worker import exit_when_orphaned
 from pipeline.job import JobRequest, ScreeningResult, run_screening
 
 log = logging.getLogger("osteoscreen.jobs")
 
 
-def _worker_init(level: int, logfile: str | None, warm_model: tuple[str, str] | None = None,
+def _worker_init(level: int, logfile: str | None, fmt: str = "text", warm_model: tuple[str, str, str] | None = None,
                  parent: int | None = None) -> None:
     if parent is not None:
         exit_when_orphaned(parent)
-    logging.basicConfig(level=level, filename=logfile, format="%(asctime)s %(levelname)s [worker] %(name)s: %(message)s")
+    configure(level, fmt, filename=logfile, role="worker")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     if warm_model:  # load the model sessions now, not during the first study's latency
         from engines.bundle import load_bundle
-        from pipeline.job import fused_model
+        from pipeline.job import fused_model, slice_selector
 
         try:
             fused_model(load_bundle(warm_model[0]), warm_model[1])
+            slice_selector(warm_model[2], warm_model[1])
         except Exception:  # noqa: BLE001 - the job itself reports a broken bundle with its reason
             logging.getLogger("osteoscreen.jobs").exception("worker warm-up failed")
     logging.getLogger("osteoscreen.jobs").info("worker ready (pid %d)", os.getpid())
@@ -38,18 +41,22 @@ def _worker_ready() -> int:
     return 0
 
 
-def _log_target() -> tuple[int, str | None]:
-    """The main process's log level and file (workers log to the same place)."""
-    root = logging.getLogger()
-    files = [h.baseFilename for h in root.handlers if isinstance(h, logging.FileHandler)]
-    return root.level, files[0] if files else None
+def _screen_in_context(req):
+    """Run one job in a worker with its job ID and patient key on every log line."""
+    with job_context(req.job_id, req.patient_key):
+        t0 = time.monotonic()
+        log.info("worker %d: screening series %s (%d instances)", os.getpid(), req.series_uid, len(req.instance_paths))
+        result = run_screening(req)
+        log.info("worker %d: %s in %.1f s%s", os.getpid(), result.status, time.monotonic() - t0,
+                 f" ({result.reason})" if result.reason else "")
+        return result
 
 
 class JobRunner:
     def __init__(self, db: NodeDB, *, workers: int, max_attempts: int, retry_delay_s: float,
                  build_request: Callable[[JobRow], JobRequest],
                  on_result: Callable[[JobRow, ScreeningResult], None],
-                 warm_model: tuple[str, str] | None = None, timeout_s: float = 600.0) -> None:
+                 warm_model: tuple[str, str, str] | None = None, timeout_s: float = 600.0) -> None:
         self.db = db
         self.timeout_s = timeout_s
         self.warm_model = warm_model
@@ -70,7 +77,7 @@ class JobRunner:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(*_log_target(), self.warm_model, os.getpid()))
+                                   initializer=_worker_init, initargs=(*current_target(), self.warm_model, os.getpid()))
 
     def start(self) -> None:
         self._pool = self._new_pool()
@@ -137,13 +144,14 @@ class JobRunner:
             log.exception("job %d: cannot prepare", job.id)
             self._failed(job, f"cannot prepare job: {exc}")
             return
-        log.info("job %d (series %s) started, attempt %d", job.id, job.series_uid, job.attempts)
+        with job_context(job.id, req.patient_key):
+            log.info("job %d (series %s) started, attempt %d", job.id, job.series_uid, job.attempts)
         assert self._pool is not None
         try:
-            fut = self._pool.submit(run_screening, req)
+            fut = self._pool.submit(_screen_in_context, req)
         except BrokenProcessPool:
             self._pool = self._new_pool()
-            fut = self._pool.submit(run_screening, req)
+            fut = self._pool.submit(_screen_in_context, req)
         with self._lock:
             self._running[job.id] = fut
             self._started[job.id] = time.monotonic()
@@ -189,3 +197,4 @@ class JobRunner:
             retry_at = None
             log.error("job %d failed after %d attempts: %s", job.id, job.attempts, error)
         self.db.fail_job(job.id, error, retry_at)
+        JOBS_FINISHED.labels("retry" if retry_at is not None else "failed").inc()

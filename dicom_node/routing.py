@@ -33,6 +33,16 @@ class Decision:
     eligible: bool
     reason: str
 
+    @property
+    def rule(self) -> str:
+        """The rule that decided (a metrics label: no numbers, no PHI); reasons are written by ``decide``."""
+        if self.eligible:
+            return "eligible"
+        for prefix, rule in _RULES:
+            if prefix in self.reason:
+                return rule
+        return "other"
+
 
 def _most_common(values: list) -> object:
     values = [v for v in values if v is not None]
@@ -75,6 +85,11 @@ def series_facts(paths: Sequence[str], calling_aet: str, sample: int = 7) -> Ser
         age_years=age_years(first),
         sop_classes=tuple(sorted({str(h.get("SOPClassUID", "")) for h in headers})),
     )
+
+
+_RULES = (("sent by", "calling_ae"), ("modality", "modality"), ("no CT image", "sop_class"),
+          ("ImageType", "image_type"), ("slice orientation", "orientation"), ("not axial", "orientation"),
+          ("slice thickness", "slice_thickness"), ("slices, fewer", "slice_count"), ("patient age", "age"))
 
 
 def decide(facts: SeriesFacts, rules: RoutingSettings) -> Decision:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from typing import Callable
 
 from pydicom.dataset import Dataset
@@ -38,6 +39,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from dicom_node.metrics import INSTANCES_RECEIVED, INSTANCES_REFUSED
 from dicom_node.store import InstanceRef, InstanceRefused, InstanceStore
 from pipeline.demographics import identity_of
 
@@ -75,6 +77,7 @@ class StorageSCP:
         self.ssl_context = ssl_context
         self.store = store
         self.on_stored = on_stored
+        self._per_thread = threading.local()
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.maximum_associations = max_associations
@@ -136,7 +139,17 @@ class StorageSCP:
         return 0x0000
 
     def _on_store(self, event) -> Dataset | int:
+        status = self._store(event)
+        code = int(status.Status) if isinstance(status, Dataset) else int(status)
+        if code == 0:
+            INSTANCES_RECEIVED.labels(str(event.assoc.requestor.ae_title).strip(), str(getattr(self._per_thread, 'duplicate', False))).inc()
+        else:
+            INSTANCES_REFUSED.labels(f"0x{code:04X}").inc()
+        return status
+
+    def _store(self, event) -> Dataset | int:
         calling = str(event.assoc.requestor.ae_title).strip()
+        self._per_thread.duplicate = False  # association threads store concurrently
         try:
             ds = event.dataset  # header parse only: pixel data stays encoded
         except Exception as exc:  # noqa: BLE001 - malformed data is refused, never a crash
@@ -165,11 +178,14 @@ class StorageSCP:
             )
         except InstanceRefused as exc:
             log.warning("C-STORE %s from %s refused (0x%04X): %s", sop_uid or "(no UID)", calling, exc.status, exc.reason)
+            self.store.db.audit("refused", sop_uid or "(no SOP Instance UID)",
+                                f"C-STORE from {calling}: 0x{exc.status:04X} {exc.reason}")
             return _status(exc.status, exc.reason)
         except Exception as exc:  # noqa: BLE001
             log.exception("C-STORE %s from %s failed", sop_uid, calling)
             return _status(0xA700, f"internal error: {exc}")
         if ref.duplicate:
+            self._per_thread.duplicate = True
             log.info("C-STORE %s from %s: duplicate, already stored", sop_uid, calling)
         else:
             try:

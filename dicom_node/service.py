@@ -16,6 +16,18 @@ from dicom_node.completion import SeriesCompletion, SeriesReady
 from dicom_node.db import JobRow, NodeDB, ReportRow
 from dicom_node.export import HL7_PREFIX, HL7_SOP_CLASS, Exporter
 from dicom_node.jobs import JobRunner
+from dicom_node.logfmt import job_context
+from dicom_node.metrics import (
+    INFERENCE_SECONDS,
+    JOB_STAGE_SECONDS,
+    JOBS_FINISHED,
+    SERIES_COMPLETED,
+    SERIES_ROUTED,
+    NodeStateCollector,
+)
+from dicom_node.metrics import serve as serve_metrics
+from dicom_node.metrics import unregister as unregister_metrics
+from dicom_node.retention import RetentionScheduler
 from dicom_node.routing import decide, series_facts
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceRef, InstanceStore
@@ -26,6 +38,7 @@ from hl7.lookup import lookup_labs
 from hl7.mapping import load_mapping
 from hl7.mllp import MLLPServer
 from hl7.panel import LabPanel
+from hl7.privacy import patient_key
 from hl7.parse_worker import BackgroundParser
 from hl7.query import LabQueryClient
 from hl7.receiver import LabReceiver
@@ -52,6 +65,8 @@ class Service:
         load_bundle(s.screening.model)  # fail at start-up, not at the first job
         load_bundle(s.screening.attenuation_rule)
         load_graph(resolve_bundle_path(s.screening.model) / "head.onnx", s.screening.backend)
+        if s.screening.selector:
+            load_graph(resolve_bundle_path(s.screening.selector) / "qnet.onnx", s.screening.backend)
         self.db = NodeDB(self.state_dir / "osteoscreen.sqlite")
         self.instances = InstanceStore(self.state_dir / "instances", self.db,
                                        min_free_bytes=s.node.min_free_mb * 2**20)
@@ -81,7 +96,8 @@ class Service:
         self.jobs = JobRunner(self.db, workers=s.jobs.workers, max_attempts=s.jobs.max_attempts,
                               retry_delay_s=s.jobs.retry_delay_s, build_request=self.build_request,
                               on_result=self.on_job_result,
-                              warm_model=(s.screening.model, s.screening.backend), timeout_s=s.jobs.timeout_s)
+                              warm_model=(s.screening.model, s.screening.backend, s.screening.selector),
+                              timeout_s=s.jobs.timeout_s)
         self.exporter = Exporter(self.db, list(s.destinations), calling_aet=s.export.calling_ae_title or s.node.ae_title,
                                  followup=s.followup, followup_ssl=client_context(s.followup.tls),
                                  retry_initial_s=s.export.retry_initial_s, retry_max_s=s.export.retry_max_s,
@@ -93,6 +109,14 @@ class Service:
         self.worklist = (WorklistScheduler(self.db, s.worklist.directory or self.state_dir / "worklist",
                                            dt.datetime.strptime(s.worklist.at, "%H:%M").time())
                          if s.worklist.enabled else None)
+        self.retention = (RetentionScheduler(self.db, self.instances.root, s.retention.instances_days,
+                                             s.retention.every_h)
+                          if s.retention.instances_days > 0 else None)
+        self.metrics_collector = NodeStateCollector(
+            self.db, (lambda: dict(self.lab_receiver.ack_counts)) if self.mllp else None,
+            {"model": s.screening.model, "selector": s.screening.selector or "none",
+             "backend": s.screening.backend, "attenuation_rule": s.screening.attenuation_rule})
+        self.metrics_server = None
         self._stopped = threading.Event()
 
     # --- lifecycle --------------------------------------------------------------
@@ -108,6 +132,11 @@ class Service:
         self.completion.start()
         if self.worklist:
             self.worklist.start()
+        if self.retention:
+            self.retention.start()
+        if self.settings.metrics.enabled:
+            self.metrics_server = serve_metrics(self.settings.metrics.host, self.settings.metrics.port,
+                                                self.metrics_collector)
         for uid in self.db.series_in_state("receiving"):
             log.info("series %s was receiving at shutdown: restarting its quiet period", uid)
             self.completion.touch(uid)
@@ -127,6 +156,12 @@ class Service:
         self.completion.stop()
         if self.worklist:
             self.worklist.stop()
+        if self.retention:
+            self.retention.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            unregister_metrics(self.metrics_collector)
         self.exporter.stop()
         self.jobs.stop()
         if self.mllp:
@@ -215,9 +250,12 @@ class Service:
         if row is None or row.state != "receiving":
             return
         paths = self.db.instance_paths(series_uid)
+        self.db.audit("received", series_uid, f"{len(paths)} instance(s) from {row.calling_aet}")
         facts = series_facts(paths, row.calling_aet)
         decision = decide(facts, self.settings.routing)
         job_id = self.db.decide_series(series_uid, decision.eligible, decision.reason)
+        SERIES_COMPLETED.inc()
+        SERIES_ROUTED.labels("screen" if decision.eligible else "skip", decision.rule).inc()
         log.info("series %s complete (%d instances): %s - %s", series_uid, row.n_instances,
                  "screen" if decision.eligible else "skip", decision.reason)
         if job_id is not None:
@@ -265,9 +303,12 @@ class Service:
 
     def build_request(self, job: JobRow) -> JobRequest:
         paths = self.db.instance_paths(job.series_uid)
+        series = self.db.series(job.series_uid)
+        if not paths and series is not None and series.state == "purged":
+            raise RuntimeError(f"series {job.series_uid}: its received CT was deleted by the retention rule; "
+                               "re-send the study from the PACS to screen it again")
         if not paths:
             raise RuntimeError(f"no stored instances for series {job.series_uid}")
-        series = self.db.series(job.series_uid)
         previous = self.db.latest_report(series.study_uid) if series else None
         return JobRequest(
             job_id=job.id,
@@ -280,11 +321,13 @@ class Service:
             max_tilt_deg=self.settings.routing.max_axial_tilt_deg,
             attenuation_rule=self.settings.screening.attenuation_rule,
             backend=self.settings.screening.backend,
+            selector=self.settings.screening.selector,
             contrast_policy=self.settings.screening.contrast,
             predecessor_sr=(previous.study_uid, previous.sr_series_uid, previous.sr_sop_uid) if previous else None,
             key_object_selection=self.settings.results.key_object_selection,
             presentation_state=self.settings.results.presentation_state,
             report_not_screened=self.settings.results.report_not_screened,
+            patient_key=patient_key(series.patient_id, series.issuer) if series and series.patient_id else "",
         )
 
     def _followup_message(self, job: JobRow, summary: dict) -> list[tuple[str, str, str, str]]:
@@ -318,7 +361,24 @@ class Service:
         summary["followup_message"] = control_id
         return [(HL7_PREFIX + f.name, str(path), HL7_SOP_CLASS, control_id)]
 
+    @staticmethod
+    def _observe(status: str, summary: dict) -> None:
+        JOBS_FINISHED.labels(status).inc()
+        stages = (summary.get("performance") or {}).get("stage_s") or {}
+        for stage, seconds in stages.items():
+            JOB_STAGE_SECONDS.labels(stage).observe(float(seconds))
+        if "model" in stages and summary.get("backend"):
+            INFERENCE_SECONDS.labels(summary["backend"]).observe(float(stages["model"]))
+
+    def _patient_key(self, series_uid: str) -> str:
+        row = self.db.series(series_uid)
+        return patient_key(row.patient_id, row.issuer) if row is not None and row.patient_id else ""
+
     def on_job_result(self, job: JobRow, result: ScreeningResult) -> None:
+        with job_context(job.id, self._patient_key(job.series_uid)):
+            self._record_result(job, result)
+
+    def _record_result(self, job: JobRow, result: ScreeningResult) -> None:
         outputs = [(d.name, o.path, o.sop_class_uid, o.sop_instance_uid)
                    for d in self.settings.destinations for o in result.outputs]
         summary = dict(result.summary)
@@ -338,6 +398,10 @@ class Service:
         if result.status == "screened" and "duplicate_of" not in summary:
             outputs += self._followup_message(job, summary)
         self.db.finish_job(job.id, result.status, summary, outputs, report)
+        self._observe(result.status, summary)
+        if summary.get("labs_used"):  # which results of this patient were read (privacy officer's view)
+            self.db.audit("labs", job.series_uid, "used: " + ", ".join(
+                f"LOINC {v['loinc']} ({str(v.get('observed_at') or 'no date')[:10]})" for v in summary["labs_used"]))
         if result.status == "screened":
             log.info("job %d screened: p=%.3f %s (modalities %s), L1 %s HU; %d object(s) queued for %d "
                      "destination(s)", job.id, summary["probability"], summary["category"],

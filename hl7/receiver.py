@@ -6,6 +6,7 @@ background parser process and, on demand, when a job looks up a patient's labs.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from hl7.ack import ACCEPT_CODE, ack_wanted, build_ack, is_enhanced
 from hl7.mapping import DEFAULT, LabMapping
@@ -29,6 +30,7 @@ class LabReceiver:
     def __init__(self, store: LabStore, mapping: LabMapping = DEFAULT) -> None:
         self.store = store
         self.mapping = mapping
+        self.ack_counts: Counter[str] = Counter()  # ACK code -> messages answered (read by the metrics endpoint)
 
     @staticmethod
     def needs_parse(raw: bytes) -> bool:
@@ -41,9 +43,11 @@ class LabReceiver:
         return len(fields) > 15 and fields[15].strip().upper() not in (b"", b"NE")
 
     def refuse(self, reason: str) -> bytes:
+        self.ack_counts["AR"] += 1
         return build_ack("AR", reason, None)
 
     def _accept(self, code: str, text: str, header: MessageHeader | None, error_code: int = 207) -> list[bytes]:
+        self.ack_counts[ACCEPT_CODE[code] if is_enhanced(header) else code] += 1
         if not is_enhanced(header):
             return [build_ack(code, text, header, error_code=error_code)]
         assert header is not None

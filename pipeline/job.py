@@ -54,6 +54,7 @@ class JobRequest:
     max_tilt_deg: float = 10.0
     attenuation_rule: str = "pickhardt_l1_2013"  # reported measurement category
     backend: str = "auto"
+    selector: str = "drlis_v1"  # learned slice selector bundle; "" for the anatomical localiser alone
     contrast_policy: str = "flag"  # "flag": screen and say so; "skip": not screened
     # The latest SR already sent for this study (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID): a new SR
     # for the study is a new version of it and says so (Predecessor Documents Sequence).
@@ -61,6 +62,7 @@ class JobRequest:
     key_object_selection: bool = False  # also a KOS flagging the measured slice and the key image
     presentation_state: bool = False  # also a GSPS with the ROI on the measured slice
     report_not_screened: bool = False  # an SR saying why, when the series could not be screened
+    patient_key: str = ""  # hashed pseudonym for log lines (never the patient ID)
 
 
 def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, sc, attenuation
@@ -136,6 +138,16 @@ class ScreeningResult:
 @functools.lru_cache(maxsize=4)
 def _fused_model_cached(bundle_path: str, backend: str) -> FusedModel:
     return FusedModel(load_bundle(bundle_path), backend)
+
+
+@functools.lru_cache(maxsize=4)
+def slice_selector(bundle: str, backend: str):
+    """One DRLIS selector (ONNX session) per bundle and backend per worker process; None when disabled."""
+    if not bundle:
+        return None
+    from pipeline.drlis.selector import DrlisSelector
+
+    return DrlisSelector(bundle, backend)
 
 
 def fused_model(bundle, backend: str) -> FusedModel:
@@ -232,7 +244,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     try:
         volume = load_volume(req.instance_paths, max_tilt_deg=req.max_tilt_deg, clock=clock)
         with clock.stage("selection"):
-            selection, loc = select_level_slices(volume, "L1")
+            selection, loc = select_level_slices(volume, "L1", agent=slice_selector(req.selector, req.backend))
         with clock.stage("measurement"):
             measurement = measure_mid_body(volume, loc, selection.z_range, level="L1")
             adjacent = _adjacent_levels(volume, loc)
@@ -360,7 +372,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             "attenuation_category": attenuation.category_label,
             "attenuation_rule": f"{attenuation.model_name} {attenuation.model_version}",
             "selection": {"method": selection.method, "anchor": selection.anchor,
-                          "confidence": selection.confidence},
+                          "confidence": selection.confidence, "note": selection.note},
             "localiser_notes": list(loc.notes),
             "adjacent_levels": [{"level": m.level, "mean_hu": round(m.mean_hu, 1), "sd_hu": round(m.sd_hu, 1),
                                  "roi_area_mm2": round(m.area_mm2, 1), "slice_index": m.slice_index,

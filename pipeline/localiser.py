@@ -458,3 +458,54 @@ def _to_native_slices(segments, discs, ribs, box, fz: int, n_native: int):
     segments = tuple(VertebraSegment(s.label, z(s.z_lower), z(s.z_upper), s.complete) for s in segments)
     ribs = [Rib(r.side, z(r.z_medial), r.lateral_reach_mm) for r in ribs]
     return segments, [z(d) for d in discs], ribs, np.repeat(box, fz, axis=0)[:n_native]
+
+
+PRIOR_LEVELS = ("T11", "T12", "L1", "L2", "L3")
+PRIOR_COLUMNS = PRIOR_LEVELS + ("other",)
+BOUNDARY_SOFTNESS_MM = 2.0
+
+
+def level_probabilities(loc: Localisation, n_slices: int, dz_mm: float) -> np.ndarray:
+    """Per-slice level probabilities, (n_slices, 6): columns ``PRIOR_COLUMNS`` (T11..L3, then "other").
+
+    Derived from the localisation, not learned or calibrated on outcomes: a slice
+    inside a named segment gets that level with the localiser's confidence; the
+    rest of the mass goes equally to the level itself, the levels above and below
+    (an off-by-one count is the typical failure) and "other". Near a disc the
+    mass blends into the neighbouring segment over ``BOUNDARY_SOFTNESS_MM``.
+    Without a named level (no anchor, or nothing found) every slice is "other":
+    the prior says nothing, and a learned selector must not lean on it.
+    """
+    out = np.zeros((n_slices, len(PRIOR_COLUMNS)))
+    out[:, -1] = 1.0
+    named = [s for s in loc.segments if s.label is not None]
+    if not named or loc.anchor is None:
+        return out
+    c = float(np.clip(loc.confidence, 0.0, 1.0))
+    order = LEVEL_NAMES
+
+    def spread(label: str) -> np.ndarray:
+        p = np.zeros(len(PRIOR_COLUMNS))
+        i = order.index(label)
+        share = {label: c + (1 - c) / 4}
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(order):
+                share[order[j]] = share.get(order[j], 0.0) + (1 - c) / 4
+        for name, v in share.items():
+            p[PRIOR_COLUMNS.index(name) if name in PRIOR_LEVELS else -1] += v
+        p[-1] += 1.0 - p.sum()
+        return p
+
+    z = np.arange(n_slices, dtype=float)
+    weights = []
+    for s in named:
+        # soft membership: logistic in the distance (mm) inside the segment's disc-to-disc range
+        w_lo = 1.0 / (1.0 + np.exp(-(z - s.z_lower) * dz_mm / BOUNDARY_SOFTNESS_MM))
+        w_hi = 1.0 / (1.0 + np.exp(-(s.z_upper - z) * dz_mm / BOUNDARY_SOFTNESS_MM))
+        weights.append(w_lo * w_hi)
+    w = np.stack(weights, axis=1)  # (Z, segments)
+    covered = np.clip(w.sum(axis=1), 0.0, 1.0)
+    w = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-9) * covered[:, None]
+    probs = w @ np.stack([spread(s.label) for s in named])  # type: ignore[arg-type]
+    probs[:, -1] += 1.0 - covered
+    return probs

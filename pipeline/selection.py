@@ -1,10 +1,14 @@
 """Slice selection: which axial slices through L1 the measurement and the model see."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from pipeline.localiser import Localisation, localise
 from pipeline.volume import Volume
+
+if TYPE_CHECKING:
+    from pipeline.drlis.selector import DrlisSelector
 
 SELECTOR_NAME = "anatomical-localiser"
 SELECTOR_VERSION = "1"
@@ -19,16 +23,22 @@ class SelectionError(Exception):
 @dataclass(frozen=True)
 class SliceSelection:
     level: str
-    centre_index: int  # the level's disc-to-disc midpoint; the measurement picks its own mid-body slice
+    centre_index: int  # the level's disc-to-disc midpoint, or the agent's slice; the measurement picks its own
     confidence: float
     method: str
     anchor: str | None
     z_range: tuple[float, float]  # the level's disc-to-disc extent (slice indices)
+    note: str | None = None  # why the learned selector's answer was or was not used
 
 
-def select_level_slices(volume: Volume, level: str = "L1", *,
-                        localisation: Localisation | None = None) -> tuple[SliceSelection, Localisation]:
-    """The vertebral body of ``level``: its disc-to-disc range and midpoint."""
+def select_level_slices(volume: Volume, level: str = "L1", *, localisation: Localisation | None = None,
+                        agent: DrlisSelector | None = None) -> tuple[SliceSelection, Localisation]:
+    """The vertebral body of ``level``: its disc-to-disc range and midpoint.
+
+    With ``agent`` (L1 only), the learned selector proposes the mid-body slice; it is used
+    only where the localiser found L1 too and the rule in ``pipeline.drlis.selector`` accepts
+    it. A localiser refusal stands: the agent alone never names a level.
+    """
     loc = localisation or localise(volume)
     if loc.reason:
         raise SelectionError(loc.reason)
@@ -38,14 +48,28 @@ def select_level_slices(volume: Volume, level: str = "L1", *,
     if loc.confidence <= 0:
         raise SelectionError(f"{level} found with no confidence")
     centre = int(round(seg.centre))
-    return (
-        SliceSelection(
-            level=level,
-            centre_index=centre,
-            confidence=loc.confidence,
-            method=f"{SELECTOR_NAME} v{SELECTOR_VERSION}",
-            anchor=loc.anchor,
-            z_range=(seg.z_lower, seg.z_upper),
-        ),
-        loc,
+    sel = SliceSelection(
+        level=level,
+        centre_index=centre,
+        confidence=loc.confidence,
+        method=f"{SELECTOR_NAME} v{SELECTOR_VERSION}",
+        anchor=loc.anchor,
+        z_range=(seg.z_lower, seg.z_upper),
     )
+    if agent is None or level != "L1":
+        return sel, loc
+    return _with_agent(volume, loc, sel, agent), loc
+
+
+def _with_agent(volume: Volume, loc: Localisation, sel: SliceSelection, agent: DrlisSelector) -> SliceSelection:
+    from pipeline.drlis.views import build_views
+
+    vote = agent.vote(build_views(volume, loc))
+    decision = agent.decide(vote, sel.z_range)
+    if not decision.use_agent:
+        return replace(sel, note=decision.note)
+    # The measurement keeps the localiser's disc-to-disc range: it finds the cleanest mid-body slice
+    # inside it. Re-centring that search on the agent's slice (trained on whole-vertebra label centres,
+    # which lie below the body's mid-height) moved the ROI towards an endplate: +34-37 HU on both real CTs.
+    return replace(sel, centre_index=vote.native_index, note=decision.note,
+                   method=f"{agent.name} (agreed with {SELECTOR_NAME} v{SELECTOR_VERSION})")

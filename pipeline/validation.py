@@ -48,6 +48,7 @@ class CaseResult:
     seconds: float
     contrast: str = "-"  # phase as the service records it
     calibration: str = "-"  # air/fat medians, flagged when implausible
+    slice_index: int | None = None  # the measured slice
 
 
 def reference_hu(hu: np.ndarray, labels: np.ndarray, spacing) -> float | None:
@@ -95,14 +96,15 @@ def load_case(case_dir: Path) -> tuple[Volume, np.ndarray]:
     return vol, labels.astype(np.int16)
 
 
-def evaluate(name: str, vol: Volume, labels: np.ndarray, ref: float | None = None) -> CaseResult:
+def evaluate(name: str, vol: Volume, labels: np.ndarray, ref: float | None = None, *,
+             localisation=None) -> CaseResult:
     """``ref`` overrides the reference HU (variants keep their parent case's: the anatomy did not change)."""
     t0 = time.monotonic()
     l1_in_view = bool((labels == L1).any())
     if ref is None:
         ref = reference_hu(vol.hu, labels, vol.spacing)
     try:
-        sel, loc = select_level_slices(vol, "L1")
+        sel, loc = select_level_slices(vol, "L1", localisation=localisation)
         m = measure_mid_body(vol, loc, sel.z_range)
     except (SelectionError, MeasurementError) as exc:
         status = "uncertain" if l1_in_view else "correct"
@@ -119,7 +121,7 @@ def evaluate(name: str, vol: Volume, labels: np.ndarray, ref: float | None = Non
     return CaseResult(name, l1_in_view, True, status, level, ok, dist, m.mean_hu, ref, err, sel.confidence, None,
                       time.monotonic() - t0, contrast.phase + (f" {contrast.aorta_hu:.0f} HU" if contrast.aorta_hu
                                                                 else ""),
-                      cal.text if cal.plausible is not False else "FLAGGED " + cal.text)
+                      cal.text if cal.plausible is not False else "FLAGGED " + cal.text, k)
 
 
 def variants(vol: Volume, labels: np.ndarray, seed: int = 0):

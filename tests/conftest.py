@@ -47,7 +47,7 @@ class NodeProcess:
                  extra: str = "", node_extra: str = "") -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port, self.hl7_port = free_port(), free_port()
+        self.port, self.hl7_port, self.metrics_port = free_port(), free_port(), free_port()
         self.state_dir = workdir / "state"
         self.log_path = workdir / "node.log"
         dest = "".join(
@@ -58,7 +58,8 @@ class NodeProcess:
             f'[node]\nport = {self.port}\nstate_dir = "{self.state_dir}"\nseries_quiet_s = {quiet_s}\n'
             f'allowed_calling_aets = {list(allowed)!r}\n'.replace("'", '"')
             + node_extra
-            + f"[hl7]\nport = {self.hl7_port}\n[export]\nretry_initial_s = 0.5\nretry_max_s = 5.0\n"
+            + f"[hl7]\nport = {self.hl7_port}\n[metrics]\nport = {self.metrics_port}\n"
+            + "[export]\nretry_initial_s = 0.5\nretry_max_s = 5.0\n"
             + extra + dest)
         self.proc: subprocess.Popen | None = None
 

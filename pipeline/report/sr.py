@@ -256,7 +256,7 @@ def build_sr(
                      "to L1 only.")
     if selection is not None:
         texts.append(f"Slice selection: {selection.method}, level {selection.level}, anchor {selection.anchor}, "
-                     f"confidence {selection.confidence:.2f}.")
+                     f"confidence {selection.confidence:.2f}" + (f"; {selection.note}" if selection.note else "") + ".")
     if image_note:
         texts.append(f"Image not used: {image_note}.")
     texts.extend(quality_notes)

@@ -1,0 +1,101 @@
+"""Retention: received CT is deleted once it has served its purpose and ``instances_days`` have passed.
+
+A series qualifies when it was decided (routed) that many days ago and either it was
+skipped by routing, or its job finished ('done') and nothing of that job is still waiting
+in the outbox. Failed jobs keep their CT (an operator may retry them). Results, reports,
+jobs and the audit log stay: they are small and they are the record. The instance rows go
+with the files, so a later re-send of the same study is stored and screened again (an
+unchanged result is recognised as a duplicate and not sent twice).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from dicom_node.db import NodeDB
+
+log = logging.getLogger("osteoscreen.retention")
+
+PURGEABLE = """
+SELECT s.series_uid FROM series s
+LEFT JOIN jobs j ON j.series_uid = s.series_uid
+WHERE s.state = 'decided' AND s.decided_at < ?
+  AND (s.eligible = 0 OR (j.state = 'done'
+       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = 'pending')))
+"""
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    series: int
+    instances: int
+    bytes_freed: int
+    missing_files: int
+
+
+def purge_screened_instances(db: NodeDB, instances_root: Path, older_than_days: float, *,
+                             now: float | None = None, dry_run: bool = False) -> PurgeReport:
+    cutoff = (now if now is not None else time.time()) - older_than_days * 86400.0
+    n_series = n_inst = freed = missing = 0
+    for (series_uid,) in db._query(PURGEABLE, (cutoff,)):
+        paths = db.instance_paths(series_uid)
+        for p in map(Path, paths):
+            try:
+                size = p.stat().st_size
+                if not dry_run:
+                    p.unlink()
+                freed += size
+            except FileNotFoundError:
+                missing += 1
+        if not dry_run:
+            _remove_empty_dirs({Path(p).parent for p in paths}, instances_root)
+            with db._tx() as tx:
+                tx.execute("DELETE FROM instances WHERE series_uid=?", (series_uid,))
+                tx.execute("UPDATE series SET state='purged', n_instances=0 WHERE series_uid=?", (series_uid,))
+                tx.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                           (time.time(), "purged", series_uid,
+                            f"retention: {len(paths)} instance(s) deleted, {older_than_days:g} days after routing"))
+        n_series += 1
+        n_inst += len(paths)
+    return PurgeReport(n_series, n_inst, freed, missing)
+
+
+def _remove_empty_dirs(dirs: set[Path], root: Path) -> None:
+    for d in dirs:
+        for parent in (d, d.parent):  # series folder, then study folder
+            if parent == root or root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty: other series of the study are still kept
+                break
+
+
+class RetentionScheduler:
+    """Purges every ``every_h`` hours (and once at start) when ``instances_days`` > 0."""
+
+    def __init__(self, db: NodeDB, instances_root: Path, instances_days: float, every_h: float = 6.0) -> None:
+        self.db, self.root, self.days = db, Path(instances_root), instances_days
+        self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "misfire_grace_time": 3600})
+        self.every_h = every_h
+
+    def run_once(self) -> PurgeReport:
+        r = purge_screened_instances(self.db, self.root, self.days)
+        if r.series:
+            log.info("retention: purged %d series (%d instances, %.1f MB) screened or skipped over %g days ago",
+                     r.series, r.instances, r.bytes_freed / 1e6, self.days)
+        return r
+
+    def start(self) -> None:
+        self._scheduler.add_job(self.run_once, IntervalTrigger(hours=self.every_h), id="retention",
+                                next_run_time=dt.datetime.now())  # once now, then every every_h hours
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        self._scheduler.shutdown(wait=True)

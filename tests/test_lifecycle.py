@@ -1,0 +1,136 @@
+"""Data lifecycle: schema migrations, online backup, retention of received CT."""
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pydicom
+import pytest
+
+from dicom_node.db import MIGRATIONS, SCHEMA, NodeDB
+from dicom_node.migrations import SchemaTooNew, schema_version
+from dicom_node.retention import purge_screened_instances
+from dicom_node.store import InstanceStore
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+DAY = 86400.0
+
+
+def test_an_older_state_database_is_migrated_with_a_copy_kept(tmp_path):
+    path = tmp_path / "osteoscreen.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA.split("CREATE TABLE IF NOT EXISTS reports")[0])  # a release before `reports`
+    old.execute("INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet, first_received,"
+                " last_received) VALUES ('1.2.3', '1.2', 'P', '', 'CT', 'CT1', 1, 1)")
+    old.commit()
+    old.close()
+    db = NodeDB(path)
+    assert schema_version(db._db) == MIGRATIONS[-1].version
+    assert db.series("1.2.3").patient_id == "P"
+    assert db._query("SELECT count(*) FROM reports") == [(0,)]  # the table a newer release needs
+    db.close()
+    backup = tmp_path / "osteoscreen.sqlite.pre-v1.bak"
+    assert sqlite3.connect(backup).execute("SELECT series_uid FROM series").fetchall() == [("1.2.3",)]
+    NodeDB(path).close()  # reopening at the current version changes nothing
+    assert not (tmp_path / "osteoscreen.sqlite.pre-v2.bak").exists()
+
+
+def test_a_database_from_a_newer_release_is_refused_with_advice(tmp_path):
+    path = tmp_path / "osteoscreen.sqlite"
+    NodeDB(path).close()
+    c = sqlite3.connect(path)
+    c.execute("PRAGMA user_version = 99")
+    c.commit()
+    c.close()
+    with pytest.raises(SchemaTooNew, match="newer osteoscreen .* restore the backup"):
+        NodeDB(path)
+
+
+def test_backup_is_consistent_while_the_node_writes(tmp_path):
+    state = tmp_path / "state"
+    db = NodeDB(state / "osteoscreen.sqlite")
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            db.audit("test", f"s{i}", "x" * 200)
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(0.3)
+        toml = tmp_path / "node.toml"
+        toml.write_text(f'[node]\nstate_dir = "{state}"\n')
+        r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "backup", "--config", str(toml),
+                            "--dest", str(tmp_path / "bk")], capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        stop.set()
+        t.join()
+    db.close()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("backup ok: 1 database(s)")
+    copy = next((tmp_path / "bk").glob("osteoscreen-*/osteoscreen.sqlite"))
+    assert oct(copy.stat().st_mode & 0o777) == "0o600"
+    c = sqlite3.connect(copy)
+    assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert c.execute("SELECT count(*) FROM audit").fetchone()[0] > 0
+
+
+def _store_series(store, files, **over):
+    refs = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        kw = dict(sop_class=CT, sop_uid=ds.SOPInstanceUID, study_uid=ds.StudyInstanceUID,
+                  series_uid=ds.SeriesInstanceUID, transfer_syntax="1.2.840.10008.1.2.1", calling_aet="CT1",
+                  patient_id="P", issuer="", modality="CT")
+        kw.update(over)
+        refs.append(store.store(f.read_bytes(), **kw))
+    return refs
+
+
+def test_retention_purges_only_screened_and_delivered_ct_past_its_days(tmp_path, sample_series):
+    db = NodeDB(tmp_path / "osteoscreen.sqlite")
+    store = InstanceStore(tmp_path / "instances", db)
+    files = sample_series.files[:3]
+    refs = _store_series(store, files)
+    uid = refs[0].series_uid
+    job = db.decide_series(uid, True, "CT axial")
+    assert job is not None
+    db.finish_job(job, "screened", {}, [("PACS", str(tmp_path / "sr.dcm"), "1.2", "1.2.3")])
+    now = time.time()
+    assert purge_screened_instances(db, store.root, 30, now=now + 31 * DAY).series == 0  # result not delivered
+    db._query("UPDATE outbox SET state='sent'")
+    assert purge_screened_instances(db, store.root, 30, now=now + 29 * DAY).series == 0  # too recent
+    r = purge_screened_instances(db, store.root, 30, now=now + 31 * DAY)
+    assert (r.series, r.instances, r.missing_files) == (1, 3, 0) and r.bytes_freed > 0
+    assert not any(Path_exists(x.path) for x in refs)
+    assert not list(store.root.rglob("*.dcm")) and not any(store.root.iterdir())  # empty folders removed
+    assert db.series(uid).state == "purged"
+    assert db._query("SELECT kind FROM audit WHERE subject=? AND kind='purged'", (uid,))
+    assert db._query("SELECT state FROM jobs WHERE id=?", (job,)) == [("done",)]  # the record stays
+    # A re-send after the purge is stored again (not taken for a duplicate) and the series reopens.
+    again = _store_series(store, files[:1])
+    assert not again[0].duplicate and Path_exists(again[0].path)
+    s = db.series(uid)
+    assert s.state == "receiving" and s.n_instances == 1
+    db.close()
+
+
+def test_retention_keeps_failed_jobs_ct(tmp_path, sample_series):
+    db = NodeDB(tmp_path / "osteoscreen.sqlite")
+    store = InstanceStore(tmp_path / "instances", db)
+    refs = _store_series(store, sample_series.files[:2])
+    job = db.decide_series(refs[0].series_uid, True, "CT axial")
+    db.fail_job(job, "decoder crashed", None)
+    assert purge_screened_instances(db, store.root, 1, now=time.time() + 10 * DAY).series == 0
+    assert all(Path_exists(x.path) for x in refs)
+    db.close()
+
+
+def Path_exists(p) -> bool:  # noqa: N802 - reads like the pathlib call it wraps
+    from pathlib import Path
+
+    return Path(p).exists()

@@ -1,0 +1,78 @@
+"""What IT watches: Prometheus metrics after real traffic, the audit trail of one study, PHI-free logs."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import urllib.request
+
+import pydicom
+from pydicom.uid import generate_uid
+from pynetdicom.sop_class import CTImageStorage
+
+from dicom_node.sample import SAMPLE_ISSUER, SAMPLE_PATIENT_ID
+from hl7.privacy import patient_key
+from tests.conftest import DATA, storescu, wait_for
+from tests.test_end_to_end import _send_crafted, results_in, send_labs
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_one_screened_study_moves_the_metrics_leaves_an_audit_trail_and_no_phi_in_logs(node_factory, orthanc,
+                                                                                       sample_series):
+    node = node_factory(destinations=[{"name": "pacs", "ae_title": orthanc.aet, "port": orthanc.dicom_port}],
+                        extra="[logging]\nlevel = \"DEBUG\"\nformat = \"json\"\n").start()
+    before = scrape(node.metrics_port)
+    assert before['osteoscreen_queue_depth{queue="jobs_pending"}'] == 0
+    assert 'osteoscreen_engine_info{attenuation_rule="pickhardt_l1_2013",backend="auto",model="fused_kdamm_v1",' \
+           'selector="drlis_v1"}' in before
+    study = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    send_labs(node, dt.datetime.strptime(study.StudyDate, "%Y%m%d").date())
+    assert storescu(sample_series.files, node.port).returncode == 0
+    wait_for(lambda: (lambda a: a if a[0] and a[1] else None)(results_in(orthanc)), 180, "SR and SC in Orthanc")
+    wait_for(lambda: scrape(node.metrics_port).get('osteoscreen_outbox_sent_total{destination="pacs"}', 0) >= 2,
+             30, "outbox metrics")
+    m = scrape(node.metrics_port)
+    n = len(sample_series.files)
+    assert m['osteoscreen_instances_received_total{calling_ae="CT1",duplicate="False"}'] == n
+    assert m["osteoscreen_series_completed_total"] == 1
+    assert m['osteoscreen_series_routed_total{decision="screen",rule="eligible"}'] == 1
+    assert m['osteoscreen_jobs_finished_total{outcome="screened"}'] == 1
+    assert m['osteoscreen_job_stage_seconds_count{stage="model"}'] == 1
+    assert any(k.startswith("osteoscreen_inference_seconds_count{backend=") for k in m)
+    assert m['osteoscreen_hl7_acks_total{code="AA"}'] == 1
+    assert m['osteoscreen_queue_depth{queue="outbox_pending"}'] == 0
+    # A refused instance (a real slice with its UIDs blanked) is counted by its status, and audited.
+    ds = pydicom.dcmread(sorted((DATA / "example_ct_dicom").iterdir())[0])
+    ds.decompress()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.StudyInstanceUID = ""
+    assert _send_crafted(node.port, ds, ds.SOPInstanceUID).Status == 0xA900
+    assert scrape(node.metrics_port)['osteoscreen_instances_refused_total{status="0xA900"}'] == 1
+
+    audit = sqlite3.connect(node.state_dir / "osteoscreen.sqlite").execute(
+        "SELECT kind, detail FROM audit ORDER BY id").fetchall()
+    kinds = [k for k, _ in audit]
+    for expected in ("received", "routing", "labs", "job", "export", "refused"):
+        assert expected in kinds, f"no {expected!r} audit entry in {kinds}"
+    assert any(k == "job" and d.startswith("screened") for k, d in audit)
+
+    node.stop()
+    log = node.log()
+    assert "job 1 screened" in log  # the log is not empty: the scan below means something
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]  # every line is one JSON object
+    key = patient_key(SAMPLE_PATIENT_ID, SAMPLE_ISSUER)
+    job_lines = [x for x in lines if x.get("job_id") == 1]
+    assert {x["role"] for x in job_lines} == {"main", "worker"}  # the worker's lines carry the job too
+    assert all(x.get("patient_key") == key for x in job_lines)
+    assert any("screened" in x["msg"] for x in job_lines)
+    for phi in (str(study.PatientName), SAMPLE_PATIENT_ID, study.PatientBirthDate):
+        assert phi and phi not in log, f"{phi!r} appears in the node log"
