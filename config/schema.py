@@ -245,6 +245,16 @@ class WorklistSettings(_Section):
                     description="Local time of day; the list covers the 24 hours before it.")
 
 
+class ShadowSettings(_Section):
+    """Site validation before go-live: screen everything, deliver nothing to the clinic."""
+
+    enabled: bool = Field(False, description="Results stay in <state_dir>/results (and go only to the QA "
+                                             "destinations listed here); no follow-up ORU, no worklist.")
+    destinations: list[str] = Field(default_factory=list,
+                                    description="Names of [[destinations]] (a QA PACS or AE) that receive results "
+                                                "in shadow mode; every other destination gets nothing.")
+
+
 class MetricsSettings(_Section):
     """Prometheus metrics over HTTP (GET /metrics). Keep it on loopback: the labels hold no PHI, but the
     endpoint has no authentication; scrape it through the site's exporter or a local agent."""
@@ -284,6 +294,7 @@ class Settings(_Section):
     worklist: WorklistSettings = WorklistSettings()
     retention: RetentionSettings = RetentionSettings()
     metrics: MetricsSettings = MetricsSettings()
+    shadow: ShadowSettings = ShadowSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")
@@ -291,4 +302,8 @@ class Settings(_Section):
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ValueError("destination names must be unique")
+        unknown = [n for n in self.shadow.destinations if n not in names]
+        if unknown:
+            raise ValueError(f"shadow.destinations names {unknown} that are not [[destinations]] "
+                             f"(known: {names or 'none'})")
         return self

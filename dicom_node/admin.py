@@ -162,3 +162,18 @@ def purge(state_dir: Path, days: float, dry_run: bool, out=print) -> int:
         f"(screened or skipped over {days:g} days ago)" + (f"; {r.missing_files} file(s) already gone"
                                                           if r.missing_files else ""))
     return 0
+
+
+def predictions(state_dir: Path, out: Path, since: dt.date | None, out_fn=print) -> int:
+    from dicom_node.predictions import export_predictions
+
+    db_path = state_dir / "osteoscreen.sqlite"
+    if not db_path.exists():
+        raise FileNotFoundError(f"no node database at {db_path}")
+    db = NodeDB(db_path)
+    try:
+        n = export_predictions(db, out, since)
+    finally:
+        db.close()
+    out_fn(f"predictions: {n} result(s) written to {out} (0600: it holds patient identifiers)")
+    return 0

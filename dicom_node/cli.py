@@ -192,6 +192,8 @@ def _admin(args: argparse.Namespace) -> int:
             return admin.jobs(state, args.action, args.job_id)
         if args.command == "worklist":
             return admin.worklist(state, settings.worklist, args.date)
+        if args.command == "predictions":
+            return admin.predictions(state, args.out, args.since)
         if args.command == "backup":
             return admin.backup(state, args.dest)
         if args.command == "purge":
@@ -295,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     wl.add_argument("--date", type=dt.date.fromisoformat, help="YYYY-MM-DD")
     wl.add_argument("--config", type=Path)
     wl.set_defaults(func=_admin)
+    pr = sub.add_parser("predictions", help="every result as CSV (patient IDs included, file 0600) for comparison "
+                        "with the site's DXA, e.g. after a shadow-mode validation period")
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--since", type=dt.date.fromisoformat, help="YYYY-MM-DD (default: all)")
+    pr.add_argument("--config", type=Path)
+    pr.set_defaults(func=_admin)
     bk = sub.add_parser("backup", help="consistent copy of the state databases (safe while the node runs)")
     bk.add_argument("--dest", type=Path, help="folder for the timestamped copy (default: <state_dir>/backups)")
     bk.add_argument("--config", type=Path)

@@ -106,9 +106,12 @@ class Service:
                               allowed_calling_aets=list(s.node.allowed_calling_aets), store=self.instances,
                               max_associations=s.node.max_associations, ssl_context=server_context(s.node.tls),
                               on_stored=self.on_instance_stored)
+        # Shadow mode (site validation): only the QA destinations named in [shadow] get results.
+        self.result_destinations = [d for d in s.destinations
+                                    if not s.shadow.enabled or d.name in s.shadow.destinations]
         self.worklist = (WorklistScheduler(self.db, s.worklist.directory or self.state_dir / "worklist",
                                            dt.datetime.strptime(s.worklist.at, "%H:%M").time())
-                         if s.worklist.enabled else None)
+                         if s.worklist.enabled and not s.shadow.enabled else None)
         self.retention = (RetentionScheduler(self.db, self.instances.root, s.retention.instances_days,
                                              s.retention.every_h)
                           if s.retention.instances_days > 0 else None)
@@ -140,7 +143,11 @@ class Service:
         for uid in self.db.series_in_state("receiving"):
             log.info("series %s was receiving at shutdown: restarting its quiet period", uid)
             self.completion.touch(uid)
-        if not self.settings.destinations:
+        if self.settings.shadow.enabled:
+            log.warning("SHADOW MODE (site validation): results stay in %s%s; no follow-up messages, no worklist",
+                        self.results_dir, "" if not self.result_destinations else
+                        " and go only to " + ", ".join(d.name for d in self.result_destinations))
+        elif not self.settings.destinations:
             log.warning("no destinations configured: results stay in %s", self.results_dir)
         self.scp.start()
         log.info("osteoscreen %s ready: DICOM %s@%s:%d, HL7 %s", __version__, self.settings.node.ae_title,
@@ -187,7 +194,14 @@ class Service:
                     "min_free_mb", "tls"):
             if getattr(new.node, key) != getattr(old.node, key):
                 restart.append(f"node.{key}")
-        for section in ("hl7", "lis_query", "followup", "worklist"):
+        if new.shadow != old.shadow or new.destinations != old.destinations:
+            self.result_destinations = [d for d in new.destinations
+                                        if not new.shadow.enabled or d.name in new.shadow.destinations]
+            if new.shadow != old.shadow:
+                applied.append("shadow")
+                if new.worklist.enabled:
+                    restart.append("worklist (shadow mode switched)")
+        for section in ("hl7", "lis_query", "followup", "worklist", "metrics", "retention"):
             if getattr(new, section) != getattr(old, section):
                 restart.append(section)
         if new.labs.mapping_file != old.labs.mapping_file:
@@ -380,7 +394,7 @@ class Service:
 
     def _record_result(self, job: JobRow, result: ScreeningResult) -> None:
         outputs = [(d.name, o.path, o.sop_class_uid, o.sop_instance_uid)
-                   for d in self.settings.destinations for o in result.outputs]
+                   for d in self.result_destinations for o in result.outputs]
         summary = dict(result.summary)
         report = None
         if result.status == "screened" and summary.get("result_key"):
@@ -395,7 +409,7 @@ class Service:
             else:
                 report = ReportRow(study, job.id, summary["result_key"], summary["sr_series_uid"],
                                    summary["sr_sop_instance_uid"])
-        if result.status == "screened" and "duplicate_of" not in summary:
+        if result.status == "screened" and "duplicate_of" not in summary and not self.settings.shadow.enabled:
             outputs += self._followup_message(job, summary)
         self.db.finish_job(job.id, result.status, summary, outputs, report)
         self._observe(result.status, summary)
@@ -407,7 +421,7 @@ class Service:
                      "destination(s)", job.id, summary["probability"], summary["category"],
                      "+".join(summary["modalities"]), summary.get("mean_hu", "n/a"),
                      0 if "duplicate_of" in summary else len(result.outputs),
-                     len(self.settings.destinations))
+                     len(self.result_destinations))
             self.exporter.wake()
         else:
             log.info("job %d not screened: %s%s", job.id, result.reason,

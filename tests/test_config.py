@@ -40,3 +40,11 @@ def test_config_check_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "config", "check", str(bad)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "nod: unknown key" in r.stderr
+
+
+def test_shadow_destinations_must_name_configured_destinations(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[shadow]\nenabled = true\ndestinations = ["qa"]\n\n[[destinations]]\nname = "pacs"\n'
+                 'ae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n')
+    with pytest.raises(ConfigError, match=r"shadow.destinations names \['qa'\]"):
+        load_settings(f)

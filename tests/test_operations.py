@@ -1,9 +1,12 @@
 """What IT watches: Prometheus metrics after real traffic, the audit trail of one study, PHI-free logs."""
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 import sqlite3
+import subprocess
+import sys
 import urllib.request
 
 import pydicom
@@ -76,3 +79,31 @@ def test_one_screened_study_moves_the_metrics_leaves_an_audit_trail_and_no_phi_i
     assert any("screened" in x["msg"] for x in job_lines)
     for phi in (str(study.PatientName), SAMPLE_PATIENT_ID, study.PatientBirthDate):
         assert phi and phi not in log, f"{phi!r} appears in the node log"
+
+
+def test_shadow_mode_delivers_only_to_qa_and_exports_predictions(node_factory, orthanc, sample_series, tmp_path):
+    from dicom_node.pacs import free_port
+
+    clinical_port = free_port()  # the clinical PACS: must never be called in shadow mode
+    node = node_factory(
+        destinations=[{"name": "clinical", "ae_title": "CLINPACS", "port": clinical_port},
+                      {"name": "qa", "ae_title": orthanc.aet, "port": orthanc.dicom_port}],
+        extra=f'[shadow]\nenabled = true\ndestinations = ["qa"]\n[followup]\nenabled = true\nport = {free_port()}\n'
+              'send_for = "all"\n').start()
+    study = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    send_labs(node, dt.datetime.strptime(study.StudyDate, "%Y%m%d").date())
+    assert storescu(sample_series.files, node.port).returncode == 0
+    wait_for(lambda: (lambda a: a if a[0] and a[1] else None)(results_in(orthanc)), 180, "SR and SC in the QA PACS")
+    with sqlite3.connect(node.state_dir / "osteoscreen.sqlite") as c:
+        destinations = {r[0] for r in c.execute("SELECT destination FROM outbox")}
+    assert destinations == {"qa"}  # no clinical PACS, no follow-up ORU to the RIS
+    assert "SHADOW MODE" in node.log()
+    out = tmp_path / "predictions.csv"
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "predictions", "--config", str(node.config),
+                        "--out", str(out)], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0 and "1 result(s)" in r.stdout, r.stdout + r.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    assert len(rows) == 1 and rows[0]["patient_id"] == SAMPLE_PATIENT_ID and rows[0]["status"] == "screened"
+    assert 0 <= float(rows[0]["probability"]) <= 1 and rows[0]["level"] == "L1"
+    assert rows[0]["slice_selection"]
