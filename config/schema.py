@@ -28,6 +28,10 @@ class TLSSettings(_Section):
         None, description="Listener: require client certificates signed by these CAs. "
                           "Client: trust these CAs instead of the system store.")
     check_hostname: bool = Field(True, description="Client: the server certificate must name the host.")
+    key_password_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding key_file's password (an encrypted key). The secret "
+                    "never goes in this file: set it in the unit's EnvironmentFile or a systemd credential.")
 
     @model_validator(mode="after")
     def _files(self) -> "TLSSettings":

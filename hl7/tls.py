@@ -1,9 +1,31 @@
 """SSL contexts for MLLP over TLS, built from the ``hl7.tls`` and ``lis_query.tls`` settings."""
 from __future__ import annotations
 
+import os
 import ssl
 
 from config.schema import TLSSettings
+
+
+class TLSConfigError(ValueError):
+    pass
+
+
+def _load_chain(ctx: ssl.SSLContext, tls: TLSSettings) -> None:
+    password = None
+    if tls.key_password_env:
+        password = os.environ.get(tls.key_password_env)
+        if password is None:
+            raise TLSConfigError(f"environment variable {tls.key_password_env} (the password of {tls.key_file}) is "
+                                 "not set: add it to the service's environment (systemd EnvironmentFile)")
+    try:
+        # A callable, never None: with None, OpenSSL would prompt on the terminal for an encrypted key's password.
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=lambda: password or "")
+    except ssl.SSLError as exc:
+        hint = (" (the key is encrypted: set key_password_env)" if password is None
+                else " (wrong password in " + str(tls.key_password_env) + "?)")
+        raise TLSConfigError(f"cannot load certificate {tls.cert_file} with key {tls.key_file}: {exc.reason or exc}"
+                             + hint) from None
 
 
 def server_context(tls: TLSSettings) -> ssl.SSLContext | None:
@@ -12,7 +34,7 @@ def server_context(tls: TLSSettings) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    _load_chain(ctx, tls)
     if tls.ca_file:
         ctx.load_verify_locations(cafile=str(tls.ca_file))
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -27,5 +49,5 @@ def client_context(tls: TLSSettings) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = tls.check_hostname
     if tls.cert_file:
-        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        _load_chain(ctx, tls)
     return ctx

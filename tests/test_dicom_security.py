@@ -74,3 +74,27 @@ def test_low_space_watermark_refuses_c_store_but_keeps_echo(node_factory, sample
         assoc.release()
     assert not list((node.state_dir / "instances").rglob("*.dcm"))  # nothing half-written, nothing indexed
     assert storescu(sample_series.files[:1], node.port).returncode != 0
+
+
+def test_encrypted_tls_key_takes_its_password_from_the_environment(pki, tmp_path, monkeypatch):
+    """The secret is never in the config file: key_password_env names the variable; errors say what to do."""
+    import pytest
+
+    from config.schema import ListenerTLSSettings
+    from hl7.tls import TLSConfigError, server_context
+
+    enc = tmp_path / "server-enc.key"
+    subprocess.run(["openssl", "pkey", "-in", str(pki / "server.key"), "-aes256", "-passout", "pass:s3cret",
+                    "-out", str(enc)], check=True, capture_output=True)
+    base = dict(enabled=True, cert_file=pki / "server.crt", key_file=enc)
+    with pytest.raises(TLSConfigError, match="key is encrypted: set key_password_env"):
+        server_context(ListenerTLSSettings(**base))
+    tls = ListenerTLSSettings(**base, key_password_env="OSTEOSCREEN_TLS_KEY_PASSWORD")
+    monkeypatch.delenv("OSTEOSCREEN_TLS_KEY_PASSWORD", raising=False)
+    with pytest.raises(TLSConfigError, match="OSTEOSCREEN_TLS_KEY_PASSWORD .* is not set"):
+        server_context(tls)
+    monkeypatch.setenv("OSTEOSCREEN_TLS_KEY_PASSWORD", "wrong")
+    with pytest.raises(TLSConfigError, match="wrong password"):
+        server_context(tls)
+    monkeypatch.setenv("OSTEOSCREEN_TLS_KEY_PASSWORD", "s3cret")
+    assert server_context(tls) is not None
