@@ -5,6 +5,7 @@ instead of a setting that silently does nothing.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -77,6 +78,29 @@ class NodeSettings(_Section):
     min_free_mb: int = Field(512, ge=0, description="C-STORE is refused (0xA700, out of resources) while the state "
                                                    "directory has less free space than this; 0 disables the check.")
     tls: ListenerTLSSettings = ListenerTLSSettings()
+    allowed_sop_classes: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per calling AE title: the SOP classes it may store (UIDs or keywords such as "
+                    "CTImageStorage); others are refused with 0x0122. AEs not listed may store any accepted class.")
+
+    @field_validator("allowed_sop_classes")
+    @classmethod
+    def _sop_classes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        from pynetdicom import sop_class
+
+        resolved = {}
+        for ae, classes in value.items():
+            uids = []
+            for c in classes:
+                if re.fullmatch(r"[0-9]+(\.[0-9]+)+", c):
+                    uids.append(c)
+                elif isinstance(getattr(sop_class, c, None), str):
+                    uids.append(str(getattr(sop_class, c)))
+                else:
+                    raise ValueError(f"allowed_sop_classes[{ae!r}]: {c!r} is neither a UID nor a SOP class keyword "
+                                     "(e.g. CTImageStorage, EnhancedCTImageStorage)")
+            resolved[ae] = uids
+        return resolved
 
 
 class HL7Settings(_Section):

@@ -72,12 +72,14 @@ def _status(code: int, comment: str | None = None) -> Dataset:
 class StorageSCP:
     def __init__(self, *, ae_title: str, host: str, port: int, max_pdu: int, allowed_calling_aets: list[str],
                  store: InstanceStore, on_stored: OnStored, max_associations: int = 32,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 allowed_sop_classes: dict[str, list[str]] | None = None) -> None:
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.store = store
         self.on_stored = on_stored
         self._per_thread = threading.local()
+        self.allowed_sop_classes = {ae: frozenset(uids) for ae, uids in (allowed_sop_classes or {}).items()}
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.maximum_associations = max_associations
@@ -91,6 +93,9 @@ class StorageSCP:
         self.ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.set_allowed_calling_aets(allowed_calling_aets)
         self._server = None
+
+    def set_allowed_sop_classes(self, by_ae: dict[str, list[str]]) -> None:
+        self.allowed_sop_classes = {ae: frozenset(uids) for ae, uids in by_ae.items()}
 
     def set_allowed_calling_aets(self, aets: list[str]) -> None:
         self.ae.require_calling_aet = list(aets)
@@ -158,6 +163,12 @@ class StorageSCP:
         req = event.request
         sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
         sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+        allowed = self.allowed_sop_classes.get(calling)
+        if allowed is not None and sop_class not in allowed:
+            reason = f"SOP class {sop_class} is not allowed for calling AE {calling} ([node] allowed_sop_classes)"
+            log.warning("C-STORE %s from %s refused: %s", sop_uid or "(no UID)", calling, reason)
+            self.store.db.audit("refused", sop_uid or "(no SOP Instance UID)", f"C-STORE from {calling}: 0x0122 {reason}")
+            return _status(0x0122, reason)
         if sop_uid and str(req.AffectedSOPInstanceUID or "").strip() not in ("", sop_uid):
             reason = "SOP Instance UID in the dataset differs from the C-STORE request"
             log.warning("C-STORE from %s refused: %s", calling, reason)

@@ -105,6 +105,7 @@ class Service:
         self.scp = StorageSCP(ae_title=s.node.ae_title, host=s.node.host, port=s.node.port, max_pdu=s.node.max_pdu,
                               allowed_calling_aets=list(s.node.allowed_calling_aets), store=self.instances,
                               max_associations=s.node.max_associations, ssl_context=server_context(s.node.tls),
+                              allowed_sop_classes=s.node.allowed_sop_classes,
                               on_stored=self.on_instance_stored)
         # Shadow mode (site validation): only the QA destinations named in [shadow] get results.
         self.result_destinations = [d for d in s.destinations
@@ -184,6 +185,9 @@ class Service:
         if new.node.allowed_calling_aets != old.node.allowed_calling_aets:
             self.scp.set_allowed_calling_aets(list(new.node.allowed_calling_aets))
             applied.append("node.allowed_calling_aets")
+        if new.node.allowed_sop_classes != old.node.allowed_sop_classes:
+            self.scp.set_allowed_sop_classes(dict(new.node.allowed_sop_classes))
+            applied.append("node.allowed_sop_classes")
         if new.destinations != old.destinations:
             self.exporter.set_destinations(list(new.destinations))
             applied.append("destinations")

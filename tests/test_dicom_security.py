@@ -98,3 +98,30 @@ def test_encrypted_tls_key_takes_its_password_from_the_environment(pki, tmp_path
         server_context(tls)
     monkeypatch.setenv("OSTEOSCREEN_TLS_KEY_PASSWORD", "s3cret")
     assert server_context(tls) is not None
+
+
+def test_per_ae_sop_class_list_refuses_other_classes(node_factory, sample_series):
+    """CT1 may only store CT; an MR-class instance from it is refused with 0x0122 and audited."""
+    import sqlite3
+
+    from pynetdicom.sop_class import MRImageStorage
+
+    node = node_factory(extra='[node.allowed_sop_classes]\nCT1 = ["CTImageStorage"]\n').start()
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="OSTEOSCREEN")
+    assert assoc.is_established
+    try:
+        ct = pydicom.dcmread(sample_series.files[0])
+        assert assoc.send_c_store(ct).Status == 0x0000
+        mr = pydicom.dcmread(sample_series.files[1])
+        mr.SOPClassUID = MRImageStorage
+        mr.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        mr.Modality = "MR"
+        assert assoc.send_c_store(mr).Status == 0x0122
+    finally:
+        assoc.release()
+    audit = sqlite3.connect(node.state_dir / "osteoscreen.sqlite").execute(
+        "SELECT detail FROM audit WHERE kind='refused'").fetchall()
+    assert len(audit) == 1 and "0x0122" in audit[0][0]
