@@ -143,6 +143,14 @@ class StorageSCP:
     def _on_echo(self, event) -> int:
         return 0x0000
 
+    def _audit_refusal(self, sop_uid: str, calling: str, status: int, reason: str) -> None:
+        """Best effort: a refusal is answered even when the audit cannot be written (a full disk)."""
+        try:
+            self.store.db.audit("refused", sop_uid or "(no SOP Instance UID)",
+                                f"C-STORE from {calling}: 0x{status:04X} {reason}")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("refusal of %s not audited: %s", sop_uid or "(no UID)", exc)
+
     def _on_store(self, event) -> Dataset | int:
         status = self._store(event)
         code = int(status.Status) if isinstance(status, Dataset) else int(status)
@@ -167,7 +175,7 @@ class StorageSCP:
         if allowed is not None and sop_class not in allowed:
             reason = f"SOP class {sop_class} is not allowed for calling AE {calling} ([node] allowed_sop_classes)"
             log.warning("C-STORE %s from %s refused: %s", sop_uid or "(no UID)", calling, reason)
-            self.store.db.audit("refused", sop_uid or "(no SOP Instance UID)", f"C-STORE from {calling}: 0x0122 {reason}")
+            self._audit_refusal(sop_uid, calling, 0x0122, reason)
             return _status(0x0122, reason)
         if sop_uid and str(req.AffectedSOPInstanceUID or "").strip() not in ("", sop_uid):
             reason = "SOP Instance UID in the dataset differs from the C-STORE request"
@@ -189,8 +197,7 @@ class StorageSCP:
             )
         except InstanceRefused as exc:
             log.warning("C-STORE %s from %s refused (0x%04X): %s", sop_uid or "(no UID)", calling, exc.status, exc.reason)
-            self.store.db.audit("refused", sop_uid or "(no SOP Instance UID)",
-                                f"C-STORE from {calling}: 0x{exc.status:04X} {exc.reason}")
+            self._audit_refusal(sop_uid, calling, exc.status, exc.reason)
             return _status(exc.status, exc.reason)
         except Exception as exc:  # noqa: BLE001
             log.exception("C-STORE %s from %s failed", sop_uid, calling)

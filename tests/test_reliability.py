@@ -167,3 +167,103 @@ def test_a_job_over_its_time_limit_is_stopped_and_the_queue_goes_on(node_factory
     r = subprocess.run([need_tool("echoscu"), "-aet", "CT1", "-aec", "OSTEOSCREEN", "127.0.0.1", str(node.port)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
+
+
+def test_disk_full_on_a_small_filesystem_refuses_cleanly_and_recovers(node_factory, sample_series):
+    """The state directory on a 2 MB tmpfs: the store fills up mid-series for real (ENOSPC, not a watermark)."""
+    import sqlite3
+    import subprocess
+    from pathlib import Path
+
+    import pydicom
+    import pytest
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    node = node_factory(node_extra="min_free_mb = 0\n", quiet_s=120)
+    node.state_dir.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(node.state_dir)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
+    try:
+        node.start()
+        ae = AE(ae_title="CT1")
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(Verification)
+
+        def send(files) -> dict[str, int]:
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="OSTEOSCREEN")
+            assert assoc.is_established
+            out = {}
+            try:
+                for f in files:
+                    ds = pydicom.dcmread(f)
+                    out[str(ds.SOPInstanceUID)] = int(assoc.send_c_store(ds).Status)
+                echo = assoc.send_c_echo().Status
+            finally:
+                assoc.release()
+            assert echo == 0x0000  # C-ECHO still served on a full disk
+            return out
+
+        first = send(sample_series.files)
+        acked = [u for u, s in first.items() if s == 0x0000]
+        refused = [u for u, s in first.items() if s != 0x0000]
+        assert acked and refused, "the 2 MB store should fill up part-way through the series"
+        assert {first[u] for u in refused} == {0xA700}  # out of resources, nothing else
+
+        def indexed() -> dict[str, str]:
+            with sqlite3.connect(node.state_dir / "osteoscreen.sqlite") as c:
+                return dict(c.execute("SELECT sop_instance_uid, path FROM instances").fetchall())
+
+        rows = indexed()
+        assert all(u in rows and Path(rows[u]).is_file() for u in acked)
+        assert not any(u in rows for u in refused)  # nothing refused is indexed
+        assert not list(node.state_dir.rglob(".incoming.*"))  # no half-written file left behind
+        subprocess.run(["mount", "-o", "remount,size=16m", str(node.state_dir)], check=True)  # space returns
+        second = send(sample_series.files)
+        assert set(second.values()) == {0x0000}
+        rows = indexed()
+        assert len(rows) == len(sample_series.files) and all(Path(p).is_file() for p in rows.values())
+        print(f"\ndisk-full: {len(first)} sent, {len(acked)} acknowledged, {len(refused)} refused 0xA700, "
+              f"{len(acked)} found; after space returned: {len(rows)} indexed, 0 lost")
+    finally:
+        node.stop()
+        subprocess.run(["umount", "-l", str(node.state_dir)], capture_output=True)
+
+
+def test_overload_of_eight_concurrent_senders_is_served_or_refused_properly(node_factory, tmp_path):
+    """8 DCMTK storescu at once against an association limit of 4: each is served, or its association is
+    rejected (transient) and a retry succeeds; every acknowledged instance is indexed."""
+    import sqlite3
+    import threading
+
+    from dicom_node.sample import write_sample_series
+    from tests.conftest import storescu
+
+    node = node_factory(node_extra="max_associations = 4\n", quiet_s=120).start()
+    series = [write_sample_series(tmp_path / f"s{i}", tag=f"ov{i}").files[:40] for i in range(8)]
+    time.sleep(10.5)  # the start-up port probe holds a slot until ARTIM (10 s) closes it
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        results[i] = storescu(series[i], node.port)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    served = [i for i, r in results.items() if r.returncode == 0]
+    refused = [i for i, r in results.items() if r.returncode != 0]
+    for i in refused:  # a refusal must be the association limit, never a broken transfer
+        text = results[i].stdout + results[i].stderr
+        assert "Association Rejected" in text or "rejected" in text.lower(), text[-500:]
+    retried = {i: storescu(series[i], node.port).returncode for i in refused}
+    assert all(rc == 0 for rc in retried.values())
+    with sqlite3.connect(node.state_dir / "osteoscreen.sqlite") as c:
+        n = c.execute("SELECT count(*) FROM instances").fetchone()[0]
+    assert n == 8 * 40
+    assert node.proc.poll() is None  # still running
+    print(f"\noverload: 8 concurrent senders, limit 4: {len(served)} served, {len(refused)} rejected then served "
+          f"on retry; {n} of {8 * 40} instances indexed, 0 lost")
