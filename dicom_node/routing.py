@@ -49,8 +49,19 @@ def _most_common(values: list) -> object:
     return Counter(values).most_common(1)[0][0] if values else None
 
 
+class UnreadableSeries(Exception):
+    """A header the routing rules cannot read: the series is skipped with this reason, never left pending."""
+
+
 def series_facts(paths: Sequence[str], calling_aet: str, sample: int = 7) -> SeriesFacts:
     """Facts from a spread of headers (pixel data not read); frames count for multi-frame objects."""
+    try:
+        return _series_facts(paths, calling_aet, sample)
+    except Exception as exc:  # noqa: BLE001 - malformed DICOM from a sender: a recorded skip, not a stuck series
+        raise UnreadableSeries(f"unreadable DICOM header ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+def _series_facts(paths: Sequence[str], calling_aet: str, sample: int) -> SeriesFacts:
     idx = np.unique(np.linspace(0, len(paths) - 1, num=min(sample, len(paths))).astype(int)) if paths else []
     headers = [pydicom.dcmread(Path(paths[i]), stop_before_pixels=True) for i in idx]
     n_slices = len(paths)
@@ -87,7 +98,7 @@ def series_facts(paths: Sequence[str], calling_aet: str, sample: int = 7) -> Ser
     )
 
 
-_RULES = (("sent by", "calling_ae"), ("modality", "modality"), ("no CT image", "sop_class"),
+_RULES = (("unreadable DICOM header", "unreadable"), ("sent by", "calling_ae"), ("modality", "modality"), ("no CT image", "sop_class"),
           ("ImageType", "image_type"), ("slice orientation", "orientation"), ("not axial", "orientation"),
           ("slice thickness", "slice_thickness"), ("slices, fewer", "slice_count"), ("patient age", "age"))
 

@@ -28,7 +28,7 @@ from dicom_node.metrics import (
 from dicom_node.metrics import serve as serve_metrics
 from dicom_node.metrics import unregister as unregister_metrics
 from dicom_node.retention import RetentionScheduler
-from dicom_node.routing import decide, series_facts
+from dicom_node.routing import Decision, UnreadableSeries, decide, series_facts
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceRef, InstanceStore
 from dicom_node.worklist import WorklistScheduler
@@ -269,8 +269,10 @@ class Service:
             return
         paths = self.db.instance_paths(series_uid)
         self.db.audit("received", series_uid, f"{len(paths)} instance(s) from {row.calling_aet}")
-        facts = series_facts(paths, row.calling_aet)
-        decision = decide(facts, self.settings.routing)
+        try:
+            decision = decide(series_facts(paths, row.calling_aet), self.settings.routing)
+        except UnreadableSeries as exc:
+            decision = Decision(False, str(exc))
         job_id = self.db.decide_series(series_uid, decision.eligible, decision.reason)
         SERIES_COMPLETED.inc()
         SERIES_ROUTED.labels("screen" if decision.eligible else "skip", decision.rule).inc()

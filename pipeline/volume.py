@@ -33,6 +33,10 @@ CT_STORAGE_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_STORAGE, LEGACY_ENHANCED_CT_
 _HEADER_SKIP = {"PixelData", "FloatPixelData", "DoubleFloatPixelData"}
 
 
+MAX_MATRIX = 4096  # rows or columns of one CT image (scanners reconstruct 512-1024)
+MAX_VOXELS = 1_100_000_000  # about 2.2 GB of int16: 1,000 slices of 1024 x 1024 fit
+
+
 class VolumeError(Exception):
     """The series cannot be trusted as a volume; ``reason`` is recorded with the job."""
 
@@ -312,9 +316,19 @@ def load_volume(paths: Sequence[str | Path], *, max_tilt_deg: float = 10.0, cloc
 
     ``clock`` (optional) gets two stages: ``load_decode`` (reading headers and
     decoding pixels) and ``volume`` (stack selection, geometry checks, sorting,
-    orientation).
+    orientation). Whatever is wrong with the files, the outcome is a volume or a
+    VolumeError with a reason (the job records it): malformed values from a sender
+    (an unknown VR, a number that is not one) must not crash the job.
     """
-    clock = clock or StageClock()
+    try:
+        return _load_volume(paths, max_tilt_deg, clock or StageClock())
+    except VolumeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - untrusted input; tests/test_fuzz.py
+        raise VolumeError(f"malformed DICOM data ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+def _load_volume(paths: Sequence[str | Path], max_tilt_deg: float, clock: StageClock) -> Volume:
     with clock.stage("load_decode"):
         headers = [(Path(p), _header(Path(p))) for p in paths]
     with clock.stage("volume"):
@@ -326,8 +340,13 @@ def load_volume(paths: Sequence[str | Path], *, max_tilt_deg: float = 10.0, cloc
         stack, notes = _select_stack(headers)
         stack, step = _check_and_sort(stack, max_tilt_deg)
         first = stack[0]
+    rows, cols = int(first.header.Rows), int(first.header.Columns)
+    if not (1 <= rows <= MAX_MATRIX and 1 <= cols <= MAX_MATRIX) or len(stack) * rows * cols > MAX_VOXELS:
+        # A decompression bomb or a corrupt header: refuse before allocating, not by running out of memory.
+        raise VolumeError(f"{len(stack)} x {rows} x {cols} voxels exceeds the limits of a CT series here "
+                          f"(matrix <= {MAX_MATRIX}, <= {MAX_VOXELS / 1e9:.1f} G voxels)")
     with clock.stage("load_decode"):
-        hu = np.empty((len(stack), int(first.header.Rows), int(first.header.Columns)), dtype=np.int16)
+        hu = np.empty((len(stack), rows, cols), dtype=np.int16)
         _decode_into(hu, stack)
     iop = np.asarray(first.orientation, dtype=float)
     if any(f.frame_number is not None for f in stack):
