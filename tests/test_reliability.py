@@ -101,6 +101,7 @@ def test_sigkill_during_ingest_loses_no_acknowledged_instance(node_factory, tmp_
         files += write_sample_series(tmp_path / tag, tag=tag).files
     rng = random.Random(20261123)
     totals = {"acknowledged": 0, "indexed": 0, "lost": 0}
+    fullest = (0, None)  # (acknowledged, workdir) of the trial that got furthest
     for trial in range(10):
         node = node_factory(quiet_s=60)
         node.start()
@@ -135,6 +136,8 @@ def test_sigkill_during_ingest_loses_no_acknowledged_instance(node_factory, tmp_
         lost = [u for u in acked if u not in rows or not Path(rows[u]).exists()
                 or str(pydicom.dcmread(rows[u], stop_before_pixels=True).SOPInstanceUID) != u]
         totals["acknowledged"] += len(acked)
+        if len(acked) > fullest[0]:
+            fullest = (len(acked), node.workdir)
         totals["indexed"] += len(rows)
         totals["lost"] += len(lost)
         assert not lost, f"trial {trial}: {len(lost)} acknowledged instances lost"
@@ -142,8 +145,39 @@ def test_sigkill_during_ingest_loses_no_acknowledged_instance(node_factory, tmp_
         node.start()  # restart on the same state: opens cleanly and sweeps half-written files
         node.stop()
         assert not list((node.state_dir / "instances").rglob(".incoming.*"))
+    # The fullest trial's state, restarted with a short quiet period: each received series is decided and
+    # screened (or skipped with its reason) exactly once; none stays pending.
+    final = type(node)(fullest[1], quiet_s=1.0)
+    final.start()
+    try:
+        # The modality re-sends the interrupted study after the outage: the instances stored before the kill
+        # are recognised as duplicates and the series is screened once, complete.
+        assert storescu(files, final.port).returncode == 0
+        db_path = final.state_dir / "osteoscreen.sqlite"
+
+        def settled():
+            with sqlite3.connect(db_path) as c:
+                pending = c.execute("SELECT count(*) FROM series WHERE state='receiving'").fetchone()[0]
+                busy = c.execute("SELECT count(*) FROM jobs WHERE state IN ('pending','running')").fetchone()[0]
+            return pending == 0 and busy == 0
+
+        wait_for(settled, 240, "every received series decided and its job finished")
+        with sqlite3.connect(db_path) as c:
+            n_series = c.execute("SELECT count(*) FROM series").fetchone()[0]
+            eligible = c.execute("SELECT count(*) FROM series WHERE eligible=1").fetchone()[0]
+            outcomes = c.execute("SELECT outcome, count(*) FROM jobs GROUP BY outcome").fetchall()
+            jobs = c.execute("SELECT series_uid, count(*) FROM jobs GROUP BY series_uid").fetchall()
+            sent = c.execute("SELECT count(*) FROM reports").fetchone()[0]
+            n_instances = c.execute("SELECT count(*) FROM instances").fetchone()[0]
+    finally:
+        final.stop()
+    assert all(n == 1 for _, n in jobs) and len(jobs) == eligible >= 1
+    assert n_instances == len(files)
     print(f"\nkill-during-ingest: 10 trials, {totals['acknowledged']} acknowledged, {totals['indexed']} indexed, "
-          f"{totals['lost']} lost")
+          f"{totals['lost']} lost; the fullest trial ({fullest[0]} instances) restarted and the study re-sent: "
+          f"{n_instances} instances (no duplicates), {n_series} series decided, "
+          f"{eligible} routed to screening, {len(jobs)} job(s), one per series, outcomes {dict(outcomes)}, "
+          f"{sent} report(s)")
     assert totals["acknowledged"] > 0 and totals["lost"] == 0
 
 

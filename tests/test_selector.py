@@ -102,6 +102,22 @@ def test_quick_training_writes_a_bundle_whose_onnx_matches_pytorch(tmp_path, cas
     assert np.allclose(sel.engine(**states)["q"], ref, atol=1e-4)
 
 
+def test_selector_training_is_reproducible_with_a_seed(tmp_path, cases_dir):
+    import dataclasses
+
+    import torch
+
+    from pipeline.training.drlis import quick_config, train
+
+    cfg = dataclasses.replace(quick_config(11), iterations=40, eval_every=40, variants_per_case=2)
+    weights = []
+    for run in ("a", "b"):
+        train(dataclasses.replace(cfg, cases=[]), cases_dir, tmp_path / run, tmp_path / f"r{run}", log=lambda *_: None)
+        weights.append(torch.load(tmp_path / run / "qnet.pt"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime-cpu", "pytorch"])
 def test_shipped_selector_backends_match_and_find_l1_on_the_sample(case, backend):
     vol, labels, loc, views = case
