@@ -112,6 +112,60 @@ def test_duplicate_positions_are_refused(sample_series, tmp_path):
         load_volume([*files, dup])
 
 
+def _rewrite(src, dst, **changes):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for k, v in changes.items():
+        setattr(ds, k, v)
+    ds.save_as(dst)
+    return dst
+
+
+def test_mixed_series_keeps_the_axial_stack_and_says_what_it_left_out(sample_series, tmp_path, volume):
+    """Localizers and a few sagittal reformats in the same series as the axial stack (seen on real scanners)."""
+    files = list(sample_series.files)
+    extra = [_rewrite(files[0], tmp_path / f"loc{i}.dcm", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+             for i in range(2)]
+    extra += [_rewrite(files[i], tmp_path / f"sag{i}.dcm", ImageOrientationPatient=[0, 1, 0, 0, 0, -1],
+                       ImagePositionPatient=[float(i), -150.0, 150.0]) for i in range(3)]
+    mixed = load_volume([*extra, *files])
+    assert mixed.shape == volume.shape and np.array_equal(mixed.hu, volume.hu)
+    notes = " ".join(mixed.notes)
+    assert "2 localizer" in notes and "3 slices with another orientation" in notes
+    sel, _ = select_level_slices(mixed, "L1")
+    assert sel.level == "L1"
+
+
+def test_gantry_tilt_over_the_limit_is_refused(sample_series, tmp_path):
+    import math
+
+    import pydicom
+
+    out = []
+    for i, f in enumerate(sample_series.files[:40]):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        out.append(_rewrite(f, tmp_path / f"t{i}.dcm", ImagePositionPatient=[x, y + z * math.tan(math.radians(15)), z]))
+    with pytest.raises(VolumeError, match=r"gantry tilt 15\.0 deg exceeds 10\.0 deg"):
+        load_volume(out)
+
+
+def test_variable_slice_spacing_is_refused(sample_series, tmp_path):
+    import pydicom
+
+    out = []
+    for i, f in enumerate(sample_series.files[:40]):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        shift = 1.0 if i >= 20 else 0.0  # 3 mm, then one 4 mm step, then 3 mm again
+        out.append(_rewrite(f, tmp_path / f"v{i}.dcm", ImagePositionPatient=[x, y, z + shift * np.sign(z or 1)]))
+    with pytest.raises(VolumeError, match="inconsistent slice spacing|missing slices"):
+        load_volume(out)
+
+
 def test_missing_slices_are_refused(sample_series):
     files = [f for i, f in enumerate(sample_series.files) if i != 40]
     with pytest.raises(VolumeError, match="missing"):
