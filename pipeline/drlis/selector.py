@@ -2,8 +2,10 @@
 
 The agent answers only where the anatomical localiser (its prior and fallback) found L1
 with confidence and the agents agree (``min_agreement``) on a slice inside the middle of
-the localiser's L1: then the agent's slice is the measurement's centre. Everywhere else
-the localiser decides, and the result says why the agent was not used.
+the localiser's L1: then the agent's slice is the selected slice, reported as chosen by
+the agent (the measurement still searches the localiser's disc-to-disc range for the
+cleanest mid-body slice: see pipeline.selection). Everywhere else the localiser decides,
+and the result says why the agent was not used.
 """
 from __future__ import annotations
 
