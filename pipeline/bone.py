@@ -29,6 +29,10 @@ class MeasurementError(Exception):
         self.reason = reason
 
 
+class MetalInBody(MeasurementError):
+    """Metal or cement in the vertebral body: its streaks spoil the neighbouring slices too."""
+
+
 @dataclass(frozen=True, eq=False)
 class BoneMeasurement:
     level: str
@@ -109,6 +113,11 @@ def _measure_slice(volume: Volume, loc: Localisation, slice_index: int, slab: tu
         body = _hull_mask(sub.shape, pts)
     except QhullError:
         raise MeasurementError("vertebral body outline is degenerate") from None
+    metal = int(np.count_nonzero(sub[body] >= METAL_HU))
+    if metal >= METAL_MIN_VOXELS:
+        # Pedicle screws, vertebroplasty cement or a dense implant: any HU inside is meaningless.
+        raise MetalInBody(f"metal or cement in the {level} body ({metal} voxels >= {METAL_HU:.0f} HU on slice "
+                          f"{slice_index + 1}): {level} not measurable")
     core = ndi.binary_erosion(body, structure=np.ones((3, 3), bool),
                               iterations=max(1, int(round(CORTEX_MARGIN_MM / min(dy, dx)))))
     rows = np.nonzero(core.any(axis=1))[0]
@@ -151,6 +160,8 @@ def _measure_slice(volume: Volume, loc: Localisation, slice_index: int, slab: tu
 
 
 DENSE_HU = 400.0
+METAL_HU = 2500.0  # above cortical bone (<~1800 HU on routine CT): metal, or cement with contrast agent
+METAL_MIN_VOXELS = 10
 POOL_MM = 3.0  # neighbours of the chosen slice within this distance are pooled (5 mm slices: none)
 POOL_DENSE_TOLERANCE = 0.02  # a neighbour may have at most this many more dense voxels (share) than the chosen
 MIN_SEARCH_SLICES = 2
@@ -181,6 +192,8 @@ def measure_mid_body(volume: Volume, loc: Localisation, z_range: tuple[float, fl
             continue
         try:
             measured[k] = _measure_slice(volume, loc, k, slab, level)
+        except MetalInBody:
+            raise  # one slice with metal is enough: streak artefacts reach its neighbours
         except MeasurementError as exc:
             last_error = exc
             continue

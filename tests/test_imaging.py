@@ -265,3 +265,23 @@ def test_thin_slices_are_localised_like_the_source(tmp_path):
     assert loc.body_box_rc.shape[0] == n
     m = measure_mid_body(vol, loc, sel.z_range, level="L1")
     assert 60 < m.mean_hu < 160
+
+
+def test_metal_in_the_l1_body_makes_it_not_measurable(volume):
+    """A pedicle-screw-like rod of metal through the L1 body: refused with the reason, never a HU."""
+    from dataclasses import replace as dc_replace
+
+    from pipeline.bone import MetalInBody
+
+    sel, loc = select_level_slices(volume, "L1")
+    hu = volume.hu.copy()
+    k = int(round(0.5 * (sel.z_range[0] + sel.z_range[1])))
+    r0, r1, c0, c1 = loc.body_box_rc[k]
+    r, c = int(0.5 * (r0 + r1)), int(0.5 * (c0 + c1))
+    hu[k - 1 : k + 2, r - 2 : r + 3, c - 6 : c + 7] = 3071  # 5 x 13 voxels, 3 slices
+    with pytest.raises(MetalInBody, match="metal or cement in the L1 body"):
+        measure_mid_body(dc_replace(volume, hu=hu), loc, sel.z_range)
+    # Dense but plausible bone (a sclerotic island ~ 1000 HU) is not metal.
+    hu2 = volume.hu.copy()
+    hu2[k, r - 1 : r + 2, c - 1 : c + 2] = 1000
+    measure_mid_body(dc_replace(volume, hu=hu2), loc, sel.z_range)
