@@ -250,6 +250,12 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             adjacent = _adjacent_levels(volume, loc)
     except (VolumeError, SelectionError, MeasurementError) as exc:
         image_note = exc.reason
+        if isinstance(exc, MeasurementError) and volume is not None and loc is not None:
+            # L1 found but not measurable (metal, cement): measure its neighbours instead and say so.
+            adjacent = _adjacent_levels(volume, loc)
+            if adjacent:
+                image_note += ("; " + " and ".join(m.level for m in adjacent) + " measured instead, for reference "
+                               "(the L1 threshold rule and the model's image input do not apply to them)")
     header = volume.header if volume is not None else pydicom.dcmread(req.instance_paths[0], stop_before_pixels=True)
     with clock.stage("image_checks"):
         contrast, calibration = _image_checks(volume, header, measurement)
@@ -282,11 +288,12 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     src_header.SOPInstanceUID = source_uid
     with clock.stage("report"):
         library = []
-        if measurement is not None and volume is not None:
-            ref = volume.slice_refs[measurement.slice_index]
+        measured = [m for m in (measurement, *adjacent) if m is not None]
+        if measured and volume is not None:
+            ref = volume.slice_refs[measured[0].slice_index]
             if ref.frame_number is None:  # multi-frame: geometry is per frame; highdicom's entry wants one image
                 library = [pydicom.dcmread(volume.slice_refs[m.slice_index].path, stop_before_pixels=True)
-                           for m in (measurement, *adjacent)]
+                           for m in measured]
         sr = build_sr(source_header=src_header, source_sop_instance_uid=source_uid, demographics=demo, labs=req.labs,
                       node=req.node, series_uid=sr_series, sop_uid=sr_uid, fused=fused,
                       fused_model=(bundle.card.name, bundle.card.version), selection=selection,
@@ -378,6 +385,10 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                                  "roi_area_mm2": round(m.area_mm2, 1), "slice_index": m.slice_index,
                                  "source_sop_instance_uid": m.sop_instance_uid} for m in adjacent],
         })
+    elif adjacent:  # the fallback levels of an L1 that could not be measured
+        summary["adjacent_levels"] = [{"level": m.level, "mean_hu": round(m.mean_hu, 1), "sd_hu": round(m.sd_hu, 1),
+                                       "roi_area_mm2": round(m.area_mm2, 1), "slice_index": m.slice_index,
+                                       "source_sop_instance_uid": m.sop_instance_uid} for m in adjacent]
     if volume is not None:
         summary["volume_notes"] = list(volume.notes)
         summary["slices"] = int(volume.shape[0])

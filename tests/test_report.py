@@ -238,3 +238,39 @@ def test_not_screened_series_gets_an_sr_saying_why_when_configured(sample_series
     assert not [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Error")]
     r = subprocess.run([need_tool("dsr2html"), str(sr_path)], capture_output=True, text=True)
     assert "did not screen it: contrast-enhanced study" in r.stdout and "RESEARCH USE ONLY" in r.stdout
+
+
+def test_metal_in_l1_screens_without_the_image_and_reports_l2_instead(tmp_path):
+    """The real CT with a metal rod in its L1 body: no L1 HU, the neighbour measured and the reason in the SR."""
+    import nibabel as nib
+
+    from dicom_node.sample import sample_data_dir, write_sample_series
+
+    img = nib.as_closest_canonical(nib.load(str(sample_data_dir() / "example_ct.nii.gz")))
+    lab = np.asanyarray(nib.as_closest_canonical(nib.load(str(sample_data_dir() / "totalseg_v2_labels.nii.gz"))).dataobj)
+    data = np.asanyarray(img.dataobj).astype(np.int16)
+    i, j, k = np.nonzero(lab == 31)
+    front = j > np.median(j)  # canonical RAS: j grows anteriorly, so this is the vertebral body
+    ci, cj, ck = (int(np.median(a[front])) for a in (i, j, k))
+    data[ci - 2 : ci + 3, cj - 1 : cj + 2, ck - 3 : ck + 6] = 3071  # a cement-like column through the body
+    metal = tmp_path / "metal.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), str(metal))
+    series = write_sample_series(tmp_path / "dcm", tag="metal", nifti=metal)
+    out = tmp_path / "job"
+    req = JobRequest(9, series.series_uid, tuple(map(str, series.files)), LabPanel("OS-DEMO-0001",
+                     "OSTEOSCREEN-DEMO", dt.date(2026, 1, 5), 90, ()), str(out), "fused_kdamm_v1", NODE)
+    result = run_screening(req)
+    s = result.summary
+    assert result.status == "screened" and "image" not in s["modalities"]
+    assert "metal or cement in the L1 body" in s["image_note"] and "measured instead" in s["image_note"]
+    assert "mean_hu" not in s  # no L1 value from a streaked slice
+    assert [m["level"] for m in s["adjacent_levels"]] == ["L2"]  # T12 is cut by the top of this scan
+    assert 50 < s["adjacent_levels"][0]["mean_hu"] < 250
+    sr = pydicom.dcmread(out / "sr.dcm")
+    from tests.test_end_to_end import _walk
+
+    texts = " ".join(str(x.get("TextValue", "")) for x in _walk(sr.ContentSequence))
+    assert "metal or cement in the L1 body" in texts and "L2 trabecular mean" in texts
+    exe = need_tool("dciodvfy")
+    r = subprocess.run([exe, str(out / "sr.dcm")], capture_output=True, text=True)
+    assert not [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Error")]
