@@ -2,10 +2,12 @@
 the worklist files) only."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
 import time
 from pathlib import Path
+from typing import Iterator
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -21,6 +23,19 @@ def _db(state_dir: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
     db.execute("PRAGMA busy_timeout=30000")
     return db
+
+
+@contextlib.contextmanager
+def _node_db(state_dir: Path) -> Iterator[NodeDB]:
+    """The node's database through NodeDB (schema checks and migrations), closed afterwards."""
+    db_path = Path(state_dir) / "osteoscreen.sqlite"
+    if not db_path.exists():
+        raise FileNotFoundError(f"no node database at {db_path}")
+    db = NodeDB(db_path)
+    try:
+        yield db
+    finally:
+        db.close()
 
 
 def status(state_dir: Path, out=print) -> int:
@@ -117,15 +132,9 @@ def worklist(state_dir: Path, settings: WorklistSettings, day: dt.date | None, o
     """Write the worklist on demand (the scheduler does it daily when enabled)."""
     from dicom_node.worklist import write_worklist
 
-    db_path = state_dir / "osteoscreen.sqlite"
-    if not db_path.exists():
-        raise FileNotFoundError(f"no node database at {db_path}")
-    db = NodeDB(db_path)
-    try:
+    with _node_db(state_dir) as db:
         at = dt.datetime.strptime(settings.at, "%H:%M").time()
         path, n = write_worklist(db, settings.directory or state_dir / "worklist", day or dt.date.today(), at=at)
-    finally:
-        db.close()
     out(f"worklist: {path} ({n} positive screen(s); also {path.with_suffix('.json').name})")
     return 0
 
@@ -149,14 +158,8 @@ def purge(state_dir: Path, days: float, dry_run: bool, out=print) -> int:
     if days <= 0:
         out("retention is off ([retention] instances_days = 0): nothing purged; give --days to purge anyway")
         return 0
-    db_path = state_dir / "osteoscreen.sqlite"
-    if not db_path.exists():
-        raise FileNotFoundError(f"no node database at {db_path}")
-    db = NodeDB(db_path)
-    try:
+    with _node_db(state_dir) as db:
         r = purge_screened_instances(db, state_dir / "instances", days, dry_run=dry_run)
-    finally:
-        db.close()
     verb = "would delete" if dry_run else "deleted"
     out(f"purge: {verb} {r.instances} instance(s) of {r.series} series, {r.bytes_freed / 1e6:.1f} MB "
         f"(screened or skipped over {days:g} days ago)" + (f"; {r.missing_files} file(s) already gone"
@@ -167,13 +170,7 @@ def purge(state_dir: Path, days: float, dry_run: bool, out=print) -> int:
 def predictions(state_dir: Path, out: Path, since: dt.date | None, out_fn=print) -> int:
     from dicom_node.predictions import export_predictions
 
-    db_path = state_dir / "osteoscreen.sqlite"
-    if not db_path.exists():
-        raise FileNotFoundError(f"no node database at {db_path}")
-    db = NodeDB(db_path)
-    try:
+    with _node_db(state_dir) as db:
         n = export_predictions(db, out, since)
-    finally:
-        db.close()
     out_fn(f"predictions: {n} result(s) written to {out} (0600: it holds patient identifiers)")
     return 0

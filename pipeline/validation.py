@@ -150,10 +150,13 @@ def variants(vol: Volume, labels: np.ndarray, seed: int = 0):
     yield "flipped_orientation", canonical_axial(flipped), labels
 
 
-def run_eval(cases_dir: str | Path, with_variants: bool = False, out=print) -> list[CaseResult]:
-    cases_dir = Path(cases_dir)
-    results: list[CaseResult] = []
-    for case in sorted(p for p in cases_dir.iterdir() if p.is_dir()):
+def eval_cases(cases_dir: str | Path, with_variants: bool = False, out=print):
+    """(name, volume, labels, reference HU or None) for every case in ``cases_dir`` and, optionally, its variants.
+
+    Variants keep their parent's reference (the anatomy did not change); one without L1 in view has none.
+    A case that cannot be loaded is reported through ``out`` and skipped.
+    """
+    for case in sorted(p for p in Path(cases_dir).iterdir() if p.is_dir()):
         try:
             vol, labels = load_case(case)
         except (VolumeError, FileNotFoundError) as exc:
@@ -164,15 +167,21 @@ def run_eval(cases_dir: str | Path, with_variants: bool = False, out=print) -> l
         if with_variants:
             todo += [(f"{case.name}/{v}", vv, ll) for v, vv, ll in variants(vol, labels)]
         for name, v, lab in todo:
-            r = evaluate(name, v, lab, ref if (lab == L1).any() else None)
-            results.append(r)
-            def fmt(x, f="{:.0f}"):
-                return "-" if x is None else f.format(x)
-            out(f"{name:40s} {r.status:16s} L1 in view {str(r.l1_in_view):5s} slice level {r.slice_level or '-':4s} "
-                f"dist {fmt(r.distance_mm)} mm  ROI {fmt(r.roi_hu)} HU ref {fmt(r.reference_hu)} HU "
-                f"err {fmt(r.hu_error)}  conf {r.confidence:.2f}  {r.seconds:.1f}s  contrast: {r.contrast}  "
-                f"calibration: {r.calibration}"
-                + (f"  ({r.reason})" if r.reason else ""))
+            yield name, v, lab, ref if (lab == L1).any() else None
+
+
+def run_eval(cases_dir: str | Path, with_variants: bool = False, out=print) -> list[CaseResult]:
+    results: list[CaseResult] = []
+    for name, v, lab, ref in eval_cases(cases_dir, with_variants, out):
+        r = evaluate(name, v, lab, ref)
+        results.append(r)
+        def fmt(x, f="{:.0f}"):
+            return "-" if x is None else f.format(x)
+        out(f"{name:40s} {r.status:16s} L1 in view {str(r.l1_in_view):5s} slice level {r.slice_level or '-':4s} "
+            f"dist {fmt(r.distance_mm)} mm  ROI {fmt(r.roi_hu)} HU ref {fmt(r.reference_hu)} HU "
+            f"err {fmt(r.hu_error)}  conf {r.confidence:.2f}  {r.seconds:.1f}s  contrast: {r.contrast}  "
+            f"calibration: {r.calibration}"
+            + (f"  ({r.reason})" if r.reason else ""))
     claimed = [r for r in results if r.claimed and r.hu_error is not None]
     max_err = max((r.hu_error for r in claimed), default=0.0)
     out(f"imaging eval: cases={len(results)} correct={sum(r.status == 'correct' for r in results)} "

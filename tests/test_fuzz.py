@@ -7,6 +7,7 @@ More examples on demand: HYPOTHESIS_PROFILE=long (marked slow).
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dicom_node.routing import UnreadableSeries, decide, series_facts
 from config.schema import RoutingSettings
+from dicom_node.routing import UnreadableSeries, decide, series_facts
 from hl7.mllp import FS, VT, FrameReader
 from hl7.receiver import LabReceiver
 from hl7.store import LabStore
@@ -89,9 +90,9 @@ def test_mutated_ct_gives_a_decision_and_a_volume_or_a_reason(tmp_path_factory, 
     path = d / "x.dcm"
     data = ct_file
     if header is not None:
-        ds = pydicom.dcmread(__import__("io").BytesIO(ct_file))
+        ds = pydicom.dcmread(io.BytesIO(ct_file))
         setattr(ds, header[0], header[1])
-        buf = __import__("io").BytesIO()
+        buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         data = buf.getvalue()
     # Edits after the first 400 bytes: the SCP parses the header before storing, so what reaches the

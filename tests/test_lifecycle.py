@@ -4,6 +4,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -106,14 +107,14 @@ def test_retention_purges_only_screened_and_delivered_ct_past_its_days(tmp_path,
     assert purge_screened_instances(db, store.root, 30, now=now + 29 * DAY).series == 0  # too recent
     r = purge_screened_instances(db, store.root, 30, now=now + 31 * DAY)
     assert (r.series, r.instances, r.missing_files) == (1, 3, 0) and r.bytes_freed > 0
-    assert not any(Path_exists(x.path) for x in refs)
+    assert not any(Path(x.path).exists() for x in refs)
     assert not list(store.root.rglob("*.dcm")) and not any(store.root.iterdir())  # empty folders removed
     assert db.series(uid).state == "purged"
     assert db._query("SELECT kind FROM audit WHERE subject=? AND kind='purged'", (uid,))
     assert db._query("SELECT state FROM jobs WHERE id=?", (job,)) == [("done",)]  # the record stays
     # A re-send after the purge is stored again (not taken for a duplicate) and the series reopens.
     again = _store_series(store, files[:1])
-    assert not again[0].duplicate and Path_exists(again[0].path)
+    assert not again[0].duplicate and Path(again[0].path).exists()
     s = db.series(uid)
     assert s.state == "receiving" and s.n_instances == 1
     db.close()
@@ -126,11 +127,6 @@ def test_retention_keeps_failed_jobs_ct(tmp_path, sample_series):
     job = db.decide_series(refs[0].series_uid, True, "CT axial")
     db.fail_job(job, "decoder crashed", None)
     assert purge_screened_instances(db, store.root, 1, now=time.time() + 10 * DAY).series == 0
-    assert all(Path_exists(x.path) for x in refs)
+    assert all(Path(x.path).exists() for x in refs)
     db.close()
 
-
-def Path_exists(p) -> bool:  # noqa: N802 - reads like the pathlib call it wraps
-    from pathlib import Path
-
-    return Path(p).exists()

@@ -17,9 +17,9 @@ import numpy as np
 from pipeline.drlis.selector import DrlisSelector
 from pipeline.drlis.views import build_views
 from pipeline.localiser import localise
-from pipeline.validation import L1, inside_l1, load_case, reference_hu, variants
+from pipeline.validation import L1, eval_cases, inside_l1
 from pipeline.validation import evaluate as evaluate_localiser
-from pipeline.volume import Volume, VolumeError
+from pipeline.volume import Volume
 
 POOL_MM = 3.0
 
@@ -91,27 +91,17 @@ def run_selector_eval(cases_dir: str | Path, with_variants: bool = False, bundle
     out(f"{'case':36s} {'slices':>6s} | {'agent':11s} {'level':5s} {'mm':>5s} {'in L1':>5s} {'agree':>5s} "
         f"{'steps':>5s} {'ms':>6s} | {'localiser':15s} {'level':5s} {'mm':>5s} {'in L1':>5s} {'ms':>6s} | service")
     rows: list[SideBySide] = []
-    for case in sorted(p for p in Path(cases_dir).iterdir() if p.is_dir()):
-        try:
-            vol, labels = load_case(case)
-        except (VolumeError, FileNotFoundError) as exc:
-            out(f"{case.name}: cannot load: {exc}")
-            continue
-        ref = reference_hu(vol.hu, labels, vol.spacing)
-        todo = [(case.name, vol, labels)]
-        if with_variants:
-            todo += [(f"{case.name}/{v}", vv, ll) for v, vv, ll in variants(vol, labels)]
-        for name, v, lab in todo:
-            r = compare(name, v, lab, selector, ref if (lab == L1).any() else None)
-            rows.append(r)
+    for name, v, lab, ref in eval_cases(cases_dir, with_variants, out):
+        r = compare(name, v, lab, selector, ref)
+        rows.append(r)
 
-            def f(x, fmt="{:.0f}"):
-                return "-" if x is None else fmt.format(x)
-            out(f"{name:36s} {r.n_slices:6d} | {r.agent_status:11s} {r.agent_level or '-':5s} {f(r.agent_mm):>5s} "
-                f"{f(r.agent_fraction, '{:.2f}'):>5s} {r.agent_confidence:5.2f} {r.agent_steps:5d} "
-                f"{r.agent_ms:6.0f} | {r.localiser_status:15s} {r.localiser_level or '-':5s} "
-                f"{f(r.localiser_mm):>5s} {f(r.localiser_fraction, '{:.2f}'):>5s} {r.localiser_ms:6.0f} | "
-                f"{r.service_uses}")
+        def f(x, fmt="{:.0f}"):
+            return "-" if x is None else fmt.format(x)
+        out(f"{name:36s} {r.n_slices:6d} | {r.agent_status:11s} {r.agent_level or '-':5s} {f(r.agent_mm):>5s} "
+            f"{f(r.agent_fraction, '{:.2f}'):>5s} {r.agent_confidence:5.2f} {r.agent_steps:5d} "
+            f"{r.agent_ms:6.0f} | {r.localiser_status:15s} {r.localiser_level or '-':5s} "
+            f"{f(r.localiser_mm):>5s} {f(r.localiser_fraction, '{:.2f}'):>5s} {r.localiser_ms:6.0f} | "
+            f"{r.service_uses}")
     n = len(rows)
 
     def med(xs):

@@ -42,7 +42,7 @@ def _norm(hu: np.ndarray) -> np.ndarray:
     return (np.clip(hu, HU_LO, HU_HI) / HU_SCALE).astype(np.float32)
 
 
-def _spine_track(vol: Volume, loc: Localisation) -> np.ndarray:
+def spine_track(vol: Volume, loc: Localisation) -> np.ndarray:
     """Per native slice: (posterior wall row, body centre row, canal column), NaNs filled."""
     box = loc.body_box_rc
     n = vol.shape[0]
@@ -97,11 +97,9 @@ class SelectorViews:
         prior = np.concatenate([prior, (~inside)[..., None].astype(np.float32)], axis=2)
         axi = [np.clip(g + d, 0, self.n - 1) for d in (-AX_NEIGHBOUR, 0, AX_NEIGHBOUR)]
         axial = np.stack([self.ax[a] for a in axi], axis=1)
-        span = self.n * GRID_MM
         # No absolute position: with one or two training patients it is a cue to memorise, not to learn from.
         pos = np.zeros((len(g), POSITION_FEATURES))
         context = np.concatenate([prior.reshape(len(g), -1), pos], axis=1)
-        del span
         return {
             "profile": np.stack([sag, cor], axis=1).astype(np.float32),
             "axial": axial.astype(np.float32),
@@ -116,7 +114,7 @@ def build_views(vol: Volume, loc: Localisation) -> SelectorViews:
     """Precompute the views of one volume (bounded memory: one native slice at a time)."""
     n, rows, cols = vol.shape
     dz, dr, dc = vol.spacing
-    track = _spine_track(vol, loc)
+    track = spine_track(vol, loc)
     half = (AX_PX - 1) / 2.0
     g_ax = (np.arange(AX_PX) - half) * AX_MM
     g_sag = (np.arange(WINDOW) - half) * SAG_MM

@@ -32,7 +32,7 @@ from pipeline.drlis.env import (
     target_from_labels,
 )
 from pipeline.drlis.qnet import INPUT_NAMES, OUTPUT_NAMES, QNet
-from pipeline.drlis.views import GRID_MM, PAD_VALUE, SelectorViews, _spine_track, build_views
+from pipeline.drlis.views import GRID_MM, PAD_VALUE, SelectorViews, build_views, spine_track
 from pipeline.localiser import localise
 from pipeline.validation import L1, load_case, volume_from_array
 from pipeline.volume import Volume
@@ -195,7 +195,7 @@ def make_cases(base: list[tuple[str, Volume, np.ndarray]], per_case: int, rng: n
             target = target_from_labels(lab, views, L1)
             if teacher is not None and target.in_view:
                 target = Target(target.centre, target.zone, True,
-                                teacher_bonus(v, views, target, _spine_track(v, loc), teacher))
+                                teacher_bonus(v, views, target, spine_track(v, loc), teacher))
             out.append((f"{name}[{how}]", views, target))
         log(f"  {name}: {per_case} volumes")
     return out
