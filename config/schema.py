@@ -206,7 +206,10 @@ class ScreeningSettings(_Section):
     attenuation_rule: str = Field(
         "pickhardt_l1_2013", description="Threshold rule reported with the L1 measurement (bundle name or path)."
     )
-    backend: str = Field("auto", pattern=r"^(auto|onnxruntime-cuda|onnxruntime-cpu|pytorch)$")
+    backend: str = Field(
+        "auto", pattern=r"^(auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu|pytorch|pytorch-cuda|triton)$",
+        description="Inference backend; auto: TensorRT, ONNX Runtime CUDA, ONNX Runtime CPU, PyTorch, the first "
+                    "available. A forced backend that is unavailable stops the service at start-up.")
     selector: str = Field(
         "drlis_v1",
         description="Learned slice selector bundle (DRLIS), used only where it agrees with the anatomical "
@@ -217,6 +220,29 @@ class ScreeningSettings(_Section):
         description="Contrast-enhanced studies (header agent or enhanced aorta at L1): 'flag' screens them and "
                     "says so in every output; 'skip' records them as not screened.",
     )
+
+
+class EnginesSettings(_Section):
+    """How the models run (engines/): threads, precision, the TensorRT cache, a Triton server."""
+
+    threads: int | None = Field(None, ge=1, description="Intra-op threads per CPU model session (default: "
+                                                        "each network's own share).")
+    precision: str = Field("auto", pattern=r"^(auto|fp32|fp16)$",
+                           description="auto: fp16 on TensorRT where the model card allows it, else fp32.")
+    cache_dir: str = Field("", description="Compiled TensorRT engines (default: <state_dir>/engine-cache).")
+    graph_optimization: str = Field("all", pattern=r"^(disabled|basic|extended|all)$",
+                                    description="ONNX Runtime graph optimisation level.")
+    opt_batch: int = Field(8, ge=1, description="TensorRT profile: the batch it is tuned for.")
+    max_batch: int = Field(512, ge=1, description="TensorRT profile: the largest batch; larger calls run in chunks.")
+    triton_url: str = Field("", description="host:port of a Triton server (backend = \"triton\").")
+    triton_protocol: str = Field("http", pattern=r"^(http|grpc)$")
+    triton_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _batches(self) -> "EnginesSettings":
+        if self.opt_batch > self.max_batch:
+            raise ValueError(f"opt_batch ({self.opt_batch}) exceeds max_batch ({self.max_batch})")
+        return self
 
 
 class Destination(_Section):
@@ -315,6 +341,7 @@ class Settings(_Section):
     routing: RoutingSettings = RoutingSettings()
     jobs: JobSettings = JobSettings()
     screening: ScreeningSettings = ScreeningSettings()
+    engines: EnginesSettings = EnginesSettings()
     destinations: list[Destination] = Field(default_factory=list)
     export: ExportSettings = ExportSettings()
     results: ResultsSettings = ResultsSettings()
@@ -330,6 +357,8 @@ class Settings(_Section):
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ValueError("destination names must be unique")
+        if self.screening.backend == "triton" and not self.engines.triton_url:
+            raise ValueError("screening.backend = \"triton\" needs engines.triton_url")
         unknown = [n for n in self.shadow.destinations if n not in names]
         if unknown:
             raise ValueError(f"shadow.destinations names {unknown} that are not [[destinations]] "

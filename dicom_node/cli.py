@@ -217,6 +217,28 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engines(args: argparse.Namespace) -> int:
+    from dicom_node import engines_cli
+    from dicom_node.service import engine_options
+    from engines import configure
+    from engines.bench import execute
+
+    settings = _settings(args.config)
+    if settings is None:
+        return 2
+    configure(engine_options(settings))
+    if args.action == "list":
+        return engines_cli.list_backends(settings)
+    if args.action == "build":
+        return engines_cli.build(settings, args.backend)
+    if args.action == "bench":
+        return execute(args)
+    if args.dir is None:
+        print("error: engines export-triton needs DIR", file=sys.stderr)
+        return 2
+    return engines_cli.export_triton(settings, args.dir, args.cpu)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from dicom_node.bench import BenchError, run_bench
 
@@ -325,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--workdir", type=Path, help="keep series and run folders here (default: a temporary folder)")
     b.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="report file ('-' for none)")
     b.set_defaults(func=_bench)
+    from dicom_node.engines_cli import add_parser as add_engines_parser
+
+    add_engines_parser(sub)
+    sub.choices["engines"].set_defaults(func=_engines)
     c = sub.add_parser("config", help="configuration tools")
     c.add_argument("action", choices=["check", "default"])
     c.add_argument("file", type=Path, nargs="?")

@@ -20,10 +20,14 @@ log = logging.getLogger("osteoscreen.jobs")
 
 
 def _worker_init(level: int, logfile: str | None, fmt: str = "text", warm_model: tuple[str, str, str] | None = None,
-                 parent: int | None = None) -> None:
+                 parent: int | None = None, engine_options=None) -> None:
     if parent is not None:
         exit_when_orphaned(parent)
     configure(level, fmt, filename=logfile, role="worker")
+    if engine_options is not None:
+        import engines
+
+        engines.configure(engine_options)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     if warm_model:  # load the model sessions now, not during the first study's latency
         from engines.bundle import load_bundle
@@ -56,8 +60,10 @@ class JobRunner:
     def __init__(self, db: NodeDB, *, workers: int, max_attempts: int, retry_delay_s: float,
                  build_request: Callable[[JobRow], JobRequest],
                  on_result: Callable[[JobRow, ScreeningResult], None],
-                 warm_model: tuple[str, str, str] | None = None, timeout_s: float = 600.0) -> None:
+                 warm_model: tuple[str, str, str] | None = None, timeout_s: float = 600.0,
+                 engine_options=None) -> None:
         self.db = db
+        self.engine_options = engine_options  # engines.EngineOptions for every worker ([engines])
         self.timeout_s = timeout_s
         self.warm_model = warm_model
         self.workers = workers
@@ -77,7 +83,8 @@ class JobRunner:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(*current_target(), self.warm_model, os.getpid()))
+                                   initializer=_worker_init, initargs=(*current_target(), self.warm_model, os.getpid(),
+                                             self.engine_options))
 
     def start(self) -> None:
         self._pool = self._new_pool()

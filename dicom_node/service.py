@@ -32,6 +32,7 @@ from dicom_node.routing import Decision, UnreadableSeries, decide, series_facts
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceRef, InstanceStore
 from dicom_node.worklist import WorklistScheduler
+import engines
 from engines.bundle import load_bundle, resolve_bundle_path
 from engines.runtime import load_graph
 from hl7.lookup import lookup_labs
@@ -56,6 +57,16 @@ log = logging.getLogger("osteoscreen.service")
 MODEL_LAB_CODES = tuple(f.loinc for f in FEATURES if f.group == "labs")  # the labs the fused model uses
 
 
+def engine_options(s: Settings) -> engines.EngineOptions:
+    """``[engines]`` as the engines package takes it (the cache defaults to the state directory)."""
+    e = s.engines
+    return engines.EngineOptions(
+        threads=e.threads, precision=e.precision,
+        cache_dir=Path(e.cache_dir) if e.cache_dir else Path(s.node.state_dir) / "engine-cache",
+        graph_optimization=e.graph_optimization, opt_batch=e.opt_batch, max_batch=e.max_batch,
+        triton_url=e.triton_url, triton_protocol=e.triton_protocol, triton_timeout_s=e.triton_timeout_s)
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -64,9 +75,15 @@ class Service:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         load_bundle(s.screening.model)  # fail at start-up, not at the first job
         load_bundle(s.screening.attenuation_rule)
-        load_graph(resolve_bundle_path(s.screening.model) / "head.onnx", s.screening.backend)
+        self.engine_options = engine_options(s)
+        engines.configure(self.engine_options)
+        # A forced backend that cannot run here stops the start, with the reason (never a silent fallback);
+        # the workers then load their own sessions (TensorRT plans come from the cache after the first build).
+        graphs = [resolve_bundle_path(s.screening.model) / "head.onnx"]
         if s.screening.selector:
-            load_graph(resolve_bundle_path(s.screening.selector) / "qnet.onnx", s.screening.backend)
+            graphs.append(resolve_bundle_path(s.screening.selector) / "qnet.onnx")
+        for onnx_path in graphs:
+            load_graph(onnx_path, s.screening.backend).close()
         self.db = NodeDB(self.state_dir / "osteoscreen.sqlite")
         self.instances = InstanceStore(self.state_dir / "instances", self.db,
                                        min_free_bytes=s.node.min_free_mb * 2**20)
@@ -97,6 +114,7 @@ class Service:
                               retry_delay_s=s.jobs.retry_delay_s, build_request=self.build_request,
                               on_result=self.on_job_result,
                               warm_model=(s.screening.model, s.screening.backend, s.screening.selector),
+                              engine_options=self.engine_options,
                               timeout_s=s.jobs.timeout_s)
         self.exporter = Exporter(self.db, list(s.destinations), calling_aet=s.export.calling_ae_title or s.node.ae_title,
                                  followup=s.followup, followup_ssl=client_context(s.followup.tls),

@@ -386,6 +386,9 @@ def write_bundle(out_dir: Path, net: QNet, summary: dict) -> None:
                      "train_volumes": summary["train_volumes"], "val_volumes": summary["val_volumes"],
                      "validation": fv, "seconds": summary["seconds"]},
         "files": {n: _sha(out_dir / n) for n in ("qnet.onnx", "qnet.ts")},
+        "inference": {"fp16": True, "note": "fp16 allowed on GPU backends: the selector's decision is the argmax "
+                                            "of Q, and fp16 kept every action of the reference on random and real "
+                                            "states (docs/benchmarks-gpu.md)"},
     }
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
 

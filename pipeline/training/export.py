@@ -79,6 +79,8 @@ def write_bundle(bundle_dir: Path, student: Student, d, summary: dict, logreg: d
         "files": {n: _sha(bundle_dir / n) for n in ("image_encoder.onnx", "head.onnx", "image_encoder.ts", "head.ts",
                                                     "shap_background.npz")},
         "calibration": summary["calibration"],
+        "inference": {"fp16": False, "note": "fp32 only: the screening probability is compared with an operating "
+                                             "point, and at batch 1 the network is too small for fp16 to save time"},
         "thresholds": {f"operating_point_{k}": v for k, v in summary["thresholds"].items()},
         "operating_point": f"per modality subset: calibrated probability giving sensitivity >= "
                            f"{summary['config']['target_sensitivity']} on the validation split",

@@ -1,0 +1,87 @@
+"""``osteoscreen engines ...``: which backends run here, pre-building TensorRT engines, benchmarks, Triton export."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import engines
+from config.schema import Settings
+from engines.bundle import resolve_bundle_path
+
+
+def configured_graphs(s: Settings) -> list[Path]:
+    """Every network the configured screening model and selector run."""
+    bundles = [s.screening.model] + ([s.screening.selector] if s.screening.selector else [])
+    return [p for b in bundles for p in sorted(resolve_bundle_path(b).glob("*.onnx"))]
+
+
+def list_backends(s: Settings) -> int:
+    from dicom_node.service import engine_options
+    from engines.gpu import cuda_gpus
+
+    opts = engine_options(s)
+    gpus = cuda_gpus()
+    print(f"GPU: {', '.join(f'{g.name} (compute capability {g.compute_capability})' for g in gpus) or 'none'}")
+    print(f"available backends: {', '.join(engines.available_backends()) or 'none'}")
+    print(f"configured backend: {s.screening.backend}; precision {opts.precision}; TensorRT cache {opts.cache_dir}")
+    status = 0
+    for onnx_path in configured_graphs(s):
+        try:
+            eng = engines.load_graph(onnx_path, s.screening.backend, options=opts)
+        except engines.EngineError as exc:
+            print(f"  {onnx_path.parent.name}/{onnx_path.stem}: {exc}")
+            status = 2
+            continue
+        print(f"  {onnx_path.parent.name}/{onnx_path.stem}: {eng.backend} on {eng.device}, {eng.precision}")
+        eng.close()
+    return status
+
+
+def build(s: Settings, backend: str) -> int:
+    """Build (or verify the cached) engine of every configured network, so no job pays the build."""
+    from dicom_node.service import engine_options
+
+    opts = engine_options(s)
+    status = 0
+    for onnx_path in configured_graphs(s):
+        t0 = time.perf_counter()
+        try:
+            eng = engines.load_graph(onnx_path, backend, options=opts)
+        except engines.EngineError as exc:
+            print(f"engines build: {onnx_path.parent.name}/{onnx_path.stem}: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        sess = eng._session
+        how = ("built" if getattr(sess, "built", False) else "cached") if backend == "tensorrt" else "loaded"
+        where = f" -> {sess.cache_path}" if hasattr(sess, "cache_path") else ""
+        print(f"{onnx_path.parent.name}/{onnx_path.stem}: {eng.backend} {eng.precision} {how} in "
+              f"{time.perf_counter() - t0:.1f} s{where}")
+        eng.close()
+    return status
+
+
+def export_triton(s: Settings, out_dir: Path, cpu: bool) -> int:
+    from engines.triton_repo import export_repository
+
+    bundles = [s.screening.model] + ([s.screening.selector] if s.screening.selector else [])
+    dirs = export_repository(out_dir, bundles, max_batch=s.engines.max_batch, gpu=not cpu)
+    for d in dirs:
+        print(f"{d}")
+    print(f"Triton model repository: {len(dirs)} models in {out_dir}; serve it with "
+          f"`tritonserver --model-repository {out_dir}` and set [engines] triton_url, "
+          f"[screening] backend = \"triton\"")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from engines.bench import add_arguments
+
+    p = sub.add_parser("engines", help="inference backends: list, build TensorRT engines, bench, export-triton")
+    p.add_argument("action", choices=["list", "build", "bench", "export-triton"])
+    p.add_argument("dir", nargs="?", type=Path, help="export-triton: the model repository to write")
+    p.add_argument("--config", type=Path, help="node configuration ([screening], [engines])")
+    p.add_argument("--backend", default="tensorrt", help="build: the backend to build for (default tensorrt)")
+    p.add_argument("--cpu", action="store_true", help="export-triton: instances on the server's CPU")
+    add_arguments(p)

@@ -1,0 +1,190 @@
+"""TensorRT on the local GPU: build from the bundle's ONNX once, cache the plan, run on a CUDA stream.
+
+- one optimisation profile per input: batch 1 .. ``max_batch``, tuned for ``opt_batch``
+  (the other dimensions are the ONNX file's, which are static for every shipped network);
+  a larger call runs in chunks of ``max_batch``, so a 1,000-slice volume is still one call;
+- FP16 where the model card allows it and the precision setting asks for it;
+- plans cached by engines.engine_cache (GPU + compute capability + TensorRT version +
+  ONNX hash + precision + profile); ``osteoscreen engines build`` fills the cache at install;
+- inputs staged in page-locked host buffers and copied asynchronously on the session's own
+  stream; buffers grow on demand and are reused between calls.
+
+Needs the ``tensorrt`` extra (``pip install .[tensorrt]``: the tensorrt and cuda-python
+packages) and an NVIDIA GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engines import engine_cache
+from engines.gpu import cuda_gpus
+from engines.options import EngineOptions
+
+log = logging.getLogger("osteoscreen.engines")
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+    return cudart
+
+
+def _check(result):
+    """cuda-python returns (error, *values): raise on an error, return the value(s)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA runtime error {err}")
+    return values[0] if len(values) == 1 else values
+
+
+def profile_for(input_shapes: dict[str, tuple[int | None, ...]], opt_batch: int, max_batch: int,
+                ) -> dict[str, list[list[int]]]:
+    """(min, opt, max) shapes per input: the leading (batch) dimension varies, the rest are fixed."""
+    out = {}
+    for name, shape in input_shapes.items():
+        rest = list(shape[1:])
+        if any(d is None for d in rest):
+            raise ValueError(f"input {name} has a dynamic non-batch dimension {shape}: not supported")
+        out[name] = [[1, *rest], [opt_batch, *rest], [max_batch, *rest]]
+    return out
+
+
+def build_plan(onnx_path: Path, profile: dict[str, list[list[int]]], fp16: bool) -> bytes:
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    prof = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.items():
+        prof.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+    config.add_optimization_profile(prof)
+    if fp16:
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            raise RuntimeError(f"TensorRT {trt.__version__} builds strongly typed networks only: "
+                               "set [engines] precision = \"fp32\"")
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 would round matmul inputs to 10 bits
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT failed to build {onnx_path.name} (see the TensorRT log above)")
+    return bytes(plan)
+
+
+@dataclass
+class _Buffer:
+    device: int
+    host: int
+    capacity: int
+
+
+class TensorRTSession:
+    def __init__(self, path: Path, *, graph: str, fp16: bool, options: EngineOptions,
+                 input_shapes: dict[str, tuple[int | None, ...]]) -> None:
+        import tensorrt as trt
+
+        gpus = cuda_gpus()
+        if not gpus:
+            raise RuntimeError("TensorRT needs an NVIDIA GPU and driver; none found")
+        self.max_batch = options.max_batch
+        self.profile = profile_for(input_shapes, options.opt_batch, options.max_batch)
+        precision = "fp16" if fp16 else "fp32"
+        self.key = engine_cache.CacheKey(
+            gpu_name=gpus[0].name, compute_capability=gpus[0].compute_capability,
+            runtime_version=f"tensorrt {trt.__version__}", onnx_sha256=engine_cache.file_sha256(path),
+            precision=precision, profile=json.dumps(self.profile, sort_keys=True))
+        self.cache_path = engine_cache.entry_path(options.cache_dir, graph, self.key)
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        plan = engine_cache.load(self.cache_path, self.key)
+        engine = self._runtime.deserialize_cuda_engine(plan) if plan else None
+        self.built = engine is None
+        if engine is None:
+            if plan is not None:
+                log.warning("engine cache %s would not deserialize: rebuilding", self.cache_path)
+            log.info("building TensorRT %s engine for %s (once; cached in %s)", precision, graph, self.cache_path)
+            plan = build_plan(path, self.profile, fp16)
+            engine_cache.store(self.cache_path, self.key, plan)
+            engine = self._runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise RuntimeError(f"TensorRT could not load the engine it just built for {graph}")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self._cudart = _cudart()
+        self.stream = _check(self._cudart.cudaStreamCreate())
+        self._buffers: dict[str, _Buffer] = {}
+
+    def _buffer(self, name: str, nbytes: int) -> _Buffer:
+        buf = self._buffers.get(name)
+        if buf is None or buf.capacity < nbytes:
+            if buf is not None:
+                self._free(buf)
+            cap = max(nbytes, 1 << 12)
+            buf = _Buffer(device=int(_check(self._cudart.cudaMalloc(cap))),
+                          host=int(_check(self._cudart.cudaMallocHost(cap))), capacity=cap)
+            self._buffers[name] = buf
+        return buf
+
+    def _free(self, buf: _Buffer) -> None:
+        self._cudart.cudaFree(buf.device)
+        self._cudart.cudaFreeHost(buf.host)
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = next(iter(feeds.values())).shape[0]
+        if n <= self.max_batch:
+            return self._run_chunk(names, feeds)
+        parts = [self._run_chunk(names, {k: v[i:i + self.max_batch] for k, v in feeds.items()})
+                 for i in range(0, n, self.max_batch)]
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+
+    def _run_chunk(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        rt = self._cudart
+        h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name, arr in feeds.items():
+            self.context.set_input_shape(name, tuple(arr.shape))
+            buf = self._buffer(name, arr.nbytes)
+            ctypes.memmove(buf.host, arr.ctypes.data, arr.nbytes)  # into page-locked memory
+            _check(rt.cudaMemcpyAsync(buf.device, buf.host, arr.nbytes, h2d, self.stream))
+            self.context.set_tensor_address(name, buf.device)
+        shapes = []
+        for name in names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            buf = self._buffer(name, 4 * math.prod(shape))
+            self.context.set_tensor_address(name, buf.device)
+            shapes.append(shape)
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
+        for name, shape in zip(names, shapes):
+            buf = self._buffers[name]
+            _check(rt.cudaMemcpyAsync(buf.host, buf.device, 4 * math.prod(shape), d2h, self.stream))
+        _check(rt.cudaStreamSynchronize(self.stream))
+        out = []
+        for name, shape in zip(names, shapes):
+            host = (ctypes.c_float * math.prod(shape)).from_address(self._buffers[name].host)
+            out.append(np.ctypeslib.as_array(host).reshape(shape).copy())
+        return out
+
+    def close(self) -> None:
+        for buf in self._buffers.values():
+            self._free(buf)
+        self._buffers.clear()
+        if getattr(self, "stream", None) is not None:
+            self._cudart.cudaStreamDestroy(self.stream)
+            self.stream = None

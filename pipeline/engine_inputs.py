@@ -1,0 +1,124 @@
+"""Real inputs for every shipped network, computed from the bundled real CT as the service computes them.
+
+Used to check that the inference backends agree (tests/test_engines.py) and to time them
+(``osteoscreen engines bench``) on what they will actually see, not only on random numbers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dicom_node.sample import load_lps_volume, sample_data_dir
+from engines.bench import ROLLOUT_PREFIX
+from pipeline.drlis.views import build_views, spine_track
+from pipeline.image_input import extract_patch
+from pipeline.localiser import localise
+from pipeline.validation import volume_from_array
+
+SELECTOR_STATES = 300  # the selector's batch in the bench: one state per slice of a 300-slice volume
+
+
+def real_inputs(n_states: int = SELECTOR_STATES, n_patches: int = 32) -> dict[str, dict[str, np.ndarray]]:
+    """``{"drlis_v1/qnet": {...}, "fused_kdamm_v1/image_encoder": {...}, "fused_kdamm_v1/head": {...}}``."""
+    import engines
+
+    hu, origin, spacing = load_lps_volume(sample_data_dir() / "example_ct.nii.gz")
+    vol = volume_from_array(hu, spacing, origin)
+    loc = localise(vol)
+    views = build_views(vol, loc)
+    trace = rollout_trace(_resampled(hu, spacing, origin, n_states))
+    grid = np.round(np.linspace(0, views.n - 1, n_states)).astype(int)
+    qnet = views.states(grid)
+    track = spine_track(vol, loc)
+    ks = np.round(np.linspace(0, vol.shape[0] - 1, n_patches)).astype(int)
+    image = np.stack([extract_patch(vol.hu, vol.spacing, (float(k), track[k, 1], track[k, 2])) for k in ks])
+    fused_dir = engines.load_bundle("fused_kdamm_v1").path
+    encoder = engines.load(fused_dir, "onnxruntime-cpu", graph="image_encoder")
+    bg = np.load(fused_dir / "shap_background.npz")
+    rows = min(len(bg["tab_values"]), n_patches)
+    head = {
+        "embedding": encoder(image=image[:rows])["embedding"],
+        "image_present": np.ones((rows, 1), np.float32),
+        "tab_values": bg["tab_values"][:rows].astype(np.float32),
+        "tab_mask": bg["tab_mask"][:rows].astype(np.float32),
+    }
+    out = {"drlis_v1/qnet": qnet, "fused_kdamm_v1/image_encoder": {"image": image.astype(np.float32)},
+           "fused_kdamm_v1/head": head}
+    out.update({f"{ROLLOUT_PREFIX}{i:03d}": feeds for i, feeds in enumerate(trace)})
+    return out
+
+
+
+
+def _resampled(hu: np.ndarray, spacing, origin, n_slices: int):
+    """The bundled CT resampled along z to ``n_slices`` slices (a 300-slice volume by default)."""
+    from scipy import ndimage as ndi
+
+    factor = n_slices / hu.shape[0]
+    res = ndi.zoom(hu.astype(np.float32), (factor, 1, 1), order=1).astype(np.int16)
+    vol = volume_from_array(res, (spacing[0] / factor, spacing[1], spacing[2]), origin)
+    return build_views(vol, localise(vol))
+
+
+def rollout_trace(views) -> list[dict[str, np.ndarray]]:
+    """The Q-network calls, in order, of the service's DRLIS rollout (5 agents, until they stop).
+
+    The agents' path depends only on Q; a backend that passes parity takes the same path,
+    so replaying these calls times what the selector costs per volume in service.
+    """
+    import engines
+    from pipeline.drlis.agent import rollout
+
+    ref = engines.load(engines.load_bundle("drlis_v1").path, "onnxruntime-cpu", graph="qnet")
+    calls: list[dict[str, np.ndarray]] = []
+
+    def q(states: dict[str, np.ndarray]) -> np.ndarray:
+        calls.append(states)
+        return ref(**states)["q"]
+
+    rollout(views, q)
+    return calls
+
+
+
+
+def _resampled(hu: np.ndarray, spacing, origin, n_slices: int):
+    """The bundled CT resampled along z to ``n_slices`` slices (a 300-slice volume by default)."""
+    from scipy import ndimage as ndi
+
+    factor = n_slices / hu.shape[0]
+    res = ndi.zoom(hu.astype(np.float32), (factor, 1, 1), order=1).astype(np.int16)
+    vol = volume_from_array(res, (spacing[0] / factor, spacing[1], spacing[2]), origin)
+    return build_views(vol, localise(vol))
+
+
+def rollout_trace(views) -> list[dict[str, np.ndarray]]:
+    """The Q-network calls, in order, of the service's DRLIS rollout (5 agents, until they stop).
+
+    The agents' path depends only on Q; a backend that passes parity takes the same path,
+    so replaying these calls times what the selector costs per volume in service.
+    """
+    import engines
+    from pipeline.drlis.agent import rollout
+
+    ref = engines.load(engines.load_bundle("drlis_v1").path, "onnxruntime-cpu", graph="qnet")
+    calls: list[dict[str, np.ndarray]] = []
+
+    def q(states: dict[str, np.ndarray]) -> np.ndarray:
+        calls.append(states)
+        return ref(**states)["q"]
+
+    rollout(views, q)
+    return calls
+
+
+def save_inputs(path: Path, inputs: dict[str, dict[str, np.ndarray]]) -> None:
+    np.savez_compressed(path, **{f"{g}:{k}": v for g, feeds in inputs.items() for k, v in feeds.items()})
+
+
+def load_inputs(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            g, k = key.split(":", 1)
+            out.setdefault(g, {})[k] = z[key]
+    return out

@@ -1,0 +1,223 @@
+"""engines/: one interface over TensorRT, ONNX Runtime (CUDA, CPU), PyTorch and Triton, proven to agree.
+
+Runs without the DICOM stack where it must (a GPU machine: ``pytest --noconftest
+tests/test_engines.py``): real inputs then come from ENGINE_INPUTS (an npz written by
+``osteoscreen engines bench --save-inputs``). GPU backends are tested where they are
+available and skipped elsewhere.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engines
+from engines import engine_cache
+from engines.bundle import bundled_models_dir
+from engines.graph_io import read_io
+from engines.options import EngineOptions
+from engines.parity import TOLERANCE, compare, random_inputs
+from engines.runtime import AUTO_ORDER, BACKENDS, FP16_BACKENDS, resolve_precision
+
+GRAPHS = ("drlis_v1/qnet", "fused_kdamm_v1/image_encoder", "fused_kdamm_v1/head")
+AVAILABLE = [b for b in engines.available_backends() if b != "triton"]
+
+
+def onnx_path(graph: str) -> Path:
+    b, g = graph.split("/")
+    return bundled_models_dir() / b / f"{g}.onnx"
+
+
+@pytest.fixture(scope="module")
+def real() -> dict[str, dict[str, np.ndarray]]:
+    path = os.environ.get("ENGINE_INPUTS")
+    if path:
+        from engines.bench import load_inputs
+
+        return load_inputs(Path(path))
+    pytest.importorskip("pydicom")
+    from pipeline.engine_inputs import real_inputs
+
+    return real_inputs(n_states=64, n_patches=16)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, engines.Engine]:
+    return {g: engines.load_graph(onnx_path(g), "pytorch") for g in GRAPHS}
+
+
+def _variants() -> list[tuple[str, str]]:
+    return [(b, p) for b in AVAILABLE for p in (("fp32", "fp16") if b in FP16_BACKENDS else ("fp32",))]
+
+
+@pytest.mark.parametrize("backend,precision", _variants())
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_every_backend_agrees_with_the_pytorch_reference(graph, backend, precision, real, reference, tmp_path):
+    opts = EngineOptions(precision=precision, cache_dir=tmp_path)
+    if precision == "fp16" and not engines.runtime.card_allows_fp16(onnx_path(graph)):
+        with pytest.raises(engines.EngineError, match="does not allow fp16"):
+            engines.load_graph(onnx_path(graph), backend, options=opts)
+        return
+    eng = engines.load_graph(onnx_path(graph), backend, options=opts)
+    assert (eng.backend, eng.precision) == (backend, precision)
+    seed = int(np.random.SeedSequence().entropy % 2**31)  # fresh every run; printed when it fails
+    io = read_io(onnx_path(graph))
+    for kind, feeds in (("random", random_inputs(io, 37, seed)), ("real", real[graph])):
+        p = compare(graph, backend, precision, kind, eng(**feeds), reference[graph](**feeds))
+        assert p.ok, f"{p.line()} (seed {seed}, tolerance {TOLERANCE[precision]})"
+        if p.argmax_agreement is not None:
+            assert p.argmax_agreement == 1.0, p.line()
+    eng.close()
+
+
+def test_auto_picks_the_first_available_backend_in_the_documented_order():
+    assert AUTO_ORDER == ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "pytorch")
+    eng = engines.load(bundled_models_dir() / "fused_kdamm_v1", "auto", graph="head",
+                       options=EngineOptions(cache_dir=Path("/nonexistent/not-written-unless-tensorrt")))
+    first = next(b for b in AUTO_ORDER if b in AVAILABLE)
+    assert eng.backend == first
+    assert eng.device == ("cpu" if first in ("onnxruntime-cpu", "pytorch") else "cuda")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
+def test_a_forced_backend_that_cannot_run_is_a_clear_error(backend):
+    if backend in engines.available_backends():
+        pytest.skip(f"{backend} is available here")
+    with pytest.raises(engines.EngineError, match=f"backend {backend} is not available here.*needs"):
+        engines.load(bundled_models_dir() / "drlis_v1", backend)
+
+
+def test_unknown_backend_and_missing_inputs_are_errors():
+    with pytest.raises(engines.EngineError, match="unknown backend"):
+        engines.load(bundled_models_dir() / "drlis_v1", "cuda")
+    eng = engines.load(bundled_models_dir() / "drlis_v1", "onnxruntime-cpu")
+    with pytest.raises(engines.EngineError, match="missing inputs"):
+        eng(profile=np.zeros((1, 2, 32, 32)))
+
+
+def test_precision_rules():
+    auto, fp16, fp32 = (EngineOptions(precision=p) for p in ("auto", "fp16", "fp32"))
+    assert resolve_precision("onnxruntime-cpu", auto, True) == "fp32"
+    assert resolve_precision("tensorrt", auto, True) == "fp16"
+    assert resolve_precision("pytorch-cuda", auto, True) == "fp32"  # autocast measured slower
+    assert resolve_precision("pytorch-cuda", fp16, True) == "fp16"
+    assert resolve_precision("tensorrt", auto, False) == "fp32"  # the card decides
+    assert resolve_precision("tensorrt", fp32, True) == "fp32"
+    with pytest.raises(engines.EngineError, match="not onnxruntime-cpu"):
+        resolve_precision("onnxruntime-cpu", fp16, True)
+    with pytest.raises(engines.EngineError, match="does not allow fp16"):
+        resolve_precision("tensorrt", fp16, False)
+    assert engines.runtime.card_allows_fp16(onnx_path("drlis_v1/qnet"))
+    assert not engines.runtime.card_allows_fp16(onnx_path("fused_kdamm_v1/head"))
+
+
+def _key(**changes) -> engine_cache.CacheKey:
+    base = dict(gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", runtime_version="tensorrt 10.13",
+                onnx_sha256=engine_cache.file_sha256(onnx_path("drlis_v1/qnet")), precision="fp16",
+                profile='{"context": [[1, 227], [8, 227], [512, 227]]}')
+    return engine_cache.CacheKey(**{**base, **changes})
+
+
+def test_engine_cache_round_trip_and_what_invalidates_an_entry(tmp_path, caplog):
+    key = _key()
+    path = engine_cache.entry_path(tmp_path / "cache", "drlis_v1__qnet", key)
+    payload = os.urandom(4096)
+    engine_cache.store(path, key, payload)
+    assert engine_cache.load(path, key) == payload
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for field in ("gpu_name", "compute_capability", "runtime_version", "onnx_sha256", "precision", "profile"):
+        other = _key(**{field: "something else"})
+        assert engine_cache.entry_path(tmp_path, "g", other) != engine_cache.entry_path(tmp_path, "g", key)
+        assert engine_cache.load(path, other) is None, field  # a stale entry is never trusted
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-100])
+    assert engine_cache.load(path, key) is None
+    flipped = bytearray(raw)
+    flipped[-1] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    assert engine_cache.load(path, key) is None
+    path.write_bytes(b"not a plan")
+    assert engine_cache.load(path, key) is None
+    assert engine_cache.load(tmp_path / "missing.plan", key) is None
+    assert "rejected (truncated" in caplog.text and "checksum mismatch" in caplog.text
+    engine_cache.store(path, key, payload)  # a rebuild replaces the bad entry atomically
+    assert engine_cache.load(path, key) == payload
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
+
+
+def test_tensorrt_profile_covers_the_pipeline_batches():
+    from engines.tensorrt_backend import profile_for
+
+    prof = profile_for(read_io(onnx_path("drlis_v1/qnet")).inputs, 8, 512)
+    assert prof["axial"] == [[1, 3, 32, 32], [8, 3, 32, 32], [512, 3, 32, 32]]
+    assert prof["context"] == [[1, 227], [8, 227], [512, 227]]
+    with pytest.raises(ValueError, match="dynamic non-batch"):
+        profile_for({"x": (None, None, 4)}, 1, 2)
+
+
+@pytest.mark.skipif("tensorrt" not in AVAILABLE, reason="needs an NVIDIA GPU and the tensorrt extra")
+def test_tensorrt_builds_once_then_loads_from_cache_and_rebuilds_a_corrupt_entry(tmp_path, real, reference):
+    opts = EngineOptions(cache_dir=tmp_path, max_batch=16, opt_batch=4)
+    first = engines.load(bundled_models_dir() / "drlis_v1", "tensorrt", options=opts)
+    assert first._session.built and first._session.cache_path.is_file()
+    second = engines.load(bundled_models_dir() / "drlis_v1", "tensorrt", options=opts)
+    assert not second._session.built
+    feeds = real["drlis_v1/qnet"]  # more states than max_batch: runs in chunks
+    assert next(iter(feeds.values())).shape[0] > opts.max_batch
+    p = compare("drlis_v1/qnet", "tensorrt", second.precision, "real", second(**feeds),
+                reference["drlis_v1/qnet"](**feeds))
+    assert p.ok and p.argmax_agreement == 1.0, p.line()
+    path = second._session.cache_path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    third = engines.load(bundled_models_dir() / "drlis_v1", "tensorrt", options=opts)
+    assert third._session.built
+    for e in (first, second, third):
+        e.close()
+
+
+def test_triton_repository_is_a_valid_model_configuration(tmp_path):
+    text_format = pytest.importorskip("google.protobuf.text_format")
+    mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from engines.triton_repo import export_repository
+
+    dirs = export_repository(tmp_path, ["fused_kdamm_v1", "drlis_v1"], max_batch=256)
+    assert sorted(d.name for d in dirs) == ["drlis_v1__qnet", "fused_kdamm_v1__head", "fused_kdamm_v1__image_encoder"]
+    for d in dirs:
+        cfg = text_format.Parse((d / "config.pbtxt").read_text(), mc.ModelConfig())
+        io = read_io(d / "1" / "model.onnx")
+        assert cfg.name == d.name and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 256
+        assert {i.name: list(i.dims) for i in cfg.input} == {k: list(v[1:]) for k, v in io.inputs.items()}
+        assert {o.name: list(o.dims) for o in cfg.output} == {k: list(v[1:]) for k, v in io.outputs.items()}
+        assert cfg.HasField("dynamic_batching")
+        accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+        assert bool(accel) == (d.name == "drlis_v1__qnet")  # fp16 TensorRT only where the card allows it
+
+
+def test_engines_cli_list_build_and_bench(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    import re
+
+    from dicom_node.cli import main
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\nstate_dir = "{tmp_path / "state"}"\n')
+    assert main(["engines", "list", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "available backends:" in out and "drlis_v1/qnet:" in out
+    rc = main(["engines", "build", "--config", str(cfg)])
+    err = capsys.readouterr()
+    if "tensorrt" in AVAILABLE:
+        assert rc == 0 and err.out.count(" built in ") + err.out.count(" cached in ") == 3
+    else:
+        assert rc == 2 and "tensorrt is not available here" in err.err
+    report = tmp_path / "bench.md"
+    assert main(["engines", "bench", "--config", str(cfg), "--runs", "2", "--output", str(report)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"engines bench: backends=\d+ parity_failures=0 selector_ort_cpu_vs_torch=[\d.]+", last), last
+    text = report.read_text()
+    assert "| onnxruntime-cpu | fp32 | selector rollout" in text and "| pytorch | fp32/fp32 | fused batch 1 |" in text
