@@ -6,7 +6,10 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 APT_PACKAGES := dcmtk dicom3tools orthanc
 
-.PHONY: demo test venv system-peers
+TRITON := .cache/triton
+TRITON_WHEEL := nvidia-pytriton==0.7.0
+
+.PHONY: demo test venv system-peers triton-server
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -29,5 +32,19 @@ system-peers:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
 	fi
 
-test: system-peers venv
+# A real Triton Inference Server for tests/test_triton.py: the server binary and its Python backend
+# from the nvidia-pytriton wheel (PyPI), and a small environment (numpy < 2, as that backend needs)
+# for the test models it serves.
+$(TRITON)/.installed:
+	rm -rf $(TRITON) && mkdir -p $(TRITON)
+	$(PYTHON) -m venv $(TRITON)/env
+	$(TRITON)/env/bin/pip install --quiet "numpy<2" onnxruntime
+	$(TRITON)/env/bin/pip download --quiet --no-deps --only-binary=:all: --dest $(TRITON) $(TRITON_WHEEL)
+	$(TRITON)/env/bin/python -m zipfile -e $(TRITON)/nvidia_pytriton-*.whl $(TRITON)/server
+	chmod +x $(TRITON)/server/pytriton/tritonserver/bin/tritonserver $(TRITON)/server/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub
+	touch $@
+
+triton-server: $(TRITON)/.installed
+
+test: system-peers venv triton-server
 	$(VENV)/bin/python -m pytest

@@ -384,6 +384,19 @@ def machine() -> str:
             f"Python {platform.python_version()}, pynetdicom {pynetdicom.__version__}; {dcmtk.strip()}")
 
 
+def _engine_figures(runs: int = 30) -> dict:
+    """`osteoscreen engines bench` in the same run: every available backend, parity and timings."""
+    from engines import available_backends
+    from engines.bench import report, run, summary
+    from engines.options import current
+    from pipeline.engine_inputs import real_inputs
+
+    backends = [b for b in available_backends() if b != "triton"]
+    parity, timings, notes = run(backends, real_inputs(), runs, current(), seed=20261125)
+    table = report(parity, timings, notes, runs)
+    return {"table": table[table.index("| backend"):table.index("\n\nParity")], "line": summary(parity, timings)}
+
+
 def _hl7_figures() -> dict:
     from hl7.tools import bench as hl7_bench
 
@@ -441,6 +454,8 @@ def run_bench(*, runs: int = 5, slices: int = 300, scaling: tuple[int, ...] = (1
     out("HL7 listener and inference ...")
     hl7 = _hl7_figures()
     inference = bench_inference()
+    inference["engines"] = _engine_figures()
+    out(inference["engines"]["line"])
     report = {"ingest": ingest, "summary": summary, "latency": latency, "scaling": scale, "hl7": hl7,
               "inference": inference, "runs": runs, "slices": slices, "ingest_line": ingest_line,
               "latency_line": latency_line, "minutes": (time.time() - started) / 60}
@@ -532,7 +547,14 @@ def render_markdown(rep: dict) -> str:
         f"- HL7 ORU listener (MLLP, one connection, ACK after the message is durable): "
         f"{h['msgs_s']:.0f} messages/s, p50 {h['p50_ms']:.2f} ms, p99 {h['p99_ms']:.2f} ms.",
         f"- Fused model on {inf['backend']}: {inf['predict_ms']:.2f} ms per prediction, exact SHAP "
-        f"{inf['shap_ms']:.2f} ms (median of 200). No GPU here; TensorRT figures belong to the engines issue.",
+        f"{inf['shap_ms']:.2f} ms (median of 200).",
+        "- Inference engines (`osteoscreen engines bench`, 30 timed runs; selector = the DRLIS Q-network over a "
+        "300-slice volume, its real rollout and one 300-state batch; ratios to PyTorch eager in the same run; "
+        "GPU figures in docs/benchmarks-gpu.md):",
+        "",
+        inf["engines"]["table"],
+        "",
+        inf["engines"]["line"],
         "",
         "Reference for context: a published MONAI Deploy deployment takes about 14 s to ingest a 324-slice CT "
         "and about 2.5 min end to end.",

@@ -64,7 +64,7 @@ def _installed(module: str) -> bool:
         return False
 
 
-def available_backends() -> list[str]:
+def available_backends(options: EngineOptions | None = None) -> list[str]:
     """Backends that can run here, in ``auto`` order, then the forced-only ones."""
     prov = ort_backend.providers()
     gpu = has_cuda_gpu()
@@ -80,7 +80,7 @@ def available_backends() -> list[str]:
         out.append("pytorch")
     if torch and gpu:
         out.append("pytorch-cuda")
-    if _installed("tritonclient") and current().triton_url:
+    if _installed("tritonclient") and (options or current()).triton_url:
         out.append("triton")
     return out
 
@@ -131,7 +131,7 @@ def load_graph(onnx_path: str | Path, backend: str = "auto", *, threads: int | N
         raise EngineError(f"model file {path} not found")
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    avail = available_backends()
+    avail = available_backends(options)
     if backend == "auto":
         auto = [b for b in AUTO_ORDER if b in avail]
         if not auto:

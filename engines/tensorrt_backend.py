@@ -14,36 +14,19 @@ packages) and an NVIDIA GPU.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from engines import engine_cache
+from engines.cuda_staging import CudaStaging
 from engines.gpu import cuda_gpus
 from engines.options import EngineOptions
 
 log = logging.getLogger("osteoscreen.engines")
-
-
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
-    return cudart
-
-
-def _check(result):
-    """cuda-python returns (error, *values): raise on an error, return the value(s)."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA runtime error {err}")
-    return values[0] if len(values) == 1 else values
 
 
 def profile_for(input_shapes: dict[str, tuple[int | None, ...]], opt_batch: int, max_batch: int,
@@ -89,13 +72,6 @@ def build_plan(onnx_path: Path, profile: dict[str, list[list[int]]], fp16: bool)
     return bytes(plan)
 
 
-@dataclass
-class _Buffer:
-    device: int
-    host: int
-    capacity: int
-
-
 class TensorRTSession:
     def __init__(self, path: Path, *, graph: str, fp16: bool, options: EngineOptions,
                  input_shapes: dict[str, tuple[int | None, ...]]) -> None:
@@ -127,24 +103,7 @@ class TensorRTSession:
                 raise RuntimeError(f"TensorRT could not load the engine it just built for {graph}")
         self.engine = engine
         self.context = engine.create_execution_context()
-        self._cudart = _cudart()
-        self.stream = _check(self._cudart.cudaStreamCreate())
-        self._buffers: dict[str, _Buffer] = {}
-
-    def _buffer(self, name: str, nbytes: int) -> _Buffer:
-        buf = self._buffers.get(name)
-        if buf is None or buf.capacity < nbytes:
-            if buf is not None:
-                self._free(buf)
-            cap = max(nbytes, 1 << 12)
-            buf = _Buffer(device=int(_check(self._cudart.cudaMalloc(cap))),
-                          host=int(_check(self._cudart.cudaMallocHost(cap))), capacity=cap)
-            self._buffers[name] = buf
-        return buf
-
-    def _free(self, buf: _Buffer) -> None:
-        self._cudart.cudaFree(buf.device)
-        self._cudart.cudaFreeHost(buf.host)
+        self.staging = CudaStaging()
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         n = next(iter(feeds.values())).shape[0]
@@ -155,36 +114,23 @@ class TensorRTSession:
         return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
 
     def _run_chunk(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        rt = self._cudart
-        h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        st = self.staging
         for name, arr in feeds.items():
             self.context.set_input_shape(name, tuple(arr.shape))
-            buf = self._buffer(name, arr.nbytes)
-            ctypes.memmove(buf.host, arr.ctypes.data, arr.nbytes)  # into page-locked memory
-            _check(rt.cudaMemcpyAsync(buf.device, buf.host, arr.nbytes, h2d, self.stream))
-            self.context.set_tensor_address(name, buf.device)
+            self.context.set_tensor_address(name, st.upload(name, arr))
         shapes = []
         for name in names:
             shape = tuple(self.context.get_tensor_shape(name))
-            buf = self._buffer(name, 4 * math.prod(shape))
-            self.context.set_tensor_address(name, buf.device)
+            self.context.set_tensor_address(name, st.device_ptr(name, 4 * math.prod(shape)))
             shapes.append(shape)
-        if not self.context.execute_async_v3(int(self.stream)):
+        if not self.context.execute_async_v3(st.stream_handle):
             raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
         for name, shape in zip(names, shapes):
-            buf = self._buffers[name]
-            _check(rt.cudaMemcpyAsync(buf.host, buf.device, 4 * math.prod(shape), d2h, self.stream))
-        _check(rt.cudaStreamSynchronize(self.stream))
-        out = []
-        for name, shape in zip(names, shapes):
-            host = (ctypes.c_float * math.prod(shape)).from_address(self._buffers[name].host)
-            out.append(np.ctypeslib.as_array(host).reshape(shape).copy())
-        return out
+            st.queue_download(name, 4 * math.prod(shape))
+        st.sync()
+        return [st.host_array(name, shape) for name, shape in zip(names, shapes)]
 
     def close(self) -> None:
-        for buf in self._buffers.values():
-            self._free(buf)
-        self._buffers.clear()
-        if getattr(self, "stream", None) is not None:
-            self._cudart.cudaStreamDestroy(self.stream)
-            self.stream = None
+        if getattr(self, "staging", None) is not None:
+            self.staging.close()
+            self.staging = None

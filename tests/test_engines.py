@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import engines
+import engines.gpu
 from engines import engine_cache
 from engines.bundle import bundled_models_dir
 from engines.graph_io import read_io
@@ -221,3 +222,32 @@ def test_engines_cli_list_build_and_bench(tmp_path, capsys):
     assert re.fullmatch(r"engines bench: backends=\d+ parity_failures=0 selector_ort_cpu_vs_torch=[\d.]+", last), last
     text = report.read_text()
     assert "| onnxruntime-cpu | fp32 | selector rollout" in text and "| pytorch | fp32/fp32 | fused batch 1 |" in text
+
+
+def _cuda_bindings() -> bool:
+    import importlib.util
+
+    try:
+        return any(importlib.util.find_spec(m) is not None for m in ("cuda.bindings", "cuda.cudart"))
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not (engines.gpu.has_cuda_gpu() and _cuda_bindings()),
+                    reason="needs an NVIDIA GPU and cuda-python")
+def test_cuda_staging_round_trips_through_pinned_and_device_memory():
+    """The copies around the TensorRT engine: pinned host -> device -> pinned host on one stream."""
+    from engines.cuda_staging import CudaStaging
+
+    st = CudaStaging()
+    rng = np.random.default_rng()
+    try:
+        for shape in [(1, 7), (300, 3, 32, 32), (5, 227), (600, 3, 32, 32)]:  # buffers grow, then are reused
+            a = rng.standard_normal(shape).astype(np.float32)
+            st.upload("x", a)
+            st.queue_download("x", a.nbytes)
+            st.sync()
+            assert np.array_equal(st.host_array("x", shape), a)
+        assert st._buffers["x"].capacity >= 600 * 3 * 32 * 32 * 4
+    finally:
+        st.close()
