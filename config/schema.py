@@ -215,6 +215,10 @@ class ScreeningSettings(_Section):
         description="Learned slice selector bundle (DRLIS), used only where it agrees with the anatomical "
                     "localiser; empty: the localiser alone.",
     )
+    image_only_model: str = Field(
+        "mmpkd_v1",
+        description="Image-only student (privileged distillation) for studies with neither labs nor demographics; "
+                    "used only where its card says it beat the fused model's image-only path; empty: off.")
     contrast: str = Field(
         "flag", pattern=r"^(flag|skip)$",
         description="Contrast-enhanced studies (header agent or enhanced aorta at L1): 'flag' screens them and "

@@ -71,12 +71,31 @@ def _train_selector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_privileged(args: argparse.Namespace) -> int:
+    from engines.bundle import bundled_models_dir
+    from pipeline.training.privileged import PrivilegedConfig, run
+
+    cfg = PrivilegedConfig(seed=args.seed)
+    if args.quick:
+        cfg.limit, cfg.teacher_epochs, cfg.student_epochs, cfg.folds, cfg.bootstrap = 2000, 2, 2, 2, 100
+    out = Path(args.out) if args.out else bundled_models_dir() / "mmpkd_v1"
+    report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
+    r = run(cfg, out, report)["results"]
+    d = r["pkd_minus_plain"]
+    print(f"bundle written to {out}; report in {report} (privileged.md)")
+    print(f"train privileged ok: auc_pkd={r['auc_pkd'][0]:.3f} auc_labels_only={r['auc_plain'][0]:.3f} "
+          f"diff={d[0]:+.3f} ci={d[1]:+.3f}..{d[2]:+.3f} seed={cfg.seed}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
     if args.what == "selector":
         return _train_selector(args)
+    if args.what == "privileged":
+        return _train_privileged(args)
 
     from engines.bundle import bundled_models_dir
     from pipeline.training.train import TrainConfig, run
@@ -273,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(func=_demo)
     t = sub.add_parser("train", help="rebuild a model bundle (seeded) and its training report: the fused screening "
                        "model (default) or the DRLIS slice selector")
-    t.add_argument("what", nargs="?", choices=["fused", "selector"], default="fused")
+    t.add_argument("what", nargs="?", choices=["fused", "selector", "privileged"], default="fused")
     t.add_argument("cases", nargs="?", type=Path, help="selector: CASES_DIR of real labelled CT (eval imaging format)")
     t.add_argument("--seed", type=int, default=20261123)
     t.add_argument("--out", help="bundle directory (default: the shipped engines/models/fused_kdamm_v1)")

@@ -13,7 +13,7 @@ from engines.bundle import resolve_bundle_path
 
 def configured_graphs(s: Settings) -> list[Path]:
     """Every network the configured screening model and selector run."""
-    bundles = [s.screening.model] + ([s.screening.selector] if s.screening.selector else [])
+    bundles = [s.screening.model] + [b for b in (s.screening.selector, s.screening.image_only_model) if b]
     return [p for b in bundles for p in sorted(resolve_bundle_path(b).glob("*.onnx"))]
 
 
@@ -65,7 +65,7 @@ def build(s: Settings, backend: str) -> int:
 def export_triton(s: Settings, out_dir: Path, cpu: bool) -> int:
     from engines.triton_repo import export_repository
 
-    bundles = [s.screening.model] + ([s.screening.selector] if s.screening.selector else [])
+    bundles = [s.screening.model] + [b for b in (s.screening.selector, s.screening.image_only_model) if b]
     dirs = export_repository(out_dir, bundles, max_batch=s.engines.max_batch, gpu=not cpu)
     for d in dirs:
         print(f"{d}")

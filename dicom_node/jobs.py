@@ -19,7 +19,7 @@ from pipeline.job import JobRequest, ScreeningResult, run_screening
 log = logging.getLogger("osteoscreen.jobs")
 
 
-def _worker_init(level: int, logfile: str | None, fmt: str = "text", warm_model: tuple[str, str, str] | None = None,
+def _worker_init(level: int, logfile: str | None, fmt: str = "text", warm_model: tuple[str, ...] | None = None,
                  parent: int | None = None, engine_options=None) -> None:
     if parent is not None:
         exit_when_orphaned(parent)
@@ -34,7 +34,7 @@ def _worker_init(level: int, logfile: str | None, fmt: str = "text", warm_model:
         from pipeline.job import fused_model, slice_selector
 
         try:
-            fused_model(load_bundle(warm_model[0]), warm_model[1])
+            fused_model(load_bundle(warm_model[0]), warm_model[1], *warm_model[3:4])
             slice_selector(warm_model[2], warm_model[1])
         except Exception:  # noqa: BLE001 - the job itself reports a broken bundle with its reason
             logging.getLogger("osteoscreen.jobs").exception("worker warm-up failed")
@@ -60,7 +60,7 @@ class JobRunner:
     def __init__(self, db: NodeDB, *, workers: int, max_attempts: int, retry_delay_s: float,
                  build_request: Callable[[JobRow], JobRequest],
                  on_result: Callable[[JobRow, ScreeningResult], None],
-                 warm_model: tuple[str, str, str] | None = None, timeout_s: float = 600.0,
+                 warm_model: tuple[str, ...] | None = None, timeout_s: float = 600.0,
                  engine_options=None) -> None:
         self.db = db
         self.engine_options = engine_options  # engines.EngineOptions for every worker ([engines])

@@ -74,6 +74,8 @@ class Service:
         self.state_dir = Path(s.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         load_bundle(s.screening.model)  # fail at start-up, not at the first job
+        if s.screening.image_only_model:
+            load_bundle(s.screening.image_only_model)
         load_bundle(s.screening.attenuation_rule)
         self.engine_options = engine_options(s)
         engines.configure(self.engine_options)
@@ -82,6 +84,8 @@ class Service:
         graphs = [resolve_bundle_path(s.screening.model) / "head.onnx"]
         if s.screening.selector:
             graphs.append(resolve_bundle_path(s.screening.selector) / "qnet.onnx")
+        if s.screening.image_only_model:
+            graphs.append(resolve_bundle_path(s.screening.image_only_model) / "image_student.onnx")
         for onnx_path in graphs:
             load_graph(onnx_path, s.screening.backend).close()
         self.db = NodeDB(self.state_dir / "osteoscreen.sqlite")
@@ -113,7 +117,8 @@ class Service:
         self.jobs = JobRunner(self.db, workers=s.jobs.workers, max_attempts=s.jobs.max_attempts,
                               retry_delay_s=s.jobs.retry_delay_s, build_request=self.build_request,
                               on_result=self.on_job_result,
-                              warm_model=(s.screening.model, s.screening.backend, s.screening.selector),
+                              warm_model=(s.screening.model, s.screening.backend, s.screening.selector,
+                                          s.screening.image_only_model),
                               engine_options=self.engine_options,
                               timeout_s=s.jobs.timeout_s)
         self.exporter = Exporter(self.db, list(s.destinations), calling_aet=s.export.calling_ae_title or s.node.ae_title,
@@ -360,6 +365,7 @@ class Service:
             attenuation_rule=self.settings.screening.attenuation_rule,
             backend=self.settings.screening.backend,
             selector=self.settings.screening.selector,
+            image_only_model=self.settings.screening.image_only_model,
             contrast_policy=self.settings.screening.contrast,
             predecessor_sr=(previous.study_uid, previous.sr_series_uid, previous.sr_sop_uid) if previous else None,
             key_object_selection=self.settings.results.key_object_selection,

@@ -42,7 +42,7 @@ def real_inputs(n_states: int = SELECTOR_STATES, n_patches: int = 32) -> dict[st
         "tab_mask": bg["tab_mask"][:rows].astype(np.float32),
     }
     out = {"drlis_v1/qnet": qnet, "fused_kdamm_v1/image_encoder": {"image": image.astype(np.float32)},
-           "fused_kdamm_v1/head": head}
+           "fused_kdamm_v1/head": head, "mmpkd_v1/image_student": {"image": image.astype(np.float32)}}
     out.update({f"{ROLLOUT_PREFIX}{i:03d}": feeds for i, feeds in enumerate(trace)})
     return out
 

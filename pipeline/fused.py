@@ -48,6 +48,7 @@ class FusedOutput:
     subset: str
     modalities: tuple[str, ...]
     explanation: Explanation | None
+    model: tuple[str, str] | None = None  # (name, version) when another model than the fused one answered
 
 
 def tabular_input(labs: LabPanel, demo: Demographics) -> TabularInput:
@@ -76,8 +77,9 @@ def tabular_input(labs: LabPanel, demo: Demographics) -> TabularInput:
 
 
 class FusedModel:
-    def __init__(self, bundle: ModelBundle, backend: str = "auto") -> None:
+    def __init__(self, bundle: ModelBundle, backend: str = "auto", image_only=None) -> None:
         self.bundle = bundle
+        self.image_only = image_only  # pipeline.image_only.ImageOnlyModel, or None
         card = bundle.card.raw
         self.card = card
         self.image_engine = engines.load(bundle.path, backend, graph="image_encoder", threads=1)
@@ -114,6 +116,10 @@ class FusedModel:
         has_labs, has_demo = bool(mask[list(LAB_IDX)].any()), bool(mask[list(DEMOGRAPHIC_IDX)].any())
         if not (has_img or has_labs or has_demo):
             raise ValueError("no modality available: nothing to screen")
+        subset = SUBSET_BY_MODALITIES[(has_img, has_labs, has_demo)]
+        if subset == "image_only" and self.image_only is not None and self.image_only.replaces_fused_image_only:
+            with clock.stage("model"):
+                return self.image_only.predict(patch)
         with clock.stage("model"):
             scaled = np.where(mask, (np.nan_to_num(tab.values) - self.mean) / self.std, 0.0).astype(np.float32)
             emb = self.embed(patch)
@@ -128,7 +134,6 @@ class FusedModel:
                                      tab_values=values * m, tab_mask=m)["logit"][:, 0]
             return self._prob(logit)
 
-        subset = SUBSET_BY_MODALITIES[(has_img, has_labs, has_demo)]
         threshold = float(self.card["thresholds"][f"operating_point_{subset}"])
         cid = "screen_positive" if prob >= threshold else "screen_negative"
         cat = self.categories[cid]

@@ -55,6 +55,7 @@ class JobRequest:
     attenuation_rule: str = "pickhardt_l1_2013"  # reported measurement category
     backend: str = "auto"
     selector: str = "drlis_v1"  # learned slice selector bundle; "" for the anatomical localiser alone
+    image_only_model: str = ""  # image-only student bundle for studies without labs and demographics; "" off
     contrast_policy: str = "flag"  # "flag": screen and say so; "skip": not screened
     # The latest SR already sent for this study (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID): a new SR
     # for the study is a new version of it and says so (Predecessor Documents Sequence).
@@ -91,6 +92,10 @@ def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, 
         write_durably(out / "gsps.dcm", lambda fh: gsps.save_as(fh, enforce_file_format=True))
         made.append(OutputObject("gsps", str(out / "gsps.dcm"), GSPS_SOP_CLASS, uid))
     return made
+
+
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def identity_key(header) -> str:
@@ -136,8 +141,11 @@ class ScreeningResult:
 
 
 @functools.lru_cache(maxsize=4)
-def _fused_model_cached(bundle_path: str, backend: str) -> FusedModel:
-    return FusedModel(load_bundle(bundle_path), backend)
+def _fused_model_cached(bundle_path: str, backend: str, image_only: str = "") -> FusedModel:
+    from pipeline.image_only import ImageOnlyModel
+
+    alt = ImageOnlyModel(load_bundle(image_only), backend) if image_only else None
+    return FusedModel(load_bundle(bundle_path), backend, image_only=alt)
 
 
 @functools.lru_cache(maxsize=4)
@@ -150,9 +158,9 @@ def slice_selector(bundle: str, backend: str):
     return DrlisSelector(bundle, backend)
 
 
-def fused_model(bundle, backend: str) -> FusedModel:
+def fused_model(bundle, backend: str, image_only: str = "") -> FusedModel:
     """One FusedModel (ONNX sessions) per bundle and backend per worker process, kept between jobs."""
-    return _fused_model_cached(str(bundle.path), backend)
+    return _fused_model_cached(str(bundle.path), backend, image_only)
 
 
 def _uid(series_uid: str, kind: str, model_version: str) -> str:
@@ -270,7 +278,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         if measurement is not None and volume is not None:
             r, c = measurement.roi_centre_rc
             patch = extract_patch(volume.hu, volume.spacing, (float(measurement.slice_index), r, c))
-        model = fused_model(bundle, req.backend)
+        model = fused_model(bundle, req.backend, req.image_only_model)
     try:
         fused = model.predict(patch, tab, clock=clock)
     except ValueError as exc:
@@ -286,6 +294,9 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     source_uid = measurement.sop_instance_uid if measurement is not None else str(header.SOPInstanceUID)
     src_header = header.copy()
     src_header.SOPInstanceUID = source_uid
+    for kw in TYPE2_PATIENT_STUDY:  # absent in some headers (anonymised, unknown age); the SR/SC need them present
+        if kw not in src_header:
+            setattr(src_header, kw, "")
     with clock.stage("report"):
         library = []
         measured = [m for m in (measurement, *adjacent) if m is not None]
@@ -296,7 +307,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                            for m in measured]
         sr = build_sr(source_header=src_header, source_sop_instance_uid=source_uid, demographics=demo, labs=req.labs,
                       node=req.node, series_uid=sr_series, sop_uid=sr_uid, fused=fused,
-                      fused_model=(bundle.card.name, bundle.card.version), selection=selection,
+                      fused_model=fused.model or (bundle.card.name, bundle.card.version), selection=selection,
                       measurement=measurement, attenuation=attenuation, image_note=image_note,
                       quality_notes=_quality_notes(contrast, calibration),
                       roi_source_rc=volume.to_source_rc(measurement.roi_polygon_rc) if measurement is not None
@@ -349,7 +360,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         "category": fused.category_label,
         "category_id": fused.category_id,
         "modalities": list(fused.modalities),
-        "model": f"{bundle.card.name} {bundle.card.version}",
+        "model": " ".join(fused.model or (bundle.card.name, bundle.card.version)),
         "backend": model.backend,
         "shap": fused.explanation.as_dict() if fused.explanation else {},
         "shap_base": fused.explanation.base_value if fused.explanation else None,
