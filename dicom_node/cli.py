@@ -78,7 +78,10 @@ def _train_privileged(args: argparse.Namespace) -> int:
     cfg = PrivilegedConfig(seed=args.seed)
     if args.quick:
         cfg.limit, cfg.teacher_epochs, cfg.student_epochs, cfg.folds, cfg.bootstrap = 2000, 2, 2, 2, 100
-    out = Path(args.out) if args.out else bundled_models_dir() / "mmpkd_v1"
+    shipped = bundled_models_dir() / "mmpkd_v1"
+    if args.check:
+        return _check_reproduced(shipped, lambda tmp: run(cfg, tmp, None)["results"])
+    out = Path(args.out) if args.out else shipped
     report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
     r = run(cfg, out, report)["results"]
     d = r["pkd_minus_plain"]
@@ -88,10 +91,22 @@ def _train_privileged(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _check_reproduced(shipped: Path, retrain) -> int:
+    """Retrain into a temporary folder (``retrain(bundle_dir) -> results``); compare with the card to 3 decimals."""
     import json
     import tempfile
 
+    with tempfile.TemporaryDirectory() as tmp:
+        rebuilt = retrain(Path(tmp) / "bundle")
+    diffs = _compare_metrics(json.loads((shipped / "card.json").read_text())["metrics"], rebuilt)
+    if diffs:
+        print("train check: metrics differ from the shipped bundle at 3 decimals:\n  " + "\n  ".join(diffs))
+        return 1
+    print("train check: the shipped bundle's metrics are reproduced (3 decimals)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
     if args.what == "selector":
         return _train_selector(args)
     if args.what == "privileged":
@@ -105,15 +120,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg.limit, cfg.teacher_epochs, cfg.student_epochs, cfg.bootstrap = 2000, 3, 3, 100
     shipped = bundled_models_dir() / "fused_kdamm_v1"
     if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            summary = run(cfg, Path(tmp) / "bundle", None)
-        card = json.loads((shipped / "card.json").read_text())
-        diffs = _compare_metrics(card["metrics"], summary["results"])
-        if diffs:
-            print("train check: metrics differ from the shipped bundle at 3 decimals:\n  " + "\n  ".join(diffs))
-            return 1
-        print("train check: the shipped bundle's metrics are reproduced (3 decimals)")
-        return 0
+        return _check_reproduced(shipped, lambda tmp: run(cfg, tmp, None)["results"])
     out = Path(args.out) if args.out else shipped
     report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
     summary = run(cfg, out, report)
