@@ -27,6 +27,7 @@ from pipeline.durable import write_durably
 from pipeline.features import FEATURES
 from pipeline.fused import FusedModel, tabular_input
 from pipeline.image_input import extract_patch
+from pipeline.localiser import TRANSITIONAL_NOTE
 from pipeline.report.notice import SHORT_DISCLAIMER
 from pipeline.report.render import render_key_image
 from pipeline.report.sc import build_sc
@@ -328,13 +329,15 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                 f"(SD {measurement.sd_hu:.0f}, ROI {measurement.area_mm2:.0f} mm2) - {attenuation.category_label} "
                 f"by {attenuation.model_name}",
                 f"Level: {selection.level} by {selection.method} (anchor {selection.anchor}, "
-                f"confidence {selection.confidence:.2f}), slice {measurement.slice_index + 1} of {volume.shape[0]}",
+                f"confidence {selection.confidence:.2f}), slice {measurement.slice_index + 1} of {volume.shape[0]}"
+                + ("; possible transitional anatomy (short lowest ribs)"
+                   if any(TRANSITIONAL_NOTE in n for n in loc.notes) else ""),
                 *_panel_flags(contrast, calibration),
                 "Labs: " + ("; ".join(f"{v.name} {v.value:.3g} {v.unit}" for v in req.labs.values)
                             if req.labs.values else "none found"),
                 "Patient: " + ", ".join(x for x in (
                     f"{demo.age_years:.0f} y" if demo.age_years is not None else "", demo.sex or "") if x),
-                f"Model: {bundle.card.name} {bundle.card.version}",
+                "Model: " + " ".join(fused.model or (bundle.card.name, bundle.card.version)),
             ]
             rgb = render_key_image(
                 volume.hu[measurement.slice_index], (volume.spacing[1], volume.spacing[2]), measurement.roi_polygon_rc,

@@ -18,6 +18,11 @@ The steps, each chosen to survive low bone density (the patients we look for):
    cylinder around the canal that reach >= 65 mm laterally and come within
    42 mm of it are ribs; the lowest rib-bearing segment is T12. Without a
    rib anchor no level is named (the caller refuses rather than guesses).
+   Transitional anatomy: where the lowest rib-bearing vertebra's ribs are all
+   short (< 75 mm lateral reach; 12th ribs in the real cases here reach 87-90 mm
+   on 2.5-3 mm slices, 72-73 mm when resampled to 5 mm) they may be a 13th
+   (lumbar) rib or hypoplastic 12th ribs, and counting from them could put "L1"
+   one level off: the confidence is halved and a note says why (never silent).
 """
 from __future__ import annotations
 
@@ -43,6 +48,9 @@ WAIST_FRACTION = 0.7
 MAX_SEGMENT_RATIO = 1.5
 MAX_NEIGHBOUR_RATIO = 1.45  # T12 / L1 taller than this times their complete neighbours: a merged (missed) disc
 RIB_MIN_LATERAL_MM = 65.0
+SHORT_LOWEST_RIB_MM = 75.0  # lowest ribs all shorter than this: 13th (lumbar) rib or hypoplastic 12th ribs
+TRANSITIONAL_CONFIDENCE_FACTOR = 0.5
+TRANSITIONAL_NOTE = "possible transitional anatomy"
 RIB_MAX_MEDIAL_MM = 42.0
 
 LEVEL_NAMES = ["C7"] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)] + ["S1"]
@@ -403,6 +411,14 @@ def localise(volume: Volume) -> Localisation:
         if t12 == 0:
             reason = "L1 is below the field of view (the lowest vertebra in view bears ribs)"
             confidence = 0.0
+        lowest = [r for r in ribs if seg_of(r.z_medial) == t12]
+        reach = max(r.lateral_reach_mm for r in lowest)
+        if reason is None and reach < SHORT_LOWEST_RIB_MM:
+            # Transitional anatomy must not silently shift the level: say so and halve the confidence.
+            confidence *= TRANSITIONAL_CONFIDENCE_FACTOR
+            notes.append(f"{TRANSITIONAL_NOTE}: the lowest ribs are short (lateral reach {reach:.0f} mm, under "
+                         f"{SHORT_LOWEST_RIB_MM:.0f} mm): a 13th (lumbar) rib or hypoplastic 12th ribs; the level "
+                         "count from them may be one off")
     elif not ribs:
         reason = "no rib-bearing vertebra in view to anchor the level count"
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from pipeline.localiser import Localisation, localise
+from pipeline.localiser import TRANSITIONAL_NOTE, Localisation, localise
 from pipeline.volume import Volume
 
 if TYPE_CHECKING:
@@ -56,9 +56,12 @@ def select_level_slices(volume: Volume, level: str = "L1", *, localisation: Loca
         anchor=loc.anchor,
         z_range=(seg.z_lower, seg.z_upper),
     )
-    if agent is None or level != "L1":
-        return sel, loc
-    return _with_agent(volume, loc, sel, agent), loc
+    if agent is not None and level == "L1":
+        sel = _with_agent(volume, loc, sel, agent)
+    transitional = [n for n in loc.notes if TRANSITIONAL_NOTE in n]
+    if transitional:  # the SR's slice-selection text carries it: the level may be one off
+        sel = replace(sel, note="; ".join(x for x in (*transitional, sel.note) if x))
+    return sel, loc
 
 
 def _with_agent(volume: Volume, loc: Localisation, sel: SliceSelection, agent: DrlisSelector) -> SliceSelection:

@@ -285,3 +285,33 @@ def test_metal_in_the_l1_body_makes_it_not_measurable(volume):
     hu2 = volume.hu.copy()
     hu2[k, r - 1 : r + 2, c - 1 : c + 2] = 1000
     measure_mid_body(dc_replace(volume, hu=hu2), loc, sel.z_range)
+
+
+def test_short_lowest_ribs_lower_the_confidence_and_say_so(volume):
+    """Transitional anatomy: lowest ribs shortened to ~70 mm reach (a 13th rib or hypoplastic 12th ribs)."""
+    from dataclasses import replace as dc_replace
+
+    from pipeline.localiser import localise
+
+    loc = localise(volume)
+    assert loc.confidence > 0 and loc.reason is None
+    lowest = min(loc.ribs, key=lambda r: r.z_medial)
+    assert lowest.lateral_reach_mm >= 75  # the real 12th rib
+    hu = volume.hu.copy()
+    dx = volume.spacing[2]
+    z0 = int(lowest.z_medial) - 12
+    cols = np.arange(hu.shape[2])
+    for k in range(max(0, z0), hu.shape[0]):
+        cx = 0.5 * (loc.body_box_rc[k, 2] + loc.body_box_rc[k, 3])
+        far = np.abs(cols - cx) * dx > 70.0
+        sl = hu[k]
+        sl[:, far] = np.where(sl[:, far] > 200, 40, sl[:, far])  # lateral rib beyond 70 mm -> soft tissue
+    short = localise(dc_replace(volume, hu=hu))
+    assert short.reason is None and short.confidence == pytest.approx(0.5 * loc.confidence, abs=1e-3)
+    note = next(n for n in short.notes if "transitional anatomy" in n)
+    import re
+
+    assert re.search(r"lateral reach (6[5-9]|7[0-4]) mm", note) and "13th (lumbar) rib" in note
+    assert [s.label for s in short.segments] == [s.label for s in loc.segments]  # said, not silently shifted
+    sel, _ = select_level_slices(dc_replace(volume, hu=hu), "L1")
+    assert "possible transitional anatomy" in sel.note  # the SR's slice-selection text says it
