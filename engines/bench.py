@@ -20,7 +20,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,13 +102,13 @@ def run(backends: list[str], real: dict[str, dict[str, np.ndarray]], runs: int, 
     rand = {g: random_inputs(read_io(_onnx(g)), 16, seed + i) for i, g in enumerate(GRAPHS)}
     ref_out = {(g, k): refs[g](**feeds) for g in GRAPHS for k, feeds in (("random", rand[g]), ("real", real[g]))}
     for backend, precision in variants(backends):
-        opts = EngineOptions(**{**options.__dict__, "precision": precision})
+        opts = replace(options, precision=precision)
         engines = {}
         build_s = 0.0
         try:
             for g in GRAPHS:
                 if precision == "fp16" and not card_allows_fp16(_onnx(g)):
-                    opts_g = EngineOptions(**{**opts.__dict__, "precision": "fp32"})
+                    opts_g = replace(opts, precision="fp32")
                 else:
                     opts_g = opts
                 t0 = time.perf_counter()
@@ -215,7 +215,7 @@ def execute(args: argparse.Namespace) -> int:
             return 0
     options = current()
     if args.cache_dir:
-        options = EngineOptions(**{**options.__dict__, "cache_dir": args.cache_dir})
+        options = replace(options, cache_dir=args.cache_dir)
     avail = [b for b in available_backends() if b != "triton" or options.triton_url]
     backends = args.backends.split(",") if args.backends else avail
     if REFERENCE not in avail:

@@ -18,7 +18,7 @@ SELECTOR_STATES = 300  # the selector's batch in the bench: one state per slice 
 
 
 def real_inputs(n_states: int = SELECTOR_STATES, n_patches: int = 32) -> dict[str, dict[str, np.ndarray]]:
-    """``{"drlis_v1/qnet": {...}, "fused_kdamm_v1/image_encoder": {...}, "fused_kdamm_v1/head": {...}}``."""
+    """Feeds per network (``"<bundle>/<graph>"``), plus the selector's rollout calls under ``ROLLOUT_PREFIX``."""
     import engines
 
     hu, origin, spacing = load_lps_volume(sample_data_dir() / "example_ct.nii.gz")
@@ -47,8 +47,6 @@ def real_inputs(n_states: int = SELECTOR_STATES, n_patches: int = 32) -> dict[st
     return out
 
 
-
-
 def _resampled(hu: np.ndarray, spacing, origin, n_slices: int):
     """The bundled CT resampled along z to ``n_slices`` slices (a 300-slice volume by default)."""
     from scipy import ndimage as ndi
@@ -77,48 +75,3 @@ def rollout_trace(views) -> list[dict[str, np.ndarray]]:
 
     rollout(views, q)
     return calls
-
-
-
-
-def _resampled(hu: np.ndarray, spacing, origin, n_slices: int):
-    """The bundled CT resampled along z to ``n_slices`` slices (a 300-slice volume by default)."""
-    from scipy import ndimage as ndi
-
-    factor = n_slices / hu.shape[0]
-    res = ndi.zoom(hu.astype(np.float32), (factor, 1, 1), order=1).astype(np.int16)
-    vol = volume_from_array(res, (spacing[0] / factor, spacing[1], spacing[2]), origin)
-    return build_views(vol, localise(vol))
-
-
-def rollout_trace(views) -> list[dict[str, np.ndarray]]:
-    """The Q-network calls, in order, of the service's DRLIS rollout (5 agents, until they stop).
-
-    The agents' path depends only on Q; a backend that passes parity takes the same path,
-    so replaying these calls times what the selector costs per volume in service.
-    """
-    import engines
-    from pipeline.drlis.agent import rollout
-
-    ref = engines.load(engines.load_bundle("drlis_v1").path, "onnxruntime-cpu", graph="qnet")
-    calls: list[dict[str, np.ndarray]] = []
-
-    def q(states: dict[str, np.ndarray]) -> np.ndarray:
-        calls.append(states)
-        return ref(**states)["q"]
-
-    rollout(views, q)
-    return calls
-
-
-def save_inputs(path: Path, inputs: dict[str, dict[str, np.ndarray]]) -> None:
-    np.savez_compressed(path, **{f"{g}:{k}": v for g, feeds in inputs.items() for k, v in feeds.items()})
-
-
-def load_inputs(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    out: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path) as z:
-        for key in z.files:
-            g, k = key.split(":", 1)
-            out.setdefault(g, {})[k] = z[key]
-    return out
