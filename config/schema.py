@@ -217,8 +217,10 @@ class ScreeningSettings(_Section):
     )
     image_only_model: str = Field(
         "mmpkd_v1",
-        description="Image-only student (privileged distillation) for studies with neither labs nor demographics; "
-                    "used only where its card says it beat the fused model's image-only path; empty: off.")
+        description="Image-only student for studies with neither labs nor demographics: mmpkd_v1 (privileged "
+                    "distillation, L1 patch) or cropkd_v1 (crop teacher -> full-slice student; its attention map "
+                    "becomes the SC overlay and the SR's region); used only where its card says it beat the fused "
+                    "model's image-only path; empty: off.")
     contrast: str = Field(
         "flag", pattern=r"^(flag|skip)$",
         description="Contrast-enhanced studies (header agent or enhanced aorta at L1): 'flag' screens them and "

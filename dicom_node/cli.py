@@ -91,6 +91,27 @@ def _train_privileged(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_cropkd(args: argparse.Namespace) -> int:
+    from engines.bundle import bundled_models_dir
+    from pipeline.training.cropkd import CropKDConfig, run
+
+    cfg = CropKDConfig(seed=args.seed)
+    if args.quick:
+        cfg.limit, cfg.teacher_epochs, cfg.student_epochs, cfg.bootstrap = 1500, 2, 2, 100
+    shipped = bundled_models_dir() / "cropkd_v1"
+    if args.check:
+        return _check_reproduced(shipped, lambda tmp: run(cfg, tmp, None)["results"])
+    out = Path(args.out) if args.out else shipped
+    report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
+    r = run(cfg, out, report)["results"]
+    ins = r["attention_inside_body"]
+    print(f"bundle written to {out}; report in {report} (cropkd.md)")
+    print(f"train cropkd ok: auc_student={r['auc_student'][0]:.3f} auc_kd_only={r['auc_student_kd_only'][0]:.3f} "
+          f"auc_teacher={r['auc_teacher_crop'][0]:.3f} inside_body={ins['student_attention_loss'][0]:.3f} "
+          f"inside_body_kd_only={ins['student_kd_only'][0]:.3f} seed={cfg.seed}")
+    return 0
+
+
 def _check_reproduced(shipped: Path, retrain) -> int:
     """Retrain into a temporary folder (``retrain(bundle_dir) -> results``); compare with the card to 3 decimals."""
     import json
@@ -111,6 +132,8 @@ def _train(args: argparse.Namespace) -> int:
         return _train_selector(args)
     if args.what == "privileged":
         return _train_privileged(args)
+    if args.what == "cropkd":
+        return _train_cropkd(args)
 
     from engines.bundle import bundled_models_dir
     from pipeline.training.train import TrainConfig, run
@@ -160,6 +183,11 @@ def _eval(args: argparse.Namespace) -> int:
         from pipeline.drlis.evaluate import run_selector_eval
 
         run_selector_eval(args.dir, with_variants=args.variants, bundle=args.selector)
+        return 0
+    if args.what == "attention":
+        from pipeline.attention_eval import run_attention_eval
+
+        run_attention_eval(args.dir, bundle=args.image_only, with_variants=args.variants)
         return 0
     if args.what == "tabular":
         from pipeline.training.evaluate import eval_tabular
@@ -298,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--workdir", type=Path, help="working directory (default: a new temporary one)")
     d.set_defaults(func=_demo)
     t = sub.add_parser("train", help="rebuild a model bundle (seeded) and its training report: the fused screening "
-                       "model (default) or the DRLIS slice selector")
-    t.add_argument("what", nargs="?", choices=["fused", "selector", "privileged"], default="fused")
+                       "model (default), the DRLIS slice selector, the privileged image-only student or the "
+                       "crop-teacher full-slice student")
+    t.add_argument("what", nargs="?", choices=["fused", "selector", "privileged", "cropkd"], default="fused")
     t.add_argument("cases", nargs="?", type=Path, help="selector: CASES_DIR of real labelled CT (eval imaging format)")
     t.add_argument("--seed", type=int, default=20261123)
     t.add_argument("--out", help="bundle directory (default: the shipped engines/models/fused_kdamm_v1)")
@@ -309,12 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--quick", action="store_true", help="small slice and few epochs (smoke test)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate on data the model never saw")
-    e.add_argument("what", choices=["tabular", "imaging", "selector"])
+    e.add_argument("what", choices=["tabular", "imaging", "selector", "attention"])
     e.add_argument("dir", type=Path, help="tabular: folder of NHANES files <TABLE>_<SUFFIX>.csv.xz; imaging: "
                    "CASES_DIR/<case>/{ct.nii.gz|dicom/} + labels.nii.gz")
     e.add_argument("--variants", action="store_true", help="imaging: also run robustness variants of each case")
     e.add_argument("--bundle", default="fused_kdamm_v1")
     e.add_argument("--selector", default="drlis_v1", help="selector: the DRLIS bundle to evaluate")
+    e.add_argument("--image-only", default="cropkd_v1", help="attention: the full-slice student bundle")
     e.set_defaults(func=_eval)
     h = sub.add_parser("hl7", help="HL7 interface tools for IT")
     h.add_argument("action", choices=["send", "labs", "query", "errors", "bench"])

@@ -33,7 +33,8 @@ from engines.parity import Parity, compare, random_inputs
 from engines.runtime import FP16_BACKENDS, EngineError, available_backends, card_allows_fp16, load_graph
 
 ROLLOUT_PREFIX = "drlis_v1/qnet@rollout"  # as pipeline.engine_inputs writes them
-GRAPHS = ("drlis_v1/qnet", "fused_kdamm_v1/image_encoder", "fused_kdamm_v1/head", "mmpkd_v1/image_student")
+GRAPHS = ("drlis_v1/qnet", "fused_kdamm_v1/image_encoder", "fused_kdamm_v1/head", "mmpkd_v1/image_student",
+          "cropkd_v1/image_student")
 REFERENCE = "pytorch"
 
 

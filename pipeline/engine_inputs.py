@@ -10,6 +10,7 @@ import numpy as np
 from dicom_node.sample import load_lps_volume, sample_data_dir
 from engines.bench import ROLLOUT_PREFIX
 from pipeline.drlis.views import build_views, spine_track
+from pipeline.full_slice import full_slice_input
 from pipeline.image_input import extract_patch
 from pipeline.localiser import localise
 from pipeline.validation import volume_from_array
@@ -41,8 +42,10 @@ def real_inputs(n_states: int = SELECTOR_STATES, n_patches: int = 32) -> dict[st
         "tab_values": bg["tab_values"][:rows].astype(np.float32),
         "tab_mask": bg["tab_mask"][:rows].astype(np.float32),
     }
+    full = np.stack([full_slice_input(vol.hu, vol.spacing, float(k))[0] for k in ks[:: max(1, len(ks) // 8)]])
     out = {"drlis_v1/qnet": qnet, "fused_kdamm_v1/image_encoder": {"image": image.astype(np.float32)},
-           "fused_kdamm_v1/head": head, "mmpkd_v1/image_student": {"image": image.astype(np.float32)}}
+           "fused_kdamm_v1/head": head, "mmpkd_v1/image_student": {"image": image.astype(np.float32)},
+           "cropkd_v1/image_student": {"image": full.astype(np.float32)}}
     out.update({f"{ROLLOUT_PREFIX}{i:03d}": feeds for i, feeds in enumerate(trace)})
     return out
 

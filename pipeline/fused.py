@@ -49,6 +49,7 @@ class FusedOutput:
     modalities: tuple[str, ...]
     explanation: Explanation | None
     model: tuple[str, str] | None = None  # (name, version) when another model than the fused one answered
+    attention: object | None = None  # pipeline.attention.ModelAttention of the model that answered, if it has one
 
 
 def tabular_input(labs: LabPanel, demo: Demographics) -> TabularInput:
@@ -108,8 +109,11 @@ class FusedModel:
         return self.image_engine(image=patch[None].astype(np.float32))["embedding"]
 
     def predict(self, patch: np.ndarray | None, tab: TabularInput, explain: bool = True,
-                clock: StageClock | None = None) -> FusedOutput:
-        """Probability and category from any subset of modalities; ``clock`` gets ``model`` and ``shap``."""
+                clock: StageClock | None = None, full_slice=None) -> FusedOutput:
+        """Probability and category from any subset of modalities; ``clock`` gets ``model`` and ``shap``.
+
+        ``full_slice``: (input, SliceGrid) of pipeline.full_slice, for an image-only student that takes it.
+        """
         clock = clock or StageClock()
         mask = ~np.isnan(tab.values)
         has_img = patch is not None
@@ -119,7 +123,9 @@ class FusedModel:
         subset = SUBSET_BY_MODALITIES[(has_img, has_labs, has_demo)]
         if subset == "image_only" and self.image_only is not None and self.image_only.replaces_fused_image_only:
             with clock.stage("model"):
-                return self.image_only.predict(patch)
+                out = self.image_only.predict(patch, full_slice)
+            if out is not None:
+                return out
         with clock.stage("model"):
             scaled = np.where(mask, (np.nan_to_num(tab.values) - self.mean) / self.std, 0.0).astype(np.float32)
             emb = self.embed(patch)

@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 
 from engines.bundle import load_bundle
 from hl7.panel import LabPanel
+from pipeline.attention import report_attention
 from pipeline.bone import BoneMeasurement, MeasurementError, measure_mid_body
 from pipeline.calibration import CalibrationCheck, check_calibration
 from pipeline.contrast import ContrastAssessment, assess_contrast
@@ -26,6 +27,7 @@ from pipeline.demographics import demographics_from_header, identity_of
 from pipeline.durable import write_durably
 from pipeline.features import FEATURES
 from pipeline.fused import FusedModel, tabular_input
+from pipeline.full_slice import full_slice_input
 from pipeline.image_input import extract_patch
 from pipeline.localiser import TRANSITIONAL_NOTE
 from pipeline.report.notice import SHORT_DISCLAIMER
@@ -274,18 +276,24 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         return _not_screened(req, out, header, reason, {"reason": reason, "contrast": contrast.as_dict()})
     demo = demographics_from_header(header)
     tab = tabular_input(req.labs, demo)
-    patch = None
+    patch = full_slice = None
     with clock.stage("model"):
+        model = fused_model(bundle, req.backend, req.image_only_model)
         if measurement is not None and volume is not None:
             r, c = measurement.roi_centre_rc
             patch = extract_patch(volume.hu, volume.spacing, (float(measurement.slice_index), r, c))
-        model = fused_model(bundle, req.backend, req.image_only_model)
+            if model.image_only is not None and model.image_only.input_kind == "full_slice":
+                full_slice = full_slice_input(volume.hu, volume.spacing, float(measurement.slice_index))
     try:
-        fused = model.predict(patch, tab, clock=clock)
+        fused = model.predict(patch, tab, clock=clock, full_slice=full_slice)
     except ValueError as exc:
         reason = f"{exc}" + (f" (image: {image_note})" if image_note else "")
         return _not_screened(req, out, header, reason, {"reason": reason})
     attenuation = classify_attenuation(measurement.mean_hu, rule.card) if measurement is not None else None
+    attention = None  # only the model that made the result can give one
+    if fused.attention is not None and measurement is not None and volume is not None:
+        attention = report_attention(fused.attention, volume.hu.shape[1:], (volume.spacing[1], volume.spacing[2]),
+                                     volume.to_source_rc, measurement.roi_centre_rc)
 
     versions = f"{bundle.card.version}/{rule.card.version}" + (f"/{selection.method}" if selection else "")
     sr_series, sc_series = _uid(req.series_uid, "sr-series", versions), _uid(req.series_uid, "sc-series", versions)
@@ -313,7 +321,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                       quality_notes=_quality_notes(contrast, calibration),
                       roi_source_rc=volume.to_source_rc(measurement.roi_polygon_rc) if measurement is not None
                       and volume is not None else None, predecessor=req.predecessor_sr, library_images=library,
-                      adjacent=[(m, volume.to_source_rc(m.roi_polygon_rc)) for m in adjacent])
+                      adjacent=[(m, volume.to_source_rc(m.roi_polygon_rc)) for m in adjacent], attention=attention)
         write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
         outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
 
@@ -339,10 +347,13 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                     f"{demo.age_years:.0f} y" if demo.age_years is not None else "", demo.sex or "") if x),
                 "Model: " + " ".join(fused.model or (bundle.card.name, bundle.card.version)),
             ]
+            if attention is not None:
+                lines.append(f"Overlay: where this model looked ({attention.method}); not a finding")
             rgb = render_key_image(
                 volume.hu[measurement.slice_index], (volume.spacing[1], volume.spacing[2]), measurement.roi_polygon_rc,
                 title="osteoscreen - L1 bone screening", lines=lines, footer=SHORT_DISCLAIMER,
-                bars=[(labels[n], v) for n, v in top], bars_title="Top factors (SHAP, probability units)")
+                bars=[(labels[n], v) for n, v in top], bars_title="Top factors (SHAP, probability units)",
+                overlay=attention.on_slice if attention is not None else None)
             sc = build_sc(source_header=src_header, source_sop_instance_uid=source_uid,
                           source_frame_number=measurement.frame_number, rgb=rgb, node=req.node,
                           series_uid=sc_series, sop_uid=sc_uid)
@@ -378,6 +389,11 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         "sr_sop_instance_uid": sr_uid,
         "predecessor_sr": req.predecessor_sr[2] if req.predecessor_sr else None,
     }
+    if attention is not None:
+        summary["attention"] = {"method": attention.method, "region_area_mm2": round(attention.region.area_mm2, 1),
+                                "region_share": round(attention.region.mass, 3),
+                                "roi_distance_mm": None if attention.roi_distance_mm is None
+                                else round(attention.roi_distance_mm, 1)}
     if measurement is not None and selection is not None and attenuation is not None and loc is not None:
         summary.update({
             "level": measurement.level,

@@ -65,6 +65,17 @@ def reference_hu(hu: np.ndarray, labels: np.ndarray, spacing) -> float | None:
     return float(hu[sel].mean()) if sel.any() else None
 
 
+def vertebral_body(vertebra: np.ndarray) -> np.ndarray:
+    """The body of one vertebra's label on one axial slice: the anterior half of its antero-posterior extent
+    (rows grow posteriorly), as the reference HU defines it."""
+    body = np.zeros_like(vertebra, dtype=bool)
+    rows = np.nonzero(vertebra.any(axis=1))[0]
+    if rows.size:
+        top = rows.min() + (rows.max() - rows.min() + 1) // 2
+        body[rows.min() : top] = vertebra[rows.min() : top]
+    return body
+
+
 def inside_l1(labels: np.ndarray, k: int) -> tuple[bool, str | None]:
     counts = {lab: int(np.sum(labels[k] == lab)) for lab in VERTEBRA_LABELS}
     counts = {k2: v for k2, v in counts.items() if v}

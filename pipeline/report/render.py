@@ -44,16 +44,20 @@ def render_key_image(
     footer: str,
     bars: list[tuple[str, float]] | None = None,
     bars_title: str = "",
+    overlay: np.ndarray | None = None,
 ) -> np.ndarray:
     """RGB uint8 image (rows, cols, 3) of the slice and the panel.
 
-    The slice is resampled to square pixels and scaled so its longer side is 512 px.
+    The slice is resampled to square pixels and scaled so its longer side is 512 px. ``overlay``: the
+    attention map of the model that made the result, on the slice's pixels, drawn as a heat map.
     """
     rows, cols = hu_slice.shape
     h_mm, w_mm = rows * pixel_spacing[0], cols * pixel_spacing[1]
     scale_mm = IMAGE_PX / max(h_mm, w_mm)
     out_h, out_w = int(round(h_mm * scale_mm)), int(round(w_mm * scale_mm))
-    img = Image.fromarray(_window(hu_slice, *BONE_WINDOW)).resize((out_w, out_h), Image.BILINEAR).convert("RGB")
+    gray = _window(hu_slice, *BONE_WINDOW)
+    base = Image.fromarray(_heat(gray, overlay) if overlay is not None else gray)
+    img = base.resize((out_w, out_h), Image.BILINEAR).convert("RGB")
     sy, sx = out_h / rows, out_w / cols
     draw = ImageDraw.Draw(img)
     pts = [(float(c * sx + sx / 2), float(r * sy + sy / 2)) for r, c in roi_polygon_rc]
@@ -80,6 +84,17 @@ def render_key_image(
         fy -= 19
         d.text((x, fy), t, fill=(255, 200, 0), font=small)
     return np.asarray(canvas)
+
+
+def _heat(gray: np.ndarray, overlay: np.ndarray) -> np.ndarray:
+    """Blend a heat map (dark red -> yellow, opacity rising with the value) over a grey image; below 15 % of
+    the peak nothing is drawn, so the anatomy stays readable."""
+    peak = float(overlay.max())
+    v = np.clip(overlay / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(overlay, dtype=float)
+    alpha = np.where(v >= 0.15, 0.25 + 0.45 * v, 0.0)[..., None]
+    heat = np.stack([np.full_like(v, 255.0), 40.0 + 215.0 * v, np.zeros_like(v)], axis=-1)
+    rgb = np.repeat(gray[..., None].astype(np.float32), 3, axis=-1)
+    return np.clip((1.0 - alpha) * rgb + alpha * heat, 0, 255).astype(np.uint8)
 
 
 def _bar_chart(d: ImageDraw.ImageDraw, x: int, y: int, width: int, bars: list[tuple[str, float]], title: str,

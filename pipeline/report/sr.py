@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from hl7.panel import LabPanel, LabValue
+from pipeline.attention import ReportedAttention
 from pipeline.bone import BoneMeasurement
 from pipeline.demographics import Demographics
 from pipeline.features import FEATURES
@@ -46,6 +47,8 @@ THRESHOLD = CodedConcept("OS0003", PRIVATE_SCHEME, "Screening operating point")
 SHAP_BASE = CodedConcept("OS0005", PRIVATE_SCHEME, "SHAP base value")
 RATIO = CodedConcept("{ratio}", "UCUM", "ratio")
 COMMENT = CodedConcept("121106", "DCM", "Comment")
+ATTENTION_REGION = CodedConcept("OS0012", PRIVATE_SCHEME, "Region the screening model attended to")
+ATTENTION_SHARE = CodedConcept("OS0013", PRIVATE_SCHEME, "Share of the model's attention in the region")
 SR_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
 
@@ -150,11 +153,14 @@ def build_sr(
     library_images: Sequence[Dataset] = (),
     not_screened_reason: str | None = None,
     adjacent: Sequence[tuple[BoneMeasurement, np.ndarray | None]] = (),
+    attention: ReportedAttention | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The screening report. The ROI group is present when the image could be measured.
 
     ``library_images``: headers (no pixels) of the source images the report measured on, listed in the
     Image Library (modality, geometry) so a viewer can place the ROI without fetching them first.
+    ``attention``: the attention of the model that made the result, outlined on the measured slice; only that
+    model's own map is ever given here.
     """
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -187,6 +193,22 @@ def build_sr(
             ],
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(SCREENING_CATEGORY, CodedConcept(cv, cs, cm))],
         ))
+        if attention is not None and measurement is not None:
+            region, source_poly = attention.region, attention.source_polygon_rc
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Model attention region"),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=np.asarray(source_poly)[:, ::-1] + 0.5,
+                    source_image=hd.sr.SourceImageForRegion(
+                        referenced_sop_class_uid=str(source_header.SOPClassUID),
+                        referenced_sop_instance_uid=measurement.sop_instance_uid,
+                        referenced_frame_numbers=[measurement.frame_number] if measurement.frame_number else None)),
+                finding_type=ATTENTION_REGION,
+                algorithm_id=alg,
+                measurements=[hd.sr.Measurement(name=AREA, value=round(region.area_mm2, 1), unit=MM2),
+                              hd.sr.Measurement(name=ATTENTION_SHARE, value=round(region.mass, 3), unit=RATIO)],
+            ))
         if fused.explanation is not None and fused.explanation.features:
             labels = {f.name: f.label for f in FEATURES}
             shap = [hd.sr.Measurement(name=SHAP_BASE, value=round(fused.explanation.base_value, 5), unit=RATIO)]
@@ -243,6 +265,14 @@ def build_sr(
             texts.append("Largest SHAP contributions (probability units): "
                          + "; ".join(f"{n} {v:+.3f}" for n, v in top[:6])
                          + f". Base value {fused.explanation.base_value:.3f}.")
+    if attention is not None and fused_model is not None:
+        region = attention.region
+        texts.append(
+            f"Model attention ({attention.method}) of {fused_model[0]} {fused_model[1]}: {region.mass:.0%} of it lies "
+            f"in the outlined region ({region.area_mm2:.0f} mm2) on the measured slice"
+            + (f"; its centre is {attention.roi_distance_mm:.0f} mm from the centre of the {measurement.level} ROI"
+               if measurement is not None and attention.roi_distance_mm is not None else "")
+            + ". It shows where the model looked, not a finding.")
     if measurement is not None and attenuation is not None:
         texts.append(
             f"{measurement.level} trabecular mean {measurement.mean_hu:.0f} HU (SD {measurement.sd_hu:.0f}, median "

@@ -356,12 +356,14 @@ def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
 
 
 def write_bundle(out_dir: Path, net: QNet, summary: dict) -> None:
+    from pipeline.training.export import trace_script
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dyn = {n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES}
     torch.onnx.export(net, example_inputs(), str(out_dir / "qnet.onnx"), input_names=list(INPUT_NAMES),
                       output_names=list(OUTPUT_NAMES), dynamic_axes=dyn, opset_version=17, dynamo=False)
-    torch.jit.trace(net, example_inputs()).save(str(out_dir / "qnet.ts"))
+    trace_script(net, example_inputs(), out_dir / "qnet.ts")
     torch.save(net.state_dict(), out_dir / "qnet.pt")
     fv = summary["final_validation"]
     card = {

@@ -23,6 +23,20 @@ def _export(module: torch.nn.Module, args: tuple, names_in: list[str], names_out
                       opset_version=17, dynamo=False)
 
 
+def trace_script(module: torch.nn.Module, example: tuple, path: Path) -> None:
+    """Save a TorchScript copy (the PyTorch reference backend of engines; no model code needed to load it).
+
+    Tracing bakes the global ``cudnn.allow_tf32`` flag into every convolution of the graph (default: on), so a
+    copy traced as is runs its convolutions in TF32 on a GPU whatever the runtime asks: trace with it off.
+    """
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.jit.trace(module, example).save(str(path))
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -37,11 +51,9 @@ def write_bundle(bundle_dir: Path, student: Student, d, summary: dict, logreg: d
     _export(student.head, (torch.zeros(2, EMBED), torch.ones(2, 1), torch.zeros(2, n_f), torch.ones(2, n_f)),
             ["embedding", "image_present", "tab_values", "tab_mask"], ["logit"], bundle_dir / "head.onnx")
     torch.save(student.state_dict(), bundle_dir / "student.pt")
-    # TorchScript copies: the PyTorch reference backend of engines (no model code needed to load them)
-    torch.jit.trace(student.image_encoder, (torch.zeros(2, 3, PATCH_PX, PATCH_PX),)).save(
-        str(bundle_dir / "image_encoder.ts"))
-    torch.jit.trace(student.head, (torch.zeros(2, EMBED), torch.ones(2, 1), torch.zeros(2, n_f),
-                                   torch.ones(2, n_f))).save(str(bundle_dir / "head.ts"))
+    trace_script(student.image_encoder, (torch.zeros(2, 3, PATCH_PX, PATCH_PX),), bundle_dir / "image_encoder.ts")
+    trace_script(student.head, (torch.zeros(2, EMBED), torch.ones(2, 1), torch.zeros(2, n_f), torch.ones(2, n_f)),
+                 bundle_dir / "head.ts")
     rng = np.random.default_rng(summary["config"]["seed"] + 7)
     tr = np.nonzero(d.split == "train")[0]
     bg = rng.choice(tr, SHAP_BACKGROUND_ROWS, replace=False)

@@ -164,12 +164,12 @@ def _fused_card() -> dict:
 
 
 def _write_bundle(out: Path, net: ImageTeacher, summary: dict) -> None:
-    from pipeline.training.export import _export, _sha
+    from pipeline.training.export import _export, _sha, trace_script
 
     out.mkdir(parents=True, exist_ok=True)
     example = (torch.zeros(2, 3, PATCH_PX, PATCH_PX),)
     _export(net, example, ["image"], ["logit"], out / "image_student.onnx")
-    torch.jit.trace(net, example).save(str(out / "image_student.ts"))
+    trace_script(net, example, out / "image_student.ts")
     torch.save(net.state_dict(), out / "image_student.pt")
     r = summary["results"]
     fused = r.get("fused_image_only_auc")

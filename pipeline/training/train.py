@@ -137,6 +137,8 @@ def prepare(cfg: TrainConfig, log) -> Data:
     data = Data(df, split, x_raw, m_real, m_hosp, has_image, images, roi_hu, df["label"].to_numpy(), mean, std,
                 l1_ref)
     data.generator = gen.describe()  # type: ignore[attr-defined]
+    data.target_hu = np.full(len(df), np.nan)  # type: ignore[attr-defined]  # per subject, for other generators
+    data.target_hu[idx] = target  # type: ignore[attr-defined]
     data.reference = reference_check(cohort)  # type: ignore[attr-defined]
     data.excluded = cohort.excluded  # type: ignore[attr-defined]
     return data
