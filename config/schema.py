@@ -190,6 +190,19 @@ class RoutingSettings(_Section):
         return v
 
 
+class XraySettings(_Section):
+    """The EXPERIMENTAL chest radiograph path (CR/DX chest PA/AP + labs and demographics). Off by default: its
+    image model was trained only on semi-synthetic images derived from one real radiograph."""
+
+    enabled: bool = False
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX"],
+                                  description="BodyPartExamined values taken as a chest radiograph.")
+    views: list[str] = Field(default_factory=lambda: ["PA", "AP"], description="ViewPosition values screened.")
+    model: str = Field("cxr_fusion_v1", description="Chest radiograph bundle: a name under engines/models or a "
+                                                    "bundle directory.")
+
+
 class JobSettings(_Section):
     workers: int = Field(1, ge=1, le=64)
     max_attempts: int = Field(3, ge=1)
@@ -345,6 +358,7 @@ class Settings(_Section):
     labs: LabSettings = LabSettings()
     lis_query: LISQuerySettings = LISQuerySettings()
     routing: RoutingSettings = RoutingSettings()
+    xray: XraySettings = XraySettings()
     jobs: JobSettings = JobSettings()
     screening: ScreeningSettings = ScreeningSettings()
     engines: EnginesSettings = EnginesSettings()

@@ -112,6 +112,26 @@ def _train_cropkd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_xray(args: argparse.Namespace) -> int:
+    from engines.bundle import bundled_models_dir
+    from pipeline.training.xray import XrayConfig, run
+
+    cfg = XrayConfig(seed=args.seed)
+    if args.quick:
+        cfg.limit, cfg.epochs, cfg.bootstrap = 1500, 2, 100
+    shipped = bundled_models_dir() / "cxr_fusion_v1"
+    if args.check:
+        return _check_reproduced(shipped, lambda tmp: run(cfg, tmp, None)["results"])
+    out = Path(args.out) if args.out else shipped
+    report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
+    r = run(cfg, out, report)["results"]
+    print(f"bundle written to {out}; report in {report} (xray.md) - EXPERIMENTAL, semi-synthetic images")
+    print(f"train xray ok: auc_fused={r['auc_fused'][0]:.3f} auc_image={r['auc_image'][0]:.3f} "
+          f"auc_tabular={r['auc_tabular'][0]:.3f} weight_image={r['fusion_weight_image']:.2f} experimental=yes "
+          f"seed={cfg.seed}")
+    return 0
+
+
 def _check_reproduced(shipped: Path, retrain) -> int:
     """Retrain into a temporary folder (``retrain(bundle_dir) -> results``); compare with the card to 3 decimals."""
     import json
@@ -134,6 +154,8 @@ def _train(args: argparse.Namespace) -> int:
         return _train_privileged(args)
     if args.what == "cropkd":
         return _train_cropkd(args)
+    if args.what == "xray":
+        return _train_xray(args)
 
     from engines.bundle import bundled_models_dir
     from pipeline.training.train import TrainConfig, run
@@ -327,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(func=_demo)
     t = sub.add_parser("train", help="rebuild a model bundle (seeded) and its training report: the fused screening "
                        "model (default), the DRLIS slice selector, the privileged image-only student or the "
-                       "crop-teacher full-slice student")
-    t.add_argument("what", nargs="?", choices=["fused", "selector", "privileged", "cropkd"], default="fused")
+                       "crop-teacher full-slice student, or the EXPERIMENTAL chest radiograph model")
+    t.add_argument("what", nargs="?", choices=["fused", "selector", "privileged", "cropkd", "xray"], default="fused")
     t.add_argument("cases", nargs="?", type=Path, help="selector: CASES_DIR of real labelled CT (eval imaging format)")
     t.add_argument("--seed", type=int, default=20261123)
     t.add_argument("--out", help="bundle directory (default: the shipped engines/models/fused_kdamm_v1)")

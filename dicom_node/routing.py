@@ -9,9 +9,10 @@ from typing import Sequence
 import numpy as np
 import pydicom
 
-from config.schema import RoutingSettings
+from config.schema import RoutingSettings, XraySettings
 from pipeline.demographics import age_years
 from pipeline.volume import first_item, functional_group
+from pipeline.xray.image import XRAY_SOP_CLASSES
 
 CT_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 
@@ -26,12 +27,15 @@ class SeriesFacts:
     calling_aet: str
     age_years: float | None
     sop_classes: tuple[str, ...]
+    body_part: str = ""
+    view_position: str = ""
 
 
 @dataclass(frozen=True)
 class Decision:
     eligible: bool
     reason: str
+    path: str = "ct"  # which screening path: "ct", or "xray" (the EXPERIMENTAL chest radiograph path)
 
     @property
     def rule(self) -> str:
@@ -95,17 +99,49 @@ def _series_facts(paths: Sequence[str], calling_aet: str, sample: int) -> Series
         calling_aet=calling_aet,
         age_years=age_years(first),
         sop_classes=tuple(sorted({str(h.get("SOPClassUID", "")) for h in headers})),
+        body_part=str(first.get("BodyPartExamined", "") or "").upper(),
+        view_position=str(first.get("ViewPosition", "") or "").upper(),
     )
 
 
-_RULES = (("unreadable DICOM header", "unreadable"), ("sent by", "calling_ae"), ("modality", "modality"), ("no CT image", "sop_class"),
+_RULES = (("unreadable DICOM header", "unreadable"), ("sent by", "calling_ae"), ("modality", "modality"),
+          ("no CT image", "sop_class"), ("no CR/DX image", "sop_class"), ("body part", "body_part"),
+          ("view position", "view"),
           ("ImageType", "image_type"), ("slice orientation", "orientation"), ("not axial", "orientation"),
           ("slice thickness", "slice_thickness"), ("slices, fewer", "slice_count"), ("patient age", "age"))
 
 
-def decide(facts: SeriesFacts, rules: RoutingSettings) -> Decision:
+def _age_refusal(facts: SeriesFacts, rules: RoutingSettings) -> Decision | None:
+    """Adults only: children are never screened, on any path."""
+    if facts.age_years is None:
+        if not rules.screen_unknown_age:
+            return Decision(False, "patient age unknown (PatientAge and PatientBirthDate missing)")
+    elif facts.age_years < rules.min_patient_age_years:
+        return Decision(False, f"patient age {facts.age_years:.0f} below {rules.min_patient_age_years}")
+    return None
+
+
+def decide_xray(facts: SeriesFacts, rules: RoutingSettings, xray: XraySettings) -> Decision:
+    """The EXPERIMENTAL chest radiograph path: CR/DX, chest, PA or AP, an adult."""
+    if not set(facts.sop_classes) & set(XRAY_SOP_CLASSES):
+        return Decision(False, "no CR/DX image objects in the series", "xray")
+    refusal = _age_refusal(facts, rules)
+    if refusal is not None:
+        return Decision(False, refusal.reason, "xray")
+    if facts.body_part not in [b.upper() for b in xray.body_parts]:
+        return Decision(False, f"body part {facts.body_part or '(none)'} is not a chest ({xray.body_parts})", "xray")
+    if facts.view_position not in [v.upper() for v in xray.views]:
+        return Decision(False, f"view position {facts.view_position or '(none)'} is not one of {xray.views}", "xray")
+    age = f"age {facts.age_years:.0f}" if facts.age_years is not None else "age unknown (allowed)"
+    return Decision(True, f"{facts.modality} chest {facts.view_position}, {facts.n_slices} image(s), {age} "
+                          "(EXPERIMENTAL chest radiograph path)", "xray")
+
+
+def decide(facts: SeriesFacts, rules: RoutingSettings, xray: XraySettings | None = None) -> Decision:
     if rules.calling_aets and facts.calling_aet not in rules.calling_aets:
         return Decision(False, f"sent by {facts.calling_aet}, not one of the routed AEs {rules.calling_aets}")
+    if xray is not None and xray.enabled and facts.modality in xray.modalities:
+        return decide_xray(facts, rules, xray)
     if facts.modality not in rules.modalities:
         return Decision(False, f"modality {facts.modality or '(none)'} is not in {rules.modalities}")
     if not set(facts.sop_classes) & CT_CLASSES:
@@ -126,10 +162,8 @@ def decide(facts: SeriesFacts, rules: RoutingSettings) -> Decision:
         return Decision(False, f"slice thickness {facts.slice_thickness_mm:g} mm outside {lo:g}-{hi:g} mm")
     if facts.n_slices < rules.min_slices:
         return Decision(False, f"{facts.n_slices} slices, fewer than {rules.min_slices}")
-    if facts.age_years is None:
-        if not rules.screen_unknown_age:
-            return Decision(False, "patient age unknown (PatientAge and PatientBirthDate missing)")
-    elif facts.age_years < rules.min_patient_age_years:
-        return Decision(False, f"patient age {facts.age_years:.0f} below {rules.min_patient_age_years}")
+    refusal = _age_refusal(facts, rules)
+    if refusal is not None:
+        return refusal
     age = f"age {facts.age_years:.0f}" if facts.age_years is not None else "age unknown (allowed)"
     return Decision(True, f"CT, axial, {facts.slice_thickness_mm:g} mm, {facts.n_slices} slices, {age}")

@@ -86,6 +86,9 @@ class Service:
             graphs.append(resolve_bundle_path(s.screening.selector) / "qnet.onnx")
         if s.screening.image_only_model:
             graphs.append(resolve_bundle_path(s.screening.image_only_model) / "image_student.onnx")
+        if s.xray.enabled:
+            load_bundle(s.xray.model)
+            graphs.append(resolve_bundle_path(s.xray.model) / "image_model.onnx")
         for onnx_path in graphs:
             load_graph(onnx_path, s.screening.backend).close()
         self.db = NodeDB(self.state_dir / "osteoscreen.sqlite")
@@ -293,7 +296,7 @@ class Service:
         paths = self.db.instance_paths(series_uid)
         self.db.audit("received", series_uid, f"{len(paths)} instance(s) from {row.calling_aet}")
         try:
-            decision = decide(series_facts(paths, row.calling_aet), self.settings.routing)
+            decision = decide(series_facts(paths, row.calling_aet), self.settings.routing, self.settings.xray)
         except UnreadableSeries as exc:
             decision = Decision(False, str(exc))
         job_id = self.db.decide_series(series_uid, decision.eligible, decision.reason)
@@ -344,6 +347,16 @@ class Service:
                            birth_date=birth, sex=sex, mapping=self.lab_mapping,
                            accept_preliminary=s.accept_preliminary, issuer_aliases=s.issuer_aliases)
 
+    def _path_of(self, path: str) -> str:
+        """The screening path of a routed series, by the rule routing applied: CR/DX with [xray] on -> "xray"."""
+        import pydicom
+
+        x = self.settings.xray
+        if not x.enabled:
+            return "ct"
+        modality = str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", "") or "")
+        return "xray" if modality in x.modalities else "ct"
+
     def build_request(self, job: JobRow) -> JobRequest:
         paths = self.db.instance_paths(job.series_uid)
         series = self.db.series(job.series_uid)
@@ -354,6 +367,8 @@ class Service:
             raise RuntimeError(f"no stored instances for series {job.series_uid}")
         previous = self.db.latest_report(series.study_uid) if series else None
         return JobRequest(
+            pipeline=self._path_of(paths[0]),
+            xray_model=self.settings.xray.model,
             job_id=job.id,
             series_uid=job.series_uid,
             instance_paths=tuple(paths),
@@ -377,7 +392,8 @@ class Service:
     def _followup_message(self, job: JobRow, summary: dict) -> list[tuple[str, str, str, str]]:
         """The ORU^R01 for the RIS/EHR, written durably next to the job's results; its outbox row."""
         f = self.settings.followup
-        if not f.enabled or (f.send_for == "positive" and summary.get("category_id") != "screen_positive"):
+        if not f.enabled or summary.get("experimental") or (
+                f.send_for == "positive" and summary.get("category_id") != "screen_positive"):
             return []
         import pydicom
 

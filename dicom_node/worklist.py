@@ -31,7 +31,7 @@ def positive_screens(db: NodeDB, start: float, end: float) -> list[dict]:
     """Screen-positive results of jobs finished in [start, end) (epoch seconds), oldest first, one per report."""
     rows = []
     for job_id, finished, result in db.finished_jobs(start, end):
-        if result.get("category_id") != "screen_positive" or "duplicate_of" in result:
+        if result.get("category_id") != "screen_positive" or "duplicate_of" in result or result.get("experimental"):
             continue
         rows.append({
             "finished_at": dt.datetime.fromtimestamp(finished).isoformat(timespec="seconds"),

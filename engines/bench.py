@@ -34,7 +34,7 @@ from engines.runtime import FP16_BACKENDS, EngineError, available_backends, card
 
 ROLLOUT_PREFIX = "drlis_v1/qnet@rollout"  # as pipeline.engine_inputs writes them
 GRAPHS = ("drlis_v1/qnet", "fused_kdamm_v1/image_encoder", "fused_kdamm_v1/head", "mmpkd_v1/image_student",
-          "cropkd_v1/image_student")
+          "cropkd_v1/image_student", "cxr_fusion_v1/image_model")
 REFERENCE = "pytorch"
 
 

@@ -45,9 +45,23 @@ def real_inputs(n_states: int = SELECTOR_STATES, n_patches: int = 32) -> dict[st
     full = np.stack([full_slice_input(vol.hu, vol.spacing, float(k))[0] for k in ks[:: max(1, len(ks) // 8)]])
     out = {"drlis_v1/qnet": qnet, "fused_kdamm_v1/image_encoder": {"image": image.astype(np.float32)},
            "fused_kdamm_v1/head": head, "mmpkd_v1/image_student": {"image": image.astype(np.float32)},
-           "cropkd_v1/image_student": {"image": full.astype(np.float32)}}
+           "cropkd_v1/image_student": {"image": full.astype(np.float32)},
+           "cxr_fusion_v1/image_model": _radiograph_inputs()}
     out.update({f"{ROLLOUT_PREFIX}{i:03d}": feeds for i, feeds in enumerate(trace)})
     return out
+
+
+def _radiograph_inputs(n: int = 6) -> dict[str, np.ndarray]:
+    """The shipped real chest radiograph as the service prepares it, plus semi-synthetic variants of it."""
+    from pipeline.training.synth_xray import SyntheticRadiographs
+    from pipeline.xray.image import load_radiograph, model_inputs, square_image
+
+    gen = SyntheticRadiographs()
+    rng = np.random.default_rng(0)
+    works = [square_image(load_radiograph(sample_data_dir() / "RG1_J2KR.dcm").display)]
+    works += [gen.image(float(hu), rng) for hu in np.linspace(40, 380, n - 1)]
+    feeds = [model_inputs(w) for w in works]
+    return {k: np.stack([f[k] for f in feeds]).astype(np.float32) for k in feeds[0]}
 
 
 def _resampled(hu: np.ndarray, spacing, origin, n_slices: int):

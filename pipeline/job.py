@@ -67,6 +67,8 @@ class JobRequest:
     presentation_state: bool = False  # also a GSPS with the ROI on the measured slice
     report_not_screened: bool = False  # an SR saying why, when the series could not be screened
     patient_key: str = ""  # hashed pseudonym for log lines (never the patient ID)
+    pipeline: str = "ct"  # "ct", or "xray": the EXPERIMENTAL chest radiograph path (pipeline.xray.job)
+    xray_model: str = "cxr_fusion_v1"  # chest radiograph bundle (xray path only)
 
 
 def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, sc, attenuation
@@ -244,6 +246,10 @@ def run_screening(req: JobRequest) -> ScreeningResult:
     reason; labs may be missing; demographics come from the header. The fused model
     takes any subset. The Pickhardt L1 category stays a reported measurement.
     """
+    if req.pipeline == "xray":
+        from pipeline.xray.job import run_xray_screening
+
+        return run_xray_screening(req)
     started_at = time.time()
     clock = StageClock()
     bundle = load_bundle(req.model)

@@ -24,7 +24,7 @@ from engines.parity import TOLERANCE, compare, random_inputs
 from engines.runtime import AUTO_ORDER, BACKENDS, FP16_BACKENDS, resolve_precision
 
 GRAPHS = ("drlis_v1/qnet", "fused_kdamm_v1/image_encoder", "fused_kdamm_v1/head", "mmpkd_v1/image_student",
-          "cropkd_v1/image_student")
+          "cropkd_v1/image_student", "cxr_fusion_v1/image_model")
 AVAILABLE = [b for b in engines.available_backends() if b != "triton"]
 
 

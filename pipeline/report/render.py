@@ -38,13 +38,14 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
 def render_key_image(
     hu_slice: np.ndarray,
     pixel_spacing: tuple[float, float],
-    roi_polygon_rc: np.ndarray,
+    roi_polygon_rc: np.ndarray | None,
     title: str,
     lines: list[str],
     footer: str,
     bars: list[tuple[str, float]] | None = None,
     bars_title: str = "",
     overlay: np.ndarray | None = None,
+    window: tuple[float, float] = BONE_WINDOW,
 ) -> np.ndarray:
     """RGB uint8 image (rows, cols, 3) of the slice and the panel.
 
@@ -55,13 +56,14 @@ def render_key_image(
     h_mm, w_mm = rows * pixel_spacing[0], cols * pixel_spacing[1]
     scale_mm = IMAGE_PX / max(h_mm, w_mm)
     out_h, out_w = int(round(h_mm * scale_mm)), int(round(w_mm * scale_mm))
-    gray = _window(hu_slice, *BONE_WINDOW)
+    gray = _window(hu_slice, *window)
     base = Image.fromarray(_heat(gray, overlay) if overlay is not None else gray)
     img = base.resize((out_w, out_h), Image.BILINEAR).convert("RGB")
     sy, sx = out_h / rows, out_w / cols
     draw = ImageDraw.Draw(img)
-    pts = [(float(c * sx + sx / 2), float(r * sy + sy / 2)) for r, c in roi_polygon_rc]
-    draw.line(pts, fill=(255, 60, 60), width=2)
+    if roi_polygon_rc is not None:
+        pts = [(float(c * sx + sx / 2), float(r * sy + sy / 2)) for r, c in roi_polygon_rc]
+        draw.line(pts, fill=(255, 60, 60), width=2)
 
     canvas = Image.new("RGB", (out_w + PANEL_PX, max(out_h, IMAGE_PX)), (0, 0, 0))
     canvas.paste(img, (0, 0))

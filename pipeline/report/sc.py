@@ -19,6 +19,9 @@ def build_sc(
     series_uid: str,
     sop_uid: str,
     series_number: int = 9902,
+    description: str = "osteoscreen L1 key image (research use)",
+    derivation: str = "Selected L1 slice, bone window, trabecular ROI outline and screening summary",
+    patient_orientation: tuple[str, str] = ("L", "P"),
 ) -> hd.sc.SCImage:
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source_header,
@@ -31,10 +34,10 @@ def build_sc(
         sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=node.manufacturer,
-        patient_orientation=("L", "P"),
+        patient_orientation=patient_orientation,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
-    sc.SeriesDescription = "osteoscreen L1 key image (research use)"
+    sc.SeriesDescription = description
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     if "Laterality" not in sc and "ImageLaterality" not in sc:
@@ -47,5 +50,5 @@ def build_sc(
     if source_frame_number:
         ref.ReferencedFrameNumber = source_frame_number
     sc.SourceImageSequence = [ref]
-    sc.DerivationDescription = "Selected L1 slice, bone window, trabecular ROI outline and screening summary"
+    sc.DerivationDescription = derivation
     return sc

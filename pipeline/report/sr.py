@@ -154,6 +154,8 @@ def build_sr(
     not_screened_reason: str | None = None,
     adjacent: Sequence[tuple[BoneMeasurement, np.ndarray | None]] = (),
     attention: ReportedAttention | None = None,
+    procedure: CodedConcept | None = None,
+    title_note: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The screening report. The ROI group is present when the image could be measured.
 
@@ -240,7 +242,7 @@ def build_sr(
     def measurement_report(images: Sequence[Dataset] | None) -> hd.sr.MeasurementReport:
         return hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-            procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+            procedure_reported=procedure or codes.LN.CTUnspecifiedBodyRegion,
             imaging_measurements=groups,
             referenced_images=images,
         )
@@ -251,7 +253,7 @@ def build_sr(
         if not library_images:
             raise
         report = measurement_report(None)
-    texts = []
+    texts = [title_note] if title_note else []
     if not_screened_reason:
         texts.append("osteoscreen received this series but did not screen it: " + not_screened_reason
                      + ". No screening result is given for this study from this series.")
@@ -338,7 +340,8 @@ def build_sr(
         is_verified=False,
         previous_versions=[previous] if previous is not None else None,
     )
-    sr.SeriesDescription = "osteoscreen L1 screening report (research use)"
+    sr.SeriesDescription = ("osteoscreen L1 screening report (research use)" if procedure is None
+                            else "osteoscreen chest radiograph report (EXPERIMENTAL)")
     sr.SoftwareVersions = node.software_version
     sr.ManufacturerModelName = node.model_name
     sr.DeviceSerialNumber = node.serial_number

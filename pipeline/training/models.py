@@ -132,3 +132,45 @@ def full_slice_student() -> GradCamNet:
         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
         nn.Conv2d(32, 48, 3, padding=1), nn.ReLU()), 48)
+
+
+class WaveletAttention(nn.Module):
+    """Attention over image regions described by gradient-wavelet energies: (N, R, F) -> (N, width), weights (N, R)."""
+
+    def __init__(self, n_features: int, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(n_features, width), nn.GELU(), nn.Linear(width, width), nn.GELU())
+        self.score = nn.Linear(width, 1)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(features)
+        w = torch.softmax(self.score(h).squeeze(-1), dim=1)
+        return (w.unsqueeze(-1) * h).sum(dim=1), w
+
+
+class XrayNet(nn.Module):
+    """Chest radiograph image model: the CT image encoder (transfer learning) + gradient-wavelet attention.
+
+    Inputs: image (N, 3, 64, 64), wavelet (N, 16, 10) raw log-energies (standardised here with the training
+    split's mean and SD, stored as buffers so the exported graph carries them). Outputs: logit (N, 1) and
+    region_attention (N, 16), the weight of each region of the 4 x 4 grid. Training starts from the shipped
+    CT image encoder's weights, keeps its first two convolution blocks (``STEM`` layers) frozen and fine-tunes
+    the rest (``head``), so the stem's output can be computed once per image.
+    """
+
+    STEM = 6  # ImageEncoder.net[:6]: conv-relu-pool x 2
+
+    def __init__(self, n_features: int = 10) -> None:
+        super().__init__()
+        self.encoder = ImageEncoder()
+        self.register_buffer("wavelet_mean", torch.zeros(n_features))
+        self.register_buffer("wavelet_std", torch.ones(n_features))
+        self.wavelet = WaveletAttention(n_features)
+        self.out = nn.Sequential(nn.Linear(EMBED + 32, 32), nn.GELU(), nn.Linear(32, 1))
+
+    def forward(self, image: torch.Tensor, wavelet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.encoder.net[: self.STEM](image), wavelet)
+
+    def head(self, stem: torch.Tensor, wavelet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, weights = self.wavelet((wavelet - self.wavelet_mean) / self.wavelet_std)
+        return self.out(torch.cat([self.encoder.net[self.STEM :](stem), pooled], dim=1)), weights

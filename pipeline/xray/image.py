@@ -1,0 +1,126 @@
+"""Chest radiograph input: decode, display orientation, a square working image, the model's two inputs.
+
+EXPERIMENTAL path (see pipeline/xray/__init__.py). Training (semi-synthetic radiographs) and
+service (real CR/DX) both go through ``square_image`` and ``model_inputs``, so the
+preprocessing cannot drift apart.
+
+- Display orientation: bone bright. MONOCHROME1 (bright = low signal) is inverted.
+- Robust window: the 0.5th-99.5th percentiles of the central 80 % of the image map to 0..1,
+  so collimator edges, markers and a raw "for processing" range do not set the contrast.
+- Working image: padded to a square (with the darkest value) and resampled to 256 x 256
+  with anti-aliasing. Pixel spacing is not needed (and is sometimes invalid: "0\\0").
+- CNN input: 3 x 64 x 64 (the working image, replicated for the CT encoder's 3 channels),
+  scaled as (x - 0.5) / 0.25.
+- Gradient-based wavelet features: the Sobel gradient magnitude of the working image, cut
+  into 4 x 4 regions; per region a 3-level db2 wavelet decomposition (PyWavelets) and the
+  log mean energy of the approximation and of each of the 9 detail sub-bands (10 numbers).
+  The model attends over the 16 regions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from scipy import ndimage as ndi
+
+WORK_PX = 256
+CNN_PX = 64
+GRID = 4
+WAVELET = "db2"
+LEVELS = 3
+N_WAVELET_FEATURES = 1 + 3 * LEVELS
+XRAY_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+}
+
+
+class RadiographError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Radiograph:
+    display: np.ndarray  # float32 0..1, bone bright
+    pixel_mm: tuple[float, float] | None  # None when the header has no valid spacing
+    notes: tuple[str, ...]
+    header: pydicom.Dataset
+
+
+def _spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None, str | None]:
+    for kw in ("PixelSpacing", "ImagerPixelSpacing"):
+        v = ds.get(kw)
+        if v is not None and len(v) == 2:
+            try:
+                r, c = float(v[0]), float(v[1])
+            except (TypeError, ValueError):
+                continue
+            if r > 0 and c > 0:
+                return (r, c), None
+            return None, f"{kw} {'/'.join(str(x) for x in v)} is not a valid spacing: geometry not used"
+    return None, "no pixel spacing in the header: geometry not used"
+
+
+def load_radiograph(path: str | Path) -> Radiograph:
+    """One single-frame CR/DX image in display orientation, or RadiographError with the reason."""
+    try:
+        ds = pydicom.dcmread(path)
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise RadiographError("multi-frame radiograph: one image per instance expected")
+        from pydicom.pixels import apply_modality_lut
+
+        arr = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    except RadiographError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a sender's malformed image: a recorded refusal, not a crash
+        raise RadiographError(f"radiograph cannot be decoded ({type(exc).__name__}: {exc})"[:300]) from None
+    if arr.ndim != 2 or min(arr.shape) < 64:
+        raise RadiographError(f"radiograph of shape {arr.shape}: a 2-D image of at least 64 x 64 pixels expected")
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        arr = arr.max() - arr
+    h, w = arr.shape
+    centre = arr[h // 10 : h - h // 10, w // 10 : w - w // 10]
+    lo, hi = np.percentile(centre, [0.5, 99.5])
+    if not hi > lo:
+        raise RadiographError("radiograph has no contrast (constant pixel values)")
+    display = np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    spacing, note = _spacing(ds)
+    return Radiograph(display, spacing, (note,) if note else (), ds)
+
+
+def square_image(display: np.ndarray, px: int = WORK_PX) -> np.ndarray:
+    """Pad to a square with the darkest value, then resample to ``px`` x ``px`` with anti-aliasing."""
+    h, w = display.shape
+    n = max(h, w)
+    sq = np.full((n, n), float(display.min()), np.float32)
+    sq[(n - h) // 2 : (n - h) // 2 + h, (n - w) // 2 : (n - w) // 2 + w] = display
+    factor = px / n
+    if factor < 1:
+        sq = ndi.gaussian_filter(sq, sigma=0.45 / factor)
+    out = ndi.zoom(sq, factor, order=1)
+    return np.ascontiguousarray(out[:px, :px], dtype=np.float32)
+
+
+def wavelet_features(work: np.ndarray) -> np.ndarray:
+    """(16, 10) log mean energies of the gradient magnitude's wavelet sub-bands, per region of a 4 x 4 grid."""
+    import pywt
+
+    grad = np.hypot(ndi.sobel(work, axis=0), ndi.sobel(work, axis=1)).astype(np.float32)
+    step = work.shape[0] // GRID
+    regions = grad[: GRID * step, : GRID * step].reshape(GRID, step, GRID, step).transpose(0, 2, 1, 3)
+    regions = regions.reshape(GRID * GRID, step, step)  # row-major: region i * GRID + j
+    coeffs = pywt.wavedec2(regions, WAVELET, level=LEVELS, mode="periodization", axes=(-2, -1))
+    bands = [coeffs[0]] + [b for level in coeffs[1:] for b in level]
+    return np.stack([np.log(np.mean(np.square(b), axis=(-2, -1)) + 1e-6) for b in bands], axis=1).astype(np.float32)
+
+
+def model_inputs(work: np.ndarray) -> dict[str, np.ndarray]:
+    """The network's feeds (no batch axis) from a WORK_PX square working image."""
+    small = ndi.zoom(ndi.gaussian_filter(work, sigma=0.45 * WORK_PX / CNN_PX), CNN_PX / WORK_PX, order=1)
+    small = ((small[:CNN_PX, :CNN_PX] - 0.5) / 0.25).astype(np.float32)
+    return {"image": np.repeat(small[None], 3, axis=0), "wavelet": wavelet_features(work)}

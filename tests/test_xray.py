@@ -1,0 +1,141 @@
+"""The EXPERIMENTAL chest radiograph path: routing, preprocessing, training, and real DICOM through the node."""
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+
+import numpy as np
+import pydicom
+import pytest
+
+import engines
+from config.schema import RoutingSettings, XraySettings
+from dicom_node.cli import main
+from dicom_node.routing import decide, series_facts
+from dicom_node.sample import sample_data_dir
+
+ADULT = sample_data_dir() / "RG1_J2KR.dcm"  # real chest PA CR, 64-year-old woman, PixelSpacing "0\0"
+CHILD = sample_data_dir() / "dx_image.dcm"  # real DX thorax of a 5-year-old
+
+
+def test_routing_sends_adult_chest_pa_to_the_xray_path_only_when_enabled():
+    rules, on, off = RoutingSettings(), XraySettings(enabled=True), XraySettings()
+    facts = series_facts([str(ADULT)], "CR1")
+    assert (facts.modality, facts.body_part, facts.view_position) == ("CR", "CHEST", "PA")
+    d = decide(facts, rules, on)
+    assert d.eligible and d.path == "xray" and "EXPERIMENTAL" in d.reason
+    assert not decide(facts, rules, off).eligible and "modality CR" in decide(facts, rules, off).reason
+    child = decide(series_facts([str(CHILD)], "DX1"), rules, on)
+    assert not child.eligible and child.reason == "patient age 5 below 50" and child.rule == "age"
+    import dataclasses
+
+    lateral = decide(dataclasses.replace(facts, view_position="LL"), rules, on)
+    assert not lateral.eligible and lateral.rule == "view"
+    abdomen = decide(dataclasses.replace(facts, body_part="ABDOMEN"), rules, on)
+    assert not abdomen.eligible and abdomen.rule == "body_part"
+    ct_unaffected = decide(dataclasses.replace(facts, modality="CT"), rules, on)
+    assert ct_unaffected.path == "ct" and not ct_unaffected.eligible
+
+
+def test_radiograph_preprocessing_handles_monochrome1_and_a_zero_pixel_spacing():
+    from pipeline.xray.image import CNN_PX, GRID, N_WAVELET_FEATURES, load_radiograph, model_inputs, square_image
+
+    rad = load_radiograph(ADULT)
+    assert rad.pixel_mm is None and "not a valid spacing" in rad.notes[0]
+    h, w = rad.display.shape
+    lung = rad.display[h // 3 : h // 2, w // 8 : w // 3].mean()
+    spine = rad.display[h // 3 : h // 2, w // 2 - w // 40 : w // 2 + w // 40].mean()
+    assert spine > lung + 0.1  # MONOCHROME1 inverted: mediastinum and spine bright, lungs dark
+    feeds = model_inputs(square_image(rad.display))
+    assert feeds["image"].shape == (3, CNN_PX, CNN_PX)
+    assert feeds["wavelet"].shape == (GRID * GRID, N_WAVELET_FEATURES) and np.isfinite(feeds["wavelet"]).all()
+    child = load_radiograph(CHILD)
+    assert child.pixel_mm == pytest.approx((1.2, 1.2012))
+
+
+def test_a_broken_radiograph_is_refused_with_a_reason(tmp_path):
+    from pipeline.xray.image import RadiographError, load_radiograph
+
+    ds = pydicom.dcmread(CHILD)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    bad = tmp_path / "bad.dcm"
+    ds.save_as(bad)
+    with pytest.raises(RadiographError, match="cannot be decoded"):
+        load_radiograph(bad)
+
+
+def test_train_xray_quick_writes_an_experimental_bundle_that_runs_on_every_cpu_backend(tmp_path, capsys):
+    bundle, report = tmp_path / "bundle", tmp_path / "report"
+    assert main(["train", "xray", "--quick", "--out", str(bundle), "--report", str(report)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"train xray ok: auc_fused=\d\.\d{3} auc_image=\d\.\d{3} auc_tabular=\d\.\d{3} "
+                        r"weight_image=\d\.\d{2} experimental=yes seed=\d+", last), last
+    card = json.loads((bundle / "card.json").read_text())
+    assert card["experimental"] is True and card["intended_use"].startswith("EXPERIMENTAL")
+    assert all(c["label"].startswith("EXPERIMENTAL") for c in card["categories"])
+    assert 0.0 <= card["fusion"]["weight_image"] <= 1.0
+    text = (report / "xray.md").read_text()
+    assert "EXPERIMENTAL" in text and "semi-synthetic" in text
+    assert (report / "xray_roc.png").stat().st_size > 10_000 and (report / "xray_examples.png").exists()
+    rng = np.random.default_rng(4)
+    feeds = {"image": rng.standard_normal((6, 3, 64, 64)).astype(np.float32),
+             "wavelet": rng.normal(-2, 1.5, (6, 16, 10)).astype(np.float32)}
+    outs = {b: engines.load(bundle, b, graph="image_model")(**feeds) for b in ("onnxruntime-cpu", "pytorch")}
+    assert outs["pytorch"]["logit"].shape == (6, 1) and outs["pytorch"]["region_attention"].shape == (6, 16)
+    for name in ("logit", "region_attention"):
+        assert np.allclose(outs["onnxruntime-cpu"][name], outs["pytorch"][name], atol=1e-5, rtol=1e-4)
+
+
+def test_the_shipped_model_fuses_image_and_tabular_probabilities_as_its_card_says():
+    from engines.bundle import load_bundle
+    from pipeline.xray.image import load_radiograph, model_inputs, square_image
+    from pipeline.xray.model import XrayModel
+
+    model = XrayModel(load_bundle("cxr_fusion_v1"), "onnxruntime-cpu")
+    feeds = model_inputs(square_image(load_radiograph(ADULT).display))
+    alone = model.predict(feeds, None)
+    assert alone.probability == alone.image_probability and alone.threshold == model.thresholds["image_only"]
+    fused = model.predict(feeds, 0.3)
+    w = model.weight
+    assert fused.probability == pytest.approx(w * fused.image_probability + (1 - w) * 0.3)
+    assert fused.threshold == model.thresholds["fused"] and fused.category_label.startswith("EXPERIMENTAL")
+    assert fused.region_attention.shape == (4, 4) and fused.region_attention.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_real_chest_radiographs_through_the_node(node_factory, tmp_path):
+    """Real CR (adult chest PA) and DX (a child) through the running node with [xray] on: the adult is screened on
+    the EXPERIMENTAL path, SR and SC in its study (dciodvfy clean, EXPERIMENTAL everywhere); the child is not."""
+    from tests.conftest import storescu, wait_for
+    from tests.test_end_to_end import dciodvfy_errors
+
+    node = node_factory(extra="[xray]\nenabled = true\n").start()
+    r = storescu([ADULT, CHILD], node.port, extra=("-xv",))  # the adult's is JPEG 2000 lossless as received
+    assert r.returncode == 0, r.stderr
+    db = node.state_dir / "osteoscreen.sqlite"
+
+    def settled():
+        with sqlite3.connect(db) as c:
+            series = c.execute("SELECT state, reason FROM series").fetchall()
+            jobs = c.execute("SELECT state, result_json FROM jobs").fetchall()
+        done = len(series) == 2 and all(s[0] != "receiving" for s in series) and jobs and \
+            all(j[0] in ("done", "failed") for j in jobs)
+        return (series, jobs) if done else None
+
+    series, jobs = wait_for(settled, 180, "both series routed and the job finished")
+    assert any(s[1] == "patient age 5 below 50" for s in series), series  # children are never screened
+    assert len(jobs) == 1 and jobs[0][0] == "done", jobs
+    summary = json.loads(jobs[0][1])
+    assert summary["path"] == "xray" and summary["experimental"] is True
+    assert summary["model"].startswith("osteoscreen-cxr-fusion")
+    assert summary["modalities"][0] == "radiograph" and "demographics" in summary["modalities"]
+    assert summary["category"].startswith("EXPERIMENTAL") and 0 < summary["probability"] < 1
+    results = node.state_dir / "results"
+    sr_path, sc_path = next(results.rglob("sr.dcm")), next(results.rglob("sc.dcm"))
+    assert dciodvfy_errors(sr_path) == [] and dciodvfy_errors(sc_path) == []
+    sr, sc = pydicom.dcmread(sr_path), pydicom.dcmread(sc_path)
+    source = pydicom.dcmread(ADULT, stop_before_pixels=True)
+    assert sr.StudyInstanceUID == source.StudyInstanceUID == sc.StudyInstanceUID
+    assert "EXPERIMENTAL" in sr.SeriesDescription and "EXPERIMENTAL" in sc.SeriesDescription
+    text = json.dumps(sr.to_json_dict())
+    assert "EXPERIMENTAL: chest radiograph path" in text and "43468-8" in text  # LOINC XR procedure
