@@ -159,6 +159,21 @@ def _ci(v) -> str:
     return f"{v[0]:.3f} ({v[1]:.3f}-{v[2]:.3f})"
 
 
+OTHER_REPORTS = [
+    "",
+    "## The other models trained here",
+    "",
+    "Each has its own command and report in this folder:",
+    "",
+    "- DRLIS slice selector: `osteoscreen train selector CASES_DIR` -> [drlis.md](drlis.md)",
+    "- Image-only student with a privileged teacher (MMPKD): `osteoscreen train privileged` -> "
+    "[privileged.md](privileged.md)",
+    "- Crop teacher -> full-slice student with attention alignment: `osteoscreen train cropkd` -> "
+    "[cropkd.md](cropkd.md)",
+    "- EXPERIMENTAL chest radiograph + clinical data model: `osteoscreen train xray` -> [xray.md](xray.md)",
+]
+
+
 def write_report(report_dir: Path, summary: dict, curves: dict, d) -> None:
     from pipeline.training.train import SUBSET_TEXT
 
@@ -233,6 +248,6 @@ def write_report(report_dir: Path, summary: dict, curves: dict, d) -> None:
         "```",
         "",
         "CI: bootstrap, {} resamples, percentile 95%.".format(summary["config"]["bootstrap"]),
-    ]
+    ] + OTHER_REPORTS
     (report_dir / "README.md").write_text("\n".join(lines) + "\n")
     (report_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
