@@ -228,18 +228,9 @@ def _write_report(out: Path, summary: dict, curves: dict, ex: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for name, (y, s) in curves.items():
-        fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, label=name)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Full-slice screening, held-out (semi-synthetic CT)")
-    ax.legend(fontsize=8)
-    fig.savefig(out / "cropkd_roc.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    M.roc_png(out / "cropkd_roc.png", curves, "Full-slice screening, held-out (semi-synthetic CT)")
 
     n = len(ex["full"])
     fig, axes = plt.subplots(3, n, figsize=(3 * n, 9))
@@ -261,8 +252,7 @@ def _write_report(out: Path, summary: dict, curves: dict, ex: dict) -> None:
 
     r, c = summary["results"], summary["config"]
 
-    def ci(v) -> str:
-        return f"{v[0]:.3f} ({v[1]:.3f}-{v[2]:.3f})"
+    ci = M.ci_text
 
     ins, op, dd = r["attention_inside_body"], r["operating_point"], r["student_minus_kd_only"]
     lines = [

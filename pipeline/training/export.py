@@ -10,6 +10,7 @@ import torch
 
 from pipeline.features import FEATURES
 from pipeline.image_input import PATCH_MM, PATCH_PX, SLICE_OFFSETS_MM
+from pipeline.training import metrics as M
 from pipeline.training.models import EMBED, Student
 
 BUNDLE_NAME = "osteoscreen-fused-kdamm"
@@ -128,20 +129,11 @@ def _plots(report_dir: Path, curves: dict) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
     from pipeline.training.metrics import calibration_bins
 
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for s, (y, p) in curves.items():
-        if 0 < y.sum() < len(y):
-            fpr, tpr, _ = roc_curve(y, p)
-            ax.plot(fpr, tpr, label=s)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Student ROC on the held-out split")
-    ax.legend(fontsize=8)
-    fig.savefig(report_dir / "roc.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    M.roc_png(report_dir / "roc.png", {s: (y, p) for s, (y, p) in curves.items() if 0 < y.sum() < len(y)},
+              "Student ROC on the held-out split")
     fig, ax = plt.subplots(figsize=(6, 6))
     for s in ("all", "tabular", "image_only"):
         y, p = curves[s]
@@ -155,8 +147,7 @@ def _plots(report_dir: Path, curves: dict) -> list[str]:
     return ["roc.png", "calibration.png"]
 
 
-def _ci(v) -> str:
-    return f"{v[0]:.3f} ({v[1]:.3f}-{v[2]:.3f})"
+_ci = M.ci_text
 
 
 OTHER_REPORTS = [

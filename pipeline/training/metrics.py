@@ -79,3 +79,27 @@ def ece(y, prob, n_bins: int = 10) -> float:
     bins = calibration_bins(y, prob, n_bins)
     n = sum(c for _, _, c in bins)
     return float(sum(c * abs(p - o) for p, o, c in bins) / max(1, n))
+
+
+def ci_text(v) -> str:
+    """(estimate, low, high) as the reports print it."""
+    return f"{v[0]:.3f} ({v[1]:.3f}-{v[2]:.3f})"
+
+
+def roc_png(path, curves: dict, title: str) -> None:
+    """One ROC figure for several held-out score sets ({label: (y, score)}), written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for name, (y, s) in curves.items():
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -197,27 +197,12 @@ def _write_bundle(out: Path, net: ImageTeacher, summary: dict) -> None:
 
 
 def _write_report(out: Path, summary: dict, curves: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for name, (y, s) in curves.items():
-        fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, label=name)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Image-only screening, held-out (semi-synthetic CT)")
-    ax.legend(fontsize=8)
-    fig.savefig(out / "privileged_roc.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    M.roc_png(out / "privileged_roc.png", curves, "Image-only screening, held-out (semi-synthetic CT)")
     (out / "privileged_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     r, c = summary["results"], summary["config"]
 
-    def ci(v) -> str:
-        return f"{v[0]:.3f} ({v[1]:.3f}-{v[2]:.3f})"
+    ci = M.ci_text
 
     op = r["operating_point"]
     lines = [

@@ -218,19 +218,9 @@ def _write_report(out: Path, summary: dict, curves: dict, gen: SyntheticRadiogra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for name, (y, s) in curves.items():
-        fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, label=name)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity",
-           title="EXPERIMENTAL chest radiograph path, held-out (semi-synthetic images)")
-    ax.legend(fontsize=8)
-    fig.savefig(out / "xray_roc.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    M.roc_png(out / "xray_roc.png", curves, "EXPERIMENTAL chest radiograph path, held-out (semi-synthetic images)")
     fig, axes = plt.subplots(1, len(targets), figsize=(3 * len(targets), 3.3))
     rng = np.random.default_rng(0)
     for a, t in zip(np.atleast_1d(axes), targets):
@@ -243,8 +233,7 @@ def _write_report(out: Path, summary: dict, curves: dict, gen: SyntheticRadiogra
     (out / "xray_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     r, c = summary["results"], summary["config"]
 
-    def ci(v) -> str:
-        return f"{v[0]:.3f} ({v[1]:.3f}-{v[2]:.3f})"
+    ci = M.ci_text
 
     op, dd = r["operating_point_fused"], r["fused_minus_tabular"]
     lines = [
