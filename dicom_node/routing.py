@@ -28,7 +28,7 @@ class SeriesFacts:
     age_years: float | None
     sop_classes: tuple[str, ...]
     body_part: str = ""
-    view_position: str = ""
+    view_positions: tuple[str, ...] = ()  # of the sampled headers, e.g. a PA and a lateral in one series
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _series_facts(paths: Sequence[str], calling_aet: str, sample: int) -> Series
         age_years=age_years(first),
         sop_classes=tuple(sorted({str(h.get("SOPClassUID", "")) for h in headers})),
         body_part=str(first.get("BodyPartExamined", "") or "").upper(),
-        view_position=str(first.get("ViewPosition", "") or "").upper(),
+        view_positions=tuple(sorted({str(h.get("ViewPosition", "") or "").upper() for h in headers})),
     )
 
 
@@ -124,16 +124,18 @@ def _age_refusal(facts: SeriesFacts, rules: RoutingSettings) -> Decision | None:
 def decide_xray(facts: SeriesFacts, rules: RoutingSettings, xray: XraySettings) -> Decision:
     """The EXPERIMENTAL chest radiograph path: CR/DX, chest, PA or AP, an adult."""
     if not set(facts.sop_classes) & set(XRAY_SOP_CLASSES):
-        return Decision(False, "no CR/DX image objects in the series", "xray")
+        return Decision(False, "no CR/DX image objects in the series (DX For Processing is not screened)", "xray")
     refusal = _age_refusal(facts, rules)
     if refusal is not None:
         return Decision(False, refusal.reason, "xray")
     if facts.body_part not in [b.upper() for b in xray.body_parts]:
         return Decision(False, f"body part {facts.body_part or '(none)'} is not a chest ({xray.body_parts})", "xray")
-    if facts.view_position not in [v.upper() for v in xray.views]:
-        return Decision(False, f"view position {facts.view_position or '(none)'} is not one of {xray.views}", "xray")
+    views = [v for v in facts.view_positions if v in [x.upper() for x in xray.views]]
+    if not views:
+        seen = "/".join(v or "(none)" for v in facts.view_positions) or "(none)"
+        return Decision(False, f"view position {seen} is not one of {xray.views}", "xray")
     age = f"age {facts.age_years:.0f}" if facts.age_years is not None else "age unknown (allowed)"
-    return Decision(True, f"{facts.modality} chest {facts.view_position}, {facts.n_slices} image(s), {age} "
+    return Decision(True, f"{facts.modality} chest {'/'.join(views)}, {facts.n_slices} image(s), {age} "
                           "(EXPERIMENTAL chest radiograph path)", "xray")
 
 

@@ -369,6 +369,8 @@ class Service:
         return JobRequest(
             pipeline=self._path_of(paths[0]),
             xray_model=self.settings.xray.model,
+            xray_body_parts=tuple(self.settings.xray.body_parts),
+            xray_views=tuple(self.settings.xray.views),
             job_id=job.id,
             series_uid=job.series_uid,
             instance_paths=tuple(paths),

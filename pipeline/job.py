@@ -69,6 +69,8 @@ class JobRequest:
     patient_key: str = ""  # hashed pseudonym for log lines (never the patient ID)
     pipeline: str = "ct"  # "ct", or "xray": the EXPERIMENTAL chest radiograph path (pipeline.xray.job)
     xray_model: str = "cxr_fusion_v1"  # chest radiograph bundle (xray path only)
+    xray_body_parts: tuple[str, ...] = ("CHEST", "THORAX")
+    xray_views: tuple[str, ...] = ("PA", "AP")
 
 
 def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, sc, attenuation

@@ -22,7 +22,7 @@ CHILD = sample_data_dir() / "dx_image.dcm"  # real DX thorax of a 5-year-old
 def test_routing_sends_adult_chest_pa_to_the_xray_path_only_when_enabled():
     rules, on, off = RoutingSettings(), XraySettings(enabled=True), XraySettings()
     facts = series_facts([str(ADULT)], "CR1")
-    assert (facts.modality, facts.body_part, facts.view_position) == ("CR", "CHEST", "PA")
+    assert (facts.modality, facts.body_part, facts.view_positions) == ("CR", "CHEST", ("PA",))
     d = decide(facts, rules, on)
     assert d.eligible and d.path == "xray" and "EXPERIMENTAL" in d.reason
     assert not decide(facts, rules, off).eligible and "modality CR" in decide(facts, rules, off).reason
@@ -30,8 +30,11 @@ def test_routing_sends_adult_chest_pa_to_the_xray_path_only_when_enabled():
     assert not child.eligible and child.reason == "patient age 5 below 50" and child.rule == "age"
     import dataclasses
 
-    lateral = decide(dataclasses.replace(facts, view_position="LL"), rules, on)
+    lateral = decide(dataclasses.replace(facts, view_positions=("LL",)), rules, on)
     assert not lateral.eligible and lateral.rule == "view"
+    assert decide(dataclasses.replace(facts, view_positions=("LL", "PA")), rules, on).eligible  # PA + lateral
+    raw = dataclasses.replace(facts, sop_classes=("1.2.840.10008.5.1.4.1.1.1.1.1",))  # DX For Processing
+    assert not decide(raw, rules, on).eligible and decide(raw, rules, on).rule == "sop_class"
     abdomen = decide(dataclasses.replace(facts, body_part="ABDOMEN"), rules, on)
     assert not abdomen.eligible and abdomen.rule == "body_part"
     ct_unaffected = decide(dataclasses.replace(facts, modality="CT"), rules, on)
@@ -109,8 +112,13 @@ def test_real_chest_radiographs_through_the_node(node_factory, tmp_path):
     from tests.conftest import storescu, wait_for
     from tests.test_end_to_end import dciodvfy_errors
 
+    lateral = pydicom.dcmread(ADULT)  # the same series also holds a lateral view, sent first: not the one screened
+    lateral.ViewPosition = "LL"
+    lateral.SOPInstanceUID = lateral.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    lateral.InstanceNumber = 2
+    lateral.save_as(tmp_path / "lateral.dcm")
     node = node_factory(extra="[xray]\nenabled = true\n").start()
-    r = storescu([ADULT, CHILD], node.port, extra=("-xv",))  # the adult's is JPEG 2000 lossless as received
+    r = storescu([tmp_path / "lateral.dcm", ADULT, CHILD], node.port, extra=("-xv",))  # JPEG 2000 as received
     assert r.returncode == 0, r.stderr
     db = node.state_dir / "osteoscreen.sqlite"
 
@@ -126,7 +134,8 @@ def test_real_chest_radiographs_through_the_node(node_factory, tmp_path):
     assert any(s[1] == "patient age 5 below 50" for s in series), series  # children are never screened
     assert len(jobs) == 1 and jobs[0][0] == "done", jobs
     summary = json.loads(jobs[0][1])
-    assert summary["path"] == "xray" and summary["experimental"] is True
+    assert summary["path"] == "xray" and summary["experimental"] is True and summary["images_in_series"] == 2
+    assert summary["source_sop_instance_uid"] == pydicom.dcmread(ADULT, stop_before_pixels=True).SOPInstanceUID
     assert summary["model"].startswith("osteoscreen-cxr-fusion")
     assert summary["modalities"][0] == "radiograph" and "demographics" in summary["modalities"]
     assert summary["category"].startswith("EXPERIMENTAL") and 0 < summary["probability"] < 1

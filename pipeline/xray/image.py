@@ -31,11 +31,18 @@ GRID = 4
 WAVELET = "db2"
 LEVELS = 3
 N_WAVELET_FEATURES = 1 + 3 * LEVELS
+# Screened: CR and DX "For Presentation". DX "For Processing" is raw detector data, not meant for display or reading.
 XRAY_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
     "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
 }
+
+
+def is_screenable_view(ds, body_parts, views) -> bool:
+    """A chest image in one of the screened views (header only)."""
+    return (str(ds.get("SOPClassUID", "")) in XRAY_SOP_CLASSES
+            and str(ds.get("BodyPartExamined", "") or "").upper() in {b.upper() for b in body_parts}
+            and str(ds.get("ViewPosition", "") or "").upper() in {v.upper() for v in views})
 
 
 class RadiographError(Exception):

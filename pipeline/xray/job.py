@@ -26,7 +26,8 @@ from pipeline.report.render import render_key_image
 from pipeline.report.sc import build_sc
 from pipeline.report.sr import build_sr
 from pipeline.timing import StageClock, peak_rss_mb
-from pipeline.xray.image import GRID, RadiographError, load_radiograph, model_inputs, square_image
+from pipeline.xray.image import (GRID, RadiographError, is_screenable_view, load_radiograph, model_inputs,
+                                 square_image)
 from pipeline.xray.model import XrayModel, XrayOutput
 
 EXPERIMENTAL_NOTE = ("EXPERIMENTAL: chest radiograph path. Its image model was trained only on semi-synthetic "
@@ -80,8 +81,10 @@ def run_xray_screening(req):
     started_at = time.time()
     clock = StageClock()
     out = Path(req.output_dir)
-    path = req.instance_paths[0]
-    header = pydicom.dcmread(path, stop_before_pixels=True)
+    headers = [(p, pydicom.dcmread(p, stop_before_pixels=True)) for p in req.instance_paths]
+    # the first chest PA/AP image of the series (a lateral or another view beside it is left out)
+    path, header = next(((p, h) for p, h in headers if is_screenable_view(h, req.xray_body_parts, req.xray_views)),
+                        headers[0])
     try:
         with clock.stage("load_decode"):
             rad = load_radiograph(path)
@@ -176,6 +179,7 @@ def run_xray_screening(req):
         "shap_base": fused.explanation.base_value if fused.explanation else None,
         "image_notes": list(rad.notes),
         "images_in_series": len(req.instance_paths),
+        "source_sop_instance_uid": str(header.SOPInstanceUID),
         "labs_used": [{"loinc": v.loinc, "name": v.name, "value": v.value, "unit": v.unit,
                        "observed_at": v.observed_at.isoformat() if v.observed_at else None} for v in req.labs.values],
         "labs_excluded": [dataclasses.asdict(e) for e in req.labs.excluded],
