@@ -11,10 +11,15 @@ from config.schema import Settings
 from engines.bundle import resolve_bundle_path
 
 
+def configured_bundles(s: Settings) -> list[str]:
+    """Every bundle the configuration runs: the fused model, selector, image-only student, chest radiograph model."""
+    return [s.screening.model] + [b for b in (s.screening.selector, s.screening.image_only_model,
+                                              s.xray.model if s.xray.enabled else "") if b]
+
+
 def configured_graphs(s: Settings) -> list[Path]:
-    """Every network the configured screening model and selector run."""
-    bundles = [s.screening.model] + [b for b in (s.screening.selector, s.screening.image_only_model) if b]
-    return [p for b in bundles for p in sorted(resolve_bundle_path(b).glob("*.onnx"))]
+    """Every network the configured bundles run."""
+    return [p for b in configured_bundles(s) for p in sorted(resolve_bundle_path(b).glob("*.onnx"))]
 
 
 def list_backends(s: Settings) -> int:
@@ -65,8 +70,7 @@ def build(s: Settings, backend: str) -> int:
 def export_triton(s: Settings, out_dir: Path, cpu: bool) -> int:
     from engines.triton_repo import export_repository
 
-    bundles = [s.screening.model] + [b for b in (s.screening.selector, s.screening.image_only_model) if b]
-    dirs = export_repository(out_dir, bundles, max_batch=s.engines.max_batch, gpu=not cpu)
+    dirs = export_repository(out_dir, configured_bundles(s), max_batch=s.engines.max_batch, gpu=not cpu)
     for d in dirs:
         print(f"{d}")
     print(f"Triton model repository: {len(dirs)} models in {out_dir}; serve it with "
