@@ -8,6 +8,7 @@ subset of modalities present.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from pipeline.demographics import Demographics
 from pipeline.explain import Explanation, exact_shapley
 from pipeline.features import DEMOGRAPHIC_IDX, FEATURES, LAB_IDX
 from pipeline.timing import StageClock
+
+if TYPE_CHECKING:
+    from pipeline.attention import ModelAttention
 
 SHAP_BACKGROUND_ROWS = 8
 SUBSET_BY_MODALITIES = {
@@ -49,7 +53,7 @@ class FusedOutput:
     modalities: tuple[str, ...]
     explanation: Explanation | None
     model: tuple[str, str] | None = None  # (name, version) when another model than the fused one answered
-    attention: object | None = None  # pipeline.attention.ModelAttention of the model that answered, if it has one
+    attention: ModelAttention | None = None  # of the model that answered, if it computes one
 
 
 def tabular_input(labs: LabPanel, demo: Demographics) -> TabularInput:
