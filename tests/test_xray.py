@@ -68,6 +68,27 @@ def test_a_broken_radiograph_is_refused_with_a_reason(tmp_path):
         load_radiograph(bad)
 
 
+def test_an_undecodable_radiograph_is_not_screened_and_the_sr_says_why(tmp_path):
+    from hl7.panel import LabPanel
+    from pipeline.job import JobRequest, run_screening
+    from tests.test_end_to_end import dciodvfy_errors
+    from tests.test_report import NODE
+
+    ds = pydicom.dcmread(CHILD)
+    ds.PatientAge, ds.PatientBirthDate = "070Y", "19500101"
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    ds.save_as(tmp_path / "bad.dcm")
+    out = tmp_path / "out"
+    out.mkdir()
+    req = JobRequest(1, str(ds.SeriesInstanceUID), (str(tmp_path / "bad.dcm"),), LabPanel("123456", None, None, 90),
+                     str(out), "fused_kdamm_v1", NODE, pipeline="xray", report_not_screened=True)
+    result = run_screening(req)
+    assert result.status == "not_screened" and "cannot be decoded" in result.reason
+    assert result.summary["experimental"] is True
+    sr = pydicom.dcmread(out / "sr.dcm")
+    assert "43468-8" in json.dumps(sr.to_json_dict()) and dciodvfy_errors(out / "sr.dcm") == []
+
+
 def test_train_xray_quick_writes_an_experimental_bundle_that_runs_on_every_cpu_backend(tmp_path, capsys):
     bundle, report = tmp_path / "bundle", tmp_path / "report"
     assert main(["train", "xray", "--quick", "--out", str(bundle), "--report", str(report)]) == 0

@@ -92,7 +92,8 @@ def run_xray_screening(req):
             feeds = model_inputs(work)
     except RadiographError as exc:
         return _not_screened(req, out, header, exc.reason, {"reason": exc.reason, "path": "xray",
-                                                             "experimental": True})
+                                                             "experimental": True},
+                             procedure=codes.LN.XRUnspecifiedBodyRegion)
     demo = demographics_from_header(header)
     tab = tabular_input(req.labs, demo)
     mask = ~np.isnan(tab.values)
