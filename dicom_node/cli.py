@@ -288,6 +288,12 @@ def _config(args: argparse.Namespace) -> int:
     s = _settings(args.file)
     if s is None:
         return 2
+    from dicom_node.engines_cli import check_configured_bundles
+
+    problems = check_configured_bundles(s)
+    if problems:
+        print(f"{args.file}: model bundles:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
     print(f"{args.file}: OK (AE {s.node.ae_title} on {s.node.host}:{s.node.port}, "
           f"{len(s.destinations)} destination(s), state in {s.node.state_dir})")
     return 0

@@ -11,6 +11,40 @@ from config.schema import Settings
 from engines.bundle import resolve_bundle_path
 
 
+BUNDLE_ROLES = (  # (setting, what it must be: card kinds)
+    ("screening.model", ("fused-kd-student",)),
+    ("screening.attenuation_rule", ("threshold-rule",)),
+    ("screening.selector", ("slice-selector-dqn",)),
+    ("screening.image_only_model", ("image_only_screening",)),
+    ("xray.model", ("chest_radiograph_screening",)),
+)
+
+
+def check_configured_bundles(s: Settings) -> list[str]:
+    """Every configured bundle exists, loads, and is of the kind its setting needs: one line per problem.
+
+    A wrong name or a bundle in the wrong place (say a selector as the image-only model) would otherwise stop
+    the service at start-up or fail every job; ``osteoscreen config check`` and the service's start both ask."""
+    from engines.bundle import BundleError, load_bundle
+
+    problems = []
+    for setting, kinds in BUNDLE_ROLES:
+        section, key = setting.split(".")
+        if section == "xray" and not s.xray.enabled:
+            continue
+        name = getattr(getattr(s, section), key)
+        if not name:
+            continue
+        try:
+            kind = load_bundle(name).card.kind
+        except BundleError as exc:
+            problems.append(f"{setting} = {name!r}: {exc}")
+            continue
+        if kind not in kinds:
+            problems.append(f"{setting} = {name!r} is a {kind!r} bundle; this setting needs {' or '.join(kinds)}")
+    return problems
+
+
 def configured_bundles(s: Settings) -> list[str]:
     """Every bundle the configuration runs: the fused model, selector, image-only student, chest radiograph model."""
     return [s.screening.model] + [b for b in (s.screening.selector, s.screening.image_only_model,

@@ -14,6 +14,7 @@ from config.schema import Settings
 from dicom_node import __version__
 from dicom_node.completion import SeriesCompletion, SeriesReady
 from dicom_node.db import JobRow, NodeDB, ReportRow
+from dicom_node.engines_cli import check_configured_bundles
 from dicom_node.export import HL7_PREFIX, HL7_SOP_CLASS, Exporter
 from dicom_node.jobs import JobRunner
 from dicom_node.logfmt import job_context
@@ -33,7 +34,7 @@ from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceRef, InstanceStore
 from dicom_node.worklist import WorklistScheduler
 import engines
-from engines.bundle import load_bundle, resolve_bundle_path
+from engines.bundle import BundleError, resolve_bundle_path
 from engines.runtime import load_graph
 from hl7.lookup import lookup_labs
 from hl7.mapping import load_mapping
@@ -73,10 +74,9 @@ class Service:
         s = settings
         self.state_dir = Path(s.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        load_bundle(s.screening.model)  # fail at start-up, not at the first job
-        if s.screening.image_only_model:
-            load_bundle(s.screening.image_only_model)
-        load_bundle(s.screening.attenuation_rule)
+        problems = check_configured_bundles(s)  # fail at start-up, not at the first job
+        if problems:
+            raise BundleError("; ".join(problems))
         self.engine_options = engine_options(s)
         engines.configure(self.engine_options)
         # A forced backend that cannot run here stops the start, with the reason (never a silent fallback);
@@ -87,7 +87,6 @@ class Service:
         if s.screening.image_only_model:
             graphs.append(resolve_bundle_path(s.screening.image_only_model) / "image_student.onnx")
         if s.xray.enabled:
-            load_bundle(s.xray.model)
             graphs.append(resolve_bundle_path(s.xray.model) / "image_model.onnx")
         for onnx_path in graphs:
             load_graph(onnx_path, s.screening.backend).close()

@@ -48,3 +48,20 @@ def test_shadow_destinations_must_name_configured_destinations(tmp_path):
                  'ae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n')
     with pytest.raises(ConfigError, match=r"shadow.destinations names \['qa'\]"):
         load_settings(f)
+
+
+def test_config_check_names_a_missing_or_misplaced_model_bundle(tmp_path, capsys):
+    from dicom_node.cli import main
+
+    missing = tmp_path / "missing.toml"
+    missing.write_text('[screening]\nimage_only_model = "nope_v9"\n')
+    assert main(["config", "check", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "screening.image_only_model = 'nope_v9'" in err and "cropkd_v1" in err  # the known bundles are listed
+    misplaced = tmp_path / "misplaced.toml"
+    misplaced.write_text('[xray]\nenabled = true\nmodel = "mmpkd_v1"\n')
+    assert main(["config", "check", str(misplaced)]) == 2
+    assert "needs chest_radiograph_screening" in capsys.readouterr().err
+    off = tmp_path / "off.toml"
+    off.write_text('[xray]\nmodel = "mmpkd_v1"\n')  # the path is off: its bundle is not used, so not checked
+    assert main(["config", "check", str(off)]) == 0
