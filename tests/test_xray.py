@@ -68,6 +68,22 @@ def test_a_broken_radiograph_is_refused_with_a_reason(tmp_path):
         load_radiograph(bad)
 
 
+@pytest.mark.parametrize("change,reason", [
+    (lambda a: np.zeros_like(a), "no contrast"),
+    (lambda a: a[:40, :40], "at least 64 x 64"),
+])
+def test_odd_radiographs_are_refused_with_a_reason(tmp_path, change, reason):
+    from pipeline.xray.image import RadiographError, load_radiograph
+
+    ds = pydicom.dcmread(CHILD)
+    arr = np.ascontiguousarray(change(ds.pixel_array))
+    ds.Rows, ds.Columns = arr.shape
+    ds.PixelData = arr.tobytes()
+    ds.save_as(tmp_path / "odd.dcm")
+    with pytest.raises(RadiographError, match=reason):
+        load_radiograph(tmp_path / "odd.dcm")
+
+
 def test_an_undecodable_radiograph_is_not_screened_and_the_sr_says_why(tmp_path):
     from hl7.panel import LabPanel
     from pipeline.job import JobRequest, run_screening
