@@ -71,65 +71,68 @@ def _train_selector(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_privileged(args: argparse.Namespace) -> int:
+def _retrain(args: argparse.Namespace, cfg, bundle: str, run, report_note: str, result_lines) -> int:
+    """What the bundle-training commands share: --check (retrain in a temporary folder and compare), --out and
+    --report, then the bundle line and the command's own result lines (``result_lines(results) -> [str]``)."""
     from engines.bundle import bundled_models_dir
+
+    shipped = bundled_models_dir() / bundle
+    if args.check:
+        return _check_reproduced(shipped, lambda tmp: run(cfg, tmp, None)["results"])
+    out = Path(args.out) if args.out else shipped
+    report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
+    results = run(cfg, out, report)["results"]
+    print(f"bundle written to {out}; report in {report}{report_note}")
+    for line in result_lines(results):
+        print(line)
+    return 0
+
+
+def _train_privileged(args: argparse.Namespace) -> int:
     from pipeline.training.privileged import PrivilegedConfig, run
 
     cfg = PrivilegedConfig(seed=args.seed)
     if args.quick:
         cfg.limit, cfg.teacher_epochs, cfg.student_epochs, cfg.folds, cfg.bootstrap = 2000, 2, 2, 2, 100
-    shipped = bundled_models_dir() / "mmpkd_v1"
-    if args.check:
-        return _check_reproduced(shipped, lambda tmp: run(cfg, tmp, None)["results"])
-    out = Path(args.out) if args.out else shipped
-    report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
-    r = run(cfg, out, report)["results"]
-    d = r["pkd_minus_plain"]
-    print(f"bundle written to {out}; report in {report} (privileged.md)")
-    print(f"train privileged ok: auc_pkd={r['auc_pkd'][0]:.3f} auc_labels_only={r['auc_plain'][0]:.3f} "
-          f"diff={d[0]:+.3f} ci={d[1]:+.3f}..{d[2]:+.3f} seed={cfg.seed}")
-    return 0
+
+    def lines(r: dict) -> list[str]:
+        d = r["pkd_minus_plain"]
+        return [f"train privileged ok: auc_pkd={r['auc_pkd'][0]:.3f} auc_labels_only={r['auc_plain'][0]:.3f} "
+                f"diff={d[0]:+.3f} ci={d[1]:+.3f}..{d[2]:+.3f} seed={cfg.seed}"]
+
+    return _retrain(args, cfg, "mmpkd_v1", run, " (privileged.md)", lines)
 
 
 def _train_cropkd(args: argparse.Namespace) -> int:
-    from engines.bundle import bundled_models_dir
     from pipeline.training.cropkd import CropKDConfig, run
 
     cfg = CropKDConfig(seed=args.seed)
     if args.quick:
         cfg.limit, cfg.teacher_epochs, cfg.student_epochs, cfg.bootstrap = 1500, 2, 2, 100
-    shipped = bundled_models_dir() / "cropkd_v1"
-    if args.check:
-        return _check_reproduced(shipped, lambda tmp: run(cfg, tmp, None)["results"])
-    out = Path(args.out) if args.out else shipped
-    report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
-    r = run(cfg, out, report)["results"]
-    ins = r["attention_inside_body"]
-    print(f"bundle written to {out}; report in {report} (cropkd.md)")
-    print(f"train cropkd ok: auc_student={r['auc_student'][0]:.3f} auc_kd_only={r['auc_student_kd_only'][0]:.3f} "
-          f"auc_teacher={r['auc_teacher_crop'][0]:.3f} inside_body={ins['student_attention_loss'][0]:.3f} "
-          f"inside_body_kd_only={ins['student_kd_only'][0]:.3f} seed={cfg.seed}")
-    return 0
+
+    def lines(r: dict) -> list[str]:
+        ins = r["attention_inside_body"]
+        return [f"train cropkd ok: auc_student={r['auc_student'][0]:.3f} "
+                f"auc_kd_only={r['auc_student_kd_only'][0]:.3f} auc_teacher={r['auc_teacher_crop'][0]:.3f} "
+                f"inside_body={ins['student_attention_loss'][0]:.3f} "
+                f"inside_body_kd_only={ins['student_kd_only'][0]:.3f} seed={cfg.seed}"]
+
+    return _retrain(args, cfg, "cropkd_v1", run, " (cropkd.md)", lines)
 
 
 def _train_xray(args: argparse.Namespace) -> int:
-    from engines.bundle import bundled_models_dir
     from pipeline.training.xray import XrayConfig, run
 
     cfg = XrayConfig(seed=args.seed)
     if args.quick:
         cfg.limit, cfg.epochs, cfg.bootstrap = 1500, 2, 100
-    shipped = bundled_models_dir() / "cxr_fusion_v1"
-    if args.check:
-        return _check_reproduced(shipped, lambda tmp: run(cfg, tmp, None)["results"])
-    out = Path(args.out) if args.out else shipped
-    report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
-    r = run(cfg, out, report)["results"]
-    print(f"bundle written to {out}; report in {report} (xray.md) - EXPERIMENTAL, semi-synthetic images")
-    print(f"train xray ok: auc_fused={r['auc_fused'][0]:.3f} auc_image={r['auc_image'][0]:.3f} "
-          f"auc_tabular={r['auc_tabular'][0]:.3f} weight_image={r['fusion_weight_image']:.2f} experimental=yes "
-          f"seed={cfg.seed}")
-    return 0
+
+    def lines(r: dict) -> list[str]:
+        return [f"train xray ok: auc_fused={r['auc_fused'][0]:.3f} auc_image={r['auc_image'][0]:.3f} "
+                f"auc_tabular={r['auc_tabular'][0]:.3f} weight_image={r['fusion_weight_image']:.2f} "
+                f"experimental=yes seed={cfg.seed}"]
+
+    return _retrain(args, cfg, "cxr_fusion_v1", run, " (xray.md) - EXPERIMENTAL, semi-synthetic images", lines)
 
 
 def _check_reproduced(shipped: Path, retrain) -> int:
@@ -157,26 +160,22 @@ def _train(args: argparse.Namespace) -> int:
     if args.what == "xray":
         return _train_xray(args)
 
-    from engines.bundle import bundled_models_dir
     from pipeline.training.train import TrainConfig, run
 
     cfg = TrainConfig(seed=args.seed)
     if args.quick:
         cfg.limit, cfg.teacher_epochs, cfg.student_epochs, cfg.bootstrap = 2000, 3, 3, 100
-    shipped = bundled_models_dir() / "fused_kdamm_v1"
-    if args.check:
-        return _check_reproduced(shipped, lambda tmp: run(cfg, tmp, None)["results"])
-    out = Path(args.out) if args.out else shipped
-    report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
-    summary = run(cfg, out, report)
-    r = summary["results"]
-    print(f"bundle written to {out}; report in {report}")
-    for s, v in r["subsets"].items():
-        print(f"  {s:20s} n={v['n']:5d} AUC {v['auc']:.3f} ({v['auc_ci'][0]:.3f}-{v['auc_ci'][1]:.3f}) "
-              f"sens {v['sensitivity']:.2f} spec {v['specificity']:.2f}  no-KD AUC {r['ablation_kd'][s]['auc_no_kd']:.3f}")
-    print(f"train ok: tabular teacher AUC {r['teachers']['tabular']['auc'][0]:.3f}, OST {r['baselines']['ost']['auc'][0]:.3f}, "
-          f"logreg {r['baselines']['logreg']['auc'][0]:.3f}, student all {r['subsets']['all']['auc']:.3f}")
-    return 0
+
+    def lines(r: dict) -> list[str]:
+        subsets = [f"  {s:20s} n={v['n']:5d} AUC {v['auc']:.3f} ({v['auc_ci'][0]:.3f}-{v['auc_ci'][1]:.3f}) "
+                   f"sens {v['sensitivity']:.2f} spec {v['specificity']:.2f}  "
+                   f"no-KD AUC {r['ablation_kd'][s]['auc_no_kd']:.3f}" for s, v in r["subsets"].items()]
+        return subsets + [f"train ok: tabular teacher AUC {r['teachers']['tabular']['auc'][0]:.3f}, "
+                          f"OST {r['baselines']['ost']['auc'][0]:.3f}, "
+                          f"logreg {r['baselines']['logreg']['auc'][0]:.3f}, "
+                          f"student all {r['subsets']['all']['auc']:.3f}"]
+
+    return _retrain(args, cfg, "fused_kdamm_v1", run, "", lines)
 
 
 def _compare_metrics(a, b, path: str = "") -> list[str]:

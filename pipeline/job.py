@@ -110,6 +110,36 @@ def identity_key(header) -> str:
     return hashlib.sha256("|".join(identity_of(header)).encode()).hexdigest()[:16]
 
 
+def result_fields(req: JobRequest, header, fused, model: tuple[str, str], backend: str, sr_series: str,
+                  sr_uid: str) -> dict:
+    """The result record's fields that every screening path writes: study and patient keys, the screening result,
+    the labs used and left out, and the SR's identity."""
+    return {
+        "study_uid": str(header.get("StudyInstanceUID", "")),
+        "study_date": str(header.get("StudyDate", "") or ""),
+        "accession_number": str(header.get("AccessionNumber", "") or ""),
+        "patient_id": str(header.get("PatientID", "")),
+        "issuer": str(header.get("IssuerOfPatientID", "") or ""),
+        "identity_key": identity_key(header),
+        "probability": round(fused.probability, 4),
+        "threshold": round(fused.threshold, 4),
+        "category": fused.category_label,
+        "category_id": fused.category_id,
+        "modalities": list(fused.modalities),
+        "model": " ".join(model),
+        "backend": backend,
+        "shap": fused.explanation.as_dict() if fused.explanation else {},
+        "shap_base": fused.explanation.base_value if fused.explanation else None,
+        "labs_used": [{"loinc": v.loinc, "name": v.name, "value": v.value, "unit": v.unit,
+                       "observed_at": v.observed_at.isoformat() if v.observed_at else None} for v in req.labs.values],
+        "labs_excluded": [asdict(e) for e in req.labs.excluded],
+        "labs_notes": list(req.labs.notes),
+        "sr_series_uid": sr_series,
+        "sr_sop_instance_uid": sr_uid,
+        "predecessor_sr": req.predecessor_sr[2] if req.predecessor_sr else None,
+    }
+
+
 def result_key(summary: dict) -> str:
     """What makes two reports of one study the same: vertebra, models, categories and the lab values used.
 
@@ -373,31 +403,11 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             outputs += _companions(req, out, versions, measurement, volume, sc, attenuation)
 
     summary = {
-        "study_uid": str(header.get("StudyInstanceUID", "")),
-        "study_date": str(header.get("StudyDate", "") or ""),
-        "accession_number": str(header.get("AccessionNumber", "") or ""),
-        "patient_id": str(header.get("PatientID", "")),
-        "issuer": str(header.get("IssuerOfPatientID", "") or ""),
-        "identity_key": identity_key(header),
-        "probability": round(fused.probability, 4),
-        "threshold": round(fused.threshold, 4),
-        "category": fused.category_label,
-        "category_id": fused.category_id,
-        "modalities": list(fused.modalities),
-        "model": " ".join(fused.model or (bundle.card.name, bundle.card.version)),
-        "backend": model.backend,
-        "shap": fused.explanation.as_dict() if fused.explanation else {},
-        "shap_base": fused.explanation.base_value if fused.explanation else None,
+        **result_fields(req, header, fused, fused.model or (bundle.card.name, bundle.card.version), model.backend,
+                        sr_series, sr_uid),
         "image_note": image_note,
         "contrast": contrast.as_dict(),
         "calibration": calibration.as_dict() if calibration is not None else None,
-        "labs_used": [{"loinc": v.loinc, "name": v.name, "value": v.value, "unit": v.unit,
-                       "observed_at": v.observed_at.isoformat() if v.observed_at else None} for v in req.labs.values],
-        "labs_excluded": [asdict(e) for e in req.labs.excluded],
-        "labs_notes": list(req.labs.notes),
-        "sr_series_uid": sr_series,
-        "sr_sop_instance_uid": sr_uid,
-        "predecessor_sr": req.predecessor_sr[2] if req.predecessor_sr else None,
     }
     if attention is not None:
         summary["attention"] = {"method": attention.method, "region_area_mm2": round(attention.region.area_mm2, 1),

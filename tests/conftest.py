@@ -116,6 +116,41 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def screen_image_only(node_factory, files, tmp_path: Path, image_only_bundle: Path) -> tuple["NodeProcess", dict]:
+    """Send a series with no age, sex or body size (and no labs) to a node whose image-only model is the given
+    bundle; the node and job 1's result once done. Without an age the router skips a series unless the site allows
+    it (``[routing] screen_unknown_age``; children are never screened)."""
+    import json
+    import sqlite3
+
+    import pydicom
+
+    anon = tmp_path / "anon"
+    anon.mkdir()
+    sent = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        for kw in ("PatientSex", "PatientBirthDate", "PatientAge", "PatientSize", "PatientWeight"):
+            if kw in ds:
+                delattr(ds, kw)
+        sent.append(anon / Path(f).name)
+        ds.save_as(sent[-1])
+    node = node_factory(extra=f'[routing]\nscreen_unknown_age = true\n'
+                              f'[screening]\nimage_only_model = "{image_only_bundle}"\n').start()
+    r = storescu(sent, node.port)
+    assert r.returncode == 0, r.stderr
+    db = node.state_dir / "osteoscreen.sqlite"
+
+    def done():
+        with sqlite3.connect(db) as c:
+            row = c.execute("SELECT state, result_json FROM jobs WHERE id=1").fetchone()
+        return row if row and row[0] in ("done", "failed") else None
+
+    state, result = wait_for(done, 180, "job 1 finished")
+    assert state == "done", result
+    return node, json.loads(result)
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory):
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made with openssl."""

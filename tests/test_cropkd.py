@@ -137,39 +137,13 @@ def test_the_full_slice_student_screens_real_dicom_through_the_node_and_its_atte
         node_factory, sample_series, tmp_path):
     """Real CT through the running node, no labs and no demographics: the full-slice student makes the result, its
     Grad-CAM is drawn on the Secondary Capture and outlined in the SR (dciodvfy clean)."""
-    import sqlite3
-
     import pydicom
     from PIL import Image
 
-    from tests.conftest import storescu, wait_for
+    from tests.conftest import screen_image_only
     from tests.test_end_to_end import dciodvfy_errors
 
-    bundle = _cropkd_bundle(tmp_path, True)
-    anon = tmp_path / "anon"
-    anon.mkdir()
-    files = []
-    for f in sample_series.files:
-        ds = pydicom.dcmread(f)
-        for kw in ("PatientSex", "PatientBirthDate", "PatientAge", "PatientSize", "PatientWeight"):
-            if kw in ds:
-                delattr(ds, kw)
-        files.append(anon / f.name)
-        ds.save_as(files[-1])
-    node = node_factory(extra=f'[routing]\nscreen_unknown_age = true\n'
-                              f'[screening]\nimage_only_model = "{bundle.path}"\n').start()
-    r = storescu(files, node.port)
-    assert r.returncode == 0, r.stderr
-    db = node.state_dir / "osteoscreen.sqlite"
-
-    def done():
-        with sqlite3.connect(db) as c:
-            row = c.execute("SELECT state, result_json FROM jobs WHERE id=1").fetchone()
-        return row if row and row[0] in ("done", "failed") else None
-
-    state, result = wait_for(done, 180, "job 1 finished")
-    assert state == "done", result
-    summary = json.loads(result)
+    node, summary = screen_image_only(node_factory, sample_series.files, tmp_path, _cropkd_bundle(tmp_path, True).path)
     assert summary["model"] == "osteoscreen-cropkd-fullslice 1.0.0" and summary["modalities"] == ["image"]
     att = summary["attention"]
     assert att["region_share"] >= 0.5 and att["region_area_mm2"] > 0 and att["roi_distance_mm"] is not None

@@ -69,38 +69,10 @@ def test_a_study_without_labs_or_demographics_is_screened_by_the_image_only_stud
         node_factory, sample_series, tmp_path):
     """Real DICOM through the running node: no labs received, no age/sex/size in the header (a site that
     screens unknown ages: [routing] screen_unknown_age)."""
-    import sqlite3
-
-    import pydicom
-
-    from tests.conftest import storescu, wait_for
+    from tests.conftest import screen_image_only
 
     bundle = _image_only_bundle(tmp_path, True)
-    anon = tmp_path / "anon"
-    anon.mkdir()
-    files = []
-    for f in sample_series.files:
-        ds = pydicom.dcmread(f)
-        for kw in ("PatientSex", "PatientBirthDate", "PatientAge", "PatientSize", "PatientWeight"):
-            if kw in ds:
-                delattr(ds, kw)
-        files.append(anon / f.name)
-        ds.save_as(files[-1])
-    # without an age the router skips a series unless the site allows it (children are never screened)
-    node = node_factory(extra=f'[routing]\nscreen_unknown_age = true\n'
-                              f'[screening]\nimage_only_model = "{bundle.path}"\n').start()
-    r = storescu(files, node.port)
-    assert r.returncode == 0, r.stderr
-    db = node.state_dir / "osteoscreen.sqlite"
-
-    def done():
-        with sqlite3.connect(db) as c:
-            row = c.execute("SELECT state, result_json FROM jobs WHERE id=1").fetchone()
-        return row if row and row[0] in ("done", "failed") else None
-
-    state, result = wait_for(done, 180, "job 1 finished")
-    assert state == "done", result
-    summary = json.loads(result)
+    node, summary = screen_image_only(node_factory, sample_series.files, tmp_path, bundle.path)
     assert summary["model"] == "osteoscreen-mmpkd-image 1.0.0"
     assert summary["modalities"] == ["image"] and summary["labs_used"] == [] and summary["shap"] == {}
     sr = next((node.state_dir / "results").rglob("sr.dcm"), None) or next((node.state_dir / "results").rglob("*.dcm"))

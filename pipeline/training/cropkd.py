@@ -182,14 +182,12 @@ def run(cfg: CropKDConfig, bundle_dir: Path, report_dir: Path | None, log=print)
 
 
 def _write_bundle(out: Path, net: GradCamNet, summary: dict) -> None:
-    from pipeline.training.export import _export, _sha, trace_script
+    from pipeline.training.export import write_graph
     from pipeline.training.privileged import _fused_card
 
     out.mkdir(parents=True, exist_ok=True)
     example = (torch.zeros(2, 3, FULL_PX, FULL_PX),)
-    _export(net, example, ["image"], ["logit", "attention"], out / "image_student.onnx")
-    trace_script(net, example, out / "image_student.ts")
-    torch.save(net.state_dict(), out / "image_student.pt")
+    files = write_graph(net, example, ["image"], ["logit", "attention"], out, "image_student")
     r = summary["results"]
     fused = r.get("fused_image_only_auc")
     card = {
@@ -214,7 +212,7 @@ def _write_bundle(out: Path, net: GradCamNet, summary: dict) -> None:
         "use_instead_of_fused_image_only": bool(fused is not None and r["auc_student"][0] > fused),
         "training": summary["config"],
         "generator": summary["generator"],
-        "files": {n: _sha(out / n) for n in ("image_student.onnx", "image_student.ts")},
+        "files": files,
         "inference": {"fp16": False, "note": "fp32 only: a screening probability against an operating point"},
         "limitations": LIMITATIONS,
         "references": ["Crop-teacher to full-image-student knowledge distillation with attention alignment "

@@ -9,7 +9,6 @@ patients: with two real patients this measures robustness to acquisition, not to
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -344,10 +343,6 @@ def train(cfg: SelectorTrainConfig, cases_dir: Path, out_dir: Path, report_dir: 
 
 # ---------------------------------------------------------------- export
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
     from pipeline.drlis.views import AX_PX, CONTEXT_SIZE, WINDOW
 
@@ -356,15 +351,11 @@ def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
 
 
 def write_bundle(out_dir: Path, net: QNet, summary: dict) -> None:
-    from pipeline.training.export import trace_script
+    from pipeline.training.export import write_graph
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dyn = {n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES}
-    torch.onnx.export(net, example_inputs(), str(out_dir / "qnet.onnx"), input_names=list(INPUT_NAMES),
-                      output_names=list(OUTPUT_NAMES), dynamic_axes=dyn, opset_version=17, dynamo=False)
-    trace_script(net, example_inputs(), out_dir / "qnet.ts")
-    torch.save(net.state_dict(), out_dir / "qnet.pt")
+    files = write_graph(net, example_inputs(), list(INPUT_NAMES), list(OUTPUT_NAMES), out_dir, "qnet")
     fv = summary["final_validation"]
     card = {
         "name": BUNDLE_NAME,
@@ -387,7 +378,7 @@ def write_bundle(out_dir: Path, net: QNet, summary: dict) -> None:
         "training": {"seed": summary["config"]["seed"], "episodes": summary["episodes"],
                      "train_volumes": summary["train_volumes"], "val_volumes": summary["val_volumes"],
                      "validation": fv, "seconds": summary["seconds"]},
-        "files": {n: _sha(out_dir / n) for n in ("qnet.onnx", "qnet.ts")},
+        "files": files,
         "inference": {"fp16": True, "note": "fp16 allowed on GPU backends: the selector's decision is the argmax "
                                             "of Q, and fp16 kept every action of the reference on random and real "
                                             "states (docs/benchmarks-gpu.md)"},

@@ -38,6 +38,17 @@ def trace_script(module: torch.nn.Module, example: tuple, path: Path) -> None:
         torch.backends.cudnn.allow_tf32 = previous
 
 
+def write_graph(module: torch.nn.Module, example: tuple, names_in: list[str], names_out: list[str], out: Path,
+                stem: str) -> dict[str, str]:
+    """One network of a bundle: ``stem``.onnx (the engines' input), .ts (the PyTorch reference) and .pt (weights).
+
+    Returns the SHA-256 of the .onnx and .ts files, for the card."""
+    _export(module, example, names_in, names_out, out / f"{stem}.onnx")
+    trace_script(module, example, out / f"{stem}.ts")
+    torch.save(module.state_dict(), out / f"{stem}.pt")
+    return {n: _sha(out / n) for n in (f"{stem}.onnx", f"{stem}.ts")}
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

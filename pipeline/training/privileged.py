@@ -164,13 +164,11 @@ def _fused_card() -> dict:
 
 
 def _write_bundle(out: Path, net: ImageTeacher, summary: dict) -> None:
-    from pipeline.training.export import _export, _sha, trace_script
+    from pipeline.training.export import write_graph
 
     out.mkdir(parents=True, exist_ok=True)
     example = (torch.zeros(2, 3, PATCH_PX, PATCH_PX),)
-    _export(net, example, ["image"], ["logit"], out / "image_student.onnx")
-    trace_script(net, example, out / "image_student.ts")
-    torch.save(net.state_dict(), out / "image_student.pt")
+    files = write_graph(net, example, ["image"], ["logit"], out, "image_student")
     r = summary["results"]
     fused = r.get("fused_image_only_auc")
     card = {
@@ -188,7 +186,7 @@ def _write_bundle(out: Path, net: ImageTeacher, summary: dict) -> None:
         "metrics": r,
         "use_instead_of_fused_image_only": bool(fused is not None and r["auc_pkd"][0] > fused),
         "training": summary["config"],
-        "files": {n: _sha(out / n) for n in ("image_student.onnx", "image_student.ts")},
+        "files": files,
         "inference": {"fp16": False, "note": "fp32 only: a screening probability against an operating point"},
         "references": ["Privileged knowledge distillation for multimodal medical image screening (MMPKD): a teacher "
                        "with privileged modalities guides an image-only student."],

@@ -84,11 +84,15 @@ class SyntheticL1:
         hu = p.young_hu_mean + p.young_hu_sd * l1_t_score + rng.normal(0.0, p.residual_sd_hu, np.shape(l1_t_score))
         return np.clip(hu, p.min_hu, p.max_hu)
 
-    def patch(self, target_hu: float, rng: np.random.Generator) -> np.ndarray:
+    def slab(self, target_hu: float, rng: np.random.Generator, margin: int = 2) -> tuple[float, int, np.ndarray]:
+        """One subject's slab around a random mid-L1 position: (z, first slice index, HU volume).
+
+        Trabecular and cortical voxels rescaled to ``target_hu``, kernel blur, optional 6 mm
+        reconstruction, noise; ``margin`` slices beyond the position on each side."""
         p = self.params
         scale = target_hu / self.base_trab_hu
         z = rng.uniform(*self.z_range)
-        k0, k1 = int(np.floor(z)) - 2, int(np.ceil(z)) + 3
+        k0, k1 = int(np.floor(z)) - margin, int(np.ceil(z)) + margin + 1
         vol = self.hu[k0:k1].copy()
         t, c = self.trab[k0:k1], self.cortex[k0:k1]
         vol[t] *= scale
@@ -98,6 +102,11 @@ class SyntheticL1:
         if rng.random() < p.thick_slice_prob:  # 6 mm reconstruction: average neighbouring slices
             vol = ndi.uniform_filter1d(vol, size=2, axis=0)
         vol += rng.normal(0.0, rng.uniform(*p.noise_sd_hu), vol.shape).astype(np.float32)
+        return z, k0, vol
+
+    def patch(self, target_hu: float, rng: np.random.Generator) -> np.ndarray:
+        p = self.params
+        z, k0, vol = self.slab(target_hu, rng)
         shift = rng.uniform(-p.shift_mm, p.shift_mm, 2)
         centre = (z - k0, self.centre_rc[0] + shift[0] / self.spacing[1],
                   self.centre_rc[1] + shift[1] / self.spacing[2])

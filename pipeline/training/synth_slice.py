@@ -62,19 +62,8 @@ class SyntheticSlices(SyntheticL1):
         self.z_range = (max(self.z_range[0], whole.min() - 0.5), min(self.z_range[1], whole.max() + 0.5))
 
     def sample(self, target_hu: float, rng: np.random.Generator) -> SliceSample:
-        p, q = self.params, self.pose
-        scale = target_hu / self.base_trab_hu
-        z = rng.uniform(*self.z_range)
-        k0, k1 = int(np.floor(z)) - 3, int(np.ceil(z)) + 4
-        vol = self.hu[k0:k1].copy()
-        t, c = self.trab[k0:k1], self.cortex[k0:k1]
-        vol[t] *= scale
-        vol[c] *= scale
-        sigma = rng.uniform(*p.blur_px)
-        vol = ndi.gaussian_filter(vol, sigma=(0, sigma, sigma))
-        if rng.random() < p.thick_slice_prob:
-            vol = ndi.uniform_filter1d(vol, size=2, axis=0)
-        vol += rng.normal(0.0, rng.uniform(*p.noise_sd_hu), vol.shape).astype(np.float32)
+        q = self.pose
+        z, k0, vol = self.slab(target_hu, rng, margin=3)  # wider: the slice's anti-aliasing reads one more
         dz, dr, dc = self.spacing
         rot = float(rng.uniform(-q.rotation_deg, q.rotation_deg))
         zoom = float(rng.uniform(*q.zoom))

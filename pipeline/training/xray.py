@@ -168,13 +168,11 @@ def run(cfg: XrayConfig, bundle_dir: Path, report_dir: Path | None, log=print) -
 
 
 def _write_bundle(out: Path, net: XrayNet, summary: dict) -> None:
-    from pipeline.training.export import _export, _sha, trace_script
+    from pipeline.training.export import write_graph
 
     out.mkdir(parents=True, exist_ok=True)
     example = (torch.zeros(2, 3, CNN_PX, CNN_PX), torch.zeros(2, GRID * GRID, N_WAVELET_FEATURES))
-    _export(net, example, ["image", "wavelet"], ["logit", "region_attention"], out / "image_model.onnx")
-    trace_script(net, example, out / "image_model.ts")
-    torch.save(net.state_dict(), out / "image_model.pt")
+    files = write_graph(net, example, ["image", "wavelet"], ["logit", "region_attention"], out, "image_model")
     r = summary["results"]
     categories = [
         {"id": "screen_positive", "label": "EXPERIMENTAL (chest radiograph): elevated osteoporosis risk",
@@ -202,7 +200,7 @@ def _write_bundle(out: Path, net: XrayNet, summary: dict) -> None:
         "metrics": r,
         "training": summary["config"],
         "generator": summary["generator"],
-        "files": {n: _sha(out / n) for n in ("image_model.onnx", "image_model.ts")},
+        "files": files,
         "inference": {"fp16": False, "note": "fp32 only"},
         "limitations": "Trained on semi-synthetic radiographs from one real image: it has seen one chest. Not "
                        "validated on any real radiograph cohort. Off by default ([xray] enabled = false). "

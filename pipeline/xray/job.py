@@ -76,7 +76,7 @@ def _as_fused_output(x: XrayOutput, tab: FusedOutput | None, modalities: tuple[s
 
 def run_xray_screening(req):
     from pipeline.job import (SC_SOP_CLASS, SR_SOP_CLASS, TYPE2_PATIENT_STUDY, OutputObject, ScreeningResult,
-                              _not_screened, _uid, _write_result, fused_model, identity_key, result_key)
+                              _not_screened, _uid, _write_result, fused_model, result_fields, result_key)
 
     started_at = time.time()
     clock = StageClock()
@@ -98,16 +98,17 @@ def run_xray_screening(req):
     tab = tabular_input(req.labs, demo)
     mask = ~np.isnan(tab.values)
     has_labs, has_demo = bool(mask[list(LAB_IDX)].any()), bool(mask[list(DEMOGRAPHIC_IDX)].any())
+    tabular_bundle = load_bundle(req.model)  # the fused model, for its demographics + labs path
     with clock.stage("model"):
         tab_out = None
         if has_labs or has_demo:
-            tab_out = fused_model(load_bundle(req.model), req.backend).predict(None, tab, clock=clock)
+            tab_out = fused_model(tabular_bundle, req.backend).predict(None, tab, clock=clock)
         xm = xray_model(req.xray_model, req.backend)
         x = xm.predict(feeds, tab_out.probability if tab_out is not None else None)
     modalities = ("radiograph",) + tuple(m for m, ok in (("demographics", has_demo), ("labs", has_labs)) if ok)
     fused = _as_fused_output(x, tab_out, modalities, xm.name)
 
-    versions = f"{xm.name[1]}/{load_bundle(req.model).card.version}/xray"
+    versions = f"{xm.name[1]}/{tabular_bundle.card.version}/xray"
     sr_series, sc_series = _uid(req.series_uid, "sr-series", versions), _uid(req.series_uid, "sc-series", versions)
     if req.predecessor_sr:
         versions += f"/after:{req.predecessor_sr[2]}"
@@ -160,34 +161,13 @@ def run_xray_screening(req):
     summary = {
         "path": "xray",
         "experimental": True,
-        "study_uid": str(header.get("StudyInstanceUID", "")),
-        "study_date": str(header.get("StudyDate", "") or ""),
-        "accession_number": str(header.get("AccessionNumber", "") or ""),
-        "patient_id": str(header.get("PatientID", "")),
-        "issuer": str(header.get("IssuerOfPatientID", "") or ""),
-        "identity_key": identity_key(header),
-        "probability": round(x.probability, 4),
-        "threshold": round(x.threshold, 4),
+        **result_fields(req, header, fused, xm.name, xm.engine.backend, sr_series, sr_uid),
         "image_probability": round(x.image_probability, 4),
         "tabular_probability": None if x.tabular_probability is None else round(x.tabular_probability, 4),
         "weight_image": x.weight_image,
-        "category": fused.category_label,
-        "category_id": fused.category_id,
-        "modalities": list(modalities),
-        "model": " ".join(xm.name),
-        "backend": xm.engine.backend,
-        "shap": fused.explanation.as_dict() if fused.explanation else {},
-        "shap_base": fused.explanation.base_value if fused.explanation else None,
         "image_notes": list(rad.notes),
         "images_in_series": len(req.instance_paths),
         "source_sop_instance_uid": str(header.SOPInstanceUID),
-        "labs_used": [{"loinc": v.loinc, "name": v.name, "value": v.value, "unit": v.unit,
-                       "observed_at": v.observed_at.isoformat() if v.observed_at else None} for v in req.labs.values],
-        "labs_excluded": [dataclasses.asdict(e) for e in req.labs.excluded],
-        "labs_notes": list(req.labs.notes),
-        "sr_series_uid": sr_series,
-        "sr_sop_instance_uid": sr_uid,
-        "predecessor_sr": req.predecessor_sr[2] if req.predecessor_sr else None,
     }
     summary["result_key"] = result_key(summary)
     summary["performance"] = {"started_at": round(started_at, 3), "stage_s": clock.as_dict(),
