@@ -17,7 +17,7 @@ from dicom_node.db import JobRow, NodeDB, ReportRow
 from dicom_node.engines_cli import check_configured_bundles
 from dicom_node.export import HL7_PREFIX, HL7_SOP_CLASS, Exporter
 from dicom_node.jobs import JobRunner
-from dicom_node.logfmt import job_context
+from dicom_node.logfmt import current_target, job_context
 from dicom_node.metrics import (
     INFERENCE_SECONDS,
     JOB_STAGE_SECONDS,
@@ -30,7 +30,8 @@ from dicom_node.metrics import serve as serve_metrics
 from dicom_node.metrics import unregister as unregister_metrics
 from dicom_node.retention import RetentionScheduler
 from dicom_node.routing import Decision, UnreadableSeries, decide, series_facts
-from dicom_node.scp import StorageSCP
+from dicom_node.receiver_pool import ReceiverPool, ReceiverSetup
+from dicom_node.scp import StorageSCP, count_outcome
 from dicom_node.store import InstanceRef, InstanceStore
 from dicom_node.worklist import WorklistScheduler
 import engines
@@ -127,11 +128,22 @@ class Service:
                                  followup=s.followup, followup_ssl=client_context(s.followup.tls),
                                  retry_initial_s=s.export.retry_initial_s, retry_max_s=s.export.retry_max_s,
                                  timeout_s=s.export.timeout_s)
+        pool = None
+        if s.node.receiver_processes:
+            pool = ReceiverPool(
+                ReceiverSetup(ae_title=s.node.ae_title, max_pdu=s.node.max_pdu,
+                              max_associations=s.node.max_associations,
+                              allowed_calling_aets=list(s.node.allowed_calling_aets),
+                              allowed_sop_classes=dict(s.node.allowed_sop_classes),
+                              tls=s.node.tls if s.node.tls.enabled else None, store_root=str(self.instances.root),
+                              db_path=str(self.db.path), min_free_bytes=self.instances.min_free_bytes,
+                              log_target=current_target()),
+                s.node.receiver_processes, on_stored=self.on_instance_stored, on_outcome=count_outcome)
         self.scp = StorageSCP(ae_title=s.node.ae_title, host=s.node.host, port=s.node.port, max_pdu=s.node.max_pdu,
                               allowed_calling_aets=list(s.node.allowed_calling_aets), store=self.instances,
                               max_associations=s.node.max_associations, ssl_context=server_context(s.node.tls),
                               allowed_sop_classes=s.node.allowed_sop_classes,
-                              on_stored=self.on_instance_stored)
+                              on_stored=self.on_instance_stored, pool=pool)
         # Shadow mode (site validation): only the QA destinations named in [shadow] get results.
         self.result_destinations = [d for d in s.destinations
                                     if not s.shadow.enabled or d.name in s.shadow.destinations]

@@ -5,20 +5,23 @@ write temp file -> fsync -> atomic rename under study/series/sop -> fsync dir
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import pydicom
 
 from dicom_node.db import NodeDB
 from pipeline.demographics import IDENTITY_KEYWORDS, identity_of
-from pipeline.durable import write_durably
+from pipeline.durable import DurableFile
 
 log = logging.getLogger("osteoscreen.store")
+Buffer = Union[bytes, bytearray, memoryview]
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -48,12 +51,14 @@ def valid_uid(value: object) -> bool:
 
 
 class InstanceStore:
-    def __init__(self, root: str | Path, db: NodeDB, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: str | Path, db: NodeDB, min_free_bytes: int = 0, *, sweep_stale: bool = True) -> None:
+        """``sweep_stale``: remove half-written files of a crashed run; only the one process that owns the
+        store at start may do it (a receiver process must not delete another's file in flight)."""
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = db
-        stale = list(self.root.rglob(".incoming.*"))
+        stale = list(self.root.rglob(".incoming.*")) if sweep_stale else []
         for p in stale:  # written by a process that died before the rename: never acknowledged
             p.unlink(missing_ok=True)
         if stale:
@@ -69,14 +74,6 @@ class InstanceStore:
             raise InstanceRefused(0xA700, f"low disk space: {free // 2**20} MB free in {self.root}, watermark "
                                           f"{self.min_free_bytes // 2**20} MB; instance not stored")
 
-    def _write(self, path: Path, encoded: bytes) -> None:
-        try:
-            write_durably(path, lambda fh: fh.write(encoded), prefix=".incoming.")
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise InstanceRefused(0xA700, f"out of disk space in {self.root}: instance not stored") from None
-            raise InstanceRefused(0xA700, f"cannot write instance to {path.parent}: {exc.strerror}") from None
-
     @staticmethod
     def _stored_identity(path: Path) -> tuple[str, ...] | None:
         try:
@@ -87,33 +84,104 @@ class InstanceStore:
     def path_for(self, study: str, series: str, sop: str) -> Path:
         return self.root / study / series / f"{sop}.dcm"
 
-    def store(self, encoded: bytes, *, sop_class: str, sop_uid: str, study_uid: str, series_uid: str,
-              transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str, modality: str,
-              identity: tuple[str, ...] | None = None) -> InstanceRef:
-        """Store durably, then index. A re-sent instance is a duplicate, unless its patient identity
-        (``identity``: see ``identity_of``) changed: then it replaces the stored file and the series is
-        reopened, so its screening is redone for the corrected patient and never uses the old one's labs."""
+    def begin(self, *, sop_class: str, sop_uid: str, study_uid: str, series_uid: str,
+              identity: tuple[str, ...] | None = None, expected_bytes: int = 0) -> "IncomingInstance":
+        """Start receiving one instance: checks first (refusals raise ``InstanceRefused``), then the caller
+        writes the Part 10 bytes in pieces as they arrive and commits. A re-sent instance is a duplicate and
+        its bytes are not written again, unless its patient identity (``identity``: see ``identity_of``)
+        changed: then it replaces the stored file and the series is reopened, so its screening is redone for
+        the corrected patient and never uses the old one's labs."""
         for name, value in (("SOP Instance UID", sop_uid), ("Study Instance UID", study_uid),
                             ("Series Instance UID", series_uid), ("SOP Class UID", sop_class)):
             if not valid_uid(value):
                 raise InstanceRefused(0xA900, f"{name} is missing or not a valid UID ({value!r}); instance not stored")
         path = self.path_for(study_uid, series_uid, sop_uid)
-        self._check_space(len(encoded))
-        if self.db.has_instance(sop_uid):
+        self._check_space(expected_bytes)
+        before: tuple[str, ...] | None = None
+        known = self.db.has_instance(sop_uid)
+        if known:
             before = self._stored_identity(path)
             if identity is None or before == identity:
-                return InstanceRef(sop_uid, sop_class, study_uid, series_uid, str(path), True)
-            self._write(path, encoded)
-            changed = [k for k, a, b in zip(IDENTITY_KEYWORDS, before or ("",) * 5, identity) if a != b]
-            if self.db.identity_update(series_uid, patient_id, issuer,
-                                       f"patient identity changed on re-send ({', '.join(changed)}): series reopened"):
+                return IncomingInstance(self, InstanceRef(sop_uid, sop_class, study_uid, series_uid, str(path), True))
+        try:
+            target = DurableFile(path, prefix=".incoming.")
+        except OSError as exc:
+            raise self._write_error(path, exc) from None
+        ref = InstanceRef(sop_uid, sop_class, study_uid, series_uid, str(path), False, identity_update=known)
+        return IncomingInstance(self, ref, target, identity=identity, identity_before=before)
+
+    def _write_error(self, path: Path, exc: OSError) -> InstanceRefused:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return InstanceRefused(0xA700, f"out of disk space in {self.root}: instance not stored")
+        return InstanceRefused(0xA700, f"cannot write instance to {path.parent}: {exc.strerror}")
+
+    def store(self, encoded: Buffer | tuple[Buffer, ...], *, sop_class: str, sop_uid: str, study_uid: str,
+              series_uid: str, transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str, modality: str,
+              identity: tuple[str, ...] | None = None) -> InstanceRef:
+        """Store a whole Part 10 file (or its consecutive pieces) durably, then index it: see ``begin``."""
+        parts = encoded if isinstance(encoded, tuple) else (encoded,)
+        incoming = self.begin(sop_class=sop_class, sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
+                              identity=identity, expected_bytes=sum(len(p) for p in parts))
+        try:
+            for part in parts:
+                incoming.write(part)
+            return incoming.commit(transfer_syntax=transfer_syntax, calling_aet=calling_aet, patient_id=patient_id,
+                                   issuer=issuer, modality=modality)
+        finally:
+            incoming.discard()
+
+
+class IncomingInstance:
+    """One instance being received: written in pieces, durable and indexed on ``commit``, else discarded."""
+
+    def __init__(self, store: InstanceStore, ref: InstanceRef, target: DurableFile | None = None, *,
+                 identity: tuple[str, ...] | None = None, identity_before: tuple[str, ...] | None = None) -> None:
+        self.store = store
+        self.ref = ref
+        self._target = target  # None: a duplicate, nothing to write
+        self._identity = identity
+        self._identity_before = identity_before
+
+    def write(self, data: Buffer) -> None:
+        if self._target is None:
+            return
+        target = self._target
+        try:
+            target.write(data)
+        except OSError as exc:
+            self.discard()
+            raise self.store._write_error(target.path, exc) from None
+
+    def discard(self) -> None:
+        if self._target is not None:
+            self._target.discard()
+            self._target = None
+
+    def commit(self, *, transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str,
+               modality: str) -> InstanceRef:
+        """Make the instance durable (file, then directory, then index); only then may Success be answered."""
+        ref = self.ref
+        if self._target is None:
+            if not ref.duplicate:
+                raise InstanceRefused(0xA700, "instance not stored: its file was discarded after a write error")
+            return ref
+        target, self._target = self._target, None
+        try:
+            target.commit()
+        except OSError as exc:
+            raise self.store._write_error(target.path, exc) from None
+        db = self.store.db
+        if ref.identity_update:
+            before = self._identity_before or ("",) * len(IDENTITY_KEYWORDS)
+            changed = [k for k, a, b in zip(IDENTITY_KEYWORDS, before, self._identity or before) if a != b]
+            if db.identity_update(ref.series_uid, patient_id, issuer,
+                                  f"patient identity changed on re-send ({', '.join(changed)}): series reopened"):
                 log.warning("series %s: patient identity changed on re-send (%s); it will be screened again",
-                            series_uid, ", ".join(changed))
-            return InstanceRef(sop_uid, sop_class, study_uid, series_uid, str(path), False, identity_update=True)
-        self._write(path, encoded)
-        fresh = self.db.index_instance(
-            sop_uid=sop_uid, sop_class=sop_class, study_uid=study_uid, series_uid=series_uid, path=str(path),
-            transfer_syntax=transfer_syntax, calling_aet=calling_aet, patient_id=patient_id, issuer=issuer,
-            modality=modality,
+                            ref.series_uid, ", ".join(changed))
+            return ref
+        fresh = db.index_instance(
+            sop_uid=ref.sop_instance_uid, sop_class=ref.sop_class_uid, study_uid=ref.study_uid,
+            series_uid=ref.series_uid, path=ref.path, transfer_syntax=transfer_syntax, calling_aet=calling_aet,
+            patient_id=patient_id, issuer=issuer, modality=modality,
         )
-        return InstanceRef(sop_uid, sop_class, study_uid, series_uid, str(path), not fresh)
+        return ref if fresh else dataclasses.replace(ref, duplicate=True)

@@ -11,21 +11,59 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
+class DurableFile:
+    """A file written in pieces that appears under ``path`` only when committed, and then for good.
+
+    The pieces go to a temporary file beside ``path``; ``commit`` fsyncs it,
+    renames it into place and fsyncs the directory. ``discard`` (or an error)
+    removes the temporary file, so ``path`` is never half-written.
+    """
+
+    def __init__(self, path: str | Path, *, prefix: str = ".tmp.") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=prefix, suffix=".tmp")
+        self.size = 0
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data) -> None:  # noqa: ANN001 - any bytes-like object
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self._fd, view)
+            self.size += n
+            view = view[n:]
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        Path(self._tmp).unlink(missing_ok=True)
+
+
 def write_durably(path: str | Path, write: Callable[[BinaryIO], object], *, prefix: str = ".tmp.") -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+    """Write ``path`` through ``write(file object)``, durably and atomically (see ``DurableFile``)."""
+    target = DurableFile(path, prefix=prefix)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(target.fileno(), "wb", closefd=False) as fh:
             write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        target.discard()
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    target.commit()

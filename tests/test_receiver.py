@@ -1,0 +1,250 @@
+"""The node's own DICOM receive path: header scanning, upper-layer robustness, streaming durability,
+transfer syntaxes, and the receiver processes of the service."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from dicom_node.db import NodeDB
+from dicom_node.dimse_codec import decode_command
+from dicom_node.header_scan import WANTED, Unsupported, scan_header
+from dicom_node.scp import StorageSCP
+from dicom_node.store import InstanceStore
+from tests.conftest import need_tool, storescu, wait_for
+
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data"
+
+
+def _data_set_of(path: str) -> tuple[bytes, str] | None:
+    raw = Path(path).read_bytes()
+    if raw[128:136] != b"DICM\x02\x00\x00\x00":  # no preamble, or no meta group length to skip the meta by
+        return None
+    meta_len = struct.unpack_from("<L", raw, 140)[0]
+    return raw[144 + meta_len:], str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def test_header_scan_equals_pydicom_on_real_files():
+    """pydicom's own test and character-set files plus the shipped ones: same values, prefixes never wrong."""
+    files = sorted(glob.glob(str(PYDICOM_FILES / "test_files" / "*.dcm")) +
+                   glob.glob(str(PYDICOM_FILES / "charset_files" / "*.dcm")) +
+                   glob.glob("dicom_node/sample_data/*.dcm"))
+    compared = 0
+    for f in files:
+        try:
+            found = _data_set_of(f)
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - files pydicom itself cannot read are not the point here
+            continue
+        if found is None:
+            continue
+        body, syntax = found
+        want = {k: str(ds.get(k, "") or "").strip() for k, _ in WANTED.values()
+                if k in ds and k != "SpecificCharacterSet"}
+        try:
+            got = scan_header(body, syntax)
+        except Unsupported:
+            continue
+        assert got is not None
+        assert {k: v for k, v in got.items() if k != "SpecificCharacterSet"} == want, f
+        compared += 1
+        for cut in (7, 64, 300, 1000):
+            partial = scan_header(body[:cut], syntax, complete=False) if cut < len(body) else None
+            if partial is not None:
+                assert {k: v for k, v in partial.items() if k != "SpecificCharacterSet"} == want, (f, cut)
+    assert compared >= 60  # Japanese (ISO 2022), Cyrillic, Greek, ... included
+
+
+# --- raw upper-layer peers ---------------------------------------------------------------------
+@pytest.fixture()
+def scp(tmp_path):
+    db = NodeDB(tmp_path / "db.sqlite")
+    store = InstanceStore(tmp_path / "store", db)
+    stored = []
+    server = StorageSCP(ae_title="OSTEOSCREEN", host="127.0.0.1", port=0, max_pdu=16384, allowed_calling_aets=[],
+                        store=store, on_stored=stored.append)
+    server.acse_timeout = 3.0
+    server.start()
+    server.stored = stored
+    yield server
+    server.stop()
+    db.close()
+
+
+def _associate_rq(*contexts: tuple[str, str]) -> bytes:
+    rq = A_ASSOCIATE()
+    rq.application_context_name = "1.2.840.10008.3.1.1.1"
+    rq.calling_ae_title, rq.called_ae_title = "CT1", "OSTEOSCREEN"
+    items = []
+    for i, (abstract, syntax) in enumerate(contexts):
+        cx = build_context(abstract, [syntax])
+        cx.context_id = 2 * i + 1
+        items.append(cx)
+    rq.presentation_context_definition_list = items
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = "1.2.3.4"
+    rq.user_information = [max_length, impl]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(rq)
+    return pdu.encode()
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = b""
+    while len(header) < 6:
+        chunk = sock.recv(6 - len(header))
+        if not chunk:
+            return 0, b""
+        header += chunk
+    length = struct.unpack(">L", header[2:6])[0]
+    body = b""
+    while len(body) < length:
+        body += sock.recv(length - len(body))
+    return header[0], body
+
+
+def _p_data(context_id: int, control: int, data: bytes) -> bytes:
+    pdv = struct.pack(">LBB", len(data) + 2, context_id, control) + data
+    return struct.pack(">BxL", 0x04, len(pdv)) + pdv
+
+
+def _command(field: int, sop_class: str, sop_uid: str = "") -> bytes:
+    def element(elem: int, value: bytes) -> bytes:
+        return struct.pack("<HHL", 0, elem, len(value)) + value
+
+    def ui(text: str) -> bytes:
+        raw = text.encode()
+        return raw + b"\x00" if len(raw) % 2 else raw
+
+    body = (element(0x0002, ui(sop_class)) + element(0x0100, struct.pack("<H", field))
+            + element(0x0110, struct.pack("<H", 7)) + element(0x0700, struct.pack("<H", 0))
+            + element(0x0800, struct.pack("<H", 0x0000)) + (element(0x1000, ui(sop_uid)) if sop_uid else b""))
+    return element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def _open(scp, *contexts) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", scp.port), timeout=10)
+    sock.sendall(_associate_rq(*(contexts or [(CTImageStorage, ExplicitVRLittleEndian)])))
+    assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
+    return sock
+
+
+def _echo_works(port: int) -> bool:
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="OSTEOSCREEN")
+    try:
+        return assoc.is_established and assoc.send_c_echo().Status == 0
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_abort_in_the_middle_of_a_data_set_keeps_nothing(scp, sample_series, tmp_path):
+    found = _data_set_of(str(sample_series.files[0]))
+    assert found is not None
+    body, _ = found
+    ds = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    sock = _open(scp)
+    sock.sendall(_p_data(1, 0x03, _command(0x0001, CTImageStorage, ds.SOPInstanceUID)))
+    for off in range(0, 64 * 1024, 16000):  # the header and some pixel data: the file is already open
+        sock.sendall(_p_data(1, 0x00, body[off:off + 16000]))
+    time.sleep(0.3)
+    assert list((tmp_path / "store").rglob(".incoming.*"))  # streamed to disk while it arrives
+    sock.sendall(bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0)))  # A-ABORT
+    sock.close()
+    wait_for(lambda: not list((tmp_path / "store").rglob(".incoming.*")), 10, "the partial file removed")
+    assert not list((tmp_path / "store").rglob("*.dcm")) and not scp.stored
+    assert _echo_works(scp.port)
+
+
+@pytest.mark.parametrize("bad", ["unknown PDU type", "context not accepted", "PDU too long", "garbage command"])
+def test_upper_layer_violations_abort_the_association_not_the_listener(scp, bad):
+    sock = _open(scp)
+    if bad == "unknown PDU type":
+        sock.sendall(b"\x09\x00\x00\x00\x00\x02\x00\x00")
+    elif bad == "context not accepted":
+        sock.sendall(_p_data(5, 0x03, _command(0x0030, Verification)))
+    elif bad == "PDU too long":
+        sock.sendall(struct.pack(">BxL", 0x04, 10 * 2**20))
+    else:
+        sock.sendall(_p_data(1, 0x03, b"\x00\x00\x00\x00\xff\xff"))
+    pdu_type, _ = _read_pdu(sock)
+    assert pdu_type == 0x07  # A-ABORT
+    sock.close()
+    assert _echo_works(scp.port)
+
+
+def test_a_request_not_served_here_is_answered_unrecognised(scp):
+    """A C-FIND-RQ (with its identifier) on the storage context: read to the end, answered 0x0211."""
+    sock = _open(scp)
+    sock.sendall(_p_data(1, 0x03, _command(0x0020, CTImageStorage)))
+    sock.sendall(_p_data(1, 0x02, b"\x10\x00\x20\x00LO\x02\x00*\x00"))
+    pdu_type, body = _read_pdu(sock)
+    assert pdu_type == 0x04
+    response = decode_command(body[6:])
+    assert response.command_field == 0x8020
+    status = re.search(rb"\x00\x00\x00\x09\x02\x00\x00\x00(..)", body[6:], re.S)
+    assert status and struct.unpack("<H", status.group(1))[0] == 0x0211
+    sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RQ
+    assert _read_pdu(sock)[0] == 0x06
+    sock.close()
+
+
+@pytest.mark.parametrize("syntax", [DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_other_transfer_syntaxes_are_stored_as_received(scp, sample_series, syntax, tmp_path):
+    ds = pydicom.dcmread(sample_series.files[0])
+    ds.file_meta.TransferSyntaxUID = syntax
+    pydicom.dcmwrite(tmp_path / "sent.dcm", ds, implicit_vr=False, little_endian=syntax != ExplicitVRBigEndian,
+                     force_encoding=True)
+    ds = pydicom.dcmread(tmp_path / "sent.dcm")
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(CTImageStorage, [syntax])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="OSTEOSCREEN")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    stored = pydicom.dcmread(scp.stored[0].path)
+    assert stored.file_meta.TransferSyntaxUID == syntax
+    assert stored.SOPInstanceUID == ds.SOPInstanceUID and stored.PatientID == ds.PatientID
+    assert np.array_equal(stored.pixel_array, pydicom.dcmread(tmp_path / "sent.dcm").pixel_array)
+
+
+# --- receiver processes --------------------------------------------------------------------------
+def test_receiver_processes_share_concurrent_senders_and_one_that_dies_is_restarted(node_factory, sample_series):
+    node = node_factory(node_extra="receiver_processes = 2\n").start()
+    pids = wait_for(lambda: (lambda m: m if len(m) == 2 else None)(
+        dict(re.findall(r"receiver process (\d) ready \(pid (\d+)\)", node.log()))), 30, "two receiver processes")
+    files = sample_series.files
+    halves = [files[: len(files) // 2], files[len(files) // 2:]]
+    senders = [subprocess.Popen([need_tool("storescu"), "-aet", "CT1", "-aec", "OSTEOSCREEN", "127.0.0.1",
+                                 str(node.port), *map(str, part)], env=dict(os.environ, TCP_NODELAY="1"))
+               for part in halves]
+    assert [s.wait(timeout=120) for s in senders] == [0, 0]
+    assert len(list((node.state_dir / "instances").rglob("*.dcm"))) == len(files)
+    os.kill(int(pids["0"]), signal.SIGKILL)
+    wait_for(lambda: "receiver process 0 exited" in node.log(), 20, "the receiver's death noticed")
+    wait_for(lambda: len(re.findall(r"receiver process 0 ready", node.log())) == 2, 60, "receiver 0 restarted")
+    r = storescu(files[:2], node.port)  # duplicates now: answered Success, stored once
+    assert r.returncode == 0, r.stderr
+    assert node.proc is not None and node.proc.poll() is None
