@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import sqlite3
 import statistics
@@ -154,10 +155,13 @@ class Node:
 
     def peak_rss_mb(self) -> float:
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024.0, 1)
-        return float("nan")
+        return _peak_rss_mb(self.proc.pid)
+
+    def receivers_peak_rss_mb(self) -> float:
+        """The largest peak RSS among the node's receiver processes (their pids are in its log)."""
+        log = self.log_path.read_text(errors="replace")
+        pids = dict(re.findall(r"receiver process (\d+) ready \(pid (\d+)\)", log))
+        return max((_peak_rss_mb(int(p)) for p in pids.values()), default=float("nan"))
 
     def query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with sqlite3.connect(self.state / "osteoscreen.sqlite", timeout=10) as db:
@@ -165,6 +169,16 @@ class Node:
 
     def stored(self) -> int:
         return int(self.query("SELECT COUNT(*) FROM instances")[0][0])
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        pass
+    return float("nan")
 
 
 def _median(values: list[float]) -> float:
@@ -305,6 +319,7 @@ class Latency:
     stages: dict[str, float]
     service_rss_mb: float
     worker_rss_mb: float
+    receiver_rss_mb: float
     level: str | None
     mean_hu: float | None
 
@@ -358,6 +373,7 @@ def _latency_record(node: Node, slices: int, acked: float, in_pacs: float, quiet
     stages["export (C-STORE to the PACS)"] = in_pacs - finished
     return Latency(slices=slices, seconds=in_pacs - acked - quiet_s, quiet_s=quiet_s, stages=stages,
                    service_rss_mb=node.peak_rss_mb(), worker_rss_mb=float(perf.get("worker_peak_rss_mb", "nan")),
+                   receiver_rss_mb=node.receivers_peak_rss_mb(),
                    level=summary.get("level"), mean_hu=summary.get("mean_hu"))
 
 
@@ -450,7 +466,8 @@ def run_bench(*, runs: int = 5, slices: int = 300, scaling: tuple[int, ...] = (1
     out("study latency (storescu exit -> SR + SC stored in Orthanc) ...")
     latency = bench_latency(work, raw, runs)
     out(f"  {slices} slices: {latency.seconds:.1f} s (+ {latency.quiet_s:g} s quiet period), service "
-        f"{latency.service_rss_mb:.0f} MB, worker {latency.worker_rss_mb:.0f} MB peak RSS")
+        f"{latency.service_rss_mb:.0f} MB, worker {latency.worker_rss_mb:.0f} MB, receiver "
+        f"{latency.receiver_rss_mb:.0f} MB peak RSS")
     scale: list[Latency] = []
     for n in scaling:
         if n == slices:
@@ -459,9 +476,9 @@ def run_bench(*, runs: int = 5, slices: int = 300, scaling: tuple[int, ...] = (1
         series = write_resampled_series(data / f"s{n}", n, tag=f"bench-s{n}")
         scale.append(bench_latency(work, series, max(1, min(runs, 3))))
         out(f"  {n} slices: {scale[-1].seconds:.1f} s, service {scale[-1].service_rss_mb:.0f} MB, worker "
-            f"{scale[-1].worker_rss_mb:.0f} MB")
+            f"{scale[-1].worker_rss_mb:.0f} MB, receiver {scale[-1].receiver_rss_mb:.0f} MB")
         shutil.rmtree(data / f"s{n}", ignore_errors=True)
-    peak = max(latency.service_rss_mb, latency.worker_rss_mb)
+    peak = max(latency.service_rss_mb, latency.worker_rss_mb, latency.receiver_rss_mb)
     latency_line = f"latency: slices={slices} seconds={latency.seconds:.1f} peak_rss_mb={peak:.0f}"
     out(latency_line)
     out("HL7 listener and inference ...")
@@ -550,13 +567,15 @@ def render_markdown(rep: dict) -> str:
         "",
         "## Scaling and memory",
         "",
-        "Peak RSS (VmHWM) of the service process and of the worker process, each node started fresh.",
+        "Peak RSS (VmHWM) of the service process, of the job worker process and of the largest receiver "
+        "process, each node started fresh.",
         "",
-        "| slices | latency s | service MB | worker MB | level | L1 HU |",
-        "|---:|---:|---:|---:|---|---:|",
+        "| slices | latency s | service MB | worker MB | receiver MB | level | L1 HU |",
+        "|---:|---:|---:|---:|---:|---|---:|",
     ]
     for x in rep["scaling"]:
         lines.append(f"| {x.slices} | {x.seconds:.1f} | {x.service_rss_mb:.0f} | {x.worker_rss_mb:.0f} | "
+                     f"{x.receiver_rss_mb:.0f} | "
                      f"{x.level or '-'} | {x.mean_hu if x.mean_hu is not None else '-'} |")
     h, inf = rep["hl7"], rep["inference"]
     lines += [
