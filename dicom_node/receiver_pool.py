@@ -228,7 +228,8 @@ class ReceiverPool:
                     log.error("receiver process %d did not take the new allow-lists: %s", r.index, exc)
 
     def stop(self) -> None:
-        self._stopping.set()
+        with self._lock:  # a restart in progress finishes first, and none starts after this
+            self._stopping.set()
         for r in self._receivers:
             if r.channel is not None:
                 try:

@@ -248,3 +248,14 @@ def test_receiver_processes_share_concurrent_senders_and_one_that_dies_is_restar
     r = storescu(files[:2], node.port)  # duplicates now: answered Success, stored once
     assert r.returncode == 0, r.stderr
     assert node.proc is not None and node.proc.poll() is None
+
+
+def test_a_silent_peer_is_aborted_after_the_network_timeout(scp):
+    scp.network_timeout = 1.0
+    sock = _open(scp)
+    started = time.monotonic()
+    sock.settimeout(10)
+    assert _read_pdu(sock)[0] == 0x07  # A-ABORT, unprompted
+    assert time.monotonic() - started < 5
+    sock.close()
+    assert _echo_works(scp.port)
