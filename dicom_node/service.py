@@ -232,7 +232,7 @@ class Service:
             if getattr(new, section) != getattr(old, section):
                 applied.append(section)
         for key in ("ae_title", "host", "port", "state_dir", "max_pdu", "series_quiet_s", "max_associations",
-                    "min_free_mb", "tls"):
+                    "min_free_mb", "tls", "receiver_processes"):
             if getattr(new.node, key) != getattr(old.node, key):
                 restart.append(f"node.{key}")
         if new.shadow != old.shadow or new.destinations != old.destinations:

@@ -259,3 +259,20 @@ def test_a_silent_peer_is_aborted_after_the_network_timeout(scp):
     assert time.monotonic() - started < 5
     sock.close()
     assert _echo_works(scp.port)
+
+
+def test_the_association_names_our_implementation_as_the_conformance_statement_does(scp):
+    from dicom_node.dimse_codec import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="ANY-SCP")  # the called AE title is not checked
+    try:
+        assert assoc.is_established
+        assert assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+        assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
+        assert assoc.acceptor.maximum_length == 16384
+    finally:
+        assoc.release()
+    statement = Path("docs/conformance.md").read_text()
+    assert f"{IMPLEMENTATION_CLASS_UID} / {IMPLEMENTATION_VERSION_NAME}" in statement
