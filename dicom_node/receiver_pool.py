@@ -128,8 +128,10 @@ class _Receiver:
 
 class ReceiverPool:
     def __init__(self, setup: ReceiverSetup, processes: int, *, on_stored: Callable[[InstanceRef], None],
-                 on_outcome: OnOutcome) -> None:
+                 on_outcome: OnOutcome, on_lost: Callable[[], None] | None = None) -> None:
+        """``on_lost``: called after a receiver died, which may have indexed an instance without telling us."""
         self.setup = setup
+        self.on_lost = on_lost
         self.on_stored = on_stored
         self.on_outcome = on_outcome
         self._ctx = multiprocessing.get_context("spawn")
@@ -195,6 +197,11 @@ class ReceiverPool:
                   r.open, r.restart_delay_s)
         with self._lock:
             r.open = 0
+        if self.on_lost is not None:
+            try:
+                self.on_lost()
+            except Exception:  # noqa: BLE001 - the restart below matters more
+                log.exception("re-arming series after the loss of receiver process %d failed", r.index)
         if self._stopping.wait(r.restart_delay_s):
             return
         with self._lock:

@@ -138,7 +138,9 @@ class Service:
                               tls=s.node.tls if s.node.tls.enabled else None, store_root=str(self.instances.root),
                               db_path=str(self.db.path), min_free_bytes=self.instances.min_free_bytes,
                               log_target=current_target()),
-                s.node.receiver_processes, on_stored=self.on_instance_stored, on_outcome=count_outcome)
+                s.node.receiver_processes, on_stored=self.on_instance_stored, on_outcome=count_outcome,
+                # a receiver that died between indexing an instance and telling us leaves its series untimed
+                on_lost=lambda: self.rearm_receiving_series("may have lost a receiver's notice"))
         self.scp = StorageSCP(ae_title=s.node.ae_title, host=s.node.host, port=s.node.port, max_pdu=s.node.max_pdu,
                               allowed_calling_aets=list(s.node.allowed_calling_aets), store=self.instances,
                               max_associations=s.node.max_associations, ssl_context=server_context(s.node.tls),
@@ -178,9 +180,7 @@ class Service:
         if self.settings.metrics.enabled:
             self.metrics_server = serve_metrics(self.settings.metrics.host, self.settings.metrics.port,
                                                 self.metrics_collector)
-        for uid in self.db.series_in_state("receiving"):
-            log.info("series %s was receiving at shutdown: restarting its quiet period", uid)
-            self.completion.touch(uid)
+        self.rearm_receiving_series("was receiving at shutdown")
         if self.settings.shadow.enabled:
             log.warning("SHADOW MODE (site validation): results stay in %s%s; no follow-up messages, no worklist",
                         self.results_dir, "" if not self.result_destinations else
@@ -296,6 +296,12 @@ class Service:
             self.stop()
 
     # --- event handlers -----------------------------------------------------------
+    def rearm_receiving_series(self, why: str) -> None:
+        """Restart the quiet period of every series still receiving: none may wait for a timer nobody set."""
+        for uid in self.db.series_in_state("receiving"):
+            log.info("series %s %s: restarting its quiet period", uid, why)
+            self.completion.touch(uid)
+
     def on_instance_stored(self, ref: InstanceRef) -> None:
         self.completion.touch(ref.series_uid)
 

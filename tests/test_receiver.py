@@ -232,7 +232,7 @@ def test_other_transfer_syntaxes_are_stored_as_received(scp, sample_series, synt
 
 # --- receiver processes --------------------------------------------------------------------------
 def test_receiver_processes_share_concurrent_senders_and_one_that_dies_is_restarted(node_factory, sample_series):
-    node = node_factory(node_extra="receiver_processes = 2\n").start()
+    node = node_factory(node_extra="receiver_processes = 2\n", quiet_s=30).start()
     pids = wait_for(lambda: (lambda m: m if len(m) == 2 else None)(
         dict(re.findall(r"receiver process (\d) ready \(pid (\d+)\)", node.log()))), 30, "two receiver processes")
     files = sample_series.files
@@ -244,6 +244,9 @@ def test_receiver_processes_share_concurrent_senders_and_one_that_dies_is_restar
     assert len(list((node.state_dir / "instances").rglob("*.dcm"))) == len(files)
     os.kill(int(pids["0"]), signal.SIGKILL)
     wait_for(lambda: "receiver process 0 exited" in node.log(), 20, "the receiver's death noticed")
+    # it might have indexed an instance without telling the service: the receiving series get their timer again
+    wait_for(lambda: f"series {sample_series.series_uid} may have lost a receiver's notice" in node.log(), 10,
+             "the series' quiet period restarted")
     wait_for(lambda: len(re.findall(r"receiver process 0 ready", node.log())) == 2, 60, "receiver 0 restarted")
     r = storescu(files[:2], node.port)  # duplicates now: answered Success, stored once
     assert r.returncode == 0, r.stderr
