@@ -38,8 +38,13 @@ def _serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - start-up problems are operator errors: say what and where
         print(f"osteoscreen: cannot start: {exc}", file=sys.stderr)
         return 1
+    from dicom_node.receiver_pool import ReceiverStartError
+
     try:
         service.serve_forever(args.config)
+    except ReceiverStartError as exc:
+        print(f"osteoscreen: cannot start: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"osteoscreen: {exc}", file=sys.stderr)
         return 1

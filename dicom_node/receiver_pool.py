@@ -32,6 +32,10 @@ _READY_TIMEOUT_S = 60.0
 OnOutcome = Callable[[str, int, bool], None]
 
 
+class ReceiverStartError(RuntimeError):
+    """A receiver process could not start: the service cannot receive, so it must not report ready."""
+
+
 @dataclass(frozen=True)
 class ReceiverSetup:
     """What a receiver process needs to serve associations; picklable."""
@@ -138,6 +142,7 @@ class ReceiverPool:
         self._lock = threading.Lock()
         self._receivers = [_Receiver(i) for i in range(processes)]
         self._stopping = threading.Event()
+        self._started = False  # until every receiver was ready once, a death is a start failure, not restarted
 
     @property
     def open_associations(self) -> int:
@@ -145,12 +150,21 @@ class ReceiverPool:
             return sum(r.open for r in self._receivers)
 
     def start(self) -> None:
+        """Start every receiver and wait until each is ready; ``ReceiverStartError`` if one dies or hangs."""
         self._stopping.clear()
+        self._started = False
         for r in self._receivers:
             self._spawn(r)
+        deadline = time.monotonic() + _READY_TIMEOUT_S
         for r in self._receivers:
-            if not r.ready.wait(_READY_TIMEOUT_S):
-                log.error("receiver process %d did not start within %.0f s", r.index, _READY_TIMEOUT_S)
+            while not r.ready.wait(0.2):
+                if r.process.exitcode is not None or time.monotonic() > deadline:
+                    why = (f"exited with code {r.process.exitcode}" if r.process.exitcode is not None
+                           else f"was not ready within {_READY_TIMEOUT_S:.0f} s")
+                    self.stop()
+                    raise ReceiverStartError(f"receiver process {r.index} {why} during start-up; its error is in "
+                                             "the log above")
+        self._started = True
 
     def _spawn(self, r: _Receiver) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -187,8 +201,8 @@ class ReceiverPool:
                 log.info("receiver process %d ready (pid %d)", r.index, message[1])
                 r.ready.set()
         channel.sock.close()
-        if self._stopping.is_set():
-            return
+        if self._stopping.is_set() or not self._started:
+            return  # stopping, or failing to start: start() reports it
         r.process.join(timeout=5)
         young = time.monotonic() - r.started < 30
         r.restart_delay_s = min(60.0, max(1.0, 2 * r.restart_delay_s)) if young else 0.0

@@ -272,7 +272,11 @@ class Service:
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGHUP, _hup)
-        self.start()
+        try:
+            self.start()
+        except Exception:
+            self.stop()  # what did start is stopped, so the process can exit and systemd can restart it
+            raise
         notifier.ready(f"DICOM {self.settings.node.ae_title}:{self.scp.port} ready")
         tick = min(5.0, notifier.watchdog_s / 2) if notifier.watchdog_s else 5.0
         try:

@@ -279,3 +279,20 @@ def test_the_association_names_our_implementation_as_the_conformance_statement_d
         assoc.release()
     statement = Path("docs/conformance.md").read_text()
     assert f"{IMPLEMENTATION_CLASS_UID} / {IMPLEMENTATION_VERSION_NAME}" in statement
+
+
+def test_a_receiver_that_cannot_start_fails_the_start_instead_of_looping(tmp_path):
+    """Here its database path lies under a plain file; the service must not report ready without receivers."""
+    from dicom_node.receiver_pool import ReceiverPool, ReceiverSetup, ReceiverStartError
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    setup = ReceiverSetup(ae_title="OSTEOSCREEN", max_pdu=16384, max_associations=4, allowed_calling_aets=[],
+                          allowed_sop_classes={}, tls=None, store_root=str(tmp_path / "store"),
+                          db_path=str(blocker / "osteoscreen.sqlite"), min_free_bytes=0)
+    pool = ReceiverPool(setup, 1, on_stored=lambda ref: None, on_outcome=lambda *a: None)
+    started = time.monotonic()
+    with pytest.raises(ReceiverStartError, match="exited with code 1 during start-up"):
+        pool.start()
+    assert time.monotonic() - started < 30
+    assert all(r.process.exitcode is not None for r in pool._receivers)
