@@ -130,7 +130,8 @@ def _decode(raw: dict[int, tuple[str, bytes]], implicit: bool) -> dict[str, str]
             slow[tag] = (vr, value)
     if slow:  # another character set, several values, an odd VR: pydicom's own conversion
         ds = Dataset()
-        for tag, (vr, value) in {**slow, **({0x00080005: raw[0x00080005]} if 0x00080005 in raw else {})}.items():
+        charset = {0x00080005: raw[0x00080005]} if 0x00080005 in raw else {}  # how pydicom decodes the rest
+        for tag, (vr, value) in {**slow, **charset}.items():
             ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, implicit, True)
         for tag in slow:
             keyword = WANTED[tag][0]

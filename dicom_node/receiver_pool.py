@@ -108,9 +108,7 @@ def receiver_main(setup: ReceiverSetup, ctrl: socket.socket, parent_pid: int, in
         if message[0] == "connection" and fds:
             _, address, over_limit = message
             sock = socket.socket(fileno=fds[0])
-            threading.Thread(target=scp.serve_handed_off, args=(sock, address, over_limit,
-                                                               lambda: channel.send(("closed",))),
-                             name=f"dicom-assoc-{address[1]}", daemon=True).start()
+            scp.serve_handed_off(sock, address, over_limit, lambda: channel.send(("closed",)))
         elif message[0] == "config":
             scp.set_allowed_calling_aets(message[1], quiet=True)
             scp.set_allowed_sop_classes(message[2])
@@ -140,6 +138,7 @@ class ReceiverPool:
         self.on_outcome = on_outcome
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
+        self.processes = processes
         self._receivers = [_Receiver(i) for i in range(processes)]
         self._stopping = threading.Event()
         self._started = False  # until every receiver was ready once, a death is a start failure, not restarted

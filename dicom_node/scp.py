@@ -162,7 +162,7 @@ class StorageSCP:
         self.on_outcome = on_outcome
         self.pool = pool
         self.allowed_calling_aets: frozenset[str] = frozenset()
-        self._sop_classes_config: dict[str, list[str]] = {}
+        self.allowed_sop_classes: dict[str, frozenset[str]] = {}
         self.host, self.port = host, port
         self.max_pdu = max_pdu
         self.ssl_context = ssl_context
@@ -184,7 +184,6 @@ class StorageSCP:
         self._stopping = threading.Event()
 
     def set_allowed_sop_classes(self, by_ae: dict[str, list[str]]) -> None:
-        self._sop_classes_config = {ae: list(uids) for ae, uids in by_ae.items()}
         self.allowed_sop_classes = {ae: frozenset(uids) for ae, uids in by_ae.items()}
         self._forward_allow_lists()
 
@@ -196,7 +195,8 @@ class StorageSCP:
 
     def _forward_allow_lists(self) -> None:
         if self.pool is not None:
-            self.pool.configure(sorted(self.allowed_calling_aets), self._sop_classes_config)
+            self.pool.configure(sorted(self.allowed_calling_aets),
+                                {ae: sorted(uids) for ae, uids in self.allowed_sop_classes.items()})
 
     # --- listener -----------------------------------------------------------------
     def start(self) -> None:
@@ -211,7 +211,7 @@ class StorageSCP:
         self._acceptor.start()
         log.info("DICOM SCP %s listening on %s:%d%s%s", self.ae_title, self.host, self.port,
                  " (TLS)" if self.ssl_context else "",
-                 f", {len(self.pool._receivers)} receiver processes" if self.pool is not None else "")
+                 f", {self.pool.processes} receiver processes" if self.pool is not None else "")
 
     def stop(self) -> None:
         """Stop listening and close open associations; a C-STORE being written finishes first."""
@@ -255,11 +255,12 @@ class StorageSCP:
                 continue
             with self._lock:
                 over_limit = len(self._connections) + 1 > self.max_associations
-            self.serve_handed_off(sock, address, over_limit, None, thread=True)
+            self.serve_handed_off(sock, address, over_limit, None)
 
     def serve_handed_off(self, sock: socket.socket, address: tuple, over_limit: bool,
-                         on_done: Callable[[], None] | None, thread: bool = False) -> None:
-        """Serve one accepted connection (here, or in a receiver process); ``on_done`` when it is closed."""
+                         on_done: Callable[[], None] | None) -> None:
+        """Serve one accepted connection (here, or in a receiver process) in its own thread; ``on_done`` when it
+        is closed."""
         def serve() -> None:
             try:
                 self._serve_connection(sock, address, over_limit)
@@ -267,14 +268,10 @@ class StorageSCP:
                 if on_done is not None:
                     on_done()
 
-        t = threading.Thread(target=serve, name=f"dicom-assoc-{address[1]}", daemon=True) if thread \
-            else threading.current_thread()
+        thread = threading.Thread(target=serve, name=f"dicom-assoc-{address[1]}", daemon=True)
         with self._lock:
-            self._connections[sock] = t
-        if thread:
-            t.start()
-        else:
-            serve()
+            self._connections[sock] = thread
+        thread.start()
 
     def _serve_connection(self, sock: socket.socket, address: tuple, over_limit: bool) -> None:
         peer = f"{address[0]}:{address[1]}"
@@ -355,13 +352,6 @@ class StorageSCP:
     def receive(self, calling: str, request: Command, transfer_syntax: str) -> "_Receipt":
         """A C-STORE's data set, fed fragment by fragment as it arrives."""
         return _Receipt(self, calling, request, transfer_syntax)
-
-    def handle_store(self, calling: str, request: Command, transfer_syntax: str,
-                     data: bytes | bytearray) -> tuple[int, str | None]:
-        """Store one whole received data set; the DIMSE status (and error comment) to answer with."""
-        receipt = self.receive(calling, request, transfer_syntax)
-        receipt.add(data, is_last=True)
-        return receipt.finish()
 
 
 class _Receipt:

@@ -115,16 +115,14 @@ class InstanceStore:
             return InstanceRefused(0xA700, f"out of disk space in {self.root}: instance not stored")
         return InstanceRefused(0xA700, f"cannot write instance to {path.parent}: {exc.strerror}")
 
-    def store(self, encoded: Buffer | tuple[Buffer, ...], *, sop_class: str, sop_uid: str, study_uid: str,
-              series_uid: str, transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str, modality: str,
+    def store(self, encoded: Buffer, *, sop_class: str, sop_uid: str, study_uid: str, series_uid: str,
+              transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str, modality: str,
               identity: tuple[str, ...] | None = None) -> InstanceRef:
-        """Store a whole Part 10 file (or its consecutive pieces) durably, then index it: see ``begin``."""
-        parts = encoded if isinstance(encoded, tuple) else (encoded,)
+        """Store a whole Part 10 file durably, then index it: see ``begin``."""
         incoming = self.begin(sop_class=sop_class, sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
-                              identity=identity, expected_bytes=sum(len(p) for p in parts))
+                              identity=identity, expected_bytes=len(encoded))
         try:
-            for part in parts:
-                incoming.write(part)
+            incoming.write(encoded)
             return incoming.commit(transfer_syntax=transfer_syntax, calling_aet=calling_aet, patient_id=patient_id,
                                    issuer=issuer, modality=modality)
         finally:
