@@ -1,9 +1,11 @@
 """`osteoscreen bench` parts that CI can afford: real peers, a small series, no timing assertions."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from dicom_node.bench import NODE_AET, Node, Storescp, _fsyncs, send
+from dicom_node.bench import NODE_AET, Node, Storescp, _fsyncs, send, send_concurrently
 from dicom_node.cli import main
 from dicom_node.sample import write_resampled_series
 
@@ -33,3 +35,14 @@ def test_osteoscreen_fsyncs_every_instance_and_storescp_does_not(small_series, t
 def test_bench_refuses_a_series_the_router_would_skip(capsys):
     assert main(["bench", "--slices", "10"]) == 2
     assert "--slices" in capsys.readouterr().err
+
+
+def test_forking_storescp_takes_concurrent_associations(small_series, tmp_path):
+    """The fair multi-process reference: each association in its own storescp process, all files written."""
+    need_tool("storescu")
+    need_tool("storescp")
+    halves = [dataclasses.replace(small_series, files=small_series.files[:20]),
+              dataclasses.replace(small_series, files=small_series.files[20:])]
+    with Storescp(tmp_path, fork=True) as scp:
+        send_concurrently(halves, scp.port, called="STORESCP")
+    assert len(list((tmp_path / "storescp").iterdir())) == len(small_series.files)
