@@ -33,6 +33,7 @@ from dicom_node.sample import SampleSeries, write_resampled_series
 MAX_PDU = 131072
 PROPOSE = {"raw": "-xe", "jpeg-ls": "-xt", "j2k": "-xv"}  # storescu: propose the files' transfer syntax
 NODE_AET = "OSTEOSCREEN"
+FORKING_STORESCP = "storescp --fork"
 
 
 class BenchError(Exception):
@@ -106,8 +107,9 @@ class Storescp:
     def __enter__(self) -> "Storescp":
         shutil.rmtree(self.out, ignore_errors=True)
         self.out.mkdir(parents=True)
-        self._proc = subprocess.Popen([_need("storescp"), *(["--fork"] if self.fork else []), "+xa", "--max-pdu", str(MAX_PDU), "-od", str(self.out),
-                                       str(self.port)], env=_nodelay_env(), stdout=subprocess.DEVNULL,
+        fork = ["--fork"] if self.fork else []
+        self._proc = subprocess.Popen([_need("storescp"), *fork, "+xa", "--max-pdu", str(MAX_PDU), "-od",
+                                       str(self.out), str(self.port)], env=_nodelay_env(), stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
         _listening(self.port)
         return self
@@ -287,11 +289,11 @@ def bench_ingest(work: Path, raw: SampleSeries, concurrent: list[SampleSeries], 
     # 4 concurrent senders
     total = sum(len(s.files) for s in concurrent)
     total_mb = sum(f.stat().st_size for s in concurrent for f in s.files) / 1e6
-    for label in ("storescp", "storescp --fork", "osteoscreen"):
+    for label in ("storescp", FORKING_STORESCP, "osteoscreen"):
         times = []
         for _ in range(runs):
-            if label.startswith("storescp"):
-                with Storescp(work, fork=label.endswith("--fork")) as scp:
+            if label != "osteoscreen":
+                with Storescp(work, fork=label == FORKING_STORESCP) as scp:
                     times.append(send_concurrently(concurrent, scp.port, called="STORESCP"))
             else:
                 with Node(work / "node") as node:
@@ -528,7 +530,7 @@ def render_markdown(rep: dict) -> str:
         "|---|---:|---:|---:|",
     ]
     base = ing.rates["storescp"]
-    fork4 = next((v for k, v in ing.rates.items() if k.startswith("storescp --fork")), float("nan"))
+    fork4 = ing.rates.get(f"{FORKING_STORESCP}, 4 concurrent senders", float("nan"))
     for label, rate in ing.rates.items():
         lines.append(f"| {label} | {rate:.0f} | {ing.mb_s[label]:.0f} | {rate / base:.2f} |")
     lines += [

@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from pipeline.localiser import Localisation, body_front
+from pipeline.refusal import Refusal
 from pipeline.volume import Volume
 
 OUTLINE_HU = 200
@@ -23,10 +24,8 @@ CORTEX_MARGIN_MM = 4.0
 MIN_ROI_AREA_MM2 = 80.0
 
 
-class MeasurementError(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+class MeasurementError(Refusal):
+    """The trabecular ROI cannot be measured on the chosen slices."""
 
 
 class MetalInBody(MeasurementError):

@@ -5,6 +5,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pipeline.localiser import TRANSITIONAL_NOTE, Localisation, localise
+from pipeline.refusal import Refusal
 from pipeline.volume import Volume
 
 if TYPE_CHECKING:
@@ -14,10 +15,8 @@ SELECTOR_NAME = "anatomical-localiser"
 SELECTOR_VERSION = "1"
 
 
-class SelectionError(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+class SelectionError(Refusal):
+    """No slice through the wanted level can be chosen."""
 
 
 @dataclass(frozen=True)

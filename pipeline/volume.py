@@ -22,6 +22,7 @@ import pydicom
 import pydicom.pixels
 from pydicom.dataset import Dataset
 
+from pipeline.refusal import Refusal
 from pipeline.timing import StageClock
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -37,12 +38,8 @@ MAX_MATRIX = 4096  # rows or columns of one CT image (scanners reconstruct 512-1
 MAX_VOXELS = 1_100_000_000  # about 2.2 GB of int16: 1,000 slices of 1024 x 1024 fit
 
 
-class VolumeError(Exception):
+class VolumeError(Refusal):
     """The series cannot be trusted as a volume; ``reason`` is recorded with the job."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ def test_bench_refuses_a_series_the_router_would_skip(capsys):
 
 
 def test_forking_storescp_takes_concurrent_associations(small_series, tmp_path):
-    """The fair multi-process reference: each association in its own storescp process, all files written."""
+    """The bench's multi-process reference: the packaged storescp accepts --fork and, with the bench's
+    concurrent senders, writes every file."""
     need_tool("storescu")
     need_tool("storescp")
     halves = [dataclasses.replace(small_series, files=small_series.files[:20]),

@@ -25,6 +25,8 @@ import numpy as np
 import pydicom
 from scipy import ndimage as ndi
 
+from pipeline.refusal import Refusal
+
 WORK_PX = 256
 CNN_PX = 64
 GRID = 4
@@ -45,10 +47,8 @@ def is_screenable_view(ds, body_parts, views) -> bool:
             and str(ds.get("ViewPosition", "") or "").upper() in {v.upper() for v in views})
 
 
-class RadiographError(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+class RadiographError(Refusal):
+    """The radiograph cannot be screened."""
 
 
 @dataclass(frozen=True)
