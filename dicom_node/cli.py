@@ -66,6 +66,11 @@ def _train_selector(args: argparse.Namespace) -> int:
               "(CASES_DIR/<case>/{ct.nii.gz|dicom/} + labels.nii.gz)", file=sys.stderr)
         return 2
     cfg = quick_config(args.seed) if args.quick else SelectorTrainConfig(seed=args.seed)
+    if args.check:
+        def retrain(tmp: Path) -> dict:
+            return _selector_metrics(train(cfg, args.cases, tmp, tmp.parent / "report", log=lambda *a: None))
+
+        return _check_reproduced(bundled_models_dir() / "drlis_v1", retrain, shipped_metrics=_selector_metrics)
     out = Path(args.out) if args.out else bundled_models_dir() / "drlis_v1"
     report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
     s = train(cfg, args.cases, out, report)
@@ -74,6 +79,14 @@ def _train_selector(args: argparse.Namespace) -> int:
     print(f"train selector ok: episodes={s['episodes']} volumes={s['train_volumes']} "
           f"val_median_mm={v['median_mm']:.1f} val_in_L1={v['in_zone']:.2f} seed={cfg.seed}")
     return 0
+
+
+def _selector_metrics(summary: dict) -> dict:
+    """What a DRLIS retrain must reproduce: episode count and final validation (its card's ``training``, or the
+    summary ``train`` returns), without the timings."""
+    training = summary.get("training", summary)
+    return {"episodes": training["episodes"],
+            "validation": training.get("validation", training.get("final_validation"))}
 
 
 def _retrain(args: argparse.Namespace, cfg, bundle: str, run, report_note: str, result_lines) -> int:
@@ -140,14 +153,15 @@ def _train_xray(args: argparse.Namespace) -> int:
     return _retrain(args, cfg, "cxr_fusion_v1", run, " (xray.md) - EXPERIMENTAL, semi-synthetic images", lines)
 
 
-def _check_reproduced(shipped: Path, retrain) -> int:
-    """Retrain into a temporary folder (``retrain(bundle_dir) -> results``); compare with the card to 3 decimals."""
+def _check_reproduced(shipped: Path, retrain, shipped_metrics=lambda card: card["metrics"]) -> int:
+    """Retrain into a temporary folder (``retrain(bundle_dir) -> results``); compare with the shipped card's
+    metrics (``shipped_metrics(card)``) to 3 decimals. Nothing shipped is written."""
     import json
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         rebuilt = retrain(Path(tmp) / "bundle")
-    diffs = _compare_metrics(json.loads((shipped / "card.json").read_text())["metrics"], rebuilt)
+    diffs = _compare_metrics(shipped_metrics(json.loads((shipped / "card.json").read_text())), rebuilt)
     if diffs:
         print("train check: metrics differ from the shipped bundle at 3 decimals:\n  " + "\n  ".join(diffs))
         return 1

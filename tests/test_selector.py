@@ -162,3 +162,33 @@ def test_eval_selector_prints_side_by_side_and_summary_line(cases_dir):
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("selector eval: cases=1 agent_in_L1=1.00 localiser_in_L1=1.00 agent_mm=")
     assert "localiser_mm=" in last
+
+
+def test_train_selector_check_compares_without_touching_the_shipped_bundle(tmp_path, cases_dir, monkeypatch, capsys):
+    """`osteoscreen train selector --check` retrains in a temporary folder and compares; it once ignored --check
+    and overwrote the shipped bundle and report."""
+    import hashlib
+
+    import engines.bundle
+    from dicom_node.cli import main
+
+    shipped = engines.bundle.bundled_models_dir()
+    models = tmp_path / "models"
+    models.mkdir()
+    for d in shipped.iterdir():
+        if d.is_dir():
+            (models / d.name).symlink_to(d, target_is_directory=True)
+    (models / "drlis_v1").unlink()
+    shutil.copytree(shipped / "drlis_v1", models / "drlis_v1")
+    monkeypatch.setattr(engines.bundle, "bundled_models_dir", lambda: models)
+    monkeypatch.chdir(tmp_path)
+
+    def digest() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((models / "drlis_v1").iterdir())}
+
+    before = digest()
+    rc = main(["train", "selector", str(cases_dir), "--check", "--quick"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "train check: metrics differ from the shipped bundle" in out  # a quick run is not the full one
+    assert "validation.median_mm" in out or "episodes" in out
+    assert digest() == before and not (tmp_path / "docs").exists()
