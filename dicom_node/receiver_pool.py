@@ -12,6 +12,7 @@ resends it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -240,6 +241,10 @@ class ReceiverPool:
             sock.close()
 
     def configure(self, allowed_calling_aets: list[str], allowed_sop_classes: dict[str, list[str]]) -> None:
+        """New allow-lists (a reload): sent to the running receivers and kept for any receiver started later."""
+        with self._lock:  # a restart spawns under this lock: it starts with the new lists or gets the send below
+            self.setup = dataclasses.replace(self.setup, allowed_calling_aets=list(allowed_calling_aets),
+                                             allowed_sop_classes=dict(allowed_sop_classes))
         for r in self._receivers:
             if r.channel is not None:
                 try:

@@ -296,3 +296,41 @@ def test_a_receiver_that_cannot_start_fails_the_start_instead_of_looping(tmp_pat
         pool.start()
     assert time.monotonic() - started < 30
     assert all(r.process.exitcode is not None for r in pool._receivers)
+
+
+def test_a_restarted_receiver_keeps_the_reloaded_allow_list(tmp_path):
+    """A reload (SIGHUP) changes the calling-AE allow-list; a receiver that dies afterwards must come back with
+    the new list, not the one the service started with."""
+    from dicom_node.receiver_pool import ReceiverPool, ReceiverSetup
+
+    db = NodeDB(tmp_path / "db.sqlite")
+    setup = ReceiverSetup(ae_title="OSTEOSCREEN", max_pdu=16384, max_associations=4, allowed_calling_aets=["CT1"],
+                          allowed_sop_classes={}, tls=None, store_root=str(tmp_path / "store"),
+                          db_path=str(tmp_path / "db.sqlite"), min_free_bytes=0)
+    pool = ReceiverPool(setup, 1, on_stored=lambda ref: None, on_outcome=lambda *a: None)
+    server = StorageSCP(ae_title="OSTEOSCREEN", host="127.0.0.1", port=0, max_pdu=16384,
+                        allowed_calling_aets=["CT1"], store=InstanceStore(tmp_path / "store", db),
+                        on_stored=lambda ref: None, pool=pool)
+    server.start()
+    try:
+        def echo_as(calling: str) -> bool:
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", server.port, ae_title="OSTEOSCREEN")
+            try:
+                return assoc.is_established and assoc.send_c_echo().Status == 0
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+
+        assert echo_as("CT1") and not echo_as("CT2")
+        server.set_allowed_calling_aets(["CT2"])  # what a reload does
+        assert wait_for(lambda: echo_as("CT2"), 10, "the new allow-list in the receiver") and not echo_as("CT1")
+        receiver = pool._receivers[0]
+        old = receiver.process
+        os.kill(old.pid, signal.SIGKILL)
+        wait_for(lambda: receiver.process is not old and receiver.ready.is_set(), 30, "the receiver restarted")
+        assert echo_as("CT2") and not echo_as("CT1")
+    finally:
+        server.stop()
+        db.close()
