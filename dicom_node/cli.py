@@ -67,8 +67,11 @@ def _train_selector(args: argparse.Namespace) -> int:
         return 2
     cfg = quick_config(args.seed) if args.quick else SelectorTrainConfig(seed=args.seed)
     if args.check:
+        import json
+
         def retrain(tmp: Path) -> dict:
-            return _selector_metrics(train(cfg, args.cases, tmp, tmp.parent / "report", log=lambda *a: None))
+            train(cfg, args.cases, tmp, tmp.parent / "report", log=lambda *a: None)
+            return _selector_metrics(json.loads((tmp / "card.json").read_text()))
 
         return _check_reproduced(bundled_models_dir() / "drlis_v1", retrain, shipped_metrics=_selector_metrics)
     out = Path(args.out) if args.out else bundled_models_dir() / "drlis_v1"
@@ -81,12 +84,9 @@ def _train_selector(args: argparse.Namespace) -> int:
     return 0
 
 
-def _selector_metrics(summary: dict) -> dict:
-    """What a DRLIS retrain must reproduce: episode count and final validation (its card's ``training``, or the
-    summary ``train`` returns), without the timings."""
-    training = summary.get("training", summary)
-    return {"episodes": training["episodes"],
-            "validation": training.get("validation", training.get("final_validation"))}
+def _selector_metrics(card: dict) -> dict:
+    """What a DRLIS retrain must reproduce: the episode count and final validation in its card, not the timings."""
+    return {"episodes": card["training"]["episodes"], "validation": card["training"]["validation"]}
 
 
 def _retrain(args: argparse.Namespace, cfg, bundle: str, run, report_note: str, result_lines) -> int:

@@ -23,7 +23,6 @@ class DurableFile:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=prefix, suffix=".tmp")
-        self.size = 0
 
     def fileno(self) -> int:
         return self._fd
@@ -31,9 +30,7 @@ class DurableFile:
     def write(self, data) -> None:  # noqa: ANN001 - any bytes-like object
         view = memoryview(data).cast("B")
         while view:
-            n = os.write(self._fd, view)
-            self.size += n
-            view = view[n:]
+            view = view[os.write(self._fd, view):]
 
     def commit(self) -> None:
         try:
