@@ -116,12 +116,21 @@ def write_sample_series(
 
     ``tag`` seeds the UIDs: the same tag gives the same study/series/SOP UIDs.
     """
+    arr, origin, spacing = load_lps_volume(nifti or sample_data_dir() / "example_ct.nii.gz")
+    return write_array_series(out_dir, arr, origin, spacing, tag=tag, study_date=study_date)
+
+
+def write_array_series(out_dir: str | Path, hu: np.ndarray, origin_lps: np.ndarray,
+                       spacing: tuple[float, float, float], *, tag: str = "demo",
+                       study_date: dt.date = SAMPLE_STUDY_DATE) -> SampleSeries:
+    """Write an HU array (z, row, col; rows A->P, columns R->L, slices inferior -> superior) as the sample
+    patient's CT series, one file per slice (tests: modified copies of the sample CT)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    arr, origin, (dz, dy, dx) = load_lps_volume(nifti or sample_data_dir() / "example_ct.nii.gz")
+    dz, dy, dx = spacing
     study_uid, series_uid, for_uid = _uid(tag, "study"), _uid(tag, "series"), _uid(tag, "for")
     base = _base_dataset(study_uid, series_uid, for_uid, study_date)
-    files = _write_slices(out, tag, base, iter(arr), origin, dz, (dy, dx))
+    files = _write_slices(out, tag, base, iter(hu), np.asarray(origin_lps, float), dz, (dy, dx))
     return SampleSeries(out, files, study_uid, series_uid, SAMPLE_PATIENT_ID, SAMPLE_ISSUER)
 
 

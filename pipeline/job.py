@@ -361,7 +361,8 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                       quality_notes=_quality_notes(contrast, calibration),
                       roi_source_rc=volume.to_source_rc(measurement.roi_polygon_rc) if measurement is not None
                       and volume is not None else None, predecessor=req.predecessor_sr, library_images=library,
-                      adjacent=[(m, volume.to_source_rc(m.roi_polygon_rc)) for m in adjacent], attention=attention)
+                      adjacent=[(m, volume.to_source_rc(m.roi_polygon_rc)) for m in adjacent], attention=attention,
+                      fractures=loc.fractures if loc is not None else ())
         write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
         outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
 
@@ -381,6 +382,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                 + ("; possible transitional anatomy (short lowest ribs)"
                    if any(TRANSITIONAL_NOTE in n for n in loc.notes) else ""),
                 *_panel_flags(contrast, calibration),
+                *(f"FINDING: {f.text}" for f in loc.fractures),
                 "Labs: " + ("; ".join(f"{v.name} {v.value:.3g} {v.unit}" for v in req.labs.values)
                             if req.labs.values else "none found"),
                 "Patient: " + ", ".join(x for x in (
@@ -439,6 +441,10 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         summary["adjacent_levels"] = [{"level": m.level, "mean_hu": round(m.mean_hu, 1), "sd_hu": round(m.sd_hu, 1),
                                        "roi_area_mm2": round(m.area_mm2, 1), "slice_index": m.slice_index,
                                        "source_sop_instance_uid": m.sop_instance_uid} for m in adjacent]
+    if loc is not None and loc.fractures:
+        summary["vertebral_fractures"] = [{"level": f.level, "height_mm": round(f.height_mm, 1),
+                                           "ratio": round(f.ratio, 2), "reference": f.reference,
+                                           "text": f.text} for f in loc.fractures]
     if volume is not None:
         summary["volume_notes"] = list(volume.notes)
         summary["slices"] = int(volume.shape[0])

@@ -9,20 +9,27 @@ The steps, each chosen to survive low bone density (the patients we look for):
    not dark enough. The body lies in front of the canal: in a +-15 mm bone
    projection (which always holds an endplate) it is the bone region touching
    the canal, cut at its waist where a contrast-filled aorta is fused to it.
-2. Find intervertebral discs. The median HU in the body core is high at
-   endplates and low in discs; in osteoporotic bone the body interior can be
-   as dark as a disc, but discs are short (5-14 mm) and interiors long, so a
-   15 mm black top-hat responds to discs only. Peaks >= 20 mm apart are discs;
-   gaps far from the median spacing are filled or pruned.
+2. Find intervertebral discs on the column straightened along its own axis
+   (``spine_axis``): a 7 mm black top-hat along the axis, averaged over the
+   body's depth, responds to discs whatever their tilt, and not to the dark
+   interior of an osteoporotic body (longer than 7 mm, its texture not lined
+   up across the depth). Peaks >= 12 mm apart are discs; gaps far from the
+   median spacing are filled or pruned, except that two clear discs close
+   together are kept: a compressed vertebra lies between them.
 3. Name the levels from an anchor: ribs. Bone components outside a 35 mm
    cylinder around the canal that reach >= 65 mm laterally and come within
-   42 mm of it are ribs; the lowest rib-bearing segment is T12. Without a
+   42 mm of it are ribs, followed back to their heads beside the body; the
+   segment holding the lowest rib head is T12. Without a
    rib anchor no level is named (the caller refuses rather than guesses).
    Transitional anatomy: where the lowest rib-bearing vertebra's ribs are all
    short (< 75 mm lateral reach; 12th ribs in the real cases here reach 87-90 mm
    on 2.5-3 mm slices, 72-73 mm when resampled to 5 mm) they may be a 13th
    (lumbar) rib or hypoplastic 12th ribs, and counting from them could put "L1"
    one level off: the confidence is halved and a note says why (never silent).
+4. Compare each body's disc-to-disc height with its neighbours': a T12, L1 or
+   L2 much lower than them is a suspected compression fracture (a finding of
+   its own, and a reason not to measure it); a segment much taller than them
+   is two bodies merged by a missed disc, and the level is then uncertain.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.signal import find_peaks
 
+from pipeline.spine_axis import STEP_MM, spine_axis
 from pipeline.volume import Volume
 
 BONE_HU = 200
@@ -39,9 +47,18 @@ TRACK_WINDOW_MM = 15.0
 SLAB_MM = 3.0  # thinner slices are averaged into slabs of about this thickness
 CANAL_WINDOW_MM = 4.0
 CANAL_MAX_HU = 45.0
-DISC_TOPHAT_MM = 15.0
-MIN_DISC_GAP_MM = 20.0
+MIN_DISC_GAP_MM = 12.0
+CROWDED_GAP_FRACTION = 0.55  # of the median disc spacing: closer candidates are crowded
+KEEP_CROWDED_GAP_FRACTION = 0.35  # ...but both are kept when at least this far apart
+KEEP_CROWDED_STRENGTH = 0.6  # ...and the weaker scores at least this share of the stronger
+FRACTURE_RATIO = 0.8  # disc-to-disc height under this times its neighbours': suspected compression fracture
+FRACTURE_LEVELS = ("T12", "L1", "L2")  # L1 and the levels measured in its place
+MAX_DISC_TO_DISC_MM = 50.0  # taller than any adult T10-L5 vertebra with its disc: merged segments
 MIN_DISC_SCORE_HU = 20.0
+DISC_EDGE_MARGIN_MM = 6.0
+WEAK_DISC_SCORE_HU = 10.0  # accepted only where the spacing says a disc is missing
+WEAK_DISC_REACH = 0.25  # of the median spacing, around where the missing disc should be
+EDGE_STRETCH_FRACTION = 1.4  # a stretch to the scan's edge longer than this x the spacing holds a disc
 RIB_EXCLUSION_RADIUS_MM = 35.0
 CANAL_CENTRE_OFFSET_MM = 8.0  # canal centre lies about this far behind the body's posterior wall
 WAIST_FRACTION = 0.7
@@ -52,6 +69,8 @@ SHORT_LOWEST_RIB_MM = 75.0  # lowest ribs all shorter than this: 13th (lumbar) r
 TRANSITIONAL_CONFIDENCE_FACTOR = 0.5
 TRANSITIONAL_NOTE = "possible transitional anatomy"
 RIB_MAX_MEDIAL_MM = 42.0
+RIB_HEAD_MM = 22.0  # costovertebral joint: beside the body's posterolateral corner
+RIB_HEAD_MAX_LIFT_MM = 15.0
 
 LEVEL_NAMES = ["C7"] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)] + ["S1"]
 
@@ -73,8 +92,33 @@ class VertebraSegment:
 @dataclass(frozen=True)
 class Rib:
     side: str  # "L" or "R" (patient side)
-    z_medial: float  # slice index of the rib's point nearest the spine
+    z_medial: float  # slice index of the rib's point nearest the spine (outside the exclusion cylinder)
     lateral_reach_mm: float
+    z_head: float | None = None  # that point extrapolated along the rib to its head beside the body
+
+    @property
+    def z_anchor(self) -> float:
+        """Where the rib meets its vertebra: its head, else its most medial point seen."""
+        return self.z_medial if self.z_head is None else self.z_head
+
+
+@dataclass(frozen=True)
+class SuspectedFracture:
+    """A vertebral body much lower than its neighbours: height loss, as in a compression fracture."""
+
+    level: str
+    height_mm: float  # its disc-to-disc height along the spine's axis
+    reference_mm: float  # the mean of its neighbours' (or the typical) disc-to-disc height
+    reference: str  # which heights that mean is of
+
+    @property
+    def ratio(self) -> float:
+        return self.height_mm / self.reference_mm
+
+    @property
+    def text(self) -> str:
+        return (f"suspected compression fracture of {self.level}: disc-to-disc height {self.height_mm:.0f} mm, "
+                f"{self.ratio:.2f} x {self.reference} ({self.reference_mm:.0f} mm)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,6 +131,10 @@ class Localisation:
     confidence: float
     reason: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    fractures: tuple[SuspectedFracture, ...] = ()
+
+    def fracture_of(self, level: str) -> SuspectedFracture | None:
+        return next((f for f in self.fractures if f.level == level), None)
 
     def find(self, label: str) -> VertebraSegment | None:
         return next((s for s in self.segments if s.label == label), None)
@@ -261,69 +309,89 @@ def _track_body(hu: np.ndarray, sp: tuple[float, float, float], xmid: float):
     return np.stack(track, axis=1), found
 
 
-def _core_profile(hu: np.ndarray, sp, track: np.ndarray) -> np.ndarray:
-    shrink_r = max(1, int(round(3.0 / sp[1])))
-    half_c = max(2, int(round(12.0 / sp[2])))
-    prof = np.empty(hu.shape[0])
-    for k in range(hu.shape[0]):
-        ya, yp, cx, _ = track[k]
-        r0, r1 = int(round(ya)) + shrink_r, int(round(yp)) - shrink_r
-        c0, c1 = int(round(cx)) - half_c, int(round(cx)) + half_c + 1
-        if r1 <= r0:
-            r0, r1 = int(round(ya)), int(round(yp)) + 1
-        box = hu[k, max(r0, 0) : max(r1, 1), max(c0, 0) : max(c1, 1)]
-        prof[k] = np.median(box) if box.size else np.nan
-    return _fill_nan(prof)
-
-
-def _find_discs(profile: np.ndarray, dz: float) -> tuple[list[float], set[float], list[str]]:
-    """Disc centres (slice indices), the subset inferred from spacing rather than seen, and notes."""
-    notes: list[str] = []
-    inferred: set[float] = set()
-    if dz < 2.0:
-        profile = ndi.gaussian_filter1d(profile, sigma=1.5 / dz)
-    size = max(3, int(round(DISC_TOPHAT_MM / dz)) | 1)
-    score = ndi.grey_closing(profile, size=size) - profile
-    distance = max(1, int(round(MIN_DISC_GAP_MM / dz)))
-    peaks, _ = find_peaks(np.pad(score, 1, constant_values=0), height=MIN_DISC_SCORE_HU, distance=distance)
-    peaks = [float(p - 1) for p in peaks]
-    # Refine each peak to the centre of its plateau (top-hats of flat-bottomed discs are flat).
+def _disc_peaks(score: np.ndarray, height: float, step_mm: float) -> list[float]:
+    """Peaks of the disc score at least ``height`` high and MIN_DISC_GAP_MM apart, each moved to the centre
+    of its plateau (top-hats of flat-bottomed discs are flat); none within DISC_EDGE_MARGIN_MM of an end."""
+    distance = max(1, int(round(MIN_DISC_GAP_MM / step_mm)))
+    peaks, _ = find_peaks(np.pad(score, 1, constant_values=0), height=height, distance=distance)
     refined = []
-    for p in peaks:
-        p_i = int(p)
-        thr = 0.8 * score[p_i]
-        lo = p_i
+    for p in peaks - 1:
+        thr = 0.8 * score[p]
+        lo = hi = int(p)
         while lo > 0 and score[lo - 1] >= thr:
             lo -= 1
-        hi = p_i
         while hi < len(score) - 1 and score[hi + 1] >= thr:
             hi += 1
         refined.append(0.5 * (lo + hi))
-    discs = sorted(refined)
+    margin = DISC_EDGE_MARGIN_MM / step_mm  # a band cut by the scan's edge is not a disc seen
+    return sorted(d for d in refined if margin <= d <= len(score) - 1 - margin)
+
+
+def _find_discs(score: np.ndarray, step_mm: float) -> tuple[list[float], set[float], list[str]]:
+    """Disc centres (positions along the spine axis, mm), the subset inferred from spacing rather than
+    seen, and notes. ``score``: ``SpineAxis.disc_score`` at ``step_mm`` steps.
+
+    Where the spacing says a disc is missing (a gap, or a long stretch to the edge of the scan), a
+    weaker peak (>= WEAK_DISC_SCORE_HU) close to where it should be is taken as that disc; only
+    without one is the disc inferred from the spacing.
+    """
+    notes: list[str] = []
+    inferred: set[float] = set()
+    discs = _disc_peaks(score, MIN_DISC_SCORE_HU, step_mm)
+    weak = [d for d in _disc_peaks(score, WEAK_DISC_SCORE_HU, step_mm) if d not in discs]
+    strength = {d: float(score[int(round(d))]) for d in discs + weak}
+
+    def weak_near(expected: float, reach: float) -> float | None:
+        near = [w for w in weak if abs(w - expected) <= reach]
+        return max(near, key=lambda w: strength[w]) if near else None
+
     if len(discs) >= 3:
+        # the spacing, robust to missed discs: each gap counted as the whole number of spacings it spans
         gaps = np.diff(discs)
-        g = float(np.median(gaps))
+        unit = max(MIN_DISC_GAP_MM / step_mm, float(np.percentile(gaps, 25)))
+        g = float(np.median(gaps / np.maximum(1.0, np.round(gaps / unit))))
         out = [discs[0]]
         for d in discs[1:]:
             gap = d - out[-1]
-            if gap < 0.55 * g:
+            weaker = min(strength[d], strength[out[-1]]) / max(strength[d], strength[out[-1]])
+            crowded = gap < CROWDED_GAP_FRACTION * g
+            if crowded and gap >= KEEP_CROWDED_GAP_FRACTION * g and weaker >= KEEP_CROWDED_STRENGTH:
+                # Two discs as clear as each other, close together: a compressed vertebra between them
+                # (reported as a suspected fracture), never silently merged into a neighbour.
+                notes.append(f"two clear discs only {gap * step_mm:.0f} mm apart")
+            elif crowded:
                 # keep the stronger of two crowded candidates
-                if score[int(round(d))] > score[int(round(out[-1]))]:
+                if strength[d] > strength[out[-1]]:
                     out[-1] = d
-                notes.append(f"pruned a disc candidate {gap * dz:.0f} mm from its neighbour")
+                notes.append(f"pruned a disc candidate {gap * step_mm:.0f} mm from its neighbour")
                 continue
             n_missing = int(round(gap / g)) - 1
             if gap > 1.6 * g and 1 <= n_missing <= 2:
                 prev = out[-1]
-                new = [prev + gap * j / (n_missing + 1) for j in range(1, n_missing + 1)]
-                out.extend(new)
-                inferred.update(new)
-                notes.append(f"inferred {n_missing} disc(s) in a {gap * dz:.0f} mm gap")
+                for j in range(1, n_missing + 1):
+                    expected = prev + gap * j / (n_missing + 1)
+                    seen = weak_near(expected, WEAK_DISC_REACH * g)
+                    if seen is not None:
+                        out.append(seen)
+                        notes.append(f"a weak disc accepted in a {gap * step_mm:.0f} mm gap")
+                    else:
+                        out.append(expected)
+                        inferred.add(expected)
+                        notes.append(f"inferred a disc in a {gap * step_mm:.0f} mm gap")
             elif gap > 1.6 * g:
-                notes.append(f"no disc found in a {gap * dz:.0f} mm stretch")
+                notes.append(f"no disc found in a {gap * step_mm:.0f} mm stretch")
             out.append(d)
+        # long stretches to the edges of the scan: a weak disc about one spacing on
+        for direction, edge in ((1, len(score) - 1), (-1, 0)):
+            while abs(edge - (out[-1] if direction > 0 else out[0])) > EDGE_STRETCH_FRACTION * g:
+                last = out[-1] if direction > 0 else out[0]
+                seen = weak_near(last + direction * g, WEAK_DISC_REACH * g)
+                if seen is None or abs(edge - seen) < MIN_DISC_GAP_MM / step_mm:
+                    break
+                out = out + [seen] if direction > 0 else [seen] + out
+                notes.append("a weak disc accepted towards the edge of the scan")
         discs = sorted(out)
-    return discs, inferred, notes
+    return [d * step_mm for d in discs], {d * step_mm for d in inferred}, notes
 
 
 def _find_ribs(hu: np.ndarray, sp, track: np.ndarray) -> list[Rib]:
@@ -356,8 +424,24 @@ def _find_ribs(hu: np.ndarray, sp, track: np.ndarray) -> list[Rib]:
         if kz[j] < kz.min() + 0.4 * (kz.max() - kz.min()):
             continue
         side = "L" if dx[j] > 0 else "R"  # +x (columns) points to the patient's left
-        ribs.append(Rib(side=side, z_medial=float(kz[j]), lateral_reach_mm=lateral))
+        ribs.append(Rib(side=side, z_medial=float(kz[j]), lateral_reach_mm=lateral,
+                        z_head=_rib_head_z(kz, dist, j, sp[0])))
     return ribs
+
+
+def _rib_head_z(kz: np.ndarray, dist_mm: np.ndarray, j: int, dz: float) -> float:
+    """The rib's z extrapolated from its medial 20 mm to its head, RIB_HEAD_MM from the canal centre.
+
+    Ribs descend laterally, so the most medial point outside the exclusion cylinder lies below the
+    costovertebral joint: on the chest CT here 2.5-5 mm below the T12/L1 disc, inside L1, while the
+    extrapolated heads lie inside T12. The lift is capped at RIB_HEAD_MAX_LIFT_MM.
+    """
+    near = dist_mm <= dist_mm[j] + 20.0
+    if near.sum() < 3 or np.ptp(dist_mm[near]) < 3.0:
+        return float(kz[j])
+    slope, _ = np.polyfit(dist_mm[near], kz[near].astype(float), 1)  # slices per mm outwards
+    lift = float(np.clip(-slope * (dist_mm[j] - RIB_HEAD_MM), 0.0, RIB_HEAD_MAX_LIFT_MM / dz))
+    return float(kz[j]) + lift
 
 
 def _segments(discs: list[float], z_n: int) -> list[tuple[float, float, bool]]:
@@ -383,8 +467,10 @@ def localise(volume: Volume) -> Localisation:
         return Localisation((), (), (), np.full((n_native, 4), np.nan), None, 0.0,
                             reason="no spinal column found")
     track, _ = tracked
-    profile = _core_profile(hu, sp, track)
-    discs, inferred, notes = _find_discs(profile, sp[0])
+    axis = spine_axis(hu, sp, track)
+    discs_s, inferred_s, notes = _find_discs(axis.disc_score(), STEP_MM)
+    discs = [axis.z_at(s) for s in discs_s]
+    inferred = {axis.z_at(s) for s in inferred_s}
     ribs = _find_ribs(hu, sp, track)
     segs = _segments(discs, z_n)
     box = np.stack([track[:, 0] * f, track[:, 1] * f, (track[:, 2] - track[:, 3]) * f, (track[:, 2] + track[:, 3]) * f], axis=1)
@@ -392,7 +478,7 @@ def localise(volume: Volume) -> Localisation:
     labels: list[str | None] = [None] * len(segs)
     anchor, confidence, reason = None, 0.0, None
     if ribs and segs:
-        lowest_by_side = {s: min(r.z_medial for r in ribs if r.side == s) for s in {r.side for r in ribs}}
+        lowest_by_side = {s: min(r.z_anchor for r in ribs if r.side == s) for s in {r.side for r in ribs}}
         z_rib = min(lowest_by_side.values())
 
         def seg_of(z: float) -> int:
@@ -411,7 +497,7 @@ def localise(volume: Volume) -> Localisation:
         if t12 == 0:
             reason = "L1 is below the field of view (the lowest vertebra in view bears ribs)"
             confidence = 0.0
-        lowest = [r for r in ribs if seg_of(r.z_medial) == t12]
+        lowest = [r for r in ribs if seg_of(r.z_anchor) == t12]
         reach = max(r.lateral_reach_mm for r in lowest)
         if reason is None and reach < SHORT_LOWEST_RIB_MM:
             # Transitional anatomy must not silently shift the level: say so and halve the confidence.
@@ -424,23 +510,31 @@ def localise(volume: Volume) -> Localisation:
     else:
         reason = "no vertebral segments found"
     segments = tuple(VertebraSegment(lab, lo, hi, ok) for (lo, hi, ok), lab in zip(segs, labels))
+    fractures, split = _compressed_bodies(segments, axis, inferred) if anchor else ((), None)
+    if split is not None and reason is None:
+        reason, confidence = split, 0.0
+    notes += [f.text for f in fractures]
     l1 = next((s for s in segments if s.label == "L1"), None)
     if l1 is not None and reason is None:
-        height_mm = (l1.z_upper - l1.z_lower) * sp[0]
+        height_mm = axis.height_mm(l1.z_lower, l1.z_upper)
         if not l1.complete:
             reason = "L1 is cut by the edge of the field of view"
             confidence = 0.0
-        elif not 18.0 <= height_mm <= 50.0:
+        elif height_mm > MAX_DISC_TO_DISC_MM:
+            reason = (f"L1 would span {height_mm:.0f} mm, taller than any single vertebra with its disc: a disc was "
+                      "probably missed, so the level is uncertain")
+            confidence = 0.0
+        elif height_mm < 18.0 and not any(f.level == "L1" for f in fractures):
             confidence *= 0.5
             notes.append(f"L1 disc-to-disc height {height_mm:.0f} mm is atypical")
         if l1.z_lower in inferred or l1.z_upper in inferred:
             confidence *= 0.8
             notes.append("a disc bounding L1 was inferred from the spacing of its neighbours")
         # A missed disc between the rib anchor and L1 would shift every level: refuse instead.
-        heights = [(x.z_upper - x.z_lower) * sp[0] for x in segments if x.complete]
+        heights = [axis.height_mm(x.z_lower, x.z_upper) for x in segments if x.complete]
         typical = float(np.median(heights)) if heights else 35.0
         for seg in segments:
-            h = (seg.z_upper - seg.z_lower) * sp[0]
+            h = axis.height_mm(seg.z_lower, seg.z_upper)
             if seg.label in ("T12", "L1") and h > MAX_SEGMENT_RATIO * typical:
                 reason = (f"{seg.label} would span {h:.0f} mm (typical here {typical:.0f} mm): a disc was probably "
                           "missed, so the level is uncertain")
@@ -450,11 +544,11 @@ def localise(volume: Volume) -> Localisation:
         by_label = {x.label: x for x in segments}
         for name, neighbours in (("L1", ("T12", "L2")), ("T12", ("T11", "L1"))):
             seg = by_label.get(name)
-            near = [(n, (by_label[n].z_upper - by_label[n].z_lower) * sp[0]) for n in neighbours
-                    if n in by_label and by_label[n].complete]
+            near = [(n, axis.height_mm(by_label[n].z_lower, by_label[n].z_upper)) for n in neighbours
+                    if n in by_label and by_label[n].complete and not any(f.level == n for f in fractures)]
             if reason is not None or seg is None or not near:
                 continue
-            h = (seg.z_upper - seg.z_lower) * sp[0]
+            h = axis.height_mm(seg.z_lower, seg.z_upper)
             mean_near = float(np.mean([x for _, x in near]))
             if h > MAX_NEIGHBOUR_RATIO * mean_near:
                 reason = (f"{name} would span {h:.0f} mm, {h / mean_near:.1f}x its neighbours ("
@@ -463,7 +557,57 @@ def localise(volume: Volume) -> Localisation:
                 confidence = 0.0
     if fz > 1:
         segments, discs, ribs, box = _to_native_slices(segments, discs, ribs, box, fz, n_native)
-    return Localisation(segments, tuple(discs), tuple(ribs), box, anchor, round(confidence, 3), reason, tuple(notes))
+    return Localisation(segments, tuple(discs), tuple(ribs), box, anchor, round(confidence, 3), reason, tuple(notes),
+                        tuple(fractures))
+
+
+def _compressed_bodies(segments: tuple[VertebraSegment, ...], axis, inferred: set[float]
+                       ) -> tuple[list[SuspectedFracture], str | None]:
+    """Named bodies between two seen discs that are lower than FRACTURE_RATIO x their taller neighbour.
+
+    Heights are disc-to-disc along the spine's axis, compared only with complete adjacent segments that
+    are not themselves "tall" (more than MAX_NEIGHBOUR_RATIO x every neighbour of theirs: two bodies
+    merged by a missed disc, no reference for anything; so is one over MAX_DISC_TO_DISC_MM). Two adjacent low segments that together make one
+    vertebra of their neighbours' height look like one body split by a false disc: around T12 and L1 that
+    would shift the count, so it is returned as the reason for "level uncertain"; elsewhere neither is
+    reported. A 0.8 disc-to-disc ratio is about 25 % loss of the body's own height (the disc is included),
+    so Genant grade 1 (20-25 %) is not reliably seen; grades 2 and 3 are.
+    """
+    heights = {x.label: axis.height_mm(x.z_lower, x.z_upper) for x in segments if x.complete and x.label}
+    seen = {x.label for x in segments if x.complete and x.label and x.z_lower not in inferred
+            and x.z_upper not in inferred}
+
+    def neighbours(name: str) -> list[str]:
+        i = LEVEL_NAMES.index(name)
+        return [LEVEL_NAMES[j] for j in (i - 1, i + 1) if 0 <= j < len(LEVEL_NAMES) and LEVEL_NAMES[j] in heights]
+
+    tall = {x for x in heights if heights[x] > MAX_DISC_TO_DISC_MM or neighbours(x) and all(
+        heights[x] > MAX_NEIGHBOUR_RATIO * heights[n] for n in neighbours(x))}
+    usable = {x: [n for n in neighbours(x) if n not in tall] for x in heights}
+    short = {x for x in heights if usable[x] and heights[x] < FRACTURE_RATIO * max(heights[n] for n in usable[x])}
+    for x in sorted(short, key=LEVEL_NAMES.index):
+        y = LEVEL_NAMES[LEVEL_NAMES.index(x) - 1]  # the level above
+        if y not in short:
+            continue
+        outer = [n for n in usable[x] + usable[y] if n not in (x, y) and n not in short]
+        ref = float(np.mean([heights[n] for n in outer])) if outer else None
+        if ref is not None and 0.75 * ref <= heights[x] + heights[y] <= 1.35 * ref:
+            if {x, y} & {"T12", "L1"}:
+                return [], (f"{y} and {x} ({heights[y]:.0f} and {heights[x]:.0f} mm) together make one vertebra "
+                            f"of their neighbours' height ({ref:.0f} mm): a false disc may split one body, so "
+                            "the level is uncertain")
+            short -= {x, y}
+    found = []
+    for name in FRACTURE_LEVELS:
+        if name not in short or name not in seen:
+            continue
+        ref_levels = [n for n in usable[name] if n not in short]
+        if not ref_levels:
+            continue
+        ref = float(np.mean([heights[n] for n in ref_levels]))
+        if heights[name] < FRACTURE_RATIO * ref:
+            found.append(SuspectedFracture(name, heights[name], ref, "/".join(ref_levels)))
+    return found, None
 
 
 def _to_native_slices(segments, discs, ribs, box, fz: int, n_native: int):
@@ -472,7 +616,7 @@ def _to_native_slices(segments, discs, ribs, box, fz: int, n_native: int):
         return min((v + 0.5) * fz - 0.5, n_native - 0.5)
 
     segments = tuple(VertebraSegment(s.label, z(s.z_lower), z(s.z_upper), s.complete) for s in segments)
-    ribs = [Rib(r.side, z(r.z_medial), r.lateral_reach_mm) for r in ribs]
+    ribs = [Rib(r.side, z(r.z_medial), r.lateral_reach_mm, None if r.z_head is None else z(r.z_head)) for r in ribs]
     return segments, [z(d) for d in discs], ribs, np.repeat(box, fz, axis=0)[:n_native]
 
 

@@ -13,6 +13,7 @@ keep their parent case's reference: resampling or noise does not change the anat
 from __future__ import annotations
 
 import time
+from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from dicom_node.sample import load_lps_volume
-from pipeline.bone import MeasurementError, measure_mid_body
+from pipeline.bone import FracturedBody, LesionInBody, MeasurementError, measure_mid_body
 from pipeline.calibration import check_calibration
 from pipeline.contrast import assess_contrast
 from pipeline.selection import SelectionError, select_level_slices
@@ -49,6 +50,7 @@ class CaseResult:
     contrast: str = "-"  # phase as the service records it
     calibration: str = "-"  # air/fat medians, flagged when implausible
     slice_index: int | None = None  # the measured slice
+    fracture: str | None = None  # the level reported as a suspected compression fracture
 
 
 def reference_hu(hu: np.ndarray, labels: np.ndarray, spacing) -> float | None:
@@ -108,8 +110,14 @@ def load_case(case_dir: Path) -> tuple[Volume, np.ndarray]:
 
 
 def evaluate(name: str, vol: Volume, labels: np.ndarray, ref: float | None = None, *,
-             localisation=None) -> CaseResult:
-    """``ref`` overrides the reference HU (variants keep their parent case's: the anatomy did not change)."""
+             localisation=None, expect: str | None = None) -> CaseResult:
+    """``ref`` overrides the reference HU (variants keep their parent case's: the anatomy did not change).
+
+    ``expect``: what a simulated L1 abnormality calls for. "fracture" (a compressed L1): L1 reported as a
+    suspected fracture and not measured; measuring it is wrong, whatever the HU. "lesion" (a large dense
+    lesion): L1 not measurable. A small bone island expects the ordinary answer (None): L1 measured,
+    the island left out.
+    """
     t0 = time.monotonic()
     l1_in_view = bool((labels == L1).any())
     if ref is None:
@@ -118,11 +126,17 @@ def evaluate(name: str, vol: Volume, labels: np.ndarray, ref: float | None = Non
         sel, loc = select_level_slices(vol, "L1", localisation=localisation)
         m = measure_mid_body(vol, loc, sel.z_range)
     except (SelectionError, MeasurementError) as exc:
-        status = "uncertain" if l1_in_view else "correct"
+        reported = "L1" if isinstance(exc, FracturedBody) else None
+        if (expect == "fracture" and reported) or (expect == "lesion" and isinstance(exc, LesionInBody)):
+            status = "correct"  # the collapsed or lesioned L1 was seen and not measured
+        else:
+            status = "uncertain" if l1_in_view else "correct"
         return CaseResult(name, l1_in_view, False, status, None, None, None, None, ref, None, 0.0, exc.reason,
-                          time.monotonic() - t0)
+                          time.monotonic() - t0, fracture=reported)
     k = m.slice_index
     ok, level = inside_l1(labels, k)
+    if expect is not None:
+        ok = False  # a compressed or lesioned L1 measured as if it were whole
     zs = np.nonzero((labels == L1).any(axis=(1, 2)))[0]
     dist = abs(k - (zs.min() + zs.max()) / 2.0) * vol.spacing[0] if zs.size else None
     err = abs(m.mean_hu - ref) if ref is not None else None
@@ -161,6 +175,79 @@ def variants(vol: Volume, labels: np.ndarray, seed: int = 0):
     yield "flipped_orientation", canonical_axial(flipped), labels
 
 
+def body_height_mm(labels: np.ndarray, spacing, label: int = L1) -> float | None:
+    """Height along z of a vertebral body from its label: the label's run through the centre of its anterior
+    half (the body), as the reference HU defines the body."""
+    m = labels == label
+    if not m.any():
+        return None
+    body = np.zeros_like(m)
+    for k in np.nonzero(m.any(axis=(1, 2)))[0]:
+        body[k] = vertebral_body(m[k])
+    _, rr, cc = np.nonzero(body)
+    r, c = int(round(rr.mean())), int(round(cc.mean()))
+    return float(body[:, r, c].sum() * spacing[0])
+
+
+def compress_vertebra(vol: Volume, labels: np.ndarray, loss: float, label: int = L1,
+                      margin_mm: float = 8.0) -> tuple[Volume, np.ndarray] | None:
+    """A simulated compression fracture: ``loss`` of the body's height removed at its middle.
+
+    Within the spinal column's footprint (every vertebra label, projected along z and widened by
+    ``margin_mm``) slices are removed at mid-body, so the column above moves down onto the collapsed body
+    and the column below stays; elsewhere the same number of slices is removed at the bottom of the volume,
+    so the rest of the trunk (ribs included) moves down with the upper spine instead of being cut. The seam
+    lies in the soft tissue around the column below the fracture. None when the level is not in view.
+    """
+    height = body_height_mm(labels, vol.spacing, label)
+    if height is None:
+        return None
+    n = int(round(loss * height / vol.spacing[0]))
+    body_z = [k for k in range(labels.shape[0]) if vertebral_body(labels[k] == label).any()]
+    mid = int(round(0.5 * (min(body_z) + max(body_z))))
+    start = mid - n // 2
+    spine = (labels >= min(VERTEBRA_LABELS)) & (labels <= max(VERTEBRA_LABELS))
+    footprint = ndi.binary_dilation(spine.any(axis=0), iterations=max(1, int(round(margin_mm / vol.spacing[1]))))
+    keep = np.concatenate([np.arange(start), np.arange(start + n, vol.shape[0])])
+
+    def cut(a: np.ndarray) -> np.ndarray:
+        return np.where(footprint[None], a[keep], a[n:])
+
+    return volume_from_array(cut(vol.hu), vol.spacing, vol.positions[0]), cut(labels)
+
+
+FRACTURE_VARIANTS = (("l1_compressed_30pct", 0.30), ("l1_compressed_45pct", 0.45))  # Genant grades 2 and 3
+LESION_VARIANTS = (("l1_bone_island_8mm", 8.0, None), ("l1_sclerotic_lesion_24mm", 24.0, "lesion"))
+LESION_HU = 1000
+
+
+def add_dense_lesion(vol: Volume, labels: np.ndarray, diameter_mm: float, label: int = L1,
+                     hu: int = LESION_HU) -> Volume | None:
+    """A sphere of ``hu`` at the centre of the vertebral body (a bone island, or a large sclerotic lesion)."""
+    body = np.zeros(labels.shape, dtype=bool)
+    for k in np.nonzero((labels == label).any(axis=(1, 2)))[0]:
+        body[k] = vertebral_body(labels[k] == label)
+    if not body.any():
+        return None
+    centre = np.argwhere(body).mean(axis=0)
+    zz, rr, cc = np.ogrid[: labels.shape[0], : labels.shape[1], : labels.shape[2]]
+    dist = np.sqrt(((zz - centre[0]) * vol.spacing[0]) ** 2 + ((rr - centre[1]) * vol.spacing[1]) ** 2
+                   + ((cc - centre[2]) * vol.spacing[2]) ** 2)
+    return volume_from_array(np.where(dist <= diameter_mm / 2.0, hu, vol.hu), vol.spacing, vol.positions[0])
+
+
+def abnormal_variants(vol: Volume, labels: np.ndarray):
+    """Simulated L1 fractures and dense lesions of one real case: (name, volume, labels, expected answer)."""
+    for name, loss in FRACTURE_VARIANTS:
+        made = compress_vertebra(vol, labels, loss)
+        if made is not None:
+            yield name, made[0], made[1], "fracture"
+    for name, diameter, expect in LESION_VARIANTS:
+        lesioned = add_dense_lesion(vol, labels, diameter)
+        if lesioned is not None:
+            yield name, lesioned, labels, expect
+
+
 def eval_cases(cases_dir: str | Path, with_variants: bool = False, out=print):
     """(name, volume, labels, reference HU or None) for every case in ``cases_dir`` and, optionally, its variants.
 
@@ -181,10 +268,24 @@ def eval_cases(cases_dir: str | Path, with_variants: bool = False, out=print):
             yield name, v, lab, ref if (lab == L1).any() else None
 
 
+def _abnormal_cases(cases_dir: str | Path):
+    for case in sorted(p for p in Path(cases_dir).iterdir() if p.is_dir()):
+        try:
+            vol, labels = load_case(case)
+        except (VolumeError, FileNotFoundError):
+            continue  # already reported by eval_cases
+        ref = reference_hu(vol.hu, labels, vol.spacing)
+        for name, v, lab, expect in abnormal_variants(vol, labels):
+            yield f"{case.name}/{name}", v, lab, ref, expect
+
+
 def run_eval(cases_dir: str | Path, with_variants: bool = False, out=print) -> list[CaseResult]:
     results: list[CaseResult] = []
-    for name, v, lab, ref in eval_cases(cases_dir, with_variants, out):
-        r = evaluate(name, v, lab, ref)
+    todo = ((name, v, lab, ref, None) for name, v, lab, ref in eval_cases(cases_dir, with_variants, out))
+    if with_variants:
+        todo = chain(todo, _abnormal_cases(cases_dir))
+    for name, v, lab, ref, expect in todo:
+        r = evaluate(name, v, lab, ref, expect=expect)
         results.append(r)
         def fmt(x, f="{:.0f}"):
             return "-" if x is None else f.format(x)

@@ -189,8 +189,10 @@ def test_eval_imaging_command_on_the_shipped_case(tmp_path):
     m = re.match(r"imaging eval: cases=(\d+) correct=(\d+) uncertain=(\d+) wrong_confident=(\d+) "
                  r"max_hu_err=([0-9.]+)$", last)
     assert m, last
-    assert int(m.group(1)) == 7 and int(m.group(4)) == 0  # the case and its 6 variants
-    assert float(m.group(5)) <= 15.0
+    # the case, its 6 robustness variants and 4 simulated L1 abnormalities (2 fractures, 2 dense lesions)
+    assert int(m.group(1)) == 11 and int(m.group(4)) == 0
+    assert int(m.group(2)) >= 10 and float(m.group(5)) <= 15.0
+    assert "example_ct/l1_compressed_30pct" in r.stdout and "suspected compression fracture of L1" in r.stdout
     assert "example_ct " in r.stdout and "correct" in r.stdout.splitlines()[0]
 
 
@@ -315,3 +317,92 @@ def test_short_lowest_ribs_lower_the_confidence_and_say_so(volume):
     assert [s.label for s in short.segments] == [s.label for s in loc.segments]  # said, not silently shifted
     sel, _ = select_level_slices(dc_replace(volume, hu=hu), "L1")
     assert "possible transitional anatomy" in sel.note  # the SR's slice-selection text says it
+
+
+def _label_disc(labels: np.ndarray, lower: int, upper: int) -> float:
+    """Where the ``lower`` vertebra label gives way to ``upper`` along the line through the centre of
+    ``upper``'s body (the reference for the localiser's disc centres)."""
+    from pipeline.validation import vertebral_body
+
+    body = np.zeros(labels.shape, dtype=bool)
+    for k in np.nonzero((labels == upper).any(axis=(1, 2)))[0]:
+        body[k] = vertebral_body(labels[k] == upper)
+    _, rr, cc = np.nonzero(body)
+    line = labels[:, int(round(rr.mean())), int(round(cc.mean()))]
+    return 0.5 * (np.nonzero(line == lower)[0].max() + np.nonzero(line == upper)[0].min())
+
+
+def test_discs_bounding_l1_are_where_the_labels_change(volume):
+    """The discs come from the column straightened along its axis: within 4 mm of the label boundaries."""
+    from pipeline.localiser import localise
+
+    labels = sample_labels_lps()
+    l1 = localise(volume).find("L1")
+    dz = volume.spacing[0]
+    assert abs(l1.z_lower - _label_disc(labels, 30, 31)) * dz <= 4.0
+    assert abs(l1.z_upper - _label_disc(labels, 31, 32)) * dz <= 4.0
+
+
+def test_rib_heads_are_extrapolated_upwards_into_their_vertebra(volume):
+    from pipeline.localiser import RIB_HEAD_MAX_LIFT_MM, localise
+
+    loc = localise(volume)
+    dz = volume.spacing[0]
+    for rib in loc.ribs:
+        assert 0.0 <= (rib.z_anchor - rib.z_medial) * dz <= RIB_HEAD_MAX_LIFT_MM + 1e-6
+    lowest = min(loc.ribs, key=lambda r: r.z_anchor)
+    t12 = loc.find("T12")
+    assert t12.z_lower <= lowest.z_anchor <= t12.z_upper
+
+
+@pytest.mark.parametrize("loss", [0.30, 0.45])
+def test_a_compressed_l1_is_a_suspected_fracture_and_is_not_measured(volume, loss):
+    """The real CT with its L1 body lowered by 30 / 45 % (Genant grades 2 and 3, the column above moved
+    down onto it): the fracture is reported in its own right and L1 gets no HU; never a wrong level."""
+    from pipeline.bone import FracturedBody, MeasurementError
+    from pipeline.localiser import FRACTURE_RATIO, localise
+    from pipeline.validation import compress_vertebra, evaluate
+
+    assert localise(volume).fractures == ()  # the intact spine: no finding
+    labels = sample_labels_lps()
+    compressed, labels_c = compress_vertebra(volume, labels, loss)
+    loc = localise(compressed)
+    result = evaluate("compressed", compressed, labels_c, expect="fracture", localisation=loc)
+    assert result.status in ("correct", "uncertain") and not result.claimed  # never a claimed L1 HU
+    if result.status == "uncertain":  # a refusal must say why
+        assert result.reason
+        return
+    fracture = loc.fracture_of("L1")
+    assert fracture is not None and fracture.ratio < FRACTURE_RATIO
+    assert "suspected compression fracture of L1" in fracture.text
+    sel, _ = select_level_slices(compressed, "L1", localisation=loc)
+    with pytest.raises(FracturedBody, match="L1 not measured"):
+        measure_mid_body(compressed, loc, sel.z_range)
+    assert isinstance(FracturedBody("x"), MeasurementError)  # so the job measures T12 / L2 instead
+
+
+def test_a_bone_island_is_left_out_and_a_large_lesion_makes_l1_not_measurable(volume):
+    from pipeline.bone import LesionInBody
+    from pipeline.validation import add_dense_lesion
+
+    labels = sample_labels_lps()
+    sel, loc = select_level_slices(volume, "L1")
+    clean = measure_mid_body(volume, loc, sel.z_range)
+    assert clean.lesion_pixels == 0
+    island = add_dense_lesion(volume, labels, 8.0)  # 1000 HU, 8 mm: a bone island
+    m = measure_mid_body(island, loc, sel.z_range)
+    assert abs(m.mean_hu - clean.mean_hu) < 15 and m.mean_hu < 200
+    large = add_dense_lesion(volume, labels, 24.0)  # fills the body's centre
+    with pytest.raises(LesionInBody, match="focal dense lesion fills"):
+        measure_mid_body(large, loc, sel.z_range)
+
+
+def test_spine_axis_samples_trilinearly():
+    from pipeline.spine_axis import _sample
+
+    z, r, c = np.meshgrid(np.arange(6), np.arange(7), np.arange(8), indexing="ij")
+    hu = (10 * z + 3 * r - 2 * c).astype(np.int16)
+    pts = np.array([[1.5, 2.25, 3.75], [0.0, 0.0, 0.0], [4.9, 6.0, 7.0]])
+    got = _sample(hu, pts[:, 0], pts[:, 1], pts[:, 2])
+    assert got == pytest.approx(10 * pts[:, 0] + 3 * pts[:, 1] - 2 * pts[:, 2])
+    assert np.isnan(_sample(hu, np.array([-1.0]), np.array([0.0]), np.array([0.0])))[0]

@@ -274,3 +274,34 @@ def test_metal_in_l1_screens_without_the_image_and_reports_l2_instead(tmp_path):
     exe = need_tool("dciodvfy")
     r = subprocess.run([exe, str(out / "sr.dcm")], capture_output=True, text=True)
     assert not [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Error")]
+
+
+def test_a_compressed_l1_is_reported_as_a_finding_and_l2_is_measured_instead(tmp_path):
+    """The real CT with its L1 body lowered by 30 % (the column above moved down onto it): the SR states
+    the suspected fracture as a finding of its own (coded group and text), L1 gets no HU, L2 is measured."""
+    from dicom_node.sample import load_lps_volume, sample_data_dir, sample_labels_lps, write_array_series
+    from pipeline.validation import compress_vertebra, volume_from_array
+
+    hu, origin, spacing = load_lps_volume(sample_data_dir() / "example_ct.nii.gz")
+    compressed, _ = compress_vertebra(volume_from_array(hu, spacing, origin), sample_labels_lps(), 0.30)
+    series = write_array_series(tmp_path / "dcm", compressed.hu, origin, spacing, tag="fracture")
+    out = tmp_path / "job"
+    req = JobRequest(9, series.series_uid, tuple(map(str, series.files)), LabPanel("OS-DEMO-0001",
+                     "OSTEOSCREEN-DEMO", dt.date(2026, 1, 5), 90, ()), str(out), "fused_kdamm_v1", NODE)
+    result = run_screening(req)
+    s = result.summary
+    assert result.status == "screened" and "image" not in s["modalities"] and "mean_hu" not in s
+    assert [f["level"] for f in s["vertebral_fractures"]] == ["L1"] and s["vertebral_fractures"][0]["ratio"] < 0.8
+    assert "suspected compression fracture of L1" in s["image_note"] and "measured instead" in s["image_note"]
+    assert "L2" in [m["level"] for m in s["adjacent_levels"]]
+    sr = pydicom.dcmread(out / "sr.dcm")
+    from tests.test_end_to_end import _walk
+
+    items = list(_walk(sr.ContentSequence))
+    texts = " ".join(str(x.get("TextValue", "")) for x in items)
+    assert "FINDING: suspected compression fracture of L1" in texts and "indication for osteoporosis" in texts
+    assert "Suspected compression fracture L1" in texts
+    codes_used = {x.ConceptCodeSequence[0].CodeValue for x in items if "ConceptCodeSequence" in x}
+    assert "OS0014" in codes_used  # the finding type
+    r = subprocess.run([need_tool("dciodvfy"), str(out / "sr.dcm")], capture_output=True, text=True)
+    assert not [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Error")]

@@ -18,6 +18,7 @@ from pipeline.bone import BoneMeasurement
 from pipeline.demographics import Demographics
 from pipeline.features import FEATURES
 from pipeline.fused import FusedOutput
+from pipeline.localiser import SuspectedFracture
 from pipeline.report.notice import DISCLAIMER
 from pipeline.screening import Prediction
 from pipeline.selection import SliceSelection
@@ -49,6 +50,13 @@ RATIO = CodedConcept("{ratio}", "UCUM", "ratio")
 COMMENT = CodedConcept("121106", "DCM", "Comment")
 ATTENTION_REGION = CodedConcept("OS0012", PRIVATE_SCHEME, "Region the screening model attended to")
 ATTENTION_SHARE = CodedConcept("OS0013", PRIVATE_SCHEME, "Share of the model's attention in the region")
+SUSPECTED_FRACTURE = CodedConcept("OS0014", PRIVATE_SCHEME, "Suspected vertebral compression fracture")
+DISC_TO_DISC_HEIGHT = CodedConcept("OS0015", PRIVATE_SCHEME, "Disc-to-disc height along the spine axis")
+HEIGHT_RATIO = CodedConcept("OS0016", PRIVATE_SCHEME, "Height relative to the neighbouring vertebrae")
+VERTEBRA = CodedConcept("51282000", "SCT", "Vertebra")
+MM = CodedConcept("mm", "UCUM", "millimeter")
+FRACTURE_ADVICE = ("A vertebral fragility fracture is itself an indication for osteoporosis evaluation, whatever "
+                   "the screening probability; confirm on sagittal reformats")
 SR_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
 
@@ -156,6 +164,7 @@ def build_sr(
     attention: ReportedAttention | None = None,
     procedure: CodedConcept | None = None,
     title_note: str | None = None,
+    fractures: Sequence[SuspectedFracture] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The screening report. The ROI group is present when the image could be measured.
 
@@ -181,6 +190,14 @@ def build_sr(
             measurement, roi_source_rc, str(source_header.SOPClassUID),
             hd.sr.AlgorithmIdentification(name=attenuation.model_name, version=attenuation.model_version),
             [hd.sr.QualitativeEvaluation(ATTENUATION_CATEGORY, CodedConcept(cv, cs, cm))]))
+    for fracture in fractures:  # a finding in its own right, whatever the screening result
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(),
+                                                         identifier=f"Suspected compression fracture {fracture.level}"),
+            finding_type=SUSPECTED_FRACTURE,
+            finding_sites=[hd.sr.FindingSite(VERTEBRA)],
+            measurements=[hd.sr.Measurement(name=DISC_TO_DISC_HEIGHT, value=round(fracture.height_mm, 1), unit=MM),
+                          hd.sr.Measurement(name=HEIGHT_RATIO, value=round(fracture.ratio, 2), unit=RATIO)]))
     for other, other_rc in adjacent:  # T12 / L2 when confidently found: measurements only, no L1 threshold rule
         groups.append(_roi_group(other, other_rc, str(source_header.SOPClassUID), None, None))
     if fused is not None and fused_model is not None:
@@ -254,6 +271,7 @@ def build_sr(
             raise
         report = measurement_report(None)
     texts = [title_note] if title_note else []
+    texts += [f"FINDING: {f.text}. {FRACTURE_ADVICE}." for f in fractures]
     if not_screened_reason:
         texts.append("osteoscreen received this series but did not screen it: " + not_screened_reason
                      + ". No screening result is given for this study from this series.")
