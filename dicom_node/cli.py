@@ -217,7 +217,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.what == "imaging":
         from pipeline.validation import run_eval
 
-        run_eval(args.dir, with_variants=args.variants)
+        run_eval(args.dir, with_variants=args.variants, crop_sweep=args.crop_sweep)
         return 0
     if args.what == "selector":
         from pipeline.drlis.evaluate import run_selector_eval
@@ -388,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("dir", type=Path, help="tabular: folder of NHANES files <TABLE>_<SUFFIX>.csv.xz; imaging: "
                    "CASES_DIR/<case>/{ct.nii.gz|dicom/} + labels.nii.gz")
     e.add_argument("--variants", action="store_true", help="imaging: also run robustness variants of each case")
+    e.add_argument("--crop-sweep", action="store_true", help="imaging: also cut each case from the top and from "
+                   "the bottom every 6 mm (a scan may start or end anywhere); its own summary line")
     e.add_argument("--bundle", default="fused_kdamm_v1")
     e.add_argument("--selector", default="drlis_v1", help="selector: the DRLIS bundle to evaluate")
     e.add_argument("--image-only", default="cropkd_v1", help="attention: the full-slice student bundle")

@@ -26,6 +26,9 @@ The steps, each chosen to survive low bone density (the patients we look for):
    on 2.5-3 mm slices, 72-73 mm when resampled to 5 mm) they may be a 13th
    (lumbar) rib or hypoplastic 12th ribs, and counting from them could put "L1"
    one level off: the confidence is halved and a note says why (never silent).
+   A scan that ends less than 20 mm below L1's lower disc may have cut off the
+   real 12th ribs (they descend 40-50 mm from their heads), so the count from
+   the ribs seen could be one high: level uncertain.
 4. Compare each body's disc-to-disc height with its neighbours': a T12, L1 or
    L2 much lower than them is a suspected compression fracture (a finding of
    its own, and a reason not to measure it); a segment much taller than them
@@ -65,6 +68,7 @@ WAIST_FRACTION = 0.7
 MAX_SEGMENT_RATIO = 1.5
 MAX_NEIGHBOUR_RATIO = 1.45  # T12 / L1 taller than this times their complete neighbours: a merged (missed) disc
 RIB_MIN_LATERAL_MM = 65.0
+MIN_SCAN_BELOW_L1_MM = 20.0  # less below L1's lower disc, and lower ribs may lie cut off below the scan's edge
 SHORT_LOWEST_RIB_MM = 75.0  # lowest ribs all shorter than this: 13th (lumbar) rib or hypoplastic 12th ribs
 TRANSITIONAL_CONFIDENCE_FACTOR = 0.5
 TRANSITIONAL_NOTE = "possible transitional anatomy"
@@ -311,9 +315,18 @@ def _track_body(hu: np.ndarray, sp: tuple[float, float, float], xmid: float):
 
 def _disc_peaks(score: np.ndarray, height: float, step_mm: float) -> list[float]:
     """Peaks of the disc score at least ``height`` high and MIN_DISC_GAP_MM apart, each moved to the centre
-    of its plateau (top-hats of flat-bottomed discs are flat); none within DISC_EDGE_MARGIN_MM of an end."""
+    of its plateau (top-hats of flat-bottomed discs are flat); none within DISC_EDGE_MARGIN_MM of an end.
+
+    The ends are silenced before the peaks are found, not after: a dark stretch cut by the scan's edge
+    next to an endplate answers the top-hat like a disc, and within MIN_DISC_GAP_MM it suppressed a real
+    disc just inside the margin (found by the crop sweep: the chest CT cut 7 mm above its T12/L1 disc).
+    """
     distance = max(1, int(round(MIN_DISC_GAP_MM / step_mm)))
-    peaks, _ = find_peaks(np.pad(score, 1, constant_values=0), height=height, distance=distance)
+    edge = int(np.ceil(DISC_EDGE_MARGIN_MM / step_mm))
+    inner = np.array(score, dtype=float)
+    inner[:edge] = 0.0
+    inner[max(edge, len(inner) - edge) :] = 0.0
+    peaks, _ = find_peaks(np.pad(inner, 1, constant_values=0), height=height, distance=distance)
     refined = []
     for p in peaks - 1:
         thr = 0.8 * score[p]
@@ -519,6 +532,12 @@ def localise(volume: Volume) -> Localisation:
         height_mm = axis.height_mm(l1.z_lower, l1.z_upper)
         if not l1.complete:
             reason = "L1 is cut by the edge of the field of view"
+            confidence = 0.0
+        elif (l1.z_lower + 0.5) * sp[0] < MIN_SCAN_BELOW_L1_MM:
+            # A 12th rib descends 40-50 mm from its head: with the scan's edge this close below "L1", the real
+            # 12th ribs may be cut off, the lowest ribs seen the 11th, and "L1" then really T12.
+            reason = (f"the scan ends {(l1.z_lower + 0.5) * sp[0]:.0f} mm below L1: a lower pair of ribs could be "
+                      "cut off by its edge, so the level count from the ribs may be one high")
             confidence = 0.0
         elif height_mm > MAX_DISC_TO_DISC_MM:
             reason = (f"L1 would span {height_mm:.0f} mm, taller than any single vertebra with its disc: a disc was "

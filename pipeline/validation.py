@@ -279,7 +279,62 @@ def _abnormal_cases(cases_dir: str | Path):
             yield f"{case.name}/{name}", v, lab, ref, expect
 
 
-def run_eval(cases_dir: str | Path, with_variants: bool = False, out=print) -> list[CaseResult]:
+CROP_STEP_MM = 6.0
+CROP_MIN_KEPT_MM = 40.0  # the localiser's own minimum z coverage
+
+
+def crops(vol: Volume, labels: np.ndarray, step_mm: float = CROP_STEP_MM):
+    """The case with its top, then its bottom, cut away every ``step_mm``: a scan may start or end anywhere.
+
+    Yields (name, volume, labels); at least CROP_MIN_KEPT_MM of the scan is kept.
+    """
+    n, dz = vol.shape[0], vol.spacing[0]
+    step = max(1, int(round(step_mm / dz)))
+    for side in ("top", "bottom"):
+        for cut in range(step, n - int(np.ceil(CROP_MIN_KEPT_MM / dz)) + 1, step):
+            keep = slice(0, n - cut) if side == "top" else slice(cut, n)
+            yield (f"{side}_{cut * dz:.0f}mm", volume_from_array(vol.hu[keep], vol.spacing, vol.positions[keep][0]),
+                   labels[keep])
+
+
+def _summary(results: list[CaseResult]) -> str:
+    return (f"correct={sum(r.status == 'correct' for r in results)} "
+            f"uncertain={sum(r.status == 'uncertain' for r in results)} "
+            f"wrong_confident={sum(r.status == 'wrong_confident' for r in results)}")
+
+
+def dash_or(x: float | None, f: str = "{:.0f}") -> str:
+    """A table cell: ``x`` formatted, or "-" when there is no value."""
+    return "-" if x is None else f.format(x)
+
+
+def _row(r: CaseResult) -> str:
+    fmt = dash_or
+    return (f"{r.case:40s} {r.status:16s} L1 in view {str(r.l1_in_view):5s} slice level {r.slice_level or '-':4s} "
+            f"dist {fmt(r.distance_mm)} mm  ROI {fmt(r.roi_hu)} HU ref {fmt(r.reference_hu)} HU "
+            f"err {fmt(r.hu_error)}  conf {r.confidence:.2f}  {r.seconds:.1f}s  contrast: {r.contrast}  "
+            f"calibration: {r.calibration}"
+            + (f"  ({r.reason})" if r.reason else ""))
+
+
+def run_crop_sweep(cases_dir: str | Path, out=print) -> list[CaseResult]:
+    """Every case cut from the top and from the bottom (``crops``). Ends with one line:
+    ``crop sweep: crops=N correct=K uncertain=U wrong_confident=W``."""
+    results = []
+    for name, vol, labels, ref in eval_cases(cases_dir, False, out):
+        for crop, v, lab in crops(vol, labels):
+            r = evaluate(f"{name}/{crop}", v, lab, ref if (lab == L1).any() else None)
+            results.append(r)
+            out(_row(r))
+    out(f"crop sweep: crops={len(results)} {_summary(results)}")
+    return results
+
+
+def run_eval(cases_dir: str | Path, with_variants: bool = False, out=print,
+             crop_sweep: bool = False) -> list[CaseResult]:
+    """The cases (and, with ``with_variants``, their robustness variants and simulated L1 abnormalities);
+    ``crop_sweep`` adds ``run_crop_sweep`` before the last line, which stays
+    ``imaging eval: cases=N correct=K uncertain=U wrong_confident=W max_hu_err=E`` over the cases and variants."""
     results: list[CaseResult] = []
     todo = ((name, v, lab, ref, None) for name, v, lab, ref in eval_cases(cases_dir, with_variants, out))
     if with_variants:
@@ -287,16 +342,10 @@ def run_eval(cases_dir: str | Path, with_variants: bool = False, out=print) -> l
     for name, v, lab, ref, expect in todo:
         r = evaluate(name, v, lab, ref, expect=expect)
         results.append(r)
-        def fmt(x, f="{:.0f}"):
-            return "-" if x is None else f.format(x)
-        out(f"{name:40s} {r.status:16s} L1 in view {str(r.l1_in_view):5s} slice level {r.slice_level or '-':4s} "
-            f"dist {fmt(r.distance_mm)} mm  ROI {fmt(r.roi_hu)} HU ref {fmt(r.reference_hu)} HU "
-            f"err {fmt(r.hu_error)}  conf {r.confidence:.2f}  {r.seconds:.1f}s  contrast: {r.contrast}  "
-            f"calibration: {r.calibration}"
-            + (f"  ({r.reason})" if r.reason else ""))
+        out(_row(r))
+    if crop_sweep:
+        run_crop_sweep(cases_dir, out)
     claimed = [r for r in results if r.claimed and r.hu_error is not None]
     max_err = max((r.hu_error for r in claimed), default=0.0)
-    out(f"imaging eval: cases={len(results)} correct={sum(r.status == 'correct' for r in results)} "
-        f"uncertain={sum(r.status == 'uncertain' for r in results)} "
-        f"wrong_confident={sum(r.status == 'wrong_confident' for r in results)} max_hu_err={max_err:.1f}")
+    out(f"imaging eval: cases={len(results)} {_summary(results)} max_hu_err={max_err:.1f}")
     return results

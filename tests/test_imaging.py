@@ -406,3 +406,52 @@ def test_spine_axis_samples_trilinearly():
     got = _sample(hu, pts[:, 0], pts[:, 1], pts[:, 2])
     assert got == pytest.approx(10 * pts[:, 0] + 3 * pts[:, 1] - 2 * pts[:, 2])
     assert np.isnan(_sample(hu, np.array([-1.0]), np.array([0.0]), np.array([0.0])))[0]
+
+
+def test_a_disc_just_inside_the_scan_edge_is_not_suppressed_by_the_edge():
+    from pipeline.localiser import DISC_EDGE_MARGIN_MM, MIN_DISC_GAP_MM, _disc_peaks
+
+    # The disc score of a column cut 7 mm above a disc: the dark stretch at the edge answers the top-hat more
+    # strongly than the disc (as on the chest CT cut just above its T12/L1 disc, found by the crop sweep).
+    score = np.zeros(85)
+    score[15] = 60.0
+    score[76:79] = (49.0, 67.0, 57.0)  # the disc, 7 mm from the end
+    score[82:85] = (29.0, 55.0, 109.0)  # the edge
+    assert 84 - 77 > DISC_EDGE_MARGIN_MM and 84 - 77 < MIN_DISC_GAP_MM
+    assert _disc_peaks(score, 20.0, 1.0) == [15.0, 77.5]
+
+
+def test_crop_sweep_of_the_shipped_case_never_claims_a_wrong_level(tmp_path):
+    import shutil
+
+    from pipeline.validation import run_crop_sweep
+
+    case = tmp_path / "example_ct"
+    case.mkdir()
+    shutil.copy(sample_data_dir() / "example_ct.nii.gz", case / "ct.nii.gz")
+    shutil.copy(sample_data_dir() / "totalseg_v2_labels.nii.gz", case / "labels.nii.gz")
+    lines: list[str] = []
+    results = run_crop_sweep(tmp_path, out=lines.append)
+    assert lines[-1] == (f"crop sweep: crops={len(results)} correct={sum(r.status == 'correct' for r in results)} "
+                         f"uncertain={sum(r.status == 'uncertain' for r in results)} wrong_confident=0")
+    # 112 slices of 3 mm, cut every 6 mm from either end while 40 mm remain
+    assert len(results) == 2 * 49
+    assert {r.case.split("/")[1].split("_")[0] for r in results} == {"top", "bottom"}
+    # L1 is measured within 15 HU wherever the scan keeps it and the ribs above it
+    measured = [r for r in results if r.claimed]
+    assert len(measured) >= 40 and all(r.hu_error <= 15.0 for r in measured)
+
+
+def test_a_scan_ending_just_below_l1_is_not_counted_from_the_ribs(volume):
+    from pipeline.localiser import MIN_SCAN_BELOW_L1_MM
+    from pipeline.validation import volume_from_array
+
+    def cropped(cut: int):
+        return volume_from_array(volume.hu[cut:], volume.spacing, volume.positions[cut])
+
+    # L1's lower disc lies 24 mm above the lower edge: the 12th ribs are whole in view, L1 is measured
+    sel, loc = select_level_slices(cropped(84))
+    assert sel.level == "L1" and loc.find("L1").z_lower * volume.spacing[0] >= MIN_SCAN_BELOW_L1_MM
+    # 17 mm: lower ribs could lie cut off below the edge, so the count from the ribs is not trusted
+    with pytest.raises(SelectionError, match=r"the scan ends 1\d mm below L1: a lower pair of ribs"):
+        select_level_slices(cropped(86))

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.drlis.selector import DrlisSelector
 from pipeline.drlis.views import build_views
 from pipeline.localiser import localise
-from pipeline.validation import L1, eval_cases, inside_l1
+from pipeline.validation import L1, dash_or, eval_cases, inside_l1
 from pipeline.validation import evaluate as evaluate_localiser
 from pipeline.volume import Volume
 
@@ -94,9 +94,7 @@ def run_selector_eval(cases_dir: str | Path, with_variants: bool = False, bundle
     for name, v, lab, ref in eval_cases(cases_dir, with_variants, out):
         r = compare(name, v, lab, selector, ref)
         rows.append(r)
-
-        def f(x, fmt="{:.0f}"):
-            return "-" if x is None else fmt.format(x)
+        f = dash_or
         out(f"{name:36s} {r.n_slices:6d} | {r.agent_status:11s} {r.agent_level or '-':5s} {f(r.agent_mm):>5s} "
             f"{f(r.agent_fraction, '{:.2f}'):>5s} {r.agent_confidence:5.2f} {r.agent_steps:5d} "
             f"{r.agent_ms:6.0f} | {r.localiser_status:15s} {r.localiser_level or '-':5s} "
