@@ -183,9 +183,10 @@ def test_eval_imaging_command_on_the_shipped_case(tmp_path):
     shutil.copy(sample_data_dir() / "example_ct.nii.gz", case / "ct.nii.gz")
     shutil.copy(sample_data_dir() / "totalseg_v2_labels.nii.gz", case / "labels.nii.gz")
     r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "eval", "imaging", str(tmp_path / "cases"),
-                        "--variants"], capture_output=True, text=True, timeout=600)
+                        "--variants", "--crop-sweep"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    last = r.stdout.strip().splitlines()[-1]
+    *_, sweep, last = r.stdout.strip().splitlines()
+    assert re.match(r"crop sweep: crops=98 correct=\d+ uncertain=\d+ wrong_confident=0$", sweep), sweep
     m = re.match(r"imaging eval: cases=(\d+) correct=(\d+) uncertain=(\d+) wrong_confident=(\d+) "
                  r"max_hu_err=([0-9.]+)$", last)
     assert m, last
