@@ -28,7 +28,9 @@ The steps, each chosen to survive low bone density (the patients we look for):
    one level off: the confidence is halved and a note says why (never silent).
    A scan that ends less than 20 mm below L1's lower disc may have cut off the
    real 12th ribs (they descend 40-50 mm from their heads), so the count from
-   the ribs seen could be one high: level uncertain.
+   the ribs seen could be one high: level uncertain. So is a "L1" with lungs
+   on both sides of it: a scan ending mid-chest cuts off the descending ribs of
+   its lowest vertebrae, and a thoracic vertebra was counted as lumbar.
 4. Compare each body's disc-to-disc height with its neighbours': a T12, L1 or
    L2 much lower than them is a suspected compression fracture (a finding of
    its own, and a reason not to measure it); a segment much taller than them
@@ -68,6 +70,7 @@ WAIST_FRACTION = 0.7
 MAX_SEGMENT_RATIO = 1.5
 MAX_NEIGHBOUR_RATIO = 1.45  # T12 / L1 taller than this times their complete neighbours: a merged (missed) disc
 RIB_MIN_LATERAL_MM = 65.0
+LUNG_AIR_CM2 = 50.0  # air beside "L1" on both sides above this: lungs (here 80-135 cm2 a side from T10 up; <= 21 at L1)
 MIN_SCAN_BELOW_L1_MM = 20.0  # less below L1's lower disc, and lower ribs may lie cut off below the scan's edge
 SHORT_LOWEST_RIB_MM = 75.0  # lowest ribs all shorter than this: 13th (lumbar) rib or hypoplastic 12th ribs
 TRANSITIONAL_CONFIDENCE_FACTOR = 0.5
@@ -184,6 +187,18 @@ def _body_midline(hu: np.ndarray) -> float:
         body = lbl == (int(np.argmax(sizes)) + 1)
         xs.append(np.nonzero(body)[1].mean())
     return float(np.median(xs)) if xs else hu.shape[2] / 2.0
+
+
+def _air_beside(hu_slice: np.ndarray, xmid: float, sp) -> tuple[float, float]:
+    """Air (< -500 HU) inside the body on one axial slice, right and left of ``xmid`` (cm2): lungs, bowel gas."""
+    lbl, n = ndi.label(ndi.binary_fill_holes(hu_slice > -400))
+    if n == 0:
+        return 0.0, 0.0
+    sizes = ndi.sum_labels(np.ones_like(lbl), lbl, index=np.arange(1, n + 1))
+    air = (lbl == int(np.argmax(sizes)) + 1) & (hu_slice < -500)
+    cm2 = sp[1] * sp[2] / 100.0
+    split = int(round(xmid))
+    return float(air[:, :split].sum() * cm2), float(air[:, split:].sum() * cm2)
 
 
 def _fill_nan(a: np.ndarray) -> np.ndarray:
@@ -574,6 +589,14 @@ def localise(volume: Volume) -> Localisation:
                           + ", ".join(f"{n} {x:.0f} mm" for n, x in near)
                           + "): a disc was probably missed, so the level is uncertain")
                 confidence = 0.0
+    if l1 is not None and reason is None:
+        air = _air_beside(hu[int(round(np.clip(l1.centre, 0, z_n - 1)))], xmid, sp)
+        if min(air) > LUNG_AIR_CM2:
+            # Both lungs fill the slice: this is the mid-thorax, whatever the ribs seen said (a scan ending there
+            # cuts off the lower vertebrae's descending ribs, so a rib-bearing vertebra was taken for L1).
+            reason = (f"the vertebra named L1 lies between both lungs (air {air[0]:.0f} and {air[1]:.0f} cm2 on "
+                      "either side): it is thoracic, so the level count from the ribs is wrong")
+            confidence = 0.0
     if fz > 1:
         segments, discs, ribs, box = _to_native_slices(segments, discs, ribs, box, fz, n_native)
     return Localisation(segments, tuple(discs), tuple(ribs), box, anchor, round(confidence, 3), reason, tuple(notes),

@@ -456,3 +456,26 @@ def test_a_scan_ending_just_below_l1_is_not_counted_from_the_ribs(volume):
     # 17 mm: lower ribs could lie cut off below the edge, so the count from the ribs is not trusted
     with pytest.raises(SelectionError, match=r"the scan ends 1\d mm below L1: a lower pair of ribs"):
         select_level_slices(cropped(86))
+
+
+def test_a_vertebra_between_both_lungs_is_never_named_l1(volume):
+    from scipy import ndimage as ndi
+
+    from pipeline.localiser import localise
+    from pipeline.validation import volume_from_array
+
+    # A thoracic scan that ends mid-chest cuts off its lowest vertebrae's descending ribs, so a rib-bearing
+    # vertebra can be taken for L1 (the chest CT at 1 mm, cut 180 mm from the bottom). Give the real L1 lungs on
+    # both sides (soft tissue beside the spine turned to air, bone kept): the count from the ribs is refused.
+    hu = volume.hu.copy()
+    l1 = localise(volume).find("L1")
+    assert l1 is not None
+    mm = volume.spacing[1]
+    for k in range(int(np.ceil(l1.z_lower)), int(l1.z_upper) + 1):
+        inner = ndi.binary_erosion(ndi.binary_fill_holes(hu[k] > -400), iterations=int(15 / mm))  # chest wall kept
+        cols = np.arange(hu.shape[2])
+        spine = np.nonzero(hu[k][:, cols.size // 3 : 2 * cols.size // 3] > 200)[1].mean() + cols.size // 3
+        beside = (np.abs(cols - spine) * mm >= 45)[None, :]
+        hu[k][inner & beside & (hu[k] > -200) & (hu[k] < 200)] = -850
+    with pytest.raises(SelectionError, match="lies between both lungs"):
+        select_level_slices(volume_from_array(hu, volume.spacing, volume.positions[0]))
