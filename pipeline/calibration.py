@@ -84,3 +84,25 @@ def check_calibration(volume: Volume, centre_slice: int | None = None, n_slices:
     flag = ("HU calibration implausible (" + "; ".join(problems) + "): every HU in this study may be offset"
             if problems else None)
     return CalibrationCheck(air, fat, not problems, flag)
+
+
+AIR_NOMINAL_HU, FAT_NOMINAL_HU = -1000.0, -100.0
+
+
+def linear_correction(check: CalibrationCheck) -> tuple[float, float] | None:
+    """(slope, intercept) mapping this study's HU onto nominal air and fat, for an implausible check.
+
+    With both measured, the line through (air, -1000) and (fat, -100); with one, an offset. None when the
+    check is plausible or nothing was measured. Used only to find anatomy (the localiser's thresholds); the
+    reported HU stay as stored, flagged.
+    """
+    if check.plausible is not False:
+        return None
+    if check.air_hu is not None and check.fat_hu is not None and check.fat_hu - check.air_hu > 300.0:
+        slope = (FAT_NOMINAL_HU - AIR_NOMINAL_HU) / (check.fat_hu - check.air_hu)
+        return slope, FAT_NOMINAL_HU - slope * check.fat_hu
+    if check.fat_hu is not None:
+        return 1.0, FAT_NOMINAL_HU - check.fat_hu
+    if check.air_hu is not None:
+        return 1.0, AIR_NOMINAL_HU - check.air_hu
+    return None

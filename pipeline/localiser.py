@@ -44,6 +44,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.signal import find_peaks
 
+from pipeline.calibration import check_calibration, linear_correction
 from pipeline.spine_axis import STEP_MM, spine_axis
 from pipeline.volume import Volume
 
@@ -484,6 +485,14 @@ def _segments(discs: list[float], z_n: int) -> list[tuple[float, float, bool]]:
 def localise(volume: Volume) -> Localisation:
     """Find the vertebral bodies of an axial CT and name them where an anchor allows."""
     hu, sp, f, fz = _downsample(volume.hu, volume.spacing)
+    calibration_notes: list[str] = []
+    correction = linear_correction(check_calibration(volume))
+    if correction is not None:
+        # Every threshold below is in HU: on a scanner whose air and fat are off, find the anatomy on HU mapped
+        # back onto nominal air and fat (a -60 HU offset named T12 L1 on the chest CT). Only the localiser sees it.
+        slope, intercept = correction
+        hu = np.clip(np.round(slope * hu.astype(np.float32) + intercept), -32768, 32767).astype(np.int16)
+        calibration_notes.append(f"HU calibration implausible: levels found on HU x {slope:.3f} {intercept:+.0f}")
     z_n = hu.shape[0]
     n_native = volume.hu.shape[0]
     if z_n * sp[0] < 40.0:
@@ -599,8 +608,8 @@ def localise(volume: Volume) -> Localisation:
             confidence = 0.0
     if fz > 1:
         segments, discs, ribs, box = _to_native_slices(segments, discs, ribs, box, fz, n_native)
-    return Localisation(segments, tuple(discs), tuple(ribs), box, anchor, round(confidence, 3), reason, tuple(notes),
-                        tuple(fractures))
+    return Localisation(segments, tuple(discs), tuple(ribs), box, anchor, round(confidence, 3), reason,
+                        tuple(calibration_notes + notes), tuple(fractures))
 
 
 def _compressed_bodies(segments: tuple[VertebraSegment, ...], axis, inferred: set[float]

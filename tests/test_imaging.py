@@ -479,3 +479,21 @@ def test_a_vertebra_between_both_lungs_is_never_named_l1(volume):
         hu[k][inner & beside & (hu[k] > -200) & (hu[k] < 200)] = -850
     with pytest.raises(SelectionError, match="lies between both lungs"):
         select_level_slices(volume_from_array(hu, volume.spacing, volume.positions[0]))
+
+
+def test_levels_are_found_on_a_miscalibrated_scanner_and_the_study_stays_flagged(volume):
+    from pipeline.calibration import check_calibration
+    from pipeline.localiser import localise
+    from pipeline.validation import volume_from_array
+
+    # Every HU 60 too high (air -940, fat -40): the localiser's HU thresholds no longer fit, and without a
+    # correction its discs merged ("L1 would span 72 mm"). It finds the anatomy on HU mapped back onto nominal
+    # air and fat; the stored HU, and so the measurement, stay as they are and the check flags them.
+    shifted = volume_from_array(np.clip(volume.hu.astype(np.int32) + 60, -32768, 32767), volume.spacing,
+                                volume.positions[0])
+    assert check_calibration(shifted).plausible is False
+    before, after = localise(volume).find("L1"), localise(shifted)
+    assert after.reason is None and after.find("L1") is not None
+    assert abs(after.find("L1").z_lower - before.z_lower) <= 1 and abs(after.find("L1").z_upper - before.z_upper) <= 1
+    assert any(n.startswith("HU calibration implausible: levels found on HU x 1.0") for n in after.notes)
+    assert not any("calibration" in n for n in localise(volume).notes)
