@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from pipeline.features import DEMOGRAPHIC_IDX, FEATURE_NAMES, FEATURES, LAB_IDX
 from pipeline.training import metrics as M
-from pipeline.training.models import ImageTeacher, Student, TabularTeacher
+from pipeline.training.kernels import apply_runtime_pins
+from pipeline.training.models import EMBED, ImageTeacher, Student, TabularTeacher
 from pipeline.training.nhanes import load_cohort, reference_check, shipped_nhanes_dir, split_participants
 from pipeline.training.synth_ct import SyntheticL1
 
@@ -318,7 +319,13 @@ def train_student(d: Data, idx: np.ndarray, teacher_tab: np.ndarray, teacher_img
                 if drop_demo[j]:
                     m[j, demo] = False
             mt = torch.from_numpy(m.astype(np.float32))
-            logit = net(img[b], torch.from_numpy(has_img.astype(np.float32))[:, None], x[b] * mt, mt).squeeze(1)
+            # Only rows that keep their image go through the encoder: an absent image's fusion weight is
+            # exactly 0 (its score is pushed down by 1e4 before the softmax), so its embedding is never used.
+            keep = torch.from_numpy(has_img)
+            embedding = torch.zeros(len(b), EMBED)
+            if has_img.any():
+                embedding[keep] = net.image_encoder(img[b][keep])
+            logit = net.head(embedding, keep.float()[:, None], x[b] * mt, mt).squeeze(1)
             loss = loss_fn(logit, y[b])
             if alpha > 0:
                 soft = torch.sigmoid(logit / T)
@@ -398,6 +405,9 @@ def _platt(logit: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, float]:
 def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) -> dict:
     t0 = time.monotonic()
     _seed_all(cfg.seed, cfg.threads)
+    kernels = apply_runtime_pins()
+    if not kernels["pinned"]:
+        log("note: CPU kernels not pinned (use `osteoscreen train`): the result reproduces on this CPU type only")
     d = prepare(cfg, log)
     tr, va, te = (np.nonzero(d.split == s)[0] for s in ("train", "val", "test"))
     log(f"cohort: {len(d.y)} adults, prevalence {d.y.mean():.4f}; split train/val/test "
@@ -543,6 +553,7 @@ def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) 
         "thresholds": thresholds,
         "results": results,
         "seconds": round(time.monotonic() - t0, 1),
+        "kernels": kernels,
     }
     from pipeline.training.export import write_bundle, write_report
 

@@ -22,6 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.training import metrics as M
+from pipeline.training.export import kernels_line
+from pipeline.training.kernels import apply_runtime_pins
 from pipeline.training.models import XrayNet
 from pipeline.training.synth_xray import SyntheticRadiographs
 from pipeline.training.train import TrainConfig, _batches, _bce, _platt, _seed_all, _sigmoid, prepare
@@ -102,6 +104,7 @@ def _fusion_weight(y: np.ndarray, p_img: np.ndarray, p_tab: np.ndarray) -> float
 def run(cfg: XrayConfig, bundle_dir: Path, report_dir: Path | None, log=print) -> dict:
     t0 = time.monotonic()
     _seed_all(cfg.seed, cfg.threads)
+    kernels = apply_runtime_pins()
     d = prepare(TrainConfig(seed=cfg.seed, limit=cfg.limit), log)
     rows = np.nonzero(d.has_image)[0]
     log(f"generating {rows.size} semi-synthetic chest radiographs (EXPERIMENTAL)")
@@ -157,7 +160,7 @@ def run(cfg: XrayConfig, bundle_dir: Path, report_dir: Path | None, log=print) -
     }
     summary = {"config": asdict(cfg), "generator": gen.describe(), "results": res,
                "calibration": {"method": "Platt", "a": platt[0], "b": platt[1]},
-               "seconds": round(time.monotonic() - t0, 1)}
+               "seconds": round(time.monotonic() - t0, 1), "kernels": kernels}
     _write_bundle(Path(bundle_dir), net, summary)
     if report_dir is not None:
         _write_report(Path(report_dir), summary, {"fused (image + tabular)": (yt_, p_fused[te]),
@@ -199,6 +202,7 @@ def _write_bundle(out: Path, net: XrayNet, summary: dict) -> None:
         "categories": categories,
         "metrics": r,
         "training": summary["config"],
+        "training_kernels": summary["kernels"],
         "generator": summary["generator"],
         "files": files,
         "inference": {"fp16": False, "note": "fp32 only"},
@@ -242,6 +246,8 @@ def _write_report(out: Path, summary: dict, curves: dict, gen: SyntheticRadiogra
         "(bone contrast set from each subject's real L1 DXA through an assumed relation); the tabular part and the "
         "labels are real NHANES. These figures check that the path works end to end; they are not an accuracy "
         "claim for chest radiographs, and the path stays off by default.",
+        "",
+        kernels_line(summary["kernels"]),
         "",
         "Image model: the shipped CT image encoder (first two blocks frozen, last fine-tuned) + gradient-wavelet "
         "features (db2, 3 levels, 4 x 4 regions) with attention; Platt-calibrated on validation. Fusion: "
