@@ -17,6 +17,7 @@ from pipeline.explain import exact_shapley
 from pipeline.features import FEATURES
 from pipeline.fused import FusedModel, tabular_input
 from pipeline.training.models import Student
+from pipeline.training.kernels import numpy_dispatch_targets
 from pipeline.training.nhanes import shipped_nhanes_dir
 from hl7.panel import LabPanel
 
@@ -111,7 +112,7 @@ def test_training_on_a_slice_is_reproducible(tmp_path):
 # at its baseline, OpenBLAS's Nehalem kernels.
 OTHER_CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
                      "ONEDNN_MAX_CPU_ISA": "SSE41", "OPENBLAS_CORETYPE": "Nehalem",
-                     "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"}
+                     "NPY_DISABLE_CPU_FEATURES": " ".join(numpy_dispatch_targets())}
 
 
 def _cli_quick_train(tmp_path, name, env):

@@ -23,11 +23,17 @@ MARK = "OSTEOSCREEN_PINNED_KERNELS"
 THREADS = 2
 
 
-def pinned_env() -> dict[str, str]:
-    """What the training child's environment gets on top of the caller's."""
+def numpy_dispatch_targets() -> list[str]:
+    """numpy's SIMD targets above its baseline, named as NPY_DISABLE_CPU_FEATURES takes them (numpy 1.x and 2.x)."""
     import numpy as np
 
-    dispatch = " ".join(np._core._multiarray_umath.__cpu_dispatch__)  # everything above numpy's baseline
+    core = getattr(np, "_core", None) or np.core
+    return list(core._multiarray_umath.__cpu_dispatch__)
+
+
+def pinned_env() -> dict[str, str]:
+    """What the training child's environment gets on top of the caller's."""
+    dispatch = " ".join(numpy_dispatch_targets())
     env = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE,STRICT", "OPENBLAS_CORETYPE": "Nehalem",
            "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
            "OPENBLAS_NUM_THREADS": str(THREADS), MARK: "1"}
