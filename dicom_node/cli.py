@@ -170,9 +170,9 @@ def _check_reproduced(shipped: Path, retrain, shipped_metrics=lambda card: card[
 
 
 # Training commands run with fixed CPU kernels (pipeline/training/kernels.py), so that --check holds whichever
-# vector kernels an x86-64 CPU would pick. The DRLIS selector is left out: its exploration is not reproducible across machines anyway
-# (docs/validation.md), and the privileged and crop-KD bundles were last trained without the pins.
-PINNED_TRAINING = ("fused", "xray")
+# vector kernels an x86-64 CPU would pick. The DRLIS selector is left out: its exploration is not reproducible
+# across machines anyway (docs/validation.md).
+PINNED_TRAINING = ("fused", "xray", "privileged", "cropkd")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ import dataclasses
 
 import pytest
 
-from dicom_node.bench import NODE_AET, Node, Storescp, _fsyncs, send, send_concurrently
+from dicom_node.bench import (NODE_AET, STORE_ALONE, BenchError, Ingest, Latency, Node, Storescp, _fsyncs, cpu_ticks,
+                              fsync_costs, render_markdown, send, send_concurrently, steal_share, store_alone)
 from dicom_node.cli import main
 from dicom_node.sample import write_resampled_series
 
@@ -47,3 +48,48 @@ def test_forking_storescp_takes_concurrent_associations(small_series, tmp_path):
     with Storescp(tmp_path, fork=True) as scp:
         send_concurrently(halves, scp.port, called="STORESCP")
     assert len(list((tmp_path / "storescp").iterdir())) == len(small_series.files)
+
+
+def test_store_alone_stores_every_instance_durably_through_the_node_store(small_series, tmp_path):
+    """The bench's no-network ceiling runs the node's own store: every instance file under its final name and
+    indexed; a second series with the same instances is all duplicates and still counts as stored."""
+    halves = [dataclasses.replace(small_series, files=small_series.files[:20]),
+              dataclasses.replace(small_series, files=small_series.files[20:])]
+    assert store_alone(halves, tmp_path / "alone") > 0
+    stored = [p for p in (tmp_path / "alone" / "instances").rglob("*.dcm")]
+    assert len(stored) == len(small_series.files)
+    assert not list((tmp_path / "alone" / "instances").rglob(".incoming.*"))
+    with pytest.raises(BenchError, match="indexed 20 of 40"):
+        store_alone([halves[0], halves[0]], tmp_path / "again")
+
+
+def test_report_states_the_store_alone_ceiling_the_fsync_costs_and_the_steal(tmp_path):
+    """The rendered report carries the measured figures it is given, the two summary lines unchanged."""
+    costs = fsync_costs(tmp_path, n=3, size=64 * 1024)
+    assert costs["new_file_ms"] > 0 and costs["overwrite_4k_ms"] > 0 and not list(tmp_path.iterdir())
+    before = cpu_ticks()
+    steal = steal_share(before, cpu_ticks())
+    assert steal is None or 0.0 <= steal <= 1.0
+    rates = {"storescp": 1000.0, "storescp + sync": 800.0, "orthanc (TCP_NODELAY=1)": 200.0, "osteoscreen": 450.0,
+             "storescp --fork, 4 concurrent senders": 1400.0, "osteoscreen, 4 concurrent senders": 700.0,
+             f"{STORE_ALONE}, 4 processes": 750.0}
+    ingest = Ingest(rates=rates, mb_s={k: v / 2 for k, v in rates.items()},
+                    fsyncs_per_instance={"storescp": 0.0, "osteoscreen": 3.0},
+                    fsync_ms={"new_file_ms": 0.47, "overwrite_4k_ms": 0.06})
+    lat = Latency(slices=300, seconds=2.3, quiet_s=2.0, stages={"load/decode": 0.6}, service_rss_mb=200,
+                  worker_rss_mb=450, receiver_rss_mb=70, level="L1", mean_hu=106.5)
+    summary = {"inst_s": 450, "ratio_storescp": 0.45, "ratio_storescp_sync": 0.56, "ratio_orthanc": 2.25,
+               "concurrent4_ratio": 0.70}
+    rep = {"ingest": ingest, "summary": summary, "latency": lat, "scaling": [lat], "runs": 5, "slices": 300,
+           "hl7": {"msgs_s": 2000, "p50_ms": 0.4, "p99_ms": 0.7},
+           "inference": {"backend": "onnxruntime-cpu", "predict_ms": 0.2, "shap_ms": 0.3,
+                         "engines": {"table": "| t |", "line": "engines bench: backends=2"}},
+           "ingest_line": "ingest: inst_s=450 ratio_storescp=0.45 ratio_storescp_sync=0.56 ratio_orthanc=2.25 "
+                          "concurrent4_ratio=0.70",
+           "latency_line": "latency: slices=300 seconds=2.3 peak_rss_mb=450", "minutes": 7.0, "steal": 0.22}
+    text = render_markdown(rep)
+    assert f"| {STORE_ALONE}, 4 processes | 750 | 375 | 0.75 |" in text
+    assert "It reached 0.75 x storescp's single-sender rate, against 0.70 for the 4 senders" in text
+    assert "new 0.5 MB file took 0.47 ms" in text and "overwriting 4 KiB 0.06 ms" in text
+    assert "CPU steal during the run: 22%" in text
+    assert text.count(rep["ingest_line"]) == 1 and text.count(rep["latency_line"]) == 1

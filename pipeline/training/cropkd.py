@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from pipeline.full_slice import FULL_PX
 from pipeline.training import metrics as M
+from pipeline.training.export import kernels_line
+from pipeline.training.kernels import apply_runtime_pins
 from pipeline.training.models import GradCamNet, crop_teacher, full_slice_student
 from pipeline.training.synth_slice import SyntheticSlices, crop_map_to_grid
 from pipeline.training.train import TrainConfig, _batches, _bce, _platt, _seed_all, _sigmoid, prepare
@@ -113,6 +115,10 @@ def _bootstrap_mean(v: np.ndarray, n: int, seed: int) -> list[float]:
 def run(cfg: CropKDConfig, bundle_dir: Path, report_dir: Path | None, log=print) -> dict:
     t0 = time.monotonic()
     _seed_all(cfg.seed, cfg.threads)
+    kernels = apply_runtime_pins()
+    if not kernels["pinned"]:
+        log("note: CPU kernels not pinned (use `osteoscreen train cropkd`): the result reproduces on this CPU "
+            "type only")
     # The fused model's data preparation with the same seed: the same cohort, split and target HU per subject.
     d = prepare(TrainConfig(seed=cfg.seed, limit=cfg.limit), log)
     rows = np.nonzero(d.has_image)[0]
@@ -168,7 +174,7 @@ def run(cfg: CropKDConfig, bundle_dir: Path, report_dir: Path | None, log=print)
         res["fused_image_only_auc"] = _fused_card()["metrics"]["subsets"]["image_only"]["auc"]
     summary = {"config": asdict(cfg), "generator": gen.describe(), "results": res,
                "calibration": {"method": "Platt", "a": platt[0], "b": platt[1]},
-               "seconds": round(time.monotonic() - t0, 1)}
+               "seconds": round(time.monotonic() - t0, 1), "kernels": kernels}
     _write_bundle(Path(bundle_dir), student, summary)
     if report_dir is not None:
         examples = te[np.argsort(-yt, kind="stable")[:2].tolist() + np.nonzero(yt == 0)[0][:2].tolist()]
@@ -211,6 +217,7 @@ def _write_bundle(out: Path, net: GradCamNet, summary: dict) -> None:
         "metrics": r,
         "use_instead_of_fused_image_only": bool(fused is not None and r["auc_student"][0] > fused),
         "training": summary["config"],
+        "training_kernels": summary["kernels"],
         "generator": summary["generator"],
         "files": files,
         "inference": {"fp16": False, "note": "fp32 only: a screening probability against an operating point"},
@@ -302,6 +309,8 @@ def _write_report(out: Path, summary: dict, curves: dict, ex: dict) -> None:
         "",
         f"Operating point (validation, sensitivity >= {c['target_sensitivity']}): threshold {op['threshold']:.4f}; "
         f"test sensitivity {op['sensitivity']:.2f}, specificity {op['specificity']:.2f}; Brier {r['brier']:.4f}.",
+        "",
+        kernels_line(summary["kernels"]),
         "",
         "![ROC](cropkd_roc.png)",
         "",

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from pipeline.features import FEATURES
 from pipeline.image_input import PATCH_PX
 from pipeline.training import metrics as M
+from pipeline.training.export import kernels_line
+from pipeline.training.kernels import apply_runtime_pins
 from pipeline.training.models import ImageTeacher, Student
 from pipeline.training.train import TrainConfig, _batches, _bce, _platt, _seed_all, _sigmoid, prepare
 
@@ -112,6 +114,10 @@ def _logits(net: ImageTeacher, images: np.ndarray) -> np.ndarray:
 def run(cfg: PrivilegedConfig, bundle_dir: Path, report_dir: Path | None, log=print) -> dict:
     t0 = time.monotonic()
     _seed_all(cfg.seed, cfg.threads)
+    kernels = apply_runtime_pins()
+    if not kernels["pinned"]:
+        log("note: CPU kernels not pinned (use `osteoscreen train privileged`): the result reproduces on this CPU "
+            "type only")
     # The fused model's data preparation with the same seed: the same cohort, split and images.
     d = prepare(TrainConfig(seed=cfg.seed, limit=cfg.limit), log)
     tr, va, te = (np.nonzero((d.split == s) & d.has_image)[0] for s in ("train", "val", "test"))
@@ -149,7 +155,7 @@ def run(cfg: PrivilegedConfig, bundle_dir: Path, report_dir: Path | None, log=pr
     if cfg.limit is None:  # same seed, split and test rows as the shipped fused model (full cohort only)
         res["fused_image_only_auc"] = _fused_card()["metrics"]["subsets"]["image_only"]["auc"]
     summary = {"config": asdict(cfg), "results": res, "calibration": {"method": "Platt", "a": platt[0], "b": platt[1]},
-               "seconds": round(time.monotonic() - t0, 1)}
+               "seconds": round(time.monotonic() - t0, 1), "kernels": kernels}
     _write_bundle(Path(bundle_dir), pkd, summary)
     if report_dir is not None:
         _write_report(Path(report_dir), summary, {"PKD student": (y, s_pkd), "labels only": (y, s_plain),
@@ -186,6 +192,7 @@ def _write_bundle(out: Path, net: ImageTeacher, summary: dict) -> None:
         "metrics": r,
         "use_instead_of_fused_image_only": bool(fused is not None and r["auc_pkd"][0] > fused),
         "training": summary["config"],
+        "training_kernels": summary["kernels"],
         "files": files,
         "inference": {"fp16": False, "note": "fp32 only: a screening probability against an operating point"},
         "references": ["Privileged knowledge distillation for multimodal medical image screening (MMPKD): a teacher "
@@ -234,6 +241,8 @@ def _write_report(out: Path, summary: dict, curves: dict) -> None:
         "",
         f"Operating point (validation, sensitivity >= {c['target_sensitivity']}): threshold {op['threshold']:.4f}; "
         f"test sensitivity {op['sensitivity']:.2f}, specificity {op['specificity']:.2f}; Brier {r['brier']:.4f}.",
+        "",
+        kernels_line(summary["kernels"]),
         "",
         "![ROC](privileged_roc.png)",
         "",
