@@ -685,8 +685,8 @@ def render_markdown(rep: dict) -> str:
         f"{s['concurrent4_ratio']:.2f} for the 4 senders through the network. Measured in the same run: an fsync "
         f"after writing a new 0.5 MB file took {ing.fsync_ms.get('new_file_ms', float('nan')):.2f} ms (median of "
         f"50), an fdatasync after overwriting 4 KiB {ing.fsync_ms.get('overwrite_4k_ms', float('nan')):.2f} ms: "
-        "making a new file durable costs the writeback and the block allocation of the whole file, kernel CPU "
-        "work that storescp leaves for after its run, on the cores the senders and receivers share.",
+        "making a new file durable costs the writeback and block allocation of the whole file, which storescp "
+        "leaves for after its run, and the kernel does that work on the cores the senders and receivers share.",
         "",
         "```",
         rep["ingest_line"],
