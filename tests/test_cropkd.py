@@ -88,8 +88,9 @@ def test_train_cropkd_quick_writes_a_bundle_that_runs_on_every_cpu_backend(tmp_p
     for key in ("student_attention_loss", "student_kd_only", "teacher_mapped"):
         mean, lo, hi = r["attention_inside_body"][key]
         assert 0.0 <= lo <= mean <= hi <= 1.0
+    assert card["training_kernels"]["pinned"] is True  # the command re-ran itself with fixed CPU kernels
     text = (report / "cropkd.md").read_text()
-    assert "semi-synthetic" in text and "mass inside the body" in text
+    assert "semi-synthetic" in text and "mass inside the body" in text and "CPU kernels pinned" in text
     assert (report / "cropkd_attention.png").stat().st_size > 10_000
     image = np.random.default_rng(3).standard_normal((5, 3, 96, 96)).astype(np.float32)
     outs = {b: engines.load(bundle, b)(image=image) for b in ("onnxruntime-cpu", "pytorch")}

@@ -169,3 +169,15 @@ def test_backends_agree_onnxruntime_vs_pytorch_reference():
         outs[backend] = (emb, head(embedding=emb, image_present=present, tab_values=vals, tab_mask=mask)["logit"])
     assert np.max(np.abs(outs["pytorch"][0] - outs["onnxruntime-cpu"][0])) < 1e-4
     assert np.max(np.abs(outs["pytorch"][1] - outs["onnxruntime-cpu"][1])) < 1e-4
+
+
+def test_every_shipped_supervised_bundle_was_trained_with_the_pinned_kernels():
+    """Its --check then holds on any x86-64 CPU; a bundle retrained without the pins (calling run() directly)
+    must not be shipped. The DRLIS selector is not pinned (its exploration does not reproduce anyway)."""
+    from dicom_node.cli import PINNED_TRAINING
+    from engines.bundle import bundled_models_dir
+
+    assert set(PINNED_TRAINING) == {"fused", "xray", "privileged", "cropkd"}
+    for name in ("fused_kdamm_v1", "cxr_fusion_v1", "mmpkd_v1", "cropkd_v1"):
+        kernels = json.loads((bundled_models_dir() / name / "card.json").read_text())["training_kernels"]
+        assert kernels["pinned"] and kernels["aten"] == "DEFAULT" and not kernels["onednn"], (name, kernels)

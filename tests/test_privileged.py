@@ -21,8 +21,9 @@ def test_train_privileged_quick_writes_a_bundle_that_runs_on_every_cpu_backend(t
     r = card["metrics"]
     assert r["pkd_minus_plain"][1] <= r["pkd_minus_plain"][0] <= r["pkd_minus_plain"][2]
     assert 0.5 < r["auc_teacher_privileged"][0] <= 1.0
+    assert card["training_kernels"]["pinned"] is True  # the command re-ran itself with fixed CPU kernels
     text = (report / "privileged.md").read_text()
-    assert "semi-synthetic" in text and "PKD minus labels-only" in text
+    assert "semi-synthetic" in text and "PKD minus labels-only" in text and "CPU kernels pinned" in text
     assert (report / "privileged_roc.png").stat().st_size > 10_000
     image = np.random.default_rng(3).standard_normal((9, 3, 32, 32)).astype(np.float32)
     outs = {b: engines.load(bundle, b)(image=image)["logit"] for b in ("onnxruntime-cpu", "pytorch")}
