@@ -181,3 +181,18 @@ def test_every_shipped_supervised_bundle_was_trained_with_the_pinned_kernels():
     for name in ("fused_kdamm_v1", "cxr_fusion_v1", "mmpkd_v1", "cropkd_v1"):
         kernels = json.loads((bundled_models_dir() / name / "card.json").read_text())["training_kernels"]
         assert kernels["pinned"] and kernels["aten"] == "DEFAULT" and not kernels["onednn"], (name, kernels)
+
+
+def test_training_called_without_the_pinned_environment_says_its_result_is_per_cpu(monkeypatch):
+    from pipeline.training.kernels import MARK, apply_runtime_pins
+
+    monkeypatch.delenv(MARK, raising=False)
+    onednn = torch.backends.mkldnn.enabled
+    lines: list[str] = []
+    try:
+        used = apply_runtime_pins(lines.append, "osteoscreen train cropkd")
+    finally:
+        torch.backends.mkldnn.enabled = onednn
+    assert used["pinned"] is False and used["onednn"] is False
+    assert lines == ["note: CPU kernels not pinned (use `osteoscreen train cropkd`): the result reproduces on this "
+                     "CPU type only"]

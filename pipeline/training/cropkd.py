@@ -115,10 +115,7 @@ def _bootstrap_mean(v: np.ndarray, n: int, seed: int) -> list[float]:
 def run(cfg: CropKDConfig, bundle_dir: Path, report_dir: Path | None, log=print) -> dict:
     t0 = time.monotonic()
     _seed_all(cfg.seed, cfg.threads)
-    kernels = apply_runtime_pins()
-    if not kernels["pinned"]:
-        log("note: CPU kernels not pinned (use `osteoscreen train cropkd`): the result reproduces on this CPU "
-            "type only")
+    kernels = apply_runtime_pins(log, "osteoscreen train cropkd")
     # The fused model's data preparation with the same seed: the same cohort, split and target HU per subject.
     d = prepare(TrainConfig(seed=cfg.seed, limit=cfg.limit), log)
     rows = np.nonzero(d.has_image)[0]

@@ -63,11 +63,15 @@ def rerun_pinned(argv: list[str]) -> int:
     return child.returncode
 
 
-def apply_runtime_pins() -> dict[str, object]:
-    """What can be set after import (oneDNN off); returns what this process runs, for the card."""
+def apply_runtime_pins(log=None, command: str = "osteoscreen train") -> dict[str, object]:  # noqa: ANN001
+    """What can be set after import (oneDNN off); returns what this process runs, for the card. Without the
+    pinned environment (``run()`` called directly, not through ``command``) it says so through ``log``."""
     import torch
 
     torch.backends.mkldnn.enabled = False
     aten, cbwr = torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_CBWR", "")
-    return {"pinned": is_pinned() and aten == "DEFAULT" and cbwr.startswith("COMPATIBLE"), "aten": aten,
+    used = {"pinned": is_pinned() and aten == "DEFAULT" and cbwr.startswith("COMPATIBLE"), "aten": aten,
             "mkl_cbwr": cbwr, "onednn": torch.backends.mkldnn.enabled, "threads": torch.get_num_threads()}
+    if log is not None and not used["pinned"]:
+        log(f"note: CPU kernels not pinned (use `{command}`): the result reproduces on this CPU type only")
+    return used

@@ -114,10 +114,7 @@ def _logits(net: ImageTeacher, images: np.ndarray) -> np.ndarray:
 def run(cfg: PrivilegedConfig, bundle_dir: Path, report_dir: Path | None, log=print) -> dict:
     t0 = time.monotonic()
     _seed_all(cfg.seed, cfg.threads)
-    kernels = apply_runtime_pins()
-    if not kernels["pinned"]:
-        log("note: CPU kernels not pinned (use `osteoscreen train privileged`): the result reproduces on this CPU "
-            "type only")
+    kernels = apply_runtime_pins(log, "osteoscreen train privileged")
     # The fused model's data preparation with the same seed: the same cohort, split and images.
     d = prepare(TrainConfig(seed=cfg.seed, limit=cfg.limit), log)
     tr, va, te = (np.nonzero((d.split == s) & d.has_image)[0] for s in ("train", "val", "test"))

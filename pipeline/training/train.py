@@ -405,9 +405,7 @@ def _platt(logit: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, float]:
 def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) -> dict:
     t0 = time.monotonic()
     _seed_all(cfg.seed, cfg.threads)
-    kernels = apply_runtime_pins()
-    if not kernels["pinned"]:
-        log("note: CPU kernels not pinned (use `osteoscreen train`): the result reproduces on this CPU type only")
+    kernels = apply_runtime_pins(log, "osteoscreen train")
     d = prepare(cfg, log)
     tr, va, te = (np.nonzero(d.split == s)[0] for s in ("train", "val", "test"))
     log(f"cohort: {len(d.y)} adults, prevalence {d.y.mean():.4f}; split train/val/test "

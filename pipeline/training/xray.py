@@ -104,7 +104,7 @@ def _fusion_weight(y: np.ndarray, p_img: np.ndarray, p_tab: np.ndarray) -> float
 def run(cfg: XrayConfig, bundle_dir: Path, report_dir: Path | None, log=print) -> dict:
     t0 = time.monotonic()
     _seed_all(cfg.seed, cfg.threads)
-    kernels = apply_runtime_pins()
+    kernels = apply_runtime_pins(log, "osteoscreen train xray")
     d = prepare(TrainConfig(seed=cfg.seed, limit=cfg.limit), log)
     rows = np.nonzero(d.has_image)[0]
     log(f"generating {rows.size} semi-synthetic chest radiographs (EXPERIMENTAL)")
