@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from pipeline.localiser import Localisation, body_front
+from pipeline.morphology import component_sizes, fill_holes
 from pipeline.refusal import Refusal
 from pipeline.volume import Volume
 
@@ -87,7 +88,7 @@ def _focal_dense(sub: np.ndarray, core: np.ndarray, roi: np.ndarray, dy: float, 
     if not candidate.any():
         return np.zeros_like(roi)
     lbl, n = ndi.label(candidate)
-    sizes = ndi.sum_labels(np.ones_like(lbl), lbl, index=np.arange(1, n + 1)) * dy * dx
+    sizes = component_sizes(lbl, n) * dy * dx
     rim = max(1, int(round(1.0 / min(dy, dx))))
     # compact foci only: a lesion is still there after eroding LESION_MIN_THICKNESS_MM / 2; a cortex or
     # endplate cut tangentially by a tilted slice is a thin band, and the slice ranking deals with those
@@ -120,7 +121,7 @@ def _body_outline(volume: Volume, slab: tuple[int, int], window: tuple[int, int,
     z0, z1 = slab
     slab_bone = (volume.hu[z0 : z1 + 1, R0:R1, C0:C1] > OUTLINE_HU).any(axis=0)
     slab_bone[yp + 1 :] = False  # nothing behind the canal's anterior edge
-    filled = ndi.binary_fill_holes(slab_bone)
+    filled = fill_holes(slab_bone)
     # cut off a contrast-filled aorta fused to the body's front
     front = body_front(filled, yp, int(round(centre_rc[1])), dy, dx)
     filled[: max(0, front)] = False

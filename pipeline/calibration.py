@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from pipeline.morphology import component_sizes, fill_holes
 from pipeline.volume import Volume
 
 AIR_RANGE = (-1050.0, -950.0)
@@ -40,20 +41,38 @@ class CalibrationCheck:
         return f"{air}, {fat}" + (f" - {self.flag}" if self.flag else "")
 
 
+def _depth_in(body: np.ndarray, spacing_rc: tuple[float, float], above_mm: float, upto_mm: float) -> np.ndarray:
+    """Pixels whose distance from outside ``body`` is in (``above_mm``, ``upto_mm``].
+
+    The Euclidean distance transform is taken over the body's bounding box and the background row or
+    column just beyond each side of it (where the slice has one): the same distances as over the whole
+    slice, since that background is at least as near as anything further out, at about a third of the
+    cost for a typical abdomen in a 512 x 512 field.
+    """
+    out = np.zeros(body.shape, dtype=bool)
+    rows, cols = np.nonzero(body.any(axis=1))[0], np.nonzero(body.any(axis=0))[0]
+    if rows.size == 0:
+        return out
+    # the box grown by the one background row/column beyond it on each side, where the slice has one
+    r0, r1 = max(0, rows[0] - 1), min(body.shape[0], rows[-1] + 2)
+    c0, c1 = max(0, cols[0] - 1), min(body.shape[1], cols[-1] + 2)
+    depth = ndi.distance_transform_edt(body[r0:r1, c0:c1], sampling=spacing_rc)
+    out[r0:r1, c0:c1] = (depth > above_mm) & (depth <= upto_mm)
+    return out
+
+
 def _slice_samples(sl: np.ndarray, spacing_rc: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Air pixels outside the body and fat-window pixels in the subcutaneous ring, for one slice."""
     body = sl > -500
     labels, n = ndi.label(body)
     if n == 0:
         return np.empty(0), np.empty(0)
-    sizes = ndi.sum(body, labels, index=range(1, n + 1))
-    body = ndi.binary_fill_holes(labels == (int(np.argmax(sizes)) + 1))
+    body = fill_holes(labels == (int(np.argmax(component_sizes(labels, n))) + 1))
     # keep a margin from the body so partial-volume skin does not count as air
     margin = max(1, int(round(5.0 / min(spacing_rc))))
     outside = ~ndi.binary_dilation(body, iterations=margin)
     air = sl[outside & (sl > PADDING_BELOW) & (sl < -500)]
-    depth = ndi.distance_transform_edt(body, sampling=spacing_rc)
-    ring = body & (depth > 2.0) & (depth <= RING_MM)
+    ring = body & _depth_in(body, spacing_rc, 2.0, RING_MM)
     fat = sl[ring & (sl >= FAT_WINDOW[0]) & (sl <= FAT_WINDOW[1])]
     return air.astype(np.float32), fat.astype(np.float32)
 
