@@ -27,10 +27,23 @@ from pynetdicom.sop_class import (
 )
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before by this process.
+
+    The kernel may give the same free port to two bind(0) calls in a row; a peer or node configured with
+    ports picked here but not yet listening (a PACS started later) would then collide with another one.
+    """
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError("no unused loopback port found in 100 tries")
 
 
 def stop_process(proc: subprocess.Popen | None, timeout_s: float = 30.0) -> None:

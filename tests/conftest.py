@@ -70,6 +70,9 @@ class NodeProcess:
         log.close()
         wait_port(self.port)
         wait_port(self.hl7_port)
+        if self.proc.poll() is not None:  # something else answered on its ports while it failed to start
+            raise AssertionError(f"osteoscreen serve exited with {self.proc.returncode} during start-up:\n"
+                                 + self.log()[-3000:])
         return self
 
     def kill(self) -> None:

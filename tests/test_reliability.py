@@ -20,7 +20,8 @@ def test_pacs_outage_queues_with_backoff_and_other_destination_not_blocked(node_
         {"name": "qa", "ae_title": other.aet, "port": other.dicom_port},
     ]).start()
     try:
-        assert storescu(sample_series.files, node.port).returncode == 0
+        sent = storescu(sample_series.files, node.port)
+        assert sent.returncode == 0, f"{sent.stderr}\nnode log (tail):\n{node.log()[-3000:]}"
         # The healthy destination gets both objects although the PACS is away.
         wait_for(lambda: len(other.files()) == 2, 180, "results at the healthy destination")
         time.sleep(8)  # outage continues: retries must back off, not spin
