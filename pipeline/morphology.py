@@ -69,8 +69,8 @@ def close_planes(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     structure = np.asarray(structure, dtype=bool)
     if structure.ndim != 2 or not all(n % 2 for n in structure.shape) \
-            or not np.array_equal(structure, structure[::-1, ::-1]):
-        raise ValueError("close_planes needs a 2-D point-symmetric structure with odd sides")
+            or not np.array_equal(structure, structure[::-1, ::-1]) or not structure.any():
+        raise ValueError("close_planes needs a non-empty 2-D point-symmetric structure with odd sides")
     cy, cx = structure.shape[0] // 2, structure.shape[1] // 2
     offsets = [(y - cy, x - cx) for y, x in zip(*np.nonzero(structure))]
     dilated = np.zeros_like(mask)
@@ -83,13 +83,9 @@ def close_planes(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
         closed[dst] &= dilated[src]
     # erosion with a background border: points whose footprint reaches past the edge are cleared
     h, w = mask.shape[1:]
-    for dy, dx in offsets:
-        if dy > 0:
-            closed[:, max(0, h - dy) :] = False
-        elif dy < 0:
-            closed[:, : -dy] = False
-        if dx > 0:
-            closed[:, :, max(0, w - dx) :] = False
-        elif dx < 0:
-            closed[:, :, : -dx] = False
+    dys, dxs = [dy for dy, _ in offsets], [dx for _, dx in offsets]
+    closed[:, : max(0, -min(dys))] = False
+    closed[:, max(0, h - max(dys)) :] = False
+    closed[:, :, : max(0, -min(dxs))] = False
+    closed[:, :, max(0, w - max(dxs)) :] = False
     return closed

@@ -86,3 +86,5 @@ def test_close_planes_equals_scipy_closing_per_plane(sample_volume):
             assert np.array_equal(close_planes(stack, structure), expected)
     with pytest.raises(ValueError):
         close_planes(np.zeros((1, 4, 4), bool), np.array([[1, 1, 0]], bool))
+    with pytest.raises(ValueError):
+        close_planes(np.zeros((1, 4, 4), bool), np.zeros((3, 3), bool))
