@@ -297,6 +297,7 @@ class Ingest:
     mb_s: dict[str, float] = field(default_factory=dict)
     fsyncs_per_instance: dict[str, float | None] = field(default_factory=dict)
     fsync_ms: dict[str, float] = field(default_factory=dict)
+    round_ratios: dict[str, list[float]] = field(default_factory=dict)  # label -> its rate / storescp's, per round
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -340,84 +341,102 @@ def _fsyncs(pid: int, action: Callable[[], object], n: int) -> float | None:
 
 def bench_ingest(work: Path, raw: SampleSeries, concurrent: list[SampleSeries], compressed: dict[str, SampleSeries],
                  runs: int, log: Callable[[str], None]) -> Ingest:
+    """Every ingest figure, measured in rounds: each round runs every receiver once, back to back.
+
+    Interleaved rounds rather than one block of runs per receiver: this VM's speed drifts within minutes
+    (storescp alone ranged from 850 to 2,100 instances/s on one day here), and a block design turns that
+    drift into a bias in the ratios. Each round also gives a paired ratio against the same round's storescp.
+    """
     res = Ingest()
     n = len(raw.files)
     mb = sum(f.stat().st_size for f in raw.files) / 1e6
+    total = sum(len(s.files) for s in concurrent)
+    total_mb = sum(f.stat().st_size for s in concurrent for f in s.files) / 1e6
+    four = len(concurrent)
+    times: dict[str, list[float]] = {}
+    sizes: dict[str, tuple[int, float]] = {}
 
-    def record(label: str, seconds: list[float], count: int = n, megabytes: float = mb) -> None:
-        s = _median(seconds)
-        res.rates[label] = count / s
-        res.mb_s[label] = megabytes / s
-        log(f"  {label:<38} {count / s:7.1f} inst/s {megabytes / s:7.1f} MB/s (median of {len(seconds)})")
+    def note(label: str, seconds: float, count: int = n, megabytes: float = mb) -> None:
+        times.setdefault(label, []).append(seconds)
+        sizes[label] = (count, megabytes)
 
-    # DCMTK storescp, without and with a sync afterwards
-    plain, synced = [], []
-    for _ in range(runs):
+    def node_send(files: list[Path], expected: int, **kw) -> float:
+        with Node(work / "node") as node:
+            t = send(files, node.port, called=NODE_AET, **kw)
+            if node.stored() != expected:
+                raise BenchError(f"osteoscreen indexed {node.stored()} of {expected} instances")
+        return t
+
+    for round_no in range(runs):
+        # one association: DCMTK storescp (without and with a sync afterwards), Orthanc with TCP_NODELAY=1
+        # (the durable peer), osteoscreen
         with Storescp(work) as scp:
             t = send(raw.files, scp.port, called="STORESCP")
             t0 = time.perf_counter()
             os.sync()
-            plain.append(t)
-            synced.append(t + time.perf_counter() - t0)
-    record("storescp", plain)
-    record("storescp + sync", synced)
+            note("storescp", t)
+            note("storescp + sync", t + time.perf_counter() - t0)
+        pacs = OrthancPACS(work / "orthanc", tcp_nodelay=True)
+        shutil.rmtree(pacs.workdir, ignore_errors=True)
+        pacs.start()
+        try:
+            note("orthanc (TCP_NODELAY=1)", send(raw.files, pacs.dicom_port, called=pacs.aet))
+        finally:
+            pacs.stop()
+        note("osteoscreen", node_send(raw.files, n))
+        # 4 concurrent senders, and the node's store alone (no network) for the same instances
+        for label in ("storescp", FORKING_STORESCP):
+            with Storescp(work, fork=label == FORKING_STORESCP) as scp:
+                note(f"{label}, {four} concurrent senders", send_concurrently(concurrent, scp.port,
+                                                                                called="STORESCP"), total, total_mb)
+        with Node(work / "node") as node:
+            note(f"osteoscreen, {four} concurrent senders", send_concurrently(concurrent, node.port,
+                                                                                called=NODE_AET), total, total_mb)
+            if node.stored() != total:
+                raise BenchError(f"osteoscreen indexed {node.stored()} of {total} instances")
+        note(f"{STORE_ALONE}, {four} processes", store_alone(concurrent, work / "store-alone"), total, total_mb)
+        # compressed series
+        for syntax, series in compressed.items():
+            c_mb = sum(f.stat().st_size for f in series.files) / 1e6
+            with Storescp(work) as scp:
+                note(f"storescp, {syntax}", send(series.files, scp.port, called="STORESCP", syntax=syntax),
+                     len(series.files), c_mb)
+            note(f"osteoscreen, {syntax}", node_send(series.files, len(series.files), syntax=syntax),
+                 len(series.files), c_mb)
+        base = times["storescp"][-1]
+        log(f"  round {round_no + 1}/{runs}: storescp {n / base:.0f} inst/s, osteoscreen "
+            f"{n / times['osteoscreen'][-1]:.0f} inst/s")
+    # Orthanc as packaged (Nagle on) crawls: a few runs, after the rounds
+    nagle = []
+    for _ in range(min(runs, 3)):
+        pacs = OrthancPACS(work / "orthanc", tcp_nodelay=False)
+        shutil.rmtree(pacs.workdir, ignore_errors=True)
+        pacs.start()
+        try:
+            nagle.append(send(raw.files, pacs.dicom_port, called=pacs.aet, nodelay=False))
+        finally:
+            pacs.stop()
+    times["orthanc (as packaged)"], sizes["orthanc (as packaged)"] = nagle, (n, mb)
+    order = ["storescp", "storescp + sync", "orthanc (TCP_NODELAY=1)", "orthanc (as packaged)", "osteoscreen",
+             f"storescp, {four} concurrent senders", f"{FORKING_STORESCP}, {four} concurrent senders",
+             f"osteoscreen, {four} concurrent senders", f"{STORE_ALONE}, {four} processes",
+             *[f"{label}, {syntax}" for syntax in compressed for label in ("storescp", "osteoscreen")]]
+    single = times["storescp"]
+    for label in order:
+        count, megabytes = sizes[label]
+        s = _median(times[label])
+        res.rates[label] = count / s
+        res.mb_s[label] = megabytes / s
+        if label not in ("storescp", "orthanc (as packaged)"):  # measured in the rounds, beside that storescp
+            res.round_ratios[label] = [(count / t) / (n / b) for t, b in zip(times[label], single)]
+        log(f"  {label:<38} {count / s:7.1f} inst/s {megabytes / s:7.1f} MB/s (median of {len(times[label])})")
     with Storescp(work) as scp:
         res.fsyncs_per_instance["storescp"] = _fsyncs(scp.pid, lambda: send(raw.files, scp.port, called="STORESCP"), n)
-    # Orthanc with TCP_NODELAY=1 (the durable peer), and as packaged (Nagle on)
-    for label, nodelay, k in (("orthanc (TCP_NODELAY=1)", True, runs), ("orthanc (as packaged)", False, min(runs, 3))):
-        times = []
-        for _ in range(k):
-            pacs = OrthancPACS(work / "orthanc", tcp_nodelay=nodelay)
-            shutil.rmtree(pacs.workdir, ignore_errors=True)
-            pacs.start()
-            try:
-                times.append(send(raw.files, pacs.dicom_port, called=pacs.aet, nodelay=nodelay))
-            finally:
-                pacs.stop()
-        record(label, times)
-    # osteoscreen
-    times = []
-    for _ in range(runs):
-        with Node(work / "node") as node:
-            times.append(send(raw.files, node.port, called=NODE_AET))
-            if node.stored() != n:
-                raise BenchError(f"osteoscreen indexed {node.stored()} of {n} instances")
-    record("osteoscreen", times)
     with Node(work / "node") as node:
         assert node.proc is not None
         res.fsyncs_per_instance["osteoscreen"] = _fsyncs(node.proc.pid, lambda: send(raw.files, node.port,
                                                                                     called=NODE_AET), n)
-    # 4 concurrent senders
-    total = sum(len(s.files) for s in concurrent)
-    total_mb = sum(f.stat().st_size for s in concurrent for f in s.files) / 1e6
-    for label in ("storescp", FORKING_STORESCP, "osteoscreen"):
-        times = []
-        for _ in range(runs):
-            if label != "osteoscreen":
-                with Storescp(work, fork=label == FORKING_STORESCP) as scp:
-                    times.append(send_concurrently(concurrent, scp.port, called="STORESCP"))
-            else:
-                with Node(work / "node") as node:
-                    times.append(send_concurrently(concurrent, node.port, called=NODE_AET))
-                    if node.stored() != total:
-                        raise BenchError(f"osteoscreen indexed {node.stored()} of {total} instances")
-        record(f"{label}, {len(concurrent)} concurrent senders", times, total, total_mb)
-    record(f"{STORE_ALONE}, {len(concurrent)} processes", [store_alone(concurrent, work / "store-alone")
-                                                           for _ in range(runs)], total, total_mb)
     res.fsync_ms = fsync_costs(work / "fsync-probe")
-    # compressed series
-    for syntax, series in compressed.items():
-        c_mb = sum(f.stat().st_size for f in series.files) / 1e6
-        for label in ("storescp", "osteoscreen"):
-            times = []
-            for _ in range(runs):
-                if label == "storescp":
-                    with Storescp(work) as scp:
-                        times.append(send(series.files, scp.port, called="STORESCP", syntax=syntax))
-                else:
-                    with Node(work / "node") as node:
-                        times.append(send(series.files, node.port, called=NODE_AET, syntax=syntax))
-            record(f"{label}, {syntax}", times, len(series.files), c_mb)
     return res
 
 
@@ -645,19 +664,24 @@ def render_markdown(rep: dict) -> str:
         f"Series: the shipped real CT (`dicom_node/sample_data/example_ct.nii.gz`) resampled to "
         f"{rep['slices']} x 512 x 512 with seeded 8 HU noise (`dicom_node/sample.py`, "
         "`resampled_sample_slices`); about 0.5 MB per instance uncompressed. Every figure is the median of "
-        f"{rep['runs']} runs (Orthanc as packaged: up to 3); every run starts the receiver on an empty store. "
+        f"{rep['runs']} runs (Orthanc as packaged: up to 3, after the others); every run starts the receiver on an "
+        "empty store. The runs are interleaved rounds: each round runs every receiver once, back to back, so a "
+        "change in the host's speed during the bench moves the receivers alike rather than biasing the ratios; "
+        "the last column gives each receiver's rate over the same round's storescp rate. "
         "Senders are DCMTK storescu with `TCP_NODELAY=1` and 128 KiB PDUs on loopback.",
         "",
         "## Ingest",
         "",
-        "| receiver | instances/s | MB/s | vs storescp |",
-        "|---|---:|---:|---:|",
+        "| receiver | instances/s | MB/s | vs storescp | per round vs storescp (min-max) |",
+        "|---|---:|---:|---:|---:|",
     ]
     base = ing.rates["storescp"]
     fork4 = ing.rates.get(f"{FORKING_STORESCP}, 4 concurrent senders", float("nan"))
     store_alone4 = next((r for k, r in ing.rates.items() if k.startswith(STORE_ALONE)), float("nan"))
     for label, rate in ing.rates.items():
-        lines.append(f"| {label} | {rate:.0f} | {ing.mb_s[label]:.0f} | {rate / base:.2f} |")
+        paired = ing.round_ratios.get(label)
+        spread = f"{min(paired):.2f}-{max(paired):.2f}" if paired else "-"
+        lines.append(f"| {label} | {rate:.0f} | {ing.mb_s[label]:.0f} | {rate / base:.2f} | {spread} |")
     lines += [
         "",
         "Durability is not equal: fsync/fdatasync calls per instance, counted with `strace -c` during one run: "

@@ -75,7 +75,8 @@ def test_report_states_the_store_alone_ceiling_the_fsync_costs_and_the_steal(tmp
              f"{STORE_ALONE}, 4 processes": 750.0}
     ingest = Ingest(rates=rates, mb_s={k: v / 2 for k, v in rates.items()},
                     fsyncs_per_instance={"storescp": 0.0, "osteoscreen": 3.0},
-                    fsync_ms={"new_file_ms": 0.47, "overwrite_4k_ms": 0.06})
+                    fsync_ms={"new_file_ms": 0.47, "overwrite_4k_ms": 0.06},
+                    round_ratios={f"{STORE_ALONE}, 4 processes": [0.81, 0.7, 0.755]})
     lat = Latency(slices=300, seconds=2.3, quiet_s=2.0, stages={"load/decode": 0.6}, service_rss_mb=200,
                   worker_rss_mb=450, receiver_rss_mb=70, level="L1", mean_hu=106.5)
     summary = {"inst_s": 450, "ratio_storescp": 0.45, "ratio_storescp_sync": 0.56, "ratio_orthanc": 2.25,
@@ -88,7 +89,8 @@ def test_report_states_the_store_alone_ceiling_the_fsync_costs_and_the_steal(tmp
                           "concurrent4_ratio=0.70",
            "latency_line": "latency: slices=300 seconds=2.3 peak_rss_mb=450", "minutes": 7.0, "steal": 0.22}
     text = render_markdown(rep)
-    assert f"| {STORE_ALONE}, 4 processes | 750 | 375 | 0.75 |" in text
+    assert f"| {STORE_ALONE}, 4 processes | 750 | 375 | 0.75 | 0.70-0.81 |" in text
+    assert "| osteoscreen | 450 | 225 | 0.45 | - |" in text
     assert "It reached 0.75 x storescp's single-sender rate, against 0.70 for the 4 senders" in text
     assert "new 0.5 MB file took 0.47 ms" in text and "overwriting 4 KiB 0.06 ms" in text
     assert "CPU steal during the run: 22%" in text
