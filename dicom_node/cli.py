@@ -153,6 +153,20 @@ def _train_xray(args: argparse.Namespace) -> int:
     return _retrain(args, cfg, "cxr_fusion_v1", run, " (xray.md) - EXPERIMENTAL, semi-synthetic images", lines)
 
 
+def _train_splits(args: argparse.Namespace) -> int:
+    from pipeline.training.repeated_splits import SplitsConfig, run
+
+    cfg = SplitsConfig(splits=args.splits, students=args.students)
+    if args.quick:
+        cfg.limit, cfg.teacher_epochs, cfg.student_epochs = 2000, 3, 2
+        cfg.splits, cfg.students = min(cfg.splits, 3), min(cfg.students, 2)
+    report = Path(args.report) if args.report else Path.cwd() / "docs" / "training"
+    summary = run(cfg, report)
+    print(f"report in {report / 'repeated_splits.md'} (no bundle written)")
+    print(summary["line"])
+    return 0
+
+
 def _check_reproduced(shipped: Path, retrain, shipped_metrics=lambda card: card["metrics"]) -> int:
     """Retrain into a temporary folder (``retrain(bundle_dir) -> results``); compare with the shipped card's
     metrics (``shipped_metrics(card)``) to 3 decimals. Nothing shipped is written."""
@@ -172,12 +186,15 @@ def _check_reproduced(shipped: Path, retrain, shipped_metrics=lambda card: card[
 # Training commands run with fixed CPU kernels (pipeline/training/kernels.py), so that --check holds whichever
 # vector kernels an x86-64 CPU would pick. The DRLIS selector is left out: its exploration is not reproducible
 # across machines anyway (docs/validation.md).
-PINNED_TRAINING = ("fused", "xray", "privileged", "cropkd")
+PINNED_TRAINING = ("fused", "xray", "privileged", "cropkd", "splits")
 
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline.training.kernels import is_pinned, rerun_pinned
 
+    if args.what == "splits" and (args.splits < 2 or not 0 <= args.students <= args.splits or args.students == 1):
+        print("train splits needs --splits 2 or more and --students 0, or 2 up to --splits", file=sys.stderr)
+        return 2
     if args.what in PINNED_TRAINING and not is_pinned():
         return rerun_pinned(args.argv)
     if args.what == "selector":
@@ -188,6 +205,8 @@ def _train(args: argparse.Namespace) -> int:
         return _train_cropkd(args)
     if args.what == "xray":
         return _train_xray(args)
+    if args.what == "splits":
+        return _train_splits(args)
 
     from pipeline.training.train import TrainConfig, run
 
@@ -383,8 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(func=_demo)
     t = sub.add_parser("train", help="rebuild a model bundle (seeded) and its training report: the fused screening "
                        "model (default), the DRLIS slice selector, the privileged image-only student or the "
-                       "crop-teacher full-slice student, or the EXPERIMENTAL chest radiograph model")
-    t.add_argument("what", nargs="?", choices=["fused", "selector", "privileged", "cropkd", "xray"], default="fused")
+                       "crop-teacher full-slice student, or the EXPERIMENTAL chest radiograph model; `splits` "
+                       "compares the fused model's tabular teacher with its baselines over repeated participant "
+                       "splits (a report, no bundle)")
+    t.add_argument("what", nargs="?", choices=["fused", "selector", "privileged", "cropkd", "xray", "splits"],
+                   default="fused")
     t.add_argument("cases", nargs="?", type=Path, help="selector: CASES_DIR of real labelled CT (eval imaging format)")
     t.add_argument("--seed", type=int, default=20261123)
     t.add_argument("--out", help="bundle directory (default: the shipped engines/models/fused_kdamm_v1)")
@@ -392,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--check", action="store_true", help="retrain in a temporary folder and compare the metrics "
                    "with the shipped bundle to 3 decimals")
     t.add_argument("--quick", action="store_true", help="small slice and few epochs (smoke test)")
+    t.add_argument("--splits", type=int, default=20, help="splits: how many participant splits (default 20)")
+    t.add_argument("--students", type=int, default=6, help="splits: also train the KD student on this many of "
+                   "them and compare it with the teacher (default 6, about 4 min each; 0: teacher and baselines only)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate on data the model never saw")
     e.add_argument("what", choices=["tabular", "imaging", "selector", "attention"])

@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,10 +178,13 @@ def test_every_shipped_supervised_bundle_was_trained_with_the_pinned_kernels():
     from dicom_node.cli import PINNED_TRAINING
     from engines.bundle import bundled_models_dir
 
-    assert set(PINNED_TRAINING) == {"fused", "xray", "privileged", "cropkd"}
+    assert set(PINNED_TRAINING) == {"fused", "xray", "privileged", "cropkd", "splits"}  # splits: a report only
     for name in ("fused_kdamm_v1", "cxr_fusion_v1", "mmpkd_v1", "cropkd_v1"):
         kernels = json.loads((bundled_models_dir() / name / "card.json").read_text())["training_kernels"]
         assert kernels["pinned"] and kernels["aten"] == "DEFAULT" and not kernels["onednn"], (name, kernels)
+    splits = Path(__file__).resolve().parents[1] / "docs" / "training" / "repeated_splits.json"
+    kernels = json.loads(splits.read_text())["kernels"]
+    assert kernels["pinned"] and kernels["aten"] == "DEFAULT" and not kernels["onednn"], kernels
 
 
 def test_training_called_without_the_pinned_environment_says_its_result_is_per_cpu(monkeypatch):

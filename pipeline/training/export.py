@@ -174,6 +174,10 @@ OTHER_REPORTS = [
     "- Crop teacher -> full-slice student with attention alignment: `osteoscreen train cropkd` -> "
     "[cropkd.md](cropkd.md)",
     "- EXPERIMENTAL chest radiograph + clinical data model: `osteoscreen train xray` -> [xray.md](xray.md)",
+    "",
+    "And one analysis of this model without a bundle: the tabular teacher against OST and the logistic "
+    "regression, and the student against the teacher, over repeated participant splits: `osteoscreen train "
+    "splits` -> [repeated_splits.md](repeated_splits.md)",
 ]
 
 
