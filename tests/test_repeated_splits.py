@@ -44,7 +44,8 @@ def test_train_splits_quick_reports_every_split_and_its_summary_line(tmp_path, c
     teacher = [s["auc"]["mlp+linear"] - s["auc"]["logreg"] for s in summary["splits"]]
     assert summary["minus_logreg"]["mlp+linear"]["mean"] == pytest.approx(np.mean(teacher))
     text = (tmp_path / "repeated_splits.md").read_text()
-    assert "RESEARCH USE ONLY" in text and "Real data only" in text and last in text
+    assert "RESEARCH USE ONLY" in text and "**Real data**" in text and last in text
+    assert "**Semi-synthetic data**: the CT patches the student" in text  # the student learns from them
     assert text.count("| 100") == 3  # one row per split
     assert "fused student (demographics + labs path) minus mlp+linear teacher, first 2 splits" in text
 
