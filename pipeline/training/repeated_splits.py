@@ -119,7 +119,8 @@ def run(cfg: SplitsConfig, report_dir: Path | None, log=print) -> dict:
     summary = {"config": cfg.__dict__ | {"split_fractions": SPLIT_FRACTIONS}, "teacher": cfg.teacher,
                "splits": per_split, "minus_logreg": {c: s.__dict__ for c, s in vs_logreg.items()},
                "teacher_minus_ost": vs_ost.__dict__,
-               "student_minus_teacher": vs_teacher.__dict__ if vs_teacher else None, "seconds": round(time.monotonic() - t0, 1),
+               "student_minus_teacher": vs_teacher.__dict__ if vs_teacher else None,
+               "seconds": round(time.monotonic() - t0, 1),
                "kernels": kernels, "cohort": {"n": int(len(d.y)), "positives": int(d.y.sum())},
                "shipped_test_positives": shipped_test_positives}
     line = (f"train splits: n={cfg.splits} teacher_minus_logreg={vs_logreg[cfg.teacher].mean:+.4f} "
