@@ -195,6 +195,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.what == "splits" and (args.splits < 2 or not 0 <= args.students <= args.splits or args.students == 1):
         print("train splits needs --splits 2 or more and --students 0, or 2 up to --splits", file=sys.stderr)
         return 2
+    if args.what == "splits" and (args.check or args.out):
+        print("train splits writes a report only: --check and --out do not apply (use --report)", file=sys.stderr)
+        return 2
     if args.what in PINNED_TRAINING and not is_pinned():
         return rerun_pinned(args.argv)
     if args.what == "selector":
@@ -416,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--quick", action="store_true", help="small slice and few epochs (smoke test)")
     t.add_argument("--splits", type=int, default=20, help="splits: how many participant splits (default 20)")
     t.add_argument("--students", type=int, default=6, help="splits: also train the KD student on this many of "
-                   "them and compare it with the teacher (default 6, about 4 min each; 0: teacher and baselines only)")
+                   "them and compare it with the teacher (default 6, about 6 min each; 0: teacher and baselines only)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate on data the model never saw")
     e.add_argument("what", choices=["tabular", "imaging", "selector", "attention"])

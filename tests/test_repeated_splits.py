@@ -54,3 +54,15 @@ def test_train_splits_refuses_a_single_split_or_student(capsys):
     assert main(["train", "splits", "--splits", "1"]) == 2
     assert main(["train", "splits", "--splits", "3", "--students", "1"]) == 2
     assert "--splits 2 or more" in capsys.readouterr().err
+    assert main(["train", "splits", "--check"]) == 2
+    assert "--check and --out do not apply" in capsys.readouterr().err
+
+
+def test_train_splits_follows_the_shipped_teacher_family():
+    import json
+
+    from engines.bundle import bundled_models_dir
+    from pipeline.training.repeated_splits import SplitsConfig
+
+    card = json.loads((bundled_models_dir() / "fused_kdamm_v1" / "card.json").read_text())
+    assert SplitsConfig().teacher == card["metrics"]["teachers"]["tabular"]["choice"] == "mlp+linear"

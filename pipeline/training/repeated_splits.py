@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +35,19 @@ from pipeline.training.train import (TEACHER_CANDIDATES, TEACHER_TEXT, Data, Tra
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 
 
+def shipped_teacher_family() -> str:
+    """The tabular teacher family that `osteoscreen train` chose (by cross-validation) for the shipped bundle."""
+    from engines.bundle import bundled_models_dir
+
+    card = json.loads((bundled_models_dir() / "fused_kdamm_v1" / "card.json").read_text())
+    return str(card["metrics"]["teachers"]["tabular"]["choice"])
+
+
 @dataclass
 class SplitsConfig:
     splits: int = 20
     first_seed: int = 1000  # the shipped bundle's own split uses another seed (TrainConfig.seed)
-    teacher: str = "mlp+linear"  # the shipped teacher's family; every candidate is reported
+    teacher: str = field(default_factory=shipped_teacher_family)  # every candidate family is reported too
     students: int = 0  # on the first this many splits, also train the KD student and compare it with the teacher
     limit: int | None = None  # a small slice of the cohort (tests)
     teacher_epochs: int | None = None  # None: TrainConfig's
