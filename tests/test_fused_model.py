@@ -90,6 +90,24 @@ def test_model_card_is_honest_about_data():
     assert card["cohort"]["split"]["test"]["positives"] > 0
 
 
+def test_student_complete_row_draws_need_the_teachers_complete_row_output():
+    from pipeline.training.train import TrainConfig, train_student
+
+    rows = np.arange(3)
+    with pytest.raises(ValueError, match="complete rows"):
+        train_student(None, rows, np.zeros(3), np.zeros(3), TrainConfig(complete_row_fraction=0.5), 0.5, 1, "x")
+
+
+def test_training_report_renders_from_its_metrics_json():
+    """docs/training/README.md is exactly what the report writer makes of docs/training/metrics.json, so the
+    text, its student-training section included, cannot drift from the shipped run's figures."""
+    from pipeline.training.export import report_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "training"
+    summary = json.loads((docs / "metrics.json").read_text())
+    assert report_markdown(summary) == (docs / "README.md").read_text()
+
+
 def _quick_train(tmp_path, name):
     out = subprocess.run([sys.executable, "-c", (
         "from pathlib import Path; from pipeline.training.train import TrainConfig, run; import json;"

@@ -146,19 +146,20 @@ def run(cfg: SplitsConfig, report_dir: Path | None, log=print) -> dict:
 
 def _kd_student(d: Data, tr: np.ndarray, va: np.ndarray, tcfg: TrainConfig, teacher: str, seed: int):
     """The fused student as `osteoscreen train` trains it on this split: out-of-fold tabular teacher targets on
-    the hospital's modalities, the image teacher, KD with the training configuration. The teacher family is the
+    the hospital's modalities and on the complete rows, the image teacher, KD with the training configuration. The teacher family is the
     shipped one rather than chosen again by cross-validation on each split."""
-    oof = np.full(len(d.y), np.nan)
+    oof, oof_complete = np.full(len(d.y), np.nan), np.full(len(d.y), np.nan)
     folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
     for j, (a, b) in enumerate(folds.split(tr, d.y[tr])):
         members = fit_teacher_members(d, tr[a], va, tcfg, seed + 7 * j)
         oof[tr[b]] = members.logits(teacher, d, tr[b], d.m_hosp)
+        oof_complete[tr[b]] = members.logits(teacher, d, tr[b], d.m_real)
     oof[tr[~d.m_hosp[tr].any(axis=1)]] = np.nan
     tr_img = tr[d.has_image[tr]]
     image_teacher = train_image_teacher(d.images[tr_img], d.y[tr_img], tcfg, seed)
     t_img = np.full(len(d.y), np.nan)
     t_img[tr_img] = _image_logits(image_teacher, d.images[tr_img])
-    return train_student(d, tr, oof[tr], t_img[tr], tcfg, tcfg.kd_alpha, seed, "student (KD)")
+    return train_student(d, tr, oof[tr], t_img[tr], tcfg, tcfg.kd_alpha, seed, "student (KD)", oof_complete[tr])
 
 
 def write_report(report_dir: Path, summary: dict, vs_logreg: dict[str, PairedSummary],
