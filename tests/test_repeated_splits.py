@@ -66,3 +66,14 @@ def test_train_splits_follows_the_shipped_teacher_family():
 
     card = json.loads((bundled_models_dir() / "fused_kdamm_v1" / "card.json").read_text())
     assert SplitsConfig().teacher == card["metrics"]["teachers"]["tabular"]["choice"] == "mlp+linear"
+
+
+def test_shipped_report_renders_from_its_json():
+    """docs/training/repeated_splits.md is exactly what the report writer makes of repeated_splits.json."""
+    from pathlib import Path
+
+    from pipeline.training.repeated_splits import report_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "training"
+    summary = json.loads((docs / "repeated_splits.json").read_text())
+    assert report_markdown(summary) == (docs / "repeated_splits.md").read_text()

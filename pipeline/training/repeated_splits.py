@@ -75,6 +75,12 @@ class PairedSummary:
         mean = float(d.mean())
         return cls(mean, sd, (mean - half, mean + half), int((d > 0).sum()), k)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "PairedSummary":
+        """From the report's JSON (``__dict__`` of one, with its interval as a list)."""
+        return cls(float(d["mean"]), float(d["sd"]), (float(d["ci"][0]), float(d["ci"][1])), int(d["wins"]),
+                   int(d["splits"]))
+
     def text(self) -> str:
         return (f"{self.mean:+.4f} (corrected 95% CI {self.ci[0]:+.4f} to {self.ci[1]:+.4f}; higher in "
                 f"{self.wins} of {self.splits} splits)")
@@ -140,7 +146,7 @@ def run(cfg: SplitsConfig, report_dir: Path | None, log=print) -> dict:
                  f"wins={vs_teacher.wins}/{vs_teacher.splits}")
     summary["line"] = line
     if report_dir is not None:
-        write_report(Path(report_dir), summary, vs_logreg, vs_ost, vs_teacher)
+        write_report(Path(report_dir), summary)
     return summary
 
 
@@ -162,11 +168,19 @@ def _kd_student(d: Data, tr: np.ndarray, va: np.ndarray, tcfg: TrainConfig, teac
     return train_student(d, tr, oof[tr], t_img[tr], tcfg, tcfg.kd_alpha, seed, "student (KD)", oof_complete[tr])
 
 
-def write_report(report_dir: Path, summary: dict, vs_logreg: dict[str, PairedSummary],
-                 vs_ost: PairedSummary, vs_teacher: PairedSummary | None) -> None:
+def write_report(report_dir: Path, summary: dict) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "repeated_splits.md").write_text(report_markdown(summary))
+    (report_dir / "repeated_splits.json").write_text(json.dumps(summary, indent=1, default=float))
+
+
+def report_markdown(summary: dict) -> str:
+    """docs/training/repeated_splits.md from a run's summary (its repeated_splits.json)."""
     cfg, splits = summary["config"], summary["splits"]
     teacher = summary["teacher"]
+    vs_logreg = {c: PairedSummary.from_dict(v) for c, v in summary["minus_logreg"].items()}
+    vs_ost = PairedSummary.from_dict(summary["teacher_minus_ost"])
+    vs_teacher = PairedSummary.from_dict(summary["student_minus_teacher"]) if summary["student_minus_teacher"] else None
     lines = [
         "# Tabular teacher against its baselines over repeated participant splits",
         "",
@@ -200,8 +214,9 @@ def write_report(report_dir: Path, summary: dict, vs_logreg: dict[str, PairedSum
         lines.append(f"| fused student (demographics + labs path) minus {teacher} teacher, first "
                      f"{vs_teacher.splits} splits | {vs_teacher.text()} |")
         lines += ["", f"The student on the first {vs_teacher.splits} splits is trained as `osteoscreen train` trains "
-                  "it (out-of-fold teacher targets, image teacher, KD, modality dropout, the hospital's simulated "
-                  "missing modalities) with the shipped teacher family; its semi-synthetic CT patches are those of "
+                  "it (out-of-fold teacher targets, image teacher, KD, modality dropout, draws with the hospital's "
+                  "simulated missing modalities and draws with the complete rows: the training report's \"Student "
+                  "training\") with the shipped teacher family; its semi-synthetic CT patches are those of "
                   "the shipped run. It is compared on the same held-out rows, with every tabular input and no image."]
     lines += ["", "Per split (held-out AUC):", "",
               "| seed | n | positives | " + " | ".join(TEACHER_CANDIDATES) + " | logistic | OST | student |",
@@ -212,5 +227,4 @@ def write_report(report_dir: Path, summary: dict, vs_logreg: dict[str, PairedSum
                      + " | ".join(f"{s['auc'][c]:.4f}" for c in TEACHER_CANDIDATES)
                      + f" | {s['auc']['logreg']:.4f} | {s['ost']['auc_ost']:.4f} | {student} |")
     lines += ["", "```", summary["line"], "```", ""]
-    (report_dir / "repeated_splits.md").write_text("\n".join(lines))
-    (report_dir / "repeated_splits.json").write_text(json.dumps(summary, indent=1, default=float))
+    return "\n".join(lines)
