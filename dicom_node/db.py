@@ -173,6 +173,13 @@ class NodeDB:
     def has_instance(self, sop_uid: str) -> bool:
         return bool(self._query("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_uid,)))
 
+    def stored_series_state(self, sop_uid: str) -> str | None:
+        """The state of the series holding an indexed instance ('purging' while retention deletes it); None
+        when the instance is not indexed."""
+        rows = self._query("SELECT s.state FROM instances i JOIN series s ON s.series_uid = i.series_uid"
+                           " WHERE i.sop_instance_uid=?", (sop_uid,))
+        return rows[0][0] if rows else None
+
     def index_instance(self, *, sop_uid: str, sop_class: str, study_uid: str, series_uid: str, path: str,
                        transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str, modality: str) -> bool:
         """Index a stored instance; False when the SOP Instance UID was already indexed."""
@@ -189,7 +196,7 @@ class NodeDB:
                 " last_received, n_instances) VALUES (?,?,?,?,?,?,?,?,1)"
                 " ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received,"
                 " n_instances=n_instances+1,"
-                " state=CASE WHEN state='purged' THEN 'receiving' ELSE state END",
+                " state=CASE WHEN state IN ('purged', 'purging') THEN 'receiving' ELSE state END",
                 (series_uid, study_uid, patient_id, issuer, modality, calling_aet, now, now),
             )
         return True
@@ -225,10 +232,17 @@ class NodeDB:
                 (series_uid, now, now))
             if cur.rowcount:
                 return int(cur.lastrowid)
-            # A reopened series (patient identity update): its finished job runs again.
-            row = db.execute("SELECT id FROM jobs WHERE series_uid=? AND state IN ('done','failed')",
-                             (series_uid,)).fetchone()
-            if row is None:
+            # A reopened series (patient identity update): its finished job runs again. One still running
+            # screens the old identity (with that patient's labs): it becomes 'rerun', so its result is
+            # discarded when it ends and it runs again (see finish_job).
+            row = db.execute("SELECT id, state FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
+            if row is None or row[1] not in ("done", "failed", "running"):
+                return None  # pending: it has not read the patient yet
+            if row[1] == "running":
+                db.execute("UPDATE jobs SET state='rerun', updated_at=? WHERE id=?", (now, row[0]))
+                db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                           (now, "job", str(row[0]), "the series changed while it was screened: that result "
+                                                     "will be discarded and the series screened again"))
                 return None
             db.execute("UPDATE jobs SET state='pending', attempts=0, next_attempt_at=0, updated_at=? WHERE id=?",
                        (now, row[0]))
@@ -289,13 +303,23 @@ class NodeDB:
         return ReportRow(*rows[0]) if rows else None
 
     def finish_job(self, job_id: int, outcome: str, result: dict[str, Any],
-                   outputs: list[tuple[str, str, str, str]], report: ReportRow | None = None) -> None:
+                   outputs: list[tuple[str, str, str, str]], report: ReportRow | None = None) -> bool:
         """Mark a job done and queue its outputs: (destination, path, sop_class, sop_instance) per row.
 
         ``report`` records the SR as the study's latest, in the same transaction as its outbox rows.
+        False, with nothing recorded or sent, when the series changed while the job ran (state 'rerun', see
+        ``decide_series``): the job is pending again.
         """
         now = time.time()
         with self._tx() as db:
+            state = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if state is not None and state[0] == "rerun":
+                db.execute("UPDATE jobs SET state='pending', attempts=0, next_attempt_at=0, updated_at=? WHERE id=?",
+                           (now, job_id))
+                db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                           (now, "job", str(job_id), f"{outcome} result discarded (the series changed while it was "
+                                                     "screened): screening again"))
+                return False
             if report is not None:
                 db.execute("INSERT INTO reports (study_uid, job_id, result_key, sr_series_uid, sr_sop_uid, created_at)"
                            " VALUES (?,?,?,?,?,?)", (report.study_uid, report.job_id, report.result_key,
@@ -307,21 +331,32 @@ class NodeDB:
                 " VALUES (?,?,?,?,?)", [(job_id, *o) for o in outputs])
             db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
                        (now, "job", str(job_id), f"{outcome}: {result.get('reason') or result.get('category', '')}"))
+        return True
 
-    def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:
+    def fail_job(self, job_id: int, error: str, retry_at: float | None) -> bool:
+        """Fail a running job (to retry at ``retry_at``, or for good); False if it is no longer running: a job
+        whose result was recorded stays done even when a later step failed, or its results would be made twice."""
         now = time.time()
         with self._tx() as db:
+            if db.execute("UPDATE jobs SET state='pending', attempts=0, next_attempt_at=0, updated_at=?"
+                          " WHERE id=? AND state='rerun'", (now, job_id)).rowcount:
+                return True  # it failed on the old identity: the new one gets a fresh set of attempts
             if retry_at is None:
-                db.execute("UPDATE jobs SET state='failed', last_error=?, updated_at=? WHERE id=?", (error, now, job_id))
+                cur = db.execute("UPDATE jobs SET state='failed', last_error=?, updated_at=?"
+                                 " WHERE id=? AND state='running'", (error, now, job_id))
             else:
-                db.execute("UPDATE jobs SET state='pending', last_error=?, next_attempt_at=?, updated_at=? WHERE id=?",
-                           (error, retry_at, now, job_id))
+                cur = db.execute("UPDATE jobs SET state='pending', last_error=?, next_attempt_at=?, updated_at=?"
+                                 " WHERE id=? AND state='running'", (error, retry_at, now, job_id))
+            if cur.rowcount == 0:
+                return False
             db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
                        (now, "job", str(job_id), ("retry: " if retry_at else "failed: ") + error))
+        return True
 
     def requeue_running_jobs(self) -> int:
         with self._tx() as db:
-            return db.execute("UPDATE jobs SET state='pending', next_attempt_at=0 WHERE state='running'").rowcount
+            return db.execute("UPDATE jobs SET state='pending', next_attempt_at=0"
+                              " WHERE state IN ('running', 'rerun')").rowcount
 
     # --- outbox -----------------------------------------------------------------
     def due_outbox(self, limit: int = 100) -> list[OutboxRow]:
@@ -362,18 +397,34 @@ class NodeDB:
 
 
 class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT under the connection lock."""
+    """BEGIN IMMEDIATE ... COMMIT under the connection lock.
+
+    Whatever fails (BEGIN busy past the timeout, a COMMIT refused for a full disk), the lock is released
+    and no transaction is left open on the shared connection: otherwise every later caller in the process
+    would hang on the lock or fail on "cannot start a transaction within a transaction"."""
 
     def __init__(self, owner: NodeDB) -> None:
         self.owner = owner
 
     def __enter__(self) -> sqlite3.Connection:
         self.owner._lock.acquire()
-        self.owner._db.execute("BEGIN IMMEDIATE")
+        try:
+            self.owner._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.owner._lock.release()
+            raise
         return self.owner._db
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        db = self.owner._db
         try:
-            self.owner._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            db.execute("ROLLBACK" if exc_type else "COMMIT")
+        except BaseException:
+            if db.in_transaction:  # a failed COMMIT keeps the transaction open: end it, the caller sees the error
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
         finally:
             self.owner._lock.release()

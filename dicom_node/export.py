@@ -24,6 +24,11 @@ HL7_PREFIX = "hl7:"  # outbox destinations that are MLLP receivers, not DICOM AE
 HL7_SOP_CLASS = "HL7 ORU^R01"  # the outbox's sop_class_uid column for a result message
 
 
+def _sop_class_name(uid: str) -> str:
+    name = pydicom.uid.UID(uid).name
+    return name if name != uid else "this SOP class"
+
+
 class Exporter:
     def __init__(self, db: NodeDB, destinations: list[Destination], *, calling_aet: str, retry_initial_s: float,
                  retry_max_s: float, timeout_s: float, followup: FollowupSettings | None = None,
@@ -60,18 +65,29 @@ class Exporter:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            rows = self.db.due_outbox()
-            by_dest: dict[str, list[OutboxRow]] = defaultdict(list)
-            for r in rows:
-                by_dest[r.destination].append(r)
-            for name, batch in by_dest.items():
-                if self._stop.is_set():
-                    break
-                self._send_batch(name, batch)
-            due = self.db.next_outbox_due()
-            timeout = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
+            try:
+                timeout = self._deliver_due()
+            except Exception:  # noqa: BLE001 - the exporter must outlive any one failure, or nothing is sent again
+                log.exception("outbox delivery failed; trying again in %.0f s", self.retry_initial_s)
+                timeout = max(0.05, self.retry_initial_s)
             self._wake.wait(timeout)
             self._wake.clear()
+
+    def _deliver_due(self) -> float:
+        """Send every due outbox row, by destination; seconds until the next is due (at most 5)."""
+        rows = self.db.due_outbox()
+        by_dest: dict[str, list[OutboxRow]] = defaultdict(list)
+        for r in rows:
+            by_dest[r.destination].append(r)
+        for name, batch in by_dest.items():
+            if self._stop.is_set():
+                break
+            self._send_batch(name, batch)
+        due = self.db.next_outbox_due()
+        return 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _fail(self, rows: list[OutboxRow], error: str) -> None:
         for r in rows:
@@ -146,7 +162,16 @@ class Exporter:
                     self.db.mark_send_failed(r.id, f"cannot read {r.path}: {exc}", time.time(), give_up=True)
                     log.error("export of %s abandoned: cannot read %s: %s", r.sop_instance_uid, r.path, exc)
                     continue
-                status = assoc.send_c_store(ds)
+                if not any(c.abstract_syntax == r.sop_class_uid for c in assoc.accepted_contexts):
+                    self._fail([r], f"{dest.ae_title} does not accept {_sop_class_name(r.sop_class_uid)} "
+                                    f"({r.sop_class_uid}): enable that SOP class on the PACS (the optional KOS and "
+                                    "GSPS can be turned off in [results])")
+                    continue
+                try:
+                    status = assoc.send_c_store(ds)
+                except (RuntimeError, ValueError, OSError) as exc:  # the association ended or cannot carry it
+                    self._fail([r], f"C-STORE failed: {exc}")
+                    break
                 code = int(getattr(status, "Status", -1)) if status else -1
                 if code in SUCCESS_OR_WARNING:
                     self.db.mark_sent(r.id, f"sent {r.sop_instance_uid} to {name} (status 0x{code:04X})")

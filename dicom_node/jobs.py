@@ -103,6 +103,9 @@ class JobRunner:
             # Jobs still running stay 'running' in the database and are resumed at the next start.
             self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def busy(self) -> int:
         with self._lock:
             return len(self._running)
@@ -131,18 +134,27 @@ class JobRunner:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._enforce_time_limit()
-            while self.busy() < self.workers and not self._stop.is_set():
-                job = self.db.claim_job()
-                if job is None:
-                    break
-                self._submit(job)
-            due = self.db.next_job_due()
-            timeout = 1.0 if due is None else max(0.05, min(1.0, due - time.time()))
-            if self.busy():  # check the time limit of running jobs often
-                timeout = min(timeout, 0.25)
+            try:
+                timeout = self._dispatch_due()
+            except Exception:  # noqa: BLE001 - the dispatcher must outlive any one failure, or screening stops
+                log.exception("job dispatch failed; trying again in 1 s")
+                timeout = 1.0
             self._wake.wait(timeout)
             self._wake.clear()
+
+    def _dispatch_due(self) -> float:
+        """Start due jobs while workers are free; seconds until the dispatcher should look again."""
+        self._enforce_time_limit()
+        while self.busy() < self.workers and not self._stop.is_set():
+            job = self.db.claim_job()
+            if job is None:
+                break
+            self._submit(job)
+        due = self.db.next_job_due()
+        timeout = 1.0 if due is None else max(0.05, min(1.0, due - time.time()))
+        if self.busy():  # check the time limit of running jobs often
+            timeout = min(timeout, 0.25)
+        return timeout
 
     def _submit(self, job: JobRow) -> None:
         try:
@@ -196,12 +208,20 @@ class JobRunner:
         self._wake.set()
 
     def _failed(self, job: JobRow, error: str) -> None:
-        if job.attempts < self.max_attempts:
-            retry_at = time.time() + self.retry_delay_s
+        try:
+            self._record_failure(job, error)
+        except Exception:  # noqa: BLE001 - e.g. the database is unavailable: the job stays 'running'
+            log.exception("job %d: its failure could not be recorded; it is resumed at the next start", job.id)
+
+    def _record_failure(self, job: JobRow, error: str) -> None:
+        retry_at = time.time() + self.retry_delay_s if job.attempts < self.max_attempts else None
+        if not self.db.fail_job(job.id, error, retry_at):
+            log.error("job %d is no longer running (its result was recorded, or it was cancelled); its state stays: %s",
+                      job.id, error)
+            return
+        if retry_at is not None:
             log.warning("job %d will be retried in %.0f s (attempt %d of %d): %s", job.id, self.retry_delay_s,
                         job.attempts, self.max_attempts, error)
         else:
-            retry_at = None
             log.error("job %d failed after %d attempts: %s", job.id, job.attempts, error)
-        self.db.fail_job(job.id, error, retry_at)
         JOBS_FINISHED.labels("retry" if retry_at is not None else "failed").inc()

@@ -56,7 +56,7 @@ class NodeStateCollector(Collector):
         q = GaugeMetricFamily("osteoscreen_queue_depth", "Items waiting, by queue", labels=["queue"])
         for name, sql in (("series_receiving", "SELECT count(*) FROM series WHERE state='receiving'"),
                           ("jobs_pending", "SELECT count(*) FROM jobs WHERE state='pending'"),
-                          ("jobs_running", "SELECT count(*) FROM jobs WHERE state='running'"),
+                          ("jobs_running", "SELECT count(*) FROM jobs WHERE state IN ('running', 'rerun')"),
                           ("jobs_failed", "SELECT count(*) FROM jobs WHERE state='failed'"),
                           ("outbox_pending", "SELECT count(*) FROM outbox WHERE state='pending'")):
             q.add_metric([name], float(self.db._query(sql)[0][0]))

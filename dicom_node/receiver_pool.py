@@ -209,8 +209,11 @@ class ReceiverPool:
         log.error("receiver process %d exited (code %s) with %d association(s) open; their unacknowledged "
                   "instances will be re-sent by the senders; restarting it in %.0f s", r.index, r.process.exitcode,
                   r.open, r.restart_delay_s)
-        with self._lock:
+        with self._lock:  # no connection is handed to it until its replacement is ready
             r.open = 0
+            r.ready.clear()
+            if r.channel is channel:
+                r.channel = None
         if self.on_lost is not None:
             try:
                 self.on_lost()
@@ -222,23 +225,27 @@ class ReceiverPool:
             if not self._stopping.is_set():
                 self._spawn(r)
 
-    def dispatch(self, sock: socket.socket, address: tuple, max_associations: int) -> None:
-        """Hand an accepted connection to the least busy receiver; the association limit counts all of them."""
+    def dispatch(self, sock: socket.socket, address: tuple, max_associations: int) -> bool:
+        """Hand an accepted connection to the least busy running receiver (the association limit counts all of
+        them) and close our copy; False, keeping ``sock``, when no receiver could take it (all are restarting)."""
         with self._lock:
             over_limit = sum(r.open for r in self._receivers) + 1 > max_associations
-            r = min(self._receivers, key=lambda x: (x.open, x.index))
+            running = [x for x in self._receivers if x.channel is not None and x.ready.is_set()]
+            if not running:
+                return False
+            r = min(running, key=lambda x: (x.open, x.index))
             r.open += 1
             channel = r.channel
         try:
-            assert channel is not None
             channel.send(("connection", address, over_limit), [sock.fileno()])
         except OSError as exc:
             with self._lock:
                 r.open = max(0, r.open - 1)
             log.error("could not hand the connection from %s:%s to receiver process %d: %s",
                       address[0], address[1], r.index, exc)
-        finally:
-            sock.close()
+            return False
+        sock.close()
+        return True
 
     def configure(self, allowed_calling_aets: list[str], allowed_sop_classes: dict[str, list[str]]) -> None:
         """New allow-lists (a reload): sent to the running receivers and kept for any receiver started later."""

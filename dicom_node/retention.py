@@ -25,9 +25,10 @@ log = logging.getLogger("osteoscreen.retention")
 PURGEABLE = """
 SELECT s.series_uid FROM series s
 LEFT JOIN jobs j ON j.series_uid = s.series_uid
-WHERE s.state = 'decided' AND s.decided_at < ?
-  AND (s.eligible = 0 OR (j.state = 'done'
-       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = 'pending')))
+WHERE s.state = 'purging'
+   OR (s.state = 'decided' AND s.decided_at < ?
+       AND (s.eligible = 0 OR (j.state = 'done'
+            AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = 'pending'))))
 """
 
 
@@ -41,29 +42,70 @@ class PurgeReport:
 
 def purge_screened_instances(db: NodeDB, instances_root: Path, older_than_days: float, *,
                              now: float | None = None, dry_run: bool = False) -> PurgeReport:
+    """Delete the received CT of every qualifying series (see the module docstring).
+
+    A series is purged in three steps so that the receivers, which run beside this, lose nothing:
+    ``claim_series`` marks it 'purging' (an instance of it re-sent now is refused for the moment, not
+    taken for a duplicate of a file about to go), then the files go, then ``release_series`` drops their
+    index rows and marks it 'purged' unless a new instance reopened it meanwhile. A series left 'purging' by
+    a crash is finished by the next run.
+    """
     cutoff = (now if now is not None else time.time()) - older_than_days * 86400.0
     n_series = n_inst = freed = missing = 0
     for (series_uid,) in db._query(PURGEABLE, (cutoff,)):
-        paths = db.instance_paths(series_uid)
-        for p in map(Path, paths):
-            try:
-                size = p.stat().st_size
-                if not dry_run:
-                    p.unlink()
-                freed += size
-            except FileNotFoundError:
-                missing += 1
+        if dry_run:
+            rows = [(None, p) for p in db.instance_paths(series_uid)]
+        else:
+            claimed = claim_series(db, series_uid, cutoff)
+            if claimed is None:  # reopened since the query
+                continue
+            rows = claimed
+        f, m = delete_files([p for _, p in rows], instances_root, dry_run=dry_run)
+        freed, missing = freed + f, missing + m
         if not dry_run:
-            _remove_empty_dirs({Path(p).parent for p in paths}, instances_root)
-            with db._tx() as tx:
-                tx.execute("DELETE FROM instances WHERE series_uid=?", (series_uid,))
-                tx.execute("UPDATE series SET state='purged', n_instances=0 WHERE series_uid=?", (series_uid,))
-                tx.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
-                           (time.time(), "purged", series_uid,
-                            f"retention: {len(paths)} instance(s) deleted, {older_than_days:g} days after routing"))
+            release_series(db, series_uid, rows,
+                           f"retention: {len(rows)} instance(s) deleted, {older_than_days:g} days after routing")
         n_series += 1
-        n_inst += len(paths)
+        n_inst += len(rows)
     return PurgeReport(n_series, n_inst, freed, missing)
+
+
+def claim_series(db: NodeDB, series_uid: str, cutoff: float) -> list[tuple[str, str]] | None:
+    """Mark the series 'purging' if it still qualifies; its instances as (SOP Instance UID, path)."""
+    with db._tx() as tx:
+        if not tx.execute(f"SELECT 1 FROM ({PURGEABLE}) WHERE series_uid=?", (cutoff, series_uid)).fetchone():
+            return None
+        tx.execute("UPDATE series SET state='purging' WHERE series_uid=?", (series_uid,))
+        return tx.execute("SELECT sop_instance_uid, path FROM instances WHERE series_uid=?", (series_uid,)).fetchall()
+
+
+def delete_files(paths: list[str], instances_root: Path, *, dry_run: bool = False) -> tuple[int, int]:
+    """(bytes freed, files already missing); empty series and study folders are removed too."""
+    freed = missing = 0
+    for p in map(Path, paths):
+        try:
+            size = p.stat().st_size
+            if not dry_run:
+                p.unlink()
+            freed += size
+        except FileNotFoundError:
+            missing += 1
+    if not dry_run:
+        _remove_empty_dirs({Path(p).parent for p in paths}, instances_root)
+    return freed, missing
+
+
+def release_series(db: NodeDB, series_uid: str, rows: list[tuple[str, str]], detail: str) -> None:
+    """Drop the deleted instances' rows; the series is 'purged', or stays 'receiving' if an instance that
+    arrived during the purge reopened it."""
+    with db._tx() as tx:
+        tx.executemany("DELETE FROM instances WHERE sop_instance_uid=? AND series_uid=?",
+                       [(sop, series_uid) for sop, _ in rows])
+        tx.execute("UPDATE series SET n_instances=(SELECT COUNT(*) FROM instances WHERE series_uid=?),"
+                   " state=CASE WHEN state='purging' THEN 'purged' ELSE state END WHERE series_uid=?",
+                   (series_uid, series_uid))
+        tx.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                   (time.time(), "purged", series_uid, detail))
 
 
 def _remove_empty_dirs(dirs: set[Path], root: Path) -> None:

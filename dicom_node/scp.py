@@ -213,6 +213,10 @@ class StorageSCP:
                  " (TLS)" if self.ssl_context else "",
                  f", {self.pool.processes} receiver processes" if self.pool is not None else "")
 
+    def alive(self) -> bool:
+        """The accept loop runs (only meaningful after ``start``)."""
+        return self._acceptor is not None and self._acceptor.is_alive()
+
     def stop(self) -> None:
         """Stop listening and close open associations; a C-STORE being written finishes first."""
         if self._listener is None:
@@ -251,7 +255,11 @@ class StorageSCP:
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.pool is not None:
-                self.pool.dispatch(sock, address, self.max_associations)
+                if not self.pool.dispatch(sock, address, self.max_associations):
+                    # Refused here with a transient A-ASSOCIATE-RJ (the sender retries), not dropped.
+                    log.error("no receiver process can take the association from %s:%s (restarting); refusing it "
+                              "for now", address[0], address[1])
+                    self.serve_handed_off(sock, address, True, None)
                 continue
             with self._lock:
                 over_limit = len(self._connections) + 1 > self.max_associations

@@ -294,10 +294,21 @@ class Service:
                     continue
                 if done.is_set():
                     break
-                notifier.watchdog()
+                stalled = self.stalled_threads()
+                if stalled:  # no watchdog ping: systemd restarts the service ([Service] WatchdogSec)
+                    log.error("%s stopped; not answering the systemd watchdog, so the service is restarted",
+                              " and ".join(stalled))
+                else:
+                    notifier.watchdog()
         finally:
             notifier.stopping()
             self.stop()
+
+    def stalled_threads(self) -> list[str]:
+        """The service's long-running threads that are no longer running (each guards its own loop)."""
+        checks = (("the DICOM listener", self.scp.alive), ("the job dispatcher", self.jobs.alive),
+                  ("the result exporter", self.exporter.alive))
+        return [name for name, alive in checks if not alive()]
 
     # --- event handlers -----------------------------------------------------------
     def rearm_receiving_series(self, why: str) -> None:
@@ -480,7 +491,11 @@ class Service:
                                    summary["sr_sop_instance_uid"])
         if result.status == "screened" and "duplicate_of" not in summary and not self.settings.shadow.enabled:
             outputs += self._followup_message(job, summary)
-        self.db.finish_job(job.id, result.status, summary, outputs, report)
+        if not self.db.finish_job(job.id, result.status, summary, outputs, report):
+            log.warning("job %d: the series' patient identity changed while it was screened; that result is "
+                        "discarded and the series is screened again", job.id)
+            self.jobs.wake()
+            return
         self._observe(result.status, summary)
         if summary.get("labs_used"):  # which results of this patient were read (privacy officer's view)
             self.db.audit("labs", job.series_uid, "used: " + ", ".join(

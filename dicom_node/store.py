@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import re
@@ -45,8 +46,18 @@ class InstanceRef:
     identity_update: bool = False  # a re-sent instance whose patient identity changed
 
 
+def _purging() -> InstanceRefused:
+    return InstanceRefused(0xA700, "its series is being deleted by the retention rule at this moment; instance not "
+                                   "stored: send it again in a minute and it is stored anew")
+
+
 def valid_uid(value: object) -> bool:
     s = str(value or "").strip()
+    return _valid_uid_text(s)
+
+
+@functools.lru_cache(maxsize=4096)  # a series repeats its study, series and SOP class UIDs on every instance
+def _valid_uid_text(s: str) -> bool:
     return 0 < len(s) <= 64 and bool(_UID.match(s)) and not any(len(p) > 1 and p[0] == "0" for p in s.split("."))
 
 
@@ -57,6 +68,7 @@ class InstanceStore:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root_text = str(self.root)
         self.db = db
         stale = list(self.root.rglob(".incoming.*")) if sweep_stale else []
         for p in stale:  # written by a process that died before the rename: never acknowledged
@@ -75,14 +87,14 @@ class InstanceStore:
                                           f"{self.min_free_bytes // 2**20} MB; instance not stored")
 
     @staticmethod
-    def _stored_identity(path: Path) -> tuple[str, ...] | None:
+    def _stored_identity(path: str) -> tuple[str, ...] | None:
         try:
             return identity_of(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(IDENTITY_KEYWORDS)))
         except Exception:  # noqa: BLE001 - unreadable: the re-sent copy replaces it
             return None
 
-    def path_for(self, study: str, series: str, sop: str) -> Path:
-        return self.root / study / series / f"{sop}.dcm"
+    def path_for(self, study: str, series: str, sop: str) -> str:
+        return os.path.join(self._root_text, study, series, f"{sop}.dcm")  # str: built on every C-STORE
 
     def begin(self, *, sop_class: str, sop_uid: str, study_uid: str, series_uid: str,
               identity: tuple[str, ...] | None = None, expected_bytes: int = 0) -> "IncomingInstance":
@@ -98,22 +110,25 @@ class InstanceStore:
         path = self.path_for(study_uid, series_uid, sop_uid)
         self._check_space(expected_bytes)
         before: tuple[str, ...] | None = None
-        known = self.db.has_instance(sop_uid)
+        series_state = self.db.stored_series_state(sop_uid)
+        if series_state == "purging":
+            raise _purging()
+        known = series_state is not None
         if known:
             before = self._stored_identity(path)
             if identity is None or before == identity:
-                return IncomingInstance(self, InstanceRef(sop_uid, sop_class, study_uid, series_uid, str(path), True))
+                return IncomingInstance(self, InstanceRef(sop_uid, sop_class, study_uid, series_uid, path, True))
         try:
             target = DurableFile(path, prefix=".incoming.")
         except OSError as exc:
             raise self._write_error(path, exc) from None
-        ref = InstanceRef(sop_uid, sop_class, study_uid, series_uid, str(path), False, identity_update=known)
+        ref = InstanceRef(sop_uid, sop_class, study_uid, series_uid, path, False, identity_update=known)
         return IncomingInstance(self, ref, target, identity=identity, identity_before=before)
 
-    def _write_error(self, path: Path, exc: OSError) -> InstanceRefused:
+    def _write_error(self, path: str | Path, exc: OSError) -> InstanceRefused:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return InstanceRefused(0xA700, f"out of disk space in {self.root}: instance not stored")
-        return InstanceRefused(0xA700, f"cannot write instance to {path.parent}: {exc.strerror}")
+        return InstanceRefused(0xA700, f"cannot write instance to {os.path.dirname(path)}: {exc.strerror}")
 
     def store(self, encoded: Buffer, *, sop_class: str, sop_uid: str, study_uid: str, series_uid: str,
               transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str, modality: str,
@@ -157,25 +172,36 @@ class IncomingInstance:
 
     def commit(self, *, transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str,
                modality: str) -> InstanceRef:
-        """Make the instance durable (file, then directory, then index); only then may Success be answered."""
+        """Make the instance durable (file, then directory, then index; an identity update: index, then file);
+        only then may Success be answered."""
         ref = self.ref
         if self._target is None:
             if not ref.duplicate:
                 raise InstanceRefused(0xA700, "instance not stored: its file was discarded after a write error")
+            if self.store.db.stored_series_state(ref.sop_instance_uid) in (None, "purging"):
+                raise _purging()  # retention began deleting the stored copy while this one arrived: not a duplicate
             return ref
         target, self._target = self._target, None
+        db = self.store.db
+        if ref.identity_update:
+            # The index first: if replacing the file then fails, the sender's retry still finds the old identity
+            # in the file and redoes this. The other order could leave the new file with the series never reopened.
+            before = self._identity_before or ("",) * len(IDENTITY_KEYWORDS)
+            changed = [k for k, a, b in zip(IDENTITY_KEYWORDS, before, self._identity or before) if a != b]
+            detail = f"patient identity changed on re-send ({', '.join(changed)}): series reopened"
+            try:
+                first = db.identity_update(ref.series_uid, patient_id, issuer, detail)
+            except BaseException:
+                target.discard()
+                raise
+            if first:
+                log.warning("series %s: patient identity changed on re-send (%s); it will be screened again",
+                            ref.series_uid, ", ".join(changed))
         try:
             target.commit()
         except OSError as exc:
             raise self.store._write_error(target.path, exc) from None
-        db = self.store.db
         if ref.identity_update:
-            before = self._identity_before or ("",) * len(IDENTITY_KEYWORDS)
-            changed = [k for k, a, b in zip(IDENTITY_KEYWORDS, before, self._identity or before) if a != b]
-            if db.identity_update(ref.series_uid, patient_id, issuer,
-                                  f"patient identity changed on re-send ({', '.join(changed)}): series reopened"):
-                log.warning("series %s: patient identity changed on re-send (%s); it will be screened again",
-                            ref.series_uid, ", ".join(changed))
             return ref
         fresh = db.index_instance(
             sop_uid=ref.sop_instance_uid, sop_class=ref.sop_class_uid, study_uid=ref.study_uid,

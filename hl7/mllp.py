@@ -63,7 +63,7 @@ class FrameReader:
 class MLLPServer:
     """Runs its own event loop in a background thread."""
 
-    def __init__(self, host: str, port: int, handler: Handler, refuse: Callable[[str], bytes], *,
+    def __init__(self, host: str, port: int, handler: Handler, refuse: Callable[..., bytes | list[bytes]], *,
                  max_message_bytes: int = 1_048_576, read_timeout_s: float = 300.0,
                  ssl_context: ssl.SSLContext | None = None,
                  offload: Callable[[bytes], bool] | None = None) -> None:
@@ -71,7 +71,7 @@ class MLLPServer:
         self.ssl_context = ssl_context
         self.offload = offload  # True: handle this message in a worker thread (slow work)
         self.handler = handler
-        self.refuse = refuse  # builds a negative ACK for a message that could not be handled
+        self.refuse = refuse  # refuse(reason, message=None): the negative ACK for a message not handled
         self.max_message_bytes = max_message_bytes
         self.read_timeout_s = read_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,7 +126,7 @@ class MLLPServer:
             return self.handler(message)
         except Exception as exc:  # noqa: BLE001 - the listener must survive any handler failure
             log.exception("HL7 handler failed")
-            return self.refuse(f"internal error, message not stored: {exc}")
+            return self.refuse(f"internal error, message not stored: {exc}", message)
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()

@@ -124,22 +124,35 @@ def parse_header(text: str, supported: tuple[tuple[str, str], ...] = SUPPORTED_M
         raise PrecheckError(
             "AR", f"unsupported HL7 version {header.version or '(empty)'}: supported {', '.join(SUPPORTED_VERSIONS)}", header, 203
         )
-    pid = next((s for s in segments[1:] if s.startswith("PID" + fs)), None)
-    if pid is None:
+    pids = [s for s in segments[1:] if s.startswith("PID" + fs)]
+    if not pids:
         raise PrecheckError("AE", "no PID segment", header, 100)
+    pid = pids[0]
     pid_fields = pid.split(fs)
-    pid3 = pid_fields[3] if len(pid_fields) > 3 else ""
-    ids = []
-    for rep in pid3.split(rs):
-        ident = _component(rep, cs, 0).strip()
-        if not ident:
-            continue
-        authority = _component(rep, cs, 3)
-        hd_parts = authority.split(sub)
-        issuer = (hd_parts[0] or (hd_parts[1] if len(hd_parts) > 1 else "")).strip()
-        ids.append(PatientIdentifier(ident, issuer, _component(rep, cs, 4).strip()))
+
+    def identifiers(segment: str) -> list[PatientIdentifier]:
+        pid_fields = segment.split(fs)
+        ids = []
+        for rep in (pid_fields[3] if len(pid_fields) > 3 else "").split(rs):
+            ident = _component(rep, cs, 0).strip()
+            if not ident:
+                continue
+            authority = _component(rep, cs, 3)
+            hd_parts = authority.split(sub)
+            issuer = (hd_parts[0] or (hd_parts[1] if len(hd_parts) > 1 else "")).strip()
+            ids.append(PatientIdentifier(ident, issuer, _component(rep, cs, 4).strip()))
+        return ids
+
+    ids = identifiers(pid)
     if not ids:
         raise PrecheckError("AE", "PID-3 (patient identifier list) is empty", header, 101)
+    # Results are filed under the message's patient: a batch of several patients would give them all to the
+    # first one. Refuse it whole (the sender keeps it) rather than file anyone's results under another patient.
+    patients = {tuple(sorted((i.id, i.issuer) for i in identifiers(p))) for p in pids}
+    if len(patients) > 1:
+        raise PrecheckError(
+            "AE", f"the message carries results for {len(patients)} different patients ({len(pids)} PID segments):"
+                  " send one patient per message (split the batch in the interface engine)", header, 100)
     dob = _component(pid_fields[7], cs, 0).strip()[:8] if len(pid_fields) > 7 else ""
     sex = pid_fields[8].strip()[:1].upper() if len(pid_fields) > 8 else ""
     return MessageHeader(**{**header.__dict__, "patient_ids": tuple(ids), "birth_date": dob, "sex": sex})

@@ -42,9 +42,21 @@ class LabReceiver:
         fields = msh.split(msh[3:4])
         return len(fields) > 15 and fields[15].strip().upper() not in (b"", b"NE")
 
-    def refuse(self, reason: str) -> bytes:
-        self.ack_counts["AR"] += 1
-        return build_ack("AR", reason, None)
+    def refuse(self, reason: str, message: bytes | None = None) -> bytes | list[bytes]:
+        """AR for a message not handled (too big, or the handler failed); it answers the message's own
+        control ID (MSA-2) and ACK mode whenever its header can be read, so the sender can match it."""
+        header = None
+        if message is not None:
+            try:
+                header = parse_header(message.decode("latin-1"))
+            except PrecheckError as exc:
+                header = exc.header
+            except Exception:  # noqa: BLE001 - an unreadable header: the ACK cannot name the message
+                header = None
+        if header is None:
+            self.ack_counts["AR"] += 1
+            return build_ack("AR", reason, None)
+        return self._accept("AR", reason, header)
 
     def _accept(self, code: str, text: str, header: MessageHeader | None, error_code: int = 207) -> list[bytes]:
         self.ack_counts[ACCEPT_CODE[code] if is_enhanced(header) else code] += 1
@@ -68,8 +80,9 @@ class LabReceiver:
             log.warning("HL7 message refused (AE): %s", exc)
             return self._accept("AE", str(exc), header, 205)
         except Exception as exc:  # noqa: BLE001 - storage failure: say so, never AA
+            # AR, not AE: the message is fine, this end failed (HL7 v2 2.9.2), so the sender keeps it and resends.
             log.exception("HL7 message %s could not be stored", header.control_id)
-            return self._accept("AE", f"message not stored: {exc}", header)
+            return self._accept("AR", f"message not stored, resend later: {exc}", header)
         if outcome.duplicate:
             log.info("HL7 message %s from %s is a duplicate; already stored", header.control_id, header.sender)
             return self._accept("AA", "duplicate of a stored message", header)
@@ -86,11 +99,14 @@ class LabReceiver:
             rows = parse_observations(raw, self.mapping)
         except Exception as exc:  # noqa: BLE001 - recorded on the message and reported in the AE
             error = f"{type(exc).__name__}: {exc}"
-            self.store.save_parse(message_id, [], error)
-            ok, text = False, f"stored, but could not be parsed: {error}"
+            rows, ok, text = [], False, f"stored, but could not be parsed: {error}"
         else:
-            self.store.save_parse(message_id, rows, None)
-            ok, text = True, f"parsed: {len(rows)} observations"
+            error, ok, text = None, True, f"parsed: {len(rows)} observations"
+        try:
+            self.store.save_parse(message_id, rows, error)
+        except Exception as exc:  # noqa: BLE001 - the message is stored: the background parser takes it later
+            log.exception("HL7 message %s: the parse result could not be saved", header.control_id)
+            ok, text = False, f"stored; its parse could not be saved ({exc}) and is retried in the background"
         if not ack_wanted(header.application_ack_type, ok, default="NE"):
             return []
         return [build_ack("AA" if ok else "AE", text, header)]

@@ -5,8 +5,8 @@ name, or absent: never half-written, even after a crash or power loss.
 """
 from __future__ import annotations
 
+import itertools
 import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -19,10 +19,25 @@ class DurableFile:
     removes the temporary file, so ``path`` is never half-written.
     """
 
+    _names = itertools.count()  # with the pid, a temporary name no other writer is using (O_EXCL checks it)
+
     def __init__(self, path: str | Path, *, prefix: str = ".tmp.") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=prefix, suffix=".tmp")
+        self._dir = os.path.dirname(os.fspath(path)) or "."
+        try:
+            self._fd, self._tmp = self._create(prefix)
+        except FileNotFoundError:  # the directory is new: made here, not checked on every write (the ingest path)
+            os.makedirs(self._dir, exist_ok=True)
+            self._fd, self._tmp = self._create(prefix)
+
+    def _create(self, prefix: str) -> tuple[int, str]:
+        """A new temporary file beside ``path``, like ``tempfile.mkstemp`` (mode 0600) without its random names."""
+        while True:
+            tmp = os.path.join(self._dir, f"{prefix}{os.getpid()}.{next(self._names)}.tmp")
+            try:
+                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
+            except FileExistsError:  # left by an earlier process with the same pid
+                continue
 
     def fileno(self) -> int:
         return self._fd
@@ -41,7 +56,7 @@ class DurableFile:
         except BaseException:
             self.discard()
             raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        dir_fd = os.open(self._dir, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -51,7 +66,10 @@ class DurableFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        Path(self._tmp).unlink(missing_ok=True)
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
 
 
 def write_durably(path: str | Path, write: Callable[[BinaryIO], object], *, prefix: str = ".tmp.") -> None:

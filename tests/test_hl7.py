@@ -55,6 +55,56 @@ def test_precheck_reads_ids_and_refuses_bad_headers():
     assert e.value.code == "AE"
 
 
+def test_a_batch_of_several_patients_is_refused_whole(listener):
+    """Results are filed under the message's patient, so a multi-patient ORU would give every OBX to the first."""
+    server, _, store = listener
+    one = demo_oru_message(STUDY, "B1").decode()
+    pid = next(s for s in one.split("\r") if s.startswith("PID|"))
+    second = one.split("\r", 1)[1].replace(pid, pid.replace("OS-DEMO-0001", "OS-DEMO-0002"))
+    batch = (one.rstrip("\r") + "\r" + second).replace("|B1|", "|B2|", 1).encode()
+    with MLLPClient("127.0.0.1", server.bound_port) as c:
+        ack = c.send(batch)
+        assert ack_code(ack) == "AE" and b"2 different patients" in ack and b"|B2" in ack
+        same_twice = (one.rstrip("\r") + "\r" + one.split("\r", 1)[1]).replace("|B1|", "|B3|", 1).encode()
+        assert ack_code(c.send(same_twice)) == "AA"  # two result groups of the same patient are fine
+    assert store.message_count() == 1
+
+
+def test_a_storage_failure_is_answered_ar_so_the_sender_resends(listener, monkeypatch):
+    server, _, store = listener
+
+    def failing(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with MLLPClient("127.0.0.1", server.bound_port) as c:
+        monkeypatch.setattr(store, "store_message", failing)
+        ack = c.send(demo_oru_message(STUDY, "S1"))
+        assert ack_code(ack) == "AR" and b"resend later" in ack and b"|S1" in ack
+        monkeypatch.undo()
+        assert ack_code(c.send(demo_oru_message(STUDY, "S1"))) == "AA"
+    assert store.message_count() == 1
+
+
+def test_a_handler_failure_is_answered_ar_for_that_message(tmp_path):
+    """The listener's last resort still names the message (MSA-2), so the sender can match the AR."""
+    store = LabStore(tmp_path / "labs.sqlite")
+    receiver = LabReceiver(store)
+
+    def crash(raw: bytes):
+        raise RuntimeError("boom")
+
+    server = MLLPServer("127.0.0.1", 0, crash, receiver.refuse, read_timeout_s=5)
+    server.start()
+    try:
+        with MLLPClient("127.0.0.1", server.bound_port) as c:
+            ack = c.send(demo_oru_message(STUDY, "H1"))
+            assert ack_code(ack) == "AR" and b"|H1" in ack and b"internal error" in ack
+            assert ack_code(c.send(b"not HL7 at all")) == "AR"  # no header to name: still an answer
+    finally:
+        server.stop()
+        store.close()
+
+
 def test_many_messages_on_one_connection_malformed_does_not_break_it(listener):
     server, receiver, store = listener
     with MLLPClient("127.0.0.1", server.bound_port) as c:

@@ -125,8 +125,61 @@ def test_retention_keeps_failed_jobs_ct(tmp_path, sample_series):
     store = InstanceStore(tmp_path / "instances", db)
     refs = _store_series(store, sample_series.files[:2])
     job = db.decide_series(refs[0].series_uid, True, "CT axial")
-    db.fail_job(job, "decoder crashed", None)
+    assert db.claim_job().id == job
+    assert db.fail_job(job, "decoder crashed", None)
     assert purge_screened_instances(db, store.root, 1, now=time.time() + 10 * DAY).series == 0
     assert all(Path(x.path).exists() for x in refs)
     db.close()
 
+
+
+def _screened_and_delivered(db, store, files):
+    refs = _store_series(store, files)
+    job = db.decide_series(refs[0].series_uid, True, "CT axial")
+    db.claim_job()
+    db.finish_job(job, "screened", {}, [])
+    return refs
+
+
+def test_an_instance_re_sent_while_its_series_is_purged_is_refused_for_the_moment_not_lost(tmp_path, sample_series):
+    """Retention and the receivers run side by side: a re-sent instance must never be acknowledged as a
+    duplicate of a file that the purge is deleting, and a new one must never be deleted by it."""
+    from dicom_node.retention import claim_series, delete_files, release_series
+    from dicom_node.store import InstanceRefused
+
+    db = NodeDB(tmp_path / "osteoscreen.sqlite")
+    store = InstanceStore(tmp_path / "instances", db)
+    files = sample_series.files[:4]
+    refs = _screened_and_delivered(db, store, files[:3])
+    uid = refs[0].series_uid
+    rows = claim_series(db, uid, time.time() + 10 * DAY)
+    assert len(rows) == 3 and db.series(uid).state == "purging"
+    with pytest.raises(InstanceRefused, match="being deleted by the retention rule") as refused:
+        _store_series(store, files[:1])  # a duplicate now would be acknowledged and then deleted
+    assert refused.value.status == 0xA700
+    late = _store_series(store, files[3:4])  # an instance the series never had: stored, and it reopens it
+    assert not late[0].duplicate and db.series(uid).state == "receiving"
+    delete_files([p for _, p in rows], store.root)
+    release_series(db, uid, rows, "test purge")
+    assert Path(late[0].path).exists()
+    s = db.series(uid)
+    assert s.state == "receiving" and s.n_instances == 1 and db.instance_paths(uid) == [late[0].path]
+    again = _store_series(store, files[:1])  # after the purge, the re-send is stored anew
+    assert not again[0].duplicate and Path(again[0].path).exists()
+    db.close()
+
+
+def test_a_purge_interrupted_by_a_crash_is_finished_by_the_next_run(tmp_path, sample_series):
+    from dicom_node.retention import claim_series
+
+    db = NodeDB(tmp_path / "osteoscreen.sqlite")
+    store = InstanceStore(tmp_path / "instances", db)
+    refs = _screened_and_delivered(db, store, sample_series.files[:3])
+    uid = refs[0].series_uid
+    rows = claim_series(db, uid, time.time() + 10 * DAY)
+    Path(rows[0][1]).unlink()  # the crash came after the first file
+    r = purge_screened_instances(db, store.root, 30)  # the series was decided just now: only 'purging' qualifies
+    assert (r.series, r.instances, r.missing_files) == (1, 3, 1)
+    assert db.series(uid).state == "purged" and db.instance_paths(uid) == []
+    assert not list(store.root.rglob("*.dcm"))
+    db.close()

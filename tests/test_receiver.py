@@ -334,3 +334,30 @@ def test_a_restarted_receiver_keeps_the_reloaded_allow_list(tmp_path):
     finally:
         server.stop()
         db.close()
+
+
+def test_while_its_only_receiver_restarts_an_association_is_refused_transiently_not_dropped(tmp_path):
+    """A connection cannot go to a dead receiver: the sender gets an A-ASSOCIATE-RJ (transient) and retries."""
+    from dicom_node.receiver_pool import ReceiverPool, ReceiverSetup
+
+    db = NodeDB(tmp_path / "db.sqlite")
+    setup = ReceiverSetup(ae_title="OSTEOSCREEN", max_pdu=16384, max_associations=4, allowed_calling_aets=[],
+                          allowed_sop_classes={}, tls=None, store_root=str(tmp_path / "store"),
+                          db_path=str(tmp_path / "db.sqlite"), min_free_bytes=0)
+    pool = ReceiverPool(setup, 1, on_stored=lambda ref: None, on_outcome=lambda *a: None)
+    server = StorageSCP(ae_title="OSTEOSCREEN", host="127.0.0.1", port=0, max_pdu=16384, allowed_calling_aets=[],
+                        store=InstanceStore(tmp_path / "store", db), on_stored=lambda ref: None, pool=pool)
+    server.start()
+    try:
+        receiver = pool._receivers[0]
+        os.kill(receiver.process.pid, signal.SIGKILL)  # dies young: restarted after a 1 s back-off
+        wait_for(lambda: receiver.channel is None, 10, "the receiver's death noticed")
+        ae = AE(ae_title="CT1")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="OSTEOSCREEN")
+        assert assoc.is_rejected and not assoc.is_established
+        wait_for(lambda: receiver.ready.is_set(), 30, "the receiver restarted")
+        assert _echo_works(server.port)
+    finally:
+        server.stop()
+        db.close()

@@ -1,0 +1,225 @@
+"""Failures inside the service's own loops: a database error or a PACS that cannot take an object must not
+stop the node (no hang, no dead thread), and must not undo a recorded result."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import AE, evt
+
+from config.schema import Destination
+from dicom_node.db import NodeDB
+from dicom_node.export import Exporter
+
+
+def _in_thread(fn, timeout: float = 5.0):
+    """Run ``fn`` in another thread (the connection lock is re-entrant for the thread that leaked it)."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except Exception as exc:  # noqa: BLE001
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "the database call hung: the connection lock was left held"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def test_a_busy_database_at_begin_releases_the_connection_lock(tmp_path):
+    db = NodeDB(tmp_path / "n.sqlite")
+    db._db.execute("PRAGMA busy_timeout=50")
+    other = sqlite3.connect(tmp_path / "n.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock past our timeout
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        db.audit("test", "x", "while locked")
+    other.execute("ROLLBACK")
+    other.close()
+    _in_thread(lambda: db.audit("test", "x", "after the lock was freed"))
+    assert len(db._query("SELECT 1 FROM audit WHERE kind='test'")) == 1
+    db.close()
+
+
+def test_a_failed_commit_ends_its_transaction_and_releases_the_lock(tmp_path):
+    db = NodeDB(tmp_path / "n.sqlite")
+    conn = db._db
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+    with pytest.raises(sqlite3.IntegrityError):  # the deferred check fails at COMMIT, like a full disk would
+        with db._tx() as tx:
+            tx.execute("INSERT INTO child VALUES (1)")
+    assert not conn.in_transaction
+    _in_thread(lambda: db.audit("test", "x", "next transaction"))
+    assert db._query("SELECT COUNT(*) FROM child") == [(0,)]
+    db.close()
+
+
+def test_a_job_whose_result_was_recorded_is_not_failed_afterwards(tmp_path):
+    db = NodeDB(tmp_path / "n.sqlite")
+    with db._tx() as tx:
+        tx.execute("INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet,"
+                   " first_received, last_received) VALUES ('1.2', '1.1', 'P', '', 'CT', 'CT1', 0, 0)")
+    job = db.decide_series("1.2", True, "CT axial")
+    assert db.claim_job().id == job
+    db.finish_job(job, "screened", {"category": "x"}, [])
+    assert not db.fail_job(job, "a step after recording failed", time.time() + 60)
+    assert db.job(job).state == "done"
+    db.close()
+
+
+def _file(tmp_path, name: str, sop_class: str) -> tuple[str, str]:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality = "P1", "SR" if sop_class == ComprehensiveSRStorage else "OT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = sop_class, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return str(path), ds.SOPInstanceUID
+
+
+def test_a_pacs_without_the_sr_class_fails_that_row_and_the_exporter_goes_on(tmp_path):
+    """pynetdicom raises when no accepted context carries the object: that once killed the exporter thread."""
+    received: list[str] = []
+
+    def on_store(event):
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    scp_ae = AE("PACS")
+    scp_ae.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)  # no SR storage
+    server = scp_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    port = server.socket.getsockname()[1]
+    db = NodeDB(tmp_path / "n.sqlite")
+    sr_path, sr_uid = _file(tmp_path, "sr.dcm", ComprehensiveSRStorage)
+    sc_path, sc_uid = _file(tmp_path, "sc.dcm", SecondaryCaptureImageStorage)
+    with db._tx() as tx:  # the SR first, as the node queues it
+        tx.executemany("INSERT INTO outbox (job_id, destination, path, sop_class_uid, sop_instance_uid)"
+                       " VALUES (1, 'pacs', ?, ?, ?)", [(sr_path, ComprehensiveSRStorage, sr_uid),
+                                                        (sc_path, SecondaryCaptureImageStorage, sc_uid)])
+    exporter = Exporter(db, [Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)],
+                        calling_aet="OSTEOSCREEN", retry_initial_s=60, retry_max_s=60, timeout_s=5)
+    exporter.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            rows = {r.sop_instance_uid: r for r in db.outbox()}
+            if rows[sc_uid].state == "sent" and rows[sr_uid].attempts >= 1:
+                break
+            time.sleep(0.1)
+        rows = {r.sop_instance_uid: r for r in db.outbox()}
+        assert rows[sc_uid].state == "sent" and received == [sc_uid]
+        assert rows[sr_uid].state == "pending" and "does not accept" in rows[sr_uid].last_error
+        assert "Comprehensive SR" in rows[sr_uid].last_error
+        assert exporter.alive()
+    finally:
+        exporter.stop()
+        server.shutdown()
+        db.close()
+
+
+def test_the_exporter_survives_an_error_in_its_own_loop(tmp_path, monkeypatch):
+    db = NodeDB(tmp_path / "n.sqlite")
+    calls = {"n": 0}
+    real = db.due_outbox
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(db, "due_outbox", flaky)
+    exporter = Exporter(db, [], calling_aet="OSTEOSCREEN", retry_initial_s=0.05, retry_max_s=1, timeout_s=1)
+    exporter.start()
+    try:
+        deadline = time.monotonic() + 10
+        while calls["n"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert calls["n"] >= 2 and exporter.alive()
+    finally:
+        exporter.stop()
+        db.close()
+
+
+def test_an_identity_update_while_screening_discards_that_result_and_screens_again(tmp_path):
+    db = NodeDB(tmp_path / "n.sqlite")
+    with db._tx() as tx:
+        tx.execute("INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet,"
+                   " first_received, last_received) VALUES ('1.2', '1.1', 'OLD', 'H', 'CT', 'CT1', 0, 0)")
+    job = db.decide_series("1.2", True, "CT axial")
+    assert db.claim_job().id == job  # screening the old patient (with the old patient's labs)
+    assert db.identity_update("1.2", "NEW", "H", "identity changed on re-send")
+    assert db.decide_series("1.2", True, "CT axial") is None  # nothing new to start while it runs
+    assert db.job(job).state == "rerun" and db.claim_job() is None
+    sr = ("pacs", str(tmp_path / "sr.dcm"), "1.2.840.10008.5.1.4.1.1.88.34", "9.9")
+    assert not db.finish_job(job, "screened", {"category": "old patient"}, [sr])
+    assert db.job(job).state == "pending" and db.outbox() == []
+    again = db.claim_job()
+    assert again.id == job and again.attempts == 1
+    assert db.finish_job(job, "screened", {"category": "new patient"}, [sr])
+    assert db.job(job).state == "done" and len(db.outbox()) == 1
+
+
+def test_a_job_that_fails_while_marked_for_a_rerun_runs_again_from_scratch(tmp_path):
+    db = NodeDB(tmp_path / "n.sqlite")
+    with db._tx() as tx:
+        tx.execute("INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet,"
+                   " first_received, last_received) VALUES ('1.2', '1.1', 'OLD', 'H', 'CT', 'CT1', 0, 0)")
+    job = db.decide_series("1.2", True, "CT axial")
+    db.claim_job()
+    db.identity_update("1.2", "NEW", "H", "identity changed on re-send")
+    db.decide_series("1.2", True, "CT axial")
+    assert db.fail_job(job, "decoder crashed", None)
+    row = db.job(job)
+    assert row.state == "pending" and row.attempts == 0
+    assert db.requeue_running_jobs() == 0
+
+
+def test_an_identity_update_whose_index_step_fails_is_redone_by_the_retry(tmp_path, sample_series, monkeypatch):
+    """The index is updated before the file is replaced, so a failure between them cannot leave the new
+    identity on disk with the series never reopened (the retry would then look like a duplicate)."""
+    from dicom_node.store import InstanceStore
+    from pipeline.demographics import identity_of
+
+    db = NodeDB(tmp_path / "n.sqlite")
+    store = InstanceStore(tmp_path / "instances", db)
+    path = sample_series.files[0]
+    ds = pydicom.dcmread(path)
+    kw = dict(sop_class=str(ds.SOPClassUID), sop_uid=ds.SOPInstanceUID, study_uid=ds.StudyInstanceUID,
+              series_uid=ds.SeriesInstanceUID, transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+              calling_aet="CT1", issuer="", modality="CT")
+    store.store(path.read_bytes(), patient_id=ds.PatientID, identity=identity_of(ds), **kw)
+    db.decide_series(ds.SeriesInstanceUID, False, "test")
+    ds.PatientID = "CORRECTED-1"
+    resend = tmp_path / "resend.dcm"
+    ds.save_as(resend, enforce_file_format=True)
+
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(db, "identity_update", broken)
+    with pytest.raises(sqlite3.OperationalError):
+        store.store(resend.read_bytes(), patient_id="CORRECTED-1", identity=identity_of(ds), **kw)
+    monkeypatch.undo()
+    assert pydicom.dcmread(store.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)).PatientID \
+        != "CORRECTED-1"  # the file was not replaced
+    ref = store.store(resend.read_bytes(), patient_id="CORRECTED-1", identity=identity_of(ds), **kw)
+    assert ref.identity_update and not ref.duplicate
+    row = db.series(ds.SeriesInstanceUID)
+    assert row.patient_id == "CORRECTED-1" and row.state == "receiving"
+    assert not list((tmp_path / "instances").rglob(".incoming.*"))
+    db.close()
