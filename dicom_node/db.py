@@ -99,6 +99,23 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
+# A new instance counts in its series and reopens one already decided (a late instance: the series is decided
+# and screened again with it) or purged by retention (a re-send).
+_SERIES_UPSERT = (
+    "INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet, first_received,"
+    " last_received, n_instances) VALUES (?,?,?,?,?,?,?,?,1)"
+    " ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received, n_instances=n_instances+1,"
+    " state=CASE WHEN state IN ('decided', 'purged', 'purging') THEN 'receiving' ELSE state END")
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    series_state: str
+    study_uid: str
+    series_uid: str
+    path: str
+
+
 @dataclass(frozen=True)
 class SeriesRow:
     series_uid: str
@@ -173,12 +190,15 @@ class NodeDB:
     def has_instance(self, sop_uid: str) -> bool:
         return bool(self._query("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_uid,)))
 
+    def stored_instance(self, sop_uid: str) -> StoredInstance | None:
+        """Where an indexed instance is filed, and its series' state ('purging' while retention deletes it)."""
+        rows = self._query("SELECT s.state, i.study_uid, i.series_uid, i.path FROM instances i"
+                           " JOIN series s ON s.series_uid = i.series_uid WHERE i.sop_instance_uid=?", (sop_uid,))
+        return StoredInstance(*rows[0]) if rows else None
+
     def stored_series_state(self, sop_uid: str) -> str | None:
-        """The state of the series holding an indexed instance ('purging' while retention deletes it); None
-        when the instance is not indexed."""
-        rows = self._query("SELECT s.state FROM instances i JOIN series s ON s.series_uid = i.series_uid"
-                           " WHERE i.sop_instance_uid=?", (sop_uid,))
-        return rows[0][0] if rows else None
+        stored = self.stored_instance(sop_uid)
+        return stored.series_state if stored is not None else None
 
     def index_instance(self, *, sop_uid: str, sop_class: str, study_uid: str, series_uid: str, path: str,
                        transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str, modality: str) -> bool:
@@ -191,15 +211,35 @@ class NodeDB:
             )
             if cur.rowcount == 0:
                 return False
-            db.execute(
-                "INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet, first_received,"
-                " last_received, n_instances) VALUES (?,?,?,?,?,?,?,?,1)"
-                " ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received,"
-                " n_instances=n_instances+1,"
-                " state=CASE WHEN state IN ('purged', 'purging') THEN 'receiving' ELSE state END",
-                (series_uid, study_uid, patient_id, issuer, modality, calling_aet, now, now),
-            )
+            db.execute(_SERIES_UPSERT, (series_uid, study_uid, patient_id, issuer, modality, calling_aet, now, now))
         return True
+
+    def move_instance(self, *, sop_uid: str, sop_class: str, study_uid: str, series_uid: str, path: str,
+                      transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str,
+                      modality: str) -> StoredInstance | None:
+        """Re-file an indexed instance that was re-sent under another study or series (a study split or merge
+        on the PACS): its row names the new file and series, the new series counts it, and the old series is
+        reopened so that it is decided (and screened) again without it. Returns where it was filed before
+        (None: it was not indexed any more, and is indexed now as a new instance)."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT s.state, i.study_uid, i.series_uid, i.path FROM instances i JOIN series s"
+                             " ON s.series_uid = i.series_uid WHERE i.sop_instance_uid=?", (sop_uid,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?)",
+                           (sop_uid, sop_class, study_uid, series_uid, path, transfer_syntax, calling_aet, now))
+            else:
+                db.execute("UPDATE instances SET sop_class_uid=?, study_uid=?, series_uid=?, path=?, transfer_syntax=?,"
+                           " calling_aet=?, received_at=? WHERE sop_instance_uid=?",
+                           (sop_class, study_uid, series_uid, path, transfer_syntax, calling_aet, now, sop_uid))
+                db.execute("UPDATE series SET n_instances=MAX(0, n_instances-1),"
+                           " state=CASE WHEN state IN ('decided', 'purged', 'purging') THEN 'receiving' ELSE state END"
+                           " WHERE series_uid=?", (row[2],))
+                db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                           (now, "moved", row[2], f"instance {sop_uid} re-sent under study {study_uid}, series "
+                                                  f"{series_uid}: moved there; this series is decided again"))
+            db.execute(_SERIES_UPSERT, (series_uid, study_uid, patient_id, issuer, modality, calling_aet, now, now))
+        return StoredInstance(*row) if row is not None else None
 
     def series(self, series_uid: str) -> SeriesRow | None:
         rows = self._query(

@@ -319,6 +319,8 @@ class Service:
 
     def on_instance_stored(self, ref: InstanceRef) -> None:
         self.completion.touch(ref.series_uid)
+        if ref.moved_from_series is not None:  # reopened without it: decided again after its own quiet period
+            self.completion.touch(ref.moved_from_series)
 
     def on_series_ready(self, ready: SeriesReady) -> None:
         series_uid = ready.series_uid

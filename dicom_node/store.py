@@ -44,6 +44,7 @@ class InstanceRef:
     path: str
     duplicate: bool
     identity_update: bool = False  # a re-sent instance whose patient identity changed
+    moved_from_series: str | None = None  # a re-sent instance filed under another series before (reopened)
 
 
 def _purging() -> InstanceRefused:
@@ -110,10 +111,11 @@ class InstanceStore:
         path = self.path_for(study_uid, series_uid, sop_uid)
         self._check_space(expected_bytes)
         before: tuple[str, ...] | None = None
-        series_state = self.db.stored_series_state(sop_uid)
-        if series_state == "purging":
+        stored = self.db.stored_instance(sop_uid)
+        if stored is not None and stored.series_state == "purging":
             raise _purging()
-        known = series_state is not None
+        moved = stored is not None and (stored.study_uid, stored.series_uid) != (study_uid, series_uid)
+        known = stored is not None and not moved
         if known:
             before = self._stored_identity(path)
             if identity is None or before == identity:
@@ -122,7 +124,8 @@ class InstanceStore:
             target = DurableFile(path, prefix=".incoming.")
         except OSError as exc:
             raise self._write_error(path, exc) from None
-        ref = InstanceRef(sop_uid, sop_class, study_uid, series_uid, path, False, identity_update=known)
+        ref = InstanceRef(sop_uid, sop_class, study_uid, series_uid, path, False, identity_update=known,
+                          moved_from_series=stored.series_uid if moved and stored is not None else None)
         return IncomingInstance(self, ref, target, identity=identity, identity_before=before)
 
     def _write_error(self, path: str | Path, exc: OSError) -> InstanceRefused:
@@ -202,6 +205,19 @@ class IncomingInstance:
         except OSError as exc:
             raise self.store._write_error(target.path, exc) from None
         if ref.identity_update:
+            return ref
+        if ref.moved_from_series is not None:
+            before = db.move_instance(
+                sop_uid=ref.sop_instance_uid, sop_class=ref.sop_class_uid, study_uid=ref.study_uid,
+                series_uid=ref.series_uid, path=ref.path, transfer_syntax=transfer_syntax, calling_aet=calling_aet,
+                patient_id=patient_id, issuer=issuer, modality=modality)
+            if before is not None and before.path != ref.path:
+                log.warning("instance %s re-sent under series %s (was series %s): moved; that series is decided "
+                            "again", ref.sop_instance_uid, ref.series_uid, before.series_uid)
+                try:
+                    os.unlink(before.path)
+                except OSError as exc:  # the index no longer names it: only disk space is at stake
+                    log.warning("could not delete the moved instance's old file %s: %s", before.path, exc)
             return ref
         fresh = db.index_instance(
             sop_uid=ref.sop_instance_uid, sop_class=ref.sop_class_uid, study_uid=ref.study_uid,

@@ -50,6 +50,13 @@ class FrameReader:
                 del self._buf[: start + 1]
                 self._in_frame, self._discarding = True, False
             end = self._buf.find(FS + CR)
+            restart = self._buf.find(VT, 0, end if end >= 0 else len(self._buf))
+            if restart >= 0:  # a new frame began before this one ended: the sender gave up on it (no ACK goes)
+                log.warning("MLLP frame of %d bytes ended by the start of another, not by FS CR: dropped unanswered",
+                            restart)
+                del self._buf[: restart + 1]
+                self._discarding = False
+                continue
             if end < 0:
                 if len(self._buf) > self.max_bytes:
                     self._discarding = True

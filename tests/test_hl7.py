@@ -105,6 +105,14 @@ def test_a_handler_failure_is_answered_ar_for_that_message(tmp_path):
         store.close()
 
 
+def test_an_unterminated_frame_is_dropped_when_the_next_one_starts():
+    """Merging it with the next message would file the second message's results under the first's header."""
+    reader = FrameReader(1024)
+    assert reader.feed(b"\x0bMSH|first, cut off") == []
+    assert reader.feed(b"\x0bMSH|second\x1c") == []
+    assert reader.feed(b"\x0d\x0bMSH|third\x1c\x0d") == [b"MSH|second", b"MSH|third"]
+
+
 def test_many_messages_on_one_connection_malformed_does_not_break_it(listener):
     server, receiver, store = listener
     with MLLPClient("127.0.0.1", server.bound_port) as c:

@@ -183,3 +183,41 @@ def test_a_purge_interrupted_by_a_crash_is_finished_by_the_next_run(tmp_path, sa
     assert db.series(uid).state == "purged" and db.instance_paths(uid) == []
     assert not list(store.root.rglob("*.dcm"))
     db.close()
+
+
+def test_an_instance_re_sent_under_another_series_is_moved_and_its_old_series_decided_again(tmp_path, sample_series):
+    """A study split or merge on the PACS re-sends instances with new Study/Series UIDs: the instance is re-filed
+    (never an orphan file acknowledged while the index still names the old copy) and both series are decided again."""
+    db = NodeDB(tmp_path / "osteoscreen.sqlite")
+    store = InstanceStore(tmp_path / "instances", db)
+    refs = _screened_and_delivered(db, store, sample_series.files[:3])
+    old_series = refs[0].series_uid
+    moved = _store_series(store, sample_series.files[:1], series_uid="1.2.826.0.1.3680043.8.498.99",
+                          study_uid="1.2.826.0.1.3680043.8.498.98")[0]
+    assert not moved.duplicate and moved.moved_from_series == old_series and not moved.identity_update
+    assert Path(moved.path).exists() and not Path(refs[0].path).exists()
+    assert db.instance_paths("1.2.826.0.1.3680043.8.498.99") == [moved.path]
+    assert sorted(db.instance_paths(old_series)) == sorted(r.path for r in refs[1:])
+    old = db.series(old_series)
+    assert old.state == "receiving" and old.n_instances == 2  # to be decided (and screened) again without it
+    assert db.decide_series(old_series, True, "CT axial") is not None  # its finished job runs again
+    assert db.series("1.2.826.0.1.3680043.8.498.99").n_instances == 1
+    assert db._query("SELECT kind FROM audit WHERE subject=? AND kind='moved'", (old_series,))
+    again = _store_series(store, sample_series.files[:1], series_uid="1.2.826.0.1.3680043.8.498.99",
+                          study_uid="1.2.826.0.1.3680043.8.498.98")[0]
+    assert again.duplicate  # the same re-send twice is a plain duplicate
+    db.close()
+
+
+def test_a_late_instance_reopens_a_decided_series(tmp_path, sample_series):
+    db = NodeDB(tmp_path / "osteoscreen.sqlite")
+    store = InstanceStore(tmp_path / "instances", db)
+    refs = _screened_and_delivered(db, store, sample_series.files[:2])
+    uid = refs[0].series_uid
+    late = _store_series(store, sample_series.files[2:3])[0]
+    assert not late.duplicate
+    s = db.series(uid)
+    assert s.state == "receiving" and s.n_instances == 3
+    job = db.decide_series(uid, True, "CT axial")
+    assert job is not None and db.job(job).state == "pending"
+    db.close()
