@@ -207,17 +207,17 @@ class IncomingInstance:
         if ref.identity_update:
             return ref
         if ref.moved_from_series is not None:
-            before = db.move_instance(
+            filed_before = db.move_instance(
                 sop_uid=ref.sop_instance_uid, sop_class=ref.sop_class_uid, study_uid=ref.study_uid,
                 series_uid=ref.series_uid, path=ref.path, transfer_syntax=transfer_syntax, calling_aet=calling_aet,
                 patient_id=patient_id, issuer=issuer, modality=modality)
-            if before is not None and before.path != ref.path:
+            if filed_before is not None and filed_before.path != ref.path:
                 log.warning("instance %s re-sent under series %s (was series %s): moved; that series is decided "
-                            "again", ref.sop_instance_uid, ref.series_uid, before.series_uid)
+                            "again", ref.sop_instance_uid, ref.series_uid, filed_before.series_uid)
                 try:
-                    os.unlink(before.path)
+                    os.unlink(filed_before.path)
                 except OSError as exc:  # the index no longer names it: only disk space is at stake
-                    log.warning("could not delete the moved instance's old file %s: %s", before.path, exc)
+                    log.warning("could not delete the moved instance's old file %s: %s", filed_before.path, exc)
             return ref
         fresh = db.index_instance(
             sop_uid=ref.sop_instance_uid, sop_class=ref.sop_class_uid, study_uid=ref.study_uid,
