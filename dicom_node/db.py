@@ -187,9 +187,6 @@ class NodeDB:
             return self._db.execute(sql, args).fetchall()
 
     # --- instances and series -------------------------------------------------
-    def has_instance(self, sop_uid: str) -> bool:
-        return bool(self._query("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_uid,)))
-
     def stored_instance(self, sop_uid: str) -> StoredInstance | None:
         """Where an indexed instance is filed, and its series' state ('purging' while retention deletes it)."""
         rows = self._query("SELECT s.state, i.study_uid, i.series_uid, i.path FROM instances i"
