@@ -65,13 +65,19 @@ def test_a_failed_commit_ends_its_transaction_and_releases_the_lock(tmp_path):
     db.close()
 
 
-def test_a_job_whose_result_was_recorded_is_not_failed_afterwards(tmp_path):
+def _running_job(tmp_path) -> tuple[NodeDB, int]:
+    """A database with series 1.2 (patient OLD) decided for screening and its job claimed by a worker."""
     db = NodeDB(tmp_path / "n.sqlite")
     with db._tx() as tx:
         tx.execute("INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet,"
-                   " first_received, last_received) VALUES ('1.2', '1.1', 'P', '', 'CT', 'CT1', 0, 0)")
+                   " first_received, last_received) VALUES ('1.2', '1.1', 'OLD', 'H', 'CT', 'CT1', 0, 0)")
     job = db.decide_series("1.2", True, "CT axial")
-    assert db.claim_job().id == job
+    assert job is not None and db.claim_job().id == job
+    return db, job
+
+
+def test_a_job_whose_result_was_recorded_is_not_failed_afterwards(tmp_path):
+    db, job = _running_job(tmp_path)
     db.finish_job(job, "screened", {"category": "x"}, [])
     assert not db.fail_job(job, "a step after recording failed", time.time() + 60)
     assert db.job(job).state == "done"
@@ -156,12 +162,7 @@ def test_the_exporter_survives_an_error_in_its_own_loop(tmp_path, monkeypatch):
 
 
 def test_an_identity_update_while_screening_discards_that_result_and_screens_again(tmp_path):
-    db = NodeDB(tmp_path / "n.sqlite")
-    with db._tx() as tx:
-        tx.execute("INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet,"
-                   " first_received, last_received) VALUES ('1.2', '1.1', 'OLD', 'H', 'CT', 'CT1', 0, 0)")
-    job = db.decide_series("1.2", True, "CT axial")
-    assert db.claim_job().id == job  # screening the old patient (with the old patient's labs)
+    db, job = _running_job(tmp_path)  # screening the old patient (with the old patient's labs)
     assert db.identity_update("1.2", "NEW", "H", "identity changed on re-send")
     assert db.decide_series("1.2", True, "CT axial") is None  # nothing new to start while it runs
     assert db.job(job).state == "rerun" and db.claim_job() is None
@@ -175,12 +176,7 @@ def test_an_identity_update_while_screening_discards_that_result_and_screens_aga
 
 
 def test_a_job_that_fails_while_marked_for_a_rerun_runs_again_from_scratch(tmp_path):
-    db = NodeDB(tmp_path / "n.sqlite")
-    with db._tx() as tx:
-        tx.execute("INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet,"
-                   " first_received, last_received) VALUES ('1.2', '1.1', 'OLD', 'H', 'CT', 'CT1', 0, 0)")
-    job = db.decide_series("1.2", True, "CT axial")
-    db.claim_job()
+    db, job = _running_job(tmp_path)
     db.identity_update("1.2", "NEW", "H", "identity changed on re-send")
     db.decide_series("1.2", True, "CT axial")
     assert db.fail_job(job, "decoder crashed", None)
