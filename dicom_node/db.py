@@ -269,9 +269,9 @@ class NodeDB:
                 (series_uid, now, now))
             if cur.rowcount:
                 return int(cur.lastrowid)
-            # A reopened series (patient identity update): its finished job runs again. One still running
-            # screens the old identity (with that patient's labs): it becomes 'rerun', so its result is
-            # discarded when it ends and it runs again (see finish_job).
+            # A reopened series (a patient identity update, a late or moved instance): its finished job runs
+            # again. One still running screens what the series was (for an identity update, with the old
+            # patient's labs): it becomes 'rerun', so its result is discarded when it ends and it runs again.
             row = db.execute("SELECT id, state FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
             if row is None or row[1] not in ("done", "failed", "running"):
                 return None  # pending: it has not read the patient yet

@@ -494,8 +494,8 @@ class Service:
         if result.status == "screened" and "duplicate_of" not in summary and not self.settings.shadow.enabled:
             outputs += self._followup_message(job, summary)
         if not self.db.finish_job(job.id, result.status, summary, outputs, report):
-            log.warning("job %d: the series' patient identity changed while it was screened; that result is "
-                        "discarded and the series is screened again", job.id)
+            log.warning("job %d: its series changed while it was screened (a patient identity update, or a late or "
+                        "moved instance); that result is discarded and the series is screened again", job.id)
             self.jobs.wake()
             return
         self._observe(result.status, summary)
