@@ -131,9 +131,10 @@ def parse_header(text: str, supported: tuple[tuple[str, str], ...] = SUPPORTED_M
     pid_fields = pid.split(fs)
 
     def identifiers(segment: str) -> list[PatientIdentifier]:
-        pid_fields = segment.split(fs)
+        """PID-3 of one PID segment."""
+        parts = segment.split(fs)
         ids = []
-        for rep in (pid_fields[3] if len(pid_fields) > 3 else "").split(rs):
+        for rep in (parts[3] if len(parts) > 3 else "").split(rs):
             ident = _component(rep, cs, 0).strip()
             if not ident:
                 continue
@@ -148,7 +149,7 @@ def parse_header(text: str, supported: tuple[tuple[str, str], ...] = SUPPORTED_M
         raise PrecheckError("AE", "PID-3 (patient identifier list) is empty", header, 101)
     # Results are filed under the message's patient: a batch of several patients would give them all to the
     # first one. Refuse it whole (the sender keeps it) rather than file anyone's results under another patient.
-    patients = {tuple(sorted((i.id, i.issuer) for i in identifiers(p))) for p in pids}
+    patients = {tuple(sorted((i.id, i.issuer) for i in group)) for group in [ids, *map(identifiers, pids[1:])]}
     if len(patients) > 1:
         raise PrecheckError(
             "AE", f"the message carries results for {len(patients)} different patients ({len(pids)} PID segments):"
