@@ -49,7 +49,7 @@ from hl7.result_message import ScreeningReport, build_result_message
 from hl7.store import LabStore
 from hl7.tls import client_context, server_context
 from pipeline.demographics import study_date
-from pipeline.durable import write_durably
+from pipeline.durable import sweep_temporaries, write_durably
 from pipeline.features import FEATURES
 from pipeline.job import JobRequest, ScreeningResult
 from pipeline.report.notice import SHORT_DISCLAIMER
@@ -167,6 +167,10 @@ class Service:
         requeued = self.db.requeue_running_jobs()
         if requeued:
             log.info("resuming %d job(s) interrupted by the last shutdown", requeued)
+        swept = sweep_temporaries(self.results_dir)  # before the workers start: a worker's own is in flight
+        if swept:
+            log.info("removed %d half-written result file(s) left by an interrupted run in %s", swept,
+                     self.results_dir)
         self.lab_parser.start()
         if self.mllp:
             self.mllp.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -70,6 +71,26 @@ class DurableFile:
             os.unlink(self._tmp)
         except FileNotFoundError:
             pass
+
+
+def sweep_temporaries(root: str | Path, *, prefix: str = ".tmp.") -> int:
+    """Remove the temporary files that writers killed before ``commit`` left under ``root``; return how many.
+
+    Only files named as ``DurableFile`` names them (``{prefix}{pid}.{n}.tmp``) are removed. Call it only
+    while no writer is at work under ``root`` (at start, before the workers run): a live writer's
+    temporary file has the same name.
+    """
+    pattern = re.compile(re.escape(prefix) + r"\d+\.\d+\.tmp")
+    removed = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if pattern.fullmatch(name):
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def write_durably(path: str | Path, write: Callable[[BinaryIO], object], *, prefix: str = ".tmp.") -> None:

@@ -2,6 +2,7 @@
 stop the node (no hang, no dead thread), and must not undo a recorded result."""
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -219,3 +220,22 @@ def test_an_identity_update_whose_index_step_fails_is_redone_by_the_retry(tmp_pa
     assert row.patient_id == "CORRECTED-1" and row.state == "receiving"
     assert not list((tmp_path / "instances").rglob(".incoming.*"))
     db.close()
+
+
+def test_result_files_half_written_by_a_killed_run_are_swept_at_start(node_factory):
+    from pipeline.durable import DurableFile, sweep_temporaries
+
+    node = node_factory()
+    job_dir = node.state_dir / "results" / "job-000001"
+    job_dir.mkdir(parents=True)
+    (job_dir / "sr.dcm").write_bytes(b"committed")
+    (job_dir / "notes.tmp").write_bytes(b"not ours")  # a name DurableFile never makes
+    half = DurableFile(job_dir / "sc.dcm")  # a worker killed before commit leaves its temporary file
+    half.write(b"half")
+    os.close(half.fileno())
+    assert [p.name for p in job_dir.glob(".tmp.*")]
+    node.start()
+    assert not list(job_dir.glob(".tmp.*"))
+    assert sorted(p.name for p in job_dir.iterdir()) == ["notes.tmp", "sr.dcm"]
+    assert "removed 1 half-written result file(s)" in node.log()
+    assert sweep_temporaries(node.state_dir / "nowhere") == 0  # no results yet: nothing to do

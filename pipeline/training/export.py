@@ -192,7 +192,7 @@ def kernels_line(k: dict) -> str:
     return f"CPU kernels NOT pinned ({used}): these figures reproduce on this CPU type only."
 
 
-def write_report(report_dir: Path, summary: dict, curves: dict, d) -> None:
+def write_report(report_dir: Path, summary: dict, curves: dict) -> None:
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     _plots(report_dir, curves)

@@ -584,5 +584,5 @@ def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) 
 
     write_bundle(bundle_dir, student, d, summary, logreg)
     if report_dir is not None:
-        write_report(report_dir, summary, curves, d)
+        write_report(report_dir, summary, curves)
     return summary
