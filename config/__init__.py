@@ -68,9 +68,13 @@ def load_settings(path: str | Path | None) -> Settings:
         return Settings()
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not TOML
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 (byte 0x{exc.object[exc.start]:02x}); save the file as "
+                          "UTF-8 (an editor's 'Latin-1' or 'ANSI' encoding is not TOML)") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

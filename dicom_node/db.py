@@ -339,6 +339,14 @@ class NodeDB:
                            " WHERE study_uid=? ORDER BY id DESC LIMIT 1", (study_uid,))
         return ReportRow(*rows[0]) if rows else None
 
+    def result_messages(self, study_uid: str, destination: str) -> list[str]:
+        """Control IDs of the result messages queued to ``destination`` for any series of the study, oldest
+        first (the outbox's sop_instance_uid column holds an HL7 row's control ID)."""
+        return [r[0] for r in self._query(
+            "SELECT o.sop_instance_uid FROM outbox o JOIN jobs j ON j.id=o.job_id JOIN series s ON "
+            "s.series_uid=j.series_uid WHERE s.study_uid=? AND o.destination=? ORDER BY o.id",
+            (study_uid, destination))]
+
     def finish_job(self, job_id: int, outcome: str, result: dict[str, Any],
                    outputs: list[tuple[str, str, str, str]], report: ReportRow | None = None) -> bool:
         """Mark a job done and queue its outputs: (destination, path, sop_class, sop_instance) per row.
@@ -389,6 +397,19 @@ class NodeDB:
             db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
                        (now, "job", str(job_id), ("retry: " if retry_at else "failed: ") + error))
         return True
+
+    def return_job(self, job_id: int, reason: str) -> bool:
+        """Put a running job back in the queue without counting its attempt (it was stopped for another job's
+        fault); False if it is no longer running."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET state='pending', attempts=CASE WHEN state='rerun' THEN 0 ELSE "
+                             "max(attempts-1, 0) END, next_attempt_at=0, updated_at=? WHERE id=? AND state IN "
+                             "('running', 'rerun')", (now, job_id))
+            if cur.rowcount:
+                db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                           (now, "job", str(job_id), f"queued again (no attempt counted): {reason}"))
+        return bool(cur.rowcount)
 
     def requeue_running_jobs(self) -> int:
         with self._tx() as db:

@@ -24,6 +24,14 @@ HL7_PREFIX = "hl7:"  # outbox destinations that are MLLP receivers, not DICOM AE
 HL7_SOP_CLASS = "HL7 ORU^R01"  # the outbox's sop_class_uid column for a result message
 
 
+def _refused_for_good(status: int) -> bool:
+    """C-STORE failures that a resend of the same object cannot cure (PS3.4 B.2.3, PS3.7 Annex C): data set does
+    not match the SOP class (A9xx), cannot understand (Cxxx), SOP class not supported (0122), not authorized
+    (0124), invalid SOP instance (0117). Out of resources (A7xx), processing failure (0110) and the rest are
+    retried with back-off."""
+    return 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF or status in (0x0117, 0x0122, 0x0124)
+
+
 def _sop_class_name(uid: str) -> str:
     name = pydicom.uid.UID(uid).name
     return name if name != uid else "this SOP class"
@@ -51,7 +59,8 @@ class Exporter:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=self.timeout_s + 5)
+        if self._thread.is_alive():  # never started when the node's start failed before it
+            self._thread.join(timeout=self.timeout_s + 5)
 
     def wake(self) -> None:
         self._wake.set()
@@ -162,6 +171,13 @@ class Exporter:
                     self.db.mark_send_failed(r.id, f"cannot read {r.path}: {exc}", time.time(), give_up=True)
                     log.error("export of %s abandoned: cannot read %s: %s", r.sop_instance_uid, r.path, exc)
                     continue
+                if str(ds.get("SOPInstanceUID", "")) != r.sop_instance_uid:  # never send one object as another
+                    error = (f"{r.path} now holds {ds.get('SOPInstanceUID', 'no SOP Instance UID')}, not "
+                             f"{r.sop_instance_uid}: the file was replaced after it was queued; screen the series "
+                             "again (`osteoscreen jobs retry JOB`) to make a new report")
+                    self.db.mark_send_failed(r.id, error, time.time(), give_up=True)
+                    log.error("export of %s abandoned: %s", r.sop_instance_uid, error)
+                    continue
                 if not any(c.abstract_syntax == r.sop_class_uid for c in assoc.accepted_contexts):
                     self._fail([r], f"{dest.ae_title} does not accept {_sop_class_name(r.sop_class_uid)} "
                                     f"({r.sop_class_uid}): enable that SOP class on the PACS (the optional KOS and "
@@ -181,6 +197,12 @@ class Exporter:
                 elif code == -1:
                     self._fail([r], "no C-STORE response (connection lost)")
                     break
+                elif _refused_for_good(code):
+                    error = (f"{dest.ae_title} refused {_sop_class_name(r.sop_class_uid)} with status 0x{code:04X} "
+                             "(the PACS cannot take this object as it is; resending the same bytes cannot help): "
+                             "fix the cause at the PACS, then `osteoscreen outbox retry`")
+                    self.db.mark_send_failed(r.id, error, time.time(), give_up=True)
+                    log.error("export of %s to %s given up: %s", r.sop_instance_uid, name, error)
                 else:
                     self._fail([r], f"C-STORE status 0x{code:04X}")
         finally:

@@ -76,6 +76,7 @@ class JobRunner:
         self._started: dict[int, float] = {}  # job id -> monotonic start, for the time limit
         self._pool_of: dict[int, ProcessPoolExecutor] = {}  # job id -> the pool it runs on
         self._timed_out: set[int] = set()
+        self._collateral: dict[int, str] = {}  # job id -> why its pool was stopped under it (another job overran)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-dispatcher", daemon=True)
@@ -98,10 +99,21 @@ class JobRunner:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():  # never started when the node's start failed before it
+            self._thread.join(timeout=10)
         if self._pool:
-            # Jobs still running stay 'running' in the database and are resumed at the next start.
+            # Jobs still running stay 'running' in the database and are resumed at the next start. Their
+            # workers are killed, not waited for: a job can run for up to timeout_s, past systemd's stop timeout.
+            self._kill_workers(self._pool)  # before shutdown(), which forgets the processes
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _kill_workers(pool: ProcessPoolExecutor) -> None:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):  # no public API to kill a task
+            try:
+                proc.kill()
+            except (OSError, ValueError):  # already gone, or already closed by the pool
+                pass
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -115,7 +127,8 @@ class JobRunner:
 
         A process pool cannot cancel one running task, so the pool's processes are
         killed and a new pool is started; the overdue job fails with the reason
-        (retried as configured), others that shared the pool are retried.
+        (retried as configured); the others that shared the pool go back to the queue
+        with no attempt counted, since they did nothing wrong.
         """
         now = time.monotonic()
         with self._lock:
@@ -123,12 +136,16 @@ class JobRunner:
             if not overdue:
                 return
             pool = self._pool_of.get(overdue[0])
-            self._timed_out.update(j for j in overdue if self._pool_of.get(j) is pool)
+            culprits = [j for j in overdue if self._pool_of.get(j) is pool]
+            self._timed_out.update(culprits)
+            for j, p in self._pool_of.items():
+                if p is pool and j not in culprits:
+                    self._collateral[j] = (f"its worker pool was stopped because job(s) "
+                                           f"{', '.join(map(str, culprits))} overran the time limit")
         log.error("job(s) %s exceeded the %g s time limit: stopping their worker process(es)",
                   ", ".join(map(str, overdue)), self.timeout_s)
         if pool is not None:
-            for proc in list(getattr(pool, "_processes", {}).values()):  # no public API to kill a task
-                proc.kill()
+            self._kill_workers(pool)
             if pool is self._pool and not self._stop.is_set():
                 self._pool = self._new_pool()
 
@@ -184,11 +201,23 @@ class JobRunner:
             pool = self._pool_of.pop(job.id, None)
             timed_out = job.id in self._timed_out
             self._timed_out.discard(job.id)
+            collateral = self._collateral.pop(job.id, None)
         if fut.cancelled():
             return
         try:
             result = fut.result()
         except BrokenProcessPool:
+            if self._stop.is_set():
+                log.info("job %d interrupted by the shutdown; it is resumed at the next start", job.id)
+                return
+            if collateral is not None and not timed_out:
+                log.warning("job %d: %s; queued again, no attempt counted", job.id, collateral)
+                try:
+                    self.db.return_job(job.id, collateral)
+                except Exception:  # noqa: BLE001 - stays 'running': resumed at the next start
+                    log.exception("job %d could not be queued again; it is resumed at the next start", job.id)
+                self._wake.set()
+                return
             if timed_out:
                 self._failed(job, f"stopped after the {self.timeout_s:g} s time limit ([jobs] timeout_s)")
             else:

@@ -140,4 +140,5 @@ class RetentionScheduler:
         self._scheduler.start()
 
     def stop(self) -> None:
-        self._scheduler.shutdown(wait=True)
+        if self._scheduler.running:  # stop() also runs after a start that failed before this one started
+            self._scheduler.shutdown(wait=True)

@@ -202,7 +202,13 @@ class StorageSCP:
     def start(self) -> None:
         if self.pool is not None:
             self.pool.start()
-        listener = socket.create_server((self.host, self.port), reuse_port=False, backlog=64)
+        try:
+            listener = socket.create_server((self.host, self.port), reuse_port=False, backlog=64)
+        except OSError as exc:
+            if self.pool is not None:
+                self.pool.stop()  # started above; nothing will stop it once start() has failed
+            raise OSError(exc.errno, f"cannot listen for DICOM on {self.host}:{self.port} ([node] host/port): "
+                                     f"{exc.strerror}") from None
         listener.settimeout(0.5)  # the accept loop checks for stop() twice a second
         self._listener = listener
         self.port = listener.getsockname()[1]

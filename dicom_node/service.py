@@ -4,12 +4,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
 
 from pydicom.uid import generate_uid
 
+from config import ConfigError
 from config.schema import Settings
 from dicom_node import __version__
 from dicom_node.completion import SeriesCompletion, SeriesReady
@@ -69,28 +71,59 @@ def engine_options(s: Settings) -> engines.EngineOptions:
         triton_url=e.triton_url, triton_protocol=e.triton_protocol, triton_timeout_s=e.triton_timeout_s)
 
 
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock on ``state_dir`` for the life of this process (released by the kernel when it
+    ends, however it ends). A second node on the same state, started by hand to debug say, would requeue the
+    running node's jobs and delete its instance files in flight before failing on the port."""
+    import fcntl
+
+    fd = os.open(state_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RuntimeError(f"another osteoscreen (pid {holder}) is using the state directory {state_dir}: stop it "
+                           "first (systemctl stop osteoscreen), or give this one its own [node] state_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def check_models(s: Settings) -> None:
+    """The configured bundles exist and load on the configured backend: checked at start and before a reload
+    is applied, not at the first job. A forced backend that cannot run here is an error with the reason (never
+    a silent fallback); the workers then load their own sessions (TensorRT plans come from the cache)."""
+    problems = check_configured_bundles(s)
+    if problems:
+        raise BundleError("; ".join(problems))
+    graphs = [resolve_bundle_path(s.screening.model) / "head.onnx"]
+    if s.screening.selector:
+        graphs.append(resolve_bundle_path(s.screening.selector) / "qnet.onnx")
+    if s.screening.image_only_model:
+        graphs.append(resolve_bundle_path(s.screening.image_only_model) / "image_student.onnx")
+    if s.xray.enabled:
+        graphs.append(resolve_bundle_path(s.xray.model) / "image_model.onnx")
+    for onnx_path in graphs:
+        load_graph(onnx_path, s.screening.backend).close()
+
+
+# What a reload applies (SIGHUP): read at each decision or job, or pushed to the running part below. Everything
+# else that changed is reported as needing a restart.
+RELOADED_SECTIONS = ("routing", "labs", "screening", "results", "xray", "destinations", "shadow")
+RELOADED_NODE_KEYS = ("allowed_calling_aets", "allowed_sop_classes")
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         s = settings
         self.state_dir = Path(s.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        problems = check_configured_bundles(s)  # fail at start-up, not at the first job
-        if problems:
-            raise BundleError("; ".join(problems))
+        self._state_lock = lock_state_dir(self.state_dir)
         self.engine_options = engine_options(s)
         engines.configure(self.engine_options)
-        # A forced backend that cannot run here stops the start, with the reason (never a silent fallback);
-        # the workers then load their own sessions (TensorRT plans come from the cache after the first build).
-        graphs = [resolve_bundle_path(s.screening.model) / "head.onnx"]
-        if s.screening.selector:
-            graphs.append(resolve_bundle_path(s.screening.selector) / "qnet.onnx")
-        if s.screening.image_only_model:
-            graphs.append(resolve_bundle_path(s.screening.image_only_model) / "image_student.onnx")
-        if s.xray.enabled:
-            graphs.append(resolve_bundle_path(s.xray.model) / "image_model.onnx")
-        for onnx_path in graphs:
-            load_graph(onnx_path, s.screening.backend).close()
+        check_models(s)
         self.db = NodeDB(self.state_dir / "osteoscreen.sqlite")
         self.instances = InstanceStore(self.state_dir / "instances", self.db,
                                        min_free_bytes=s.node.min_free_mb * 2**20)
@@ -201,27 +234,34 @@ class Service:
             return
         self._stopped.set()
         log.info("stopping")
-        self.scp.stop()
-        self.completion.stop()
+        steps = [("DICOM listener", self.scp.stop), ("series completion", self.completion.stop)]
         if self.worklist:
-            self.worklist.stop()
+            steps.append(("worklist", self.worklist.stop))
         if self.retention:
-            self.retention.stop()
+            steps.append(("retention", self.retention.stop))
         if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-            self.metrics_server.server_close()
-            unregister_metrics(self.metrics_collector)
-        self.exporter.stop()
-        self.jobs.stop()
+            server = self.metrics_server
+            steps.append(("metrics", lambda: (server.shutdown(), server.server_close(),
+                                              unregister_metrics(self.metrics_collector))))
+        steps += [("exporter", self.exporter.stop), ("jobs", self.jobs.stop)]
         if self.mllp:
-            self.mllp.stop()
-        self.lab_parser.stop()
-        self.lab_store.close()
-        self.db.close()
+            steps.append(("HL7 listener", self.mllp.stop))
+        steps += [("HL7 parser", self.lab_parser.stop), ("lab store", self.lab_store.close),
+                  ("node database", self.db.close), ("state lock", lambda: os.close(self._state_lock))]
+        for name, step in steps:  # every step, even after one fails (a start that failed half-way, say)
+            try:
+                step()
+            except Exception:  # noqa: BLE001
+                log.exception("stopping the %s failed", name)
 
     def reload(self, settings: Settings) -> list[str]:
         """Apply what can change without dropping associations; say what needs a restart."""
         old, new = self.settings, settings
+        if (new.screening, new.xray.enabled, new.xray.model) != (old.screening, old.xray.enabled, old.xray.model):
+            try:
+                check_models(new)
+            except Exception as exc:  # noqa: BLE001 - a missing bundle or a backend that cannot run here
+                raise ConfigError(f"model check failed: {exc}") from None
         applied, restart = [], []
         if new.node.allowed_calling_aets != old.node.allowed_calling_aets:
             self.scp.set_allowed_calling_aets(list(new.node.allowed_calling_aets))
@@ -232,12 +272,11 @@ class Service:
         if new.destinations != old.destinations:
             self.exporter.set_destinations(list(new.destinations))
             applied.append("destinations")
-        for section in ("routing", "labs", "screening", "export", "results"):
+        for section in ("routing", "labs", "screening", "results", "xray"):
             if getattr(new, section) != getattr(old, section):
                 applied.append(section)
-        for key in ("ae_title", "host", "port", "state_dir", "max_pdu", "series_quiet_s", "max_associations",
-                    "min_free_mb", "tls", "receiver_processes"):
-            if getattr(new.node, key) != getattr(old.node, key):
+        for key in type(new.node).model_fields:
+            if key not in RELOADED_NODE_KEYS and getattr(new.node, key) != getattr(old.node, key):
                 restart.append(f"node.{key}")
         if new.shadow != old.shadow or new.destinations != old.destinations:
             self.result_destinations = [d for d in new.destinations
@@ -246,11 +285,15 @@ class Service:
                 applied.append("shadow")
                 if new.worklist.enabled:
                     restart.append("worklist (shadow mode switched)")
-        for section in ("hl7", "lis_query", "followup", "worklist", "metrics", "retention"):
-            if getattr(new, section) != getattr(old, section):
+        for section in type(new).model_fields:
+            if section not in (*RELOADED_SECTIONS, "node") and getattr(new, section) != getattr(old, section):
                 restart.append(section)
         if new.labs.mapping_file != old.labs.mapping_file:
             restart.append("labs.mapping_file")  # the listener and the parser process hold the table
+        if new.screening != old.screening:
+            self.metrics_collector.engine.update(
+                {"model": new.screening.model, "selector": new.screening.selector or "none",
+                 "backend": new.screening.backend, "attenuation_rule": new.screening.attenuation_rule})
         self.settings = new
         log.info("configuration reloaded: applied %s%s", ", ".join(applied) or "no changes",
                  f"; restart needed for {', '.join(restart)}" if restart else "")
@@ -258,7 +301,7 @@ class Service:
 
     def serve_forever(self, config_path=None) -> None:
         """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration file."""
-        from config import ConfigError, load_settings
+        from config import load_settings
         from dicom_node.systemd import Notifier
 
         notifier = Notifier()
@@ -294,6 +337,8 @@ class Service:
                         self.reload(load_settings(config_path))
                     except ConfigError as exc:
                         log.error("reload refused, keeping the running configuration: %s", exc)
+                    except Exception:  # noqa: BLE001 - a reload must never take the running node down
+                        log.exception("reload failed, keeping the running configuration")
                     notifier.ready("configuration reloaded")
                     continue
                 if done.is_set():
@@ -395,6 +440,13 @@ class Service:
         modality = str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", "") or "")
         return "xray" if modality in x.modalities else "ct"
 
+    def _run_dir(self, job_id: int) -> Path:
+        """A new folder for this run of the job: a job screened again (its series changed) must not overwrite
+        the files of an earlier run, which the outbox may still be sending."""
+        job_dir = self.results_dir / f"job-{job_id:06d}"
+        runs = [int(p.name[4:]) for p in job_dir.glob("run-*") if p.name[4:].isdigit()] if job_dir.is_dir() else []
+        return job_dir / f"run-{max(runs, default=0) + 1:03d}"
+
     def build_request(self, job: JobRow) -> JobRequest:
         paths = self.db.instance_paths(job.series_uid)
         series = self.db.series(job.series_uid)
@@ -413,7 +465,7 @@ class Service:
             series_uid=job.series_uid,
             instance_paths=tuple(paths),
             labs=self.labs_for(job.series_uid, paths[0]),
-            output_dir=str(self.results_dir / f"job-{job.id:06d}"),
+            output_dir=str(self._run_dir(job.id)),
             model=self.settings.screening.model,
             node=self.node_identity,
             max_tilt_deg=self.settings.routing.max_axial_tilt_deg,
@@ -432,14 +484,22 @@ class Service:
     def _followup_message(self, job: JobRow, summary: dict) -> list[tuple[str, str, str, str]]:
         """The ORU^R01 for the RIS/EHR, written durably next to the job's results; its outbox row."""
         f = self.settings.followup
-        if not f.enabled or summary.get("experimental") or (
-                f.send_for == "positive" and summary.get("category_id") != "screen_positive"):
+        if not f.enabled or summary.get("experimental"):
+            return []
+        destination = HL7_PREFIX + f.name
+        # A result message already queued for this study is replaced by a corrected one (result status C), sent
+        # whatever the new category: a positive screen withdrawn by a re-run must not stay in the chart.
+        earlier = self.db.result_messages(summary.get("study_uid", ""), destination)
+        if not earlier and f.send_for == "positive" and summary.get("category_id") != "screen_positive":
             return []
         import pydicom
 
         paths = self.db.instance_paths(job.series_uid)
         header = pydicom.dcmread(paths[0], stop_before_pixels=True)
-        control_id = f"OSR{job.id:06d}"
+        control_id = f"OSR{job.id:06d}"  # unique per message (MSH-10): a job's later results get a suffix
+        same_job = sum(1 for c in earlier if c == control_id or c.startswith(control_id + "-"))
+        if same_job:
+            control_id += f"-{same_job + 1}"
         report = ScreeningReport(
             control_id=control_id, patient_id=str(header.get("PatientID", "")),
             issuer=str(header.get("IssuerOfPatientID", "") or ""), patient_name=str(header.get("PatientName", "")),
@@ -450,16 +510,17 @@ class Service:
             probability=float(summary["probability"]), threshold=float(summary["threshold"]), model=summary["model"],
             level=summary.get("level"), mean_hu=summary.get("mean_hu"),
             sr_sop_instance_uid=summary.get("sr_sop_instance_uid", ""), recommendation=f.recommendation,
-            notice=SHORT_DISCLAIMER)
+            notice=SHORT_DISCLAIMER, corrected=bool(earlier))
         message = build_result_message(report, sending_application=f.sending_application,
                                        sending_facility=f.sending_facility,
                                        receiving_application=f.receiving_application,
                                        receiving_facility=f.receiving_facility, version=f.version)
-        path = self.results_dir / f"job-{job.id:06d}" / "result.hl7"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.results_dir / f"job-{job.id:06d}" / f"result-{control_id}.hl7"
         write_durably(path, lambda fh: fh.write(message))
         summary["followup_message"] = control_id
-        return [(HL7_PREFIX + f.name, str(path), HL7_SOP_CLASS, control_id)]
+        if earlier:
+            summary["followup_corrects"] = earlier[-1]
+        return [(destination, str(path), HL7_SOP_CLASS, control_id)]
 
     @staticmethod
     def _observe(status: str, summary: dict) -> None:

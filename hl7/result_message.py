@@ -39,6 +39,25 @@ class ScreeningReport:
     sr_sop_instance_uid: str = ""
     recommendation: str = ""
     notice: str = ""
+    corrected: bool = False  # replaces an earlier result message for the study: result status C, not F
+
+
+def _charset(text: str) -> tuple[str, str]:
+    """(MSH-18, Python codec) for the message text: none for ASCII (HL7's default), else ISO 8859-1 where it
+    holds every character, else UTF-8; declared, so the receiver never has to guess."""
+    if text.isascii():
+        return "", "ascii"
+    try:
+        text.encode("latin-1")
+        return "8859/1", "latin-1"
+    except UnicodeEncodeError:
+        return "UNICODE UTF-8", "utf-8"
+
+
+def _hl7_name(dicom_pn: str) -> str:
+    """A DICOM PN's alphabetic group as XPN components (family^given^middle^suffix^prefix); its ideographic and
+    phonetic groups (after '=') have no place in PID-5's first repetition."""
+    return dicom_pn.split("=", 1)[0]
 
 
 def build_result_message(r: ScreeningReport, *, sending_application: str, sending_facility: str,
@@ -48,13 +67,15 @@ def build_result_message(r: ScreeningReport, *, sending_application: str, sendin
     now = now or dt.datetime.now()
     ts = now.strftime("%Y%m%d%H%M%S")
     e = escape
+    status = "C" if r.corrected else "F"
     pid3 = e(r.patient_id) + (f"^^^{e(r.issuer)}^MR" if r.issuer else "^^^^MR")
     segs = [
         "|".join(["MSH", "^~\\&", e(sending_application), e(sending_facility), e(receiving_application),
                   e(receiving_facility), ts, "", "ORU^R01^ORU_R01", e(r.control_id), "P", version]),
-        f"PID|1||{pid3}||{'^'.join(e(part) for part in r.patient_name.split('^'))}||{e(r.birth_date)}|{e(r.sex)}",
+        f"PID|1||{pid3}||{'^'.join(e(part) for part in _hl7_name(r.patient_name).split('^'))}||{e(r.birth_date)}|"
+        f"{e(r.sex)}",
         "|".join(["OBR", "1", "", e(r.accession_number), f"OS-SCREEN^Opportunistic osteoporosis screening^{PRIVATE}",
-                  "", "", e(r.study_datetime)] + [""] * 10 + [e(r.accession_number)] + [""] * 3 + [ts, "", "CT", "F"]),
+                  "", "", e(r.study_datetime)] + [""] * 10 + [e(r.accession_number)] + [""] * 3 + [ts, "", "CT", status]),
     ]
     obx: list[str] = [
         f"CWE|OS0001^Opportunistic osteoporosis screening category^{PRIVATE}||"
@@ -72,5 +93,12 @@ def build_result_message(r: ScreeningReport, *, sending_application: str, sendin
         obx.append(f"ST|OS0008^Report (DICOM SR SOP Instance UID)^{PRIVATE}||{e(r.sr_sop_instance_uid)}||||||F")
     if r.notice:
         obx.append(f"TX|OS0009^Notice^{PRIVATE}||{e(r.notice)}||||||F")
-    segs += [f"OBX|{i}|{body}|||{ts}" if body.endswith("|F") else f"OBX|{i}|{body}" for i, body in enumerate(obx, 1)]
-    return ("\r".join(segs) + "\r").encode("latin-1", errors="replace")
+    obx = [body[:-1] + status if body.endswith("|F") else body for body in obx]
+    segs += [f"OBX|{i}|{body}|||{ts}" if body.endswith("|" + status) else f"OBX|{i}|{body}"
+             for i, body in enumerate(obx, 1)]
+    text = "\r".join(segs) + "\r"
+    msh18, codec = _charset(text)
+    if msh18:  # MSH-13..17 empty, MSH-18 the character set
+        msh, rest = text.split("\r", 1)
+        text = msh + "|" * 6 + msh18 + "\r" + rest
+    return text.encode(codec)

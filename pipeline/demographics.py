@@ -13,6 +13,7 @@ class Demographics:
     sex: str | None  # "F", "M" or None
     height_m: float | None
     weight_kg: float | None
+    notes: tuple[str, ...] = ()  # header values left out as implausible, and why
 
     @property
     def bmi(self) -> float | None:
@@ -64,11 +65,28 @@ def _positive(ds: Dataset, keyword: str) -> float | None:
     return v if v > 0 else None
 
 
+# What a header value must lie in to be used: outside, it is a typing or unit error (a height of 165 entered
+# in the metres field), and the model, trained on NHANES adults, would read it as an extreme patient.
+PLAUSIBLE = {"PatientSize": (1.0, 2.5, "m"), "PatientWeight": (25.0, 300.0, "kg"), "age": (0.0, 120.0, "y")}
+
+
+def _plausible(value: float | None, keyword: str, notes: list[str]) -> float | None:
+    lo, hi, unit = PLAUSIBLE[keyword]
+    if value is None or lo <= value <= hi:
+        return value
+    hint = " (DICOM gives it in metres: entered in cm?)" if keyword == "PatientSize" and 100 <= value <= 250 else (
+        " (entered in g?)" if keyword == "PatientWeight" and value > 1000 else "")
+    notes.append(f"{keyword} {value:g} not used: outside {lo:g}-{hi:g} {unit}{hint}")
+    return None
+
+
 def demographics_from_header(ds: Dataset) -> Demographics:
     sex = str(ds.get("PatientSex", "") or "").upper()
+    notes: list[str] = []
     return Demographics(
-        age_years=age_years(ds),
+        age_years=_plausible(age_years(ds), "age", notes),
         sex=sex if sex in ("F", "M") else None,
-        height_m=_positive(ds, "PatientSize"),
-        weight_kg=_positive(ds, "PatientWeight"),
+        height_m=_plausible(_positive(ds, "PatientSize"), "PatientSize", notes),
+        weight_kg=_plausible(_positive(ds, "PatientWeight"), "PatientWeight", notes),
+        notes=tuple(notes),
     )

@@ -33,6 +33,7 @@ from pipeline.localiser import TRANSITIONAL_NOTE
 from pipeline.report.notice import SHORT_DISCLAIMER
 from pipeline.report.render import render_key_image
 from pipeline.report.sc import build_sc
+from pipeline.report.source import report_source
 from pipeline.report.sr import NodeIdentity, build_sr
 from pipeline.screening import classify_attenuation
 from pipeline.selection import SelectionError, select_level_slices
@@ -81,7 +82,7 @@ def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, 
     from pipeline.report.keyobjects import build_gsps, build_kos
 
     ref = volume.slice_refs[measurement.slice_index]
-    image = pydicom.dcmread(ref.path, stop_before_pixels=True)
+    image = report_source(pydicom.dcmread(ref.path, stop_before_pixels=True))
     made = []
     if req.key_object_selection:
         uid = _uid(req.series_uid, "kos", versions)
@@ -99,10 +100,6 @@ def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, 
         write_durably(out / "gsps.dcm", lambda fh: gsps.save_as(fh, enforce_file_format=True))
         made.append(OutputObject("gsps", str(out / "gsps.dcm"), GSPS_SOP_CLASS, uid))
     return made
-
-
-TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def identity_key(header) -> str:
@@ -237,7 +234,7 @@ def _not_screened(req: JobRequest, out: Path, header, reason: str, summary: dict
     if req.report_not_screened:
         versions = f"not-screened/{reason}"
         sr_uid, sr_series = _uid(req.series_uid, "sr", versions), _uid(req.series_uid, "sr-series", versions)
-        sr = build_sr(source_header=header, source_sop_instance_uid=str(header.SOPInstanceUID),
+        sr = build_sr(source_header=report_source(header), source_sop_instance_uid=str(header.SOPInstanceUID),
                       demographics=demographics_from_header(header), labs=req.labs, node=req.node,
                       series_uid=sr_series, sop_uid=sr_uid, not_screened_reason=reason, procedure=procedure)
         write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
@@ -341,11 +338,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         versions += f"/after:{req.predecessor_sr[2]}"
     sr_uid, sc_uid = _uid(req.series_uid, "sr", versions), _uid(req.series_uid, "sc", versions)
     source_uid = measurement.sop_instance_uid if measurement is not None else str(header.SOPInstanceUID)
-    src_header = header.copy()
-    src_header.SOPInstanceUID = source_uid
-    for kw in TYPE2_PATIENT_STUDY:  # absent in some headers (anonymised, unknown age); the SR/SC need them present
-        if kw not in src_header:
-            setattr(src_header, kw, "")
+    src_header = report_source(header, source_uid)
     with clock.stage("report"):
         library = []
         measured = [m for m in (measurement, *adjacent) if m is not None]

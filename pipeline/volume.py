@@ -11,6 +11,7 @@ would stack float64 frames, 4x the memory for a 1,000-slice series.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,13 @@ class Volume:
         return tuple(self.hu.shape)  # type: ignore[return-value]
 
 
+def storage_fault(exc: BaseException) -> bool:
+    """An operating-system error reading the node's own stored file (missing, permission, I/O): not a property
+    of the series, so not a refusal; the job fails and is retried, and the operator sees why. (A decoder's
+    OSError about the data itself, such as Pillow's "image file is truncated", carries no errno.)"""
+    return isinstance(exc, OSError) and exc.errno is not None
+
+
 def _header(path: Path) -> tuple[Dataset, int]:
     """The instance's header without pixel data, and the file offset where reading stopped (the Pixel
     Data element, when there is one: ``_native_frame`` reads it from there)."""
@@ -94,6 +102,8 @@ def _header(path: Path) -> tuple[Dataset, int]:
         with open(path, "rb") as fh:
             return pydicom.dcmread(fh, stop_before_pixels=True), fh.tell()
     except Exception as exc:  # noqa: BLE001 - any parse failure is a refusal with a reason
+        if storage_fault(exc):
+            raise
         raise VolumeError(f"cannot read {path.name}: {exc}") from None
 
 
@@ -160,8 +170,8 @@ class _Frame:
     position: tuple[float, ...] | None
     pixel_spacing: tuple[float, float] | None
     thickness: float | None
-    slope: float
-    intercept: float
+    slope: float | None  # None: no trustworthy rescale to HU (see _rescale)
+    intercept: float | None
     localizer: bool
 
 
@@ -178,11 +188,33 @@ def functional_group(shared: Dataset | None, per_frame: Dataset | None, keyword:
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:
+    """``n`` finite numbers, or None (NaN or infinity in a geometry attribute defeats every later check)."""
     try:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
-    return out if len(out) == n else None
+    return out if len(out) == n and all(math.isfinite(v) for v in out) else None
+
+
+def _spacing(value) -> tuple[float, float] | None:
+    out = _floats(value, 2)
+    return out if out is not None and min(out) > 0 else None  # type: ignore[return-value]
+
+
+def _rescale(item: Dataset | None) -> tuple[float | None, float | None]:
+    """(slope, intercept) to Hounsfield units, None where it cannot be trusted: absent (RescaleIntercept and
+    RescaleSlope are Type 1 in CT images: never guessed), not finite, a slope <= 0, or a RescaleType that
+    says the values are not HU."""
+    if item is None:
+        return None, None
+    slope, intercept = _opt_float(item.get("RescaleSlope"), None), _opt_float(item.get("RescaleIntercept"), None)
+    if str(item.get("RescaleType", "") or "").strip().upper() not in ("", "HU"):
+        return None, None
+    if slope is None or not math.isfinite(slope) or slope <= 0:
+        slope = None
+    if intercept is not None and not math.isfinite(intercept):
+        intercept = None
+    return slope, intercept
 
 
 def _opt_float(value, default: float | None) -> float | None:
@@ -196,18 +228,24 @@ def _frames(path: Path, ds: Dataset) -> list[_Frame]:
     """The image planes of one instance, with their geometry and rescale."""
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if n_frames < 1 or n_frames * int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) > MAX_VOXELS:
+        # checked before one object per frame is made: NumberOfFrames alone could claim 2^31 frames
+        raise VolumeError(f"{path.name} claims {n_frames} frames of {ds.get('Rows')} x {ds.get('Columns')}, over "
+                          f"the {MAX_VOXELS / 1e9:.1f} G voxel limit of a CT series here")
     if "PerFrameFunctionalGroupsSequence" not in ds and "SharedFunctionalGroupsSequence" not in ds:
         if n_frames > 1:  # multi-frame without functional groups: no per-frame geometry to trust
-            return [_Frame(path, ds, i + 1, None, None, None, None, 1.0, 0.0, False) for i in range(n_frames)]
+            return [_Frame(path, ds, i + 1, None, None, None, None, None, None, False) for i in range(n_frames)]
         return [_Frame(
             path, ds, None,
             _floats(ds.get("ImageOrientationPatient"), 6), _floats(ds.get("ImagePositionPatient"), 3),
-            _floats(ds.get("PixelSpacing"), 2), _opt_float(ds.get("SliceThickness"), None),
-            _opt_float(ds.get("RescaleSlope"), 1.0) or 1.0, _opt_float(ds.get("RescaleIntercept"), 0.0) or 0.0,
-            "LOCALIZER" in image_type,
+            _spacing(ds.get("PixelSpacing")), _opt_float(ds.get("SliceThickness"), None),
+            *_rescale(ds), "LOCALIZER" in image_type,
         )]
     shared = first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if per_frame_seq and len(per_frame_seq) != n_frames:
+        raise VolumeError(f"{path.name}: NumberOfFrames {n_frames} but {len(per_frame_seq)} per-frame functional "
+                          "group items")
     frames: list[_Frame] = []
     for i in range(n_frames):
         pf = per_frame_seq[i] if i < len(per_frame_seq) else None
@@ -221,11 +259,9 @@ def _frames(path: Path, ds: Dataset) -> list[_Frame]:
             path, ds, i + 1,
             _floats(orient.get("ImageOrientationPatient"), 6) if orient is not None else None,
             _floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None,
-            _floats(meas.get("PixelSpacing"), 2) if meas is not None else None,
+            _spacing(meas.get("PixelSpacing")) if meas is not None else None,
             _opt_float(meas.get("SliceThickness"), None) if meas is not None else None,
-            (_opt_float(rescale.get("RescaleSlope"), 1.0) or 1.0) if rescale is not None else 1.0,
-            (_opt_float(rescale.get("RescaleIntercept"), 0.0) or 0.0) if rescale is not None else 0.0,
-            "LOCALIZER" in image_type or "LOCALIZER" in frame_type,
+            *_rescale(rescale), "LOCALIZER" in image_type or "LOCALIZER" in frame_type,
         ))
     return frames
 
@@ -250,6 +286,11 @@ def _select_stack(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Frame], li
     best = max(groups.values(), key=len)
     if len(groups) > 1:
         notes.append(f"{len(usable) - len(best)} slices with another orientation/size ignored")
+    no_hu = [f for f in best if f.slope is None or f.intercept is None]
+    if no_hu:
+        raise VolumeError(f"no valid rescale to HU on {len(no_hu)} slice(s), e.g. {no_hu[0].path.name} "
+                          "(RescaleIntercept/RescaleSlope missing, not finite or slope <= 0, or RescaleType not HU): "
+                          "attenuation cannot be measured")
     return best, notes
 
 
@@ -314,6 +355,8 @@ def _decode_into(hu: np.ndarray, stack: list[_Frame], offsets: dict[Path, int]) 
                 else:
                     hu[k] = np.clip(np.rint(arr.astype(np.float32) * f.slope + f.intercept), -32768, 32767)
         except Exception as exc:  # noqa: BLE001
+            if storage_fault(exc):
+                raise
             raise VolumeError(f"cannot decode pixel data of {path.name}: {exc}") from None
 
 
@@ -371,6 +414,8 @@ def load_volume(paths: Sequence[str | Path], *, max_tilt_deg: float = 10.0, cloc
     except VolumeError:
         raise
     except Exception as exc:  # noqa: BLE001 - untrusted input; tests/test_fuzz.py
+        if storage_fault(exc):
+            raise
         raise VolumeError(f"malformed DICOM data ({type(exc).__name__}: {exc})"[:300]) from None
 
 

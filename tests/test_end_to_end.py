@@ -362,6 +362,31 @@ def test_followup_result_message_reaches_the_ris_through_the_outbox(node_factory
     if summary["category_id"] == "screen_positive":
         assert "Consider DXA \\T\\ review (research)" in texts  # '&' escaped as ER7 requires
 
+    # Corrected labs, then the job screened again: a new SR (its own files: the first run's stay as sent) and a
+    # corrected result message (OBR-25/OBX-11 'C') under a control ID of its own
+    first_sr = next((node.state_dir / "results" / "job-000001" / "run-001").glob("sr.dcm"))
+    first_sr_bytes = first_sr.read_bytes()
+    study_day = dt.datetime.strptime(study.StudyDate, "%Y%m%d")
+    with MLLPClient("127.0.0.1", node.hl7_port) as c:
+        corrected = demo_oru_message(study_day.replace(hour=9), "CORR1").replace(
+            b"|9.1|mg/dL|8.6-10.3|N|||F|", b"|8.2|mg/dL|8.6-10.3|L|||C|")
+        assert ack_code(c.send(corrected)) == "AA"
+    retry = subprocess.run([sys.executable, "-m", "dicom_node.cli", "jobs", "retry", "1", "--config",
+                            str(node.config)], capture_output=True, text=True)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    with LISSimulator([], port=ris_port) as ris:
+        wait_for(lambda: ris.results, 180, "the corrected result message")
+        second = ris.results[0].replace("\n", "\r")
+    parse_message(second, validation_level=VALIDATION_LEVEL.STRICT)
+    fields = {s.split("|")[0] + s.split("|")[1]: s.split("|") for s in second.split("\r") if s.startswith(("MSH", "OBR", "OBX"))}
+    assert fields["MSH^~\\&"][9] == row[3] + "-2"
+    assert fields["OBR1"][25] == "C" and {s[11] for k, s in fields.items() if k.startswith("OBX")} == {"C"}
+    with sqlite3.connect(db) as c:
+        rerun = json.loads(c.execute("SELECT result_json FROM jobs WHERE id=1").fetchone()[0])
+    assert rerun["predecessor_sr"] == summary["sr_sop_instance_uid"] and rerun["followup_corrects"] == row[3]
+    assert first_sr.read_bytes() == first_sr_bytes  # never overwritten by the later run
+    assert (node.state_dir / "results" / "job-000001" / "run-002" / "sr.dcm").is_file()
+
 
 def test_kos_and_gsps_round_trip_through_orthanc(node_factory, orthanc, sample_series):
     node = node_factory(destinations=[{"name": "pacs", "ae_title": orthanc.aet, "port": orthanc.dicom_port}],

@@ -218,3 +218,28 @@ def test_training_called_without_the_pinned_environment_says_its_result_is_per_c
     assert used["pinned"] is False and used["onednn"] is False
     assert lines == ["note: CPU kernels not pinned (use `osteoscreen train cropkd`): the result reproduces on this "
                      "CPU type only"]
+
+
+def test_implausible_header_height_and_weight_are_left_out_with_a_note():
+    """A height typed in cm into the metres field (PatientSize 165) read as 165 m made a screen-positive
+    patient screen-negative; such values are now left out, and the report says which and why."""
+    from pydicom.dataset import Dataset
+
+    from pipeline.demographics import demographics_from_header
+    from pipeline.report.sr import _demographics_text
+
+    def header(size, weight):
+        ds = Dataset()
+        ds.PatientAge, ds.PatientSex, ds.PatientSize, ds.PatientWeight = "067Y", "F", size, weight
+        return ds
+
+    good = demographics_from_header(header("1.65", "60"))
+    assert (good.height_m, good.weight_kg, good.notes) == (1.65, 60.0, ())
+    bad = demographics_from_header(header("165", "60000"))
+    assert bad.height_m is None and bad.weight_kg is None and bad.age_years == 67
+    text = _demographics_text(bad)
+    assert "PatientSize 165 not used" in text and "entered in cm?" in text and "PatientWeight 60000 not used" in text
+    model = FusedModel(BUNDLE)
+    as_typed = model.predict(None, tabular_input(LabPanel("P", None, None, 90), bad))
+    age_and_sex = model.predict(None, tabular_input(LabPanel("P", None, None, 90), Demographics(67.0, "F", None, None)))
+    assert as_typed.probability == pytest.approx(age_and_sex.probability)

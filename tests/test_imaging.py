@@ -498,3 +498,54 @@ def test_levels_are_found_on_a_miscalibrated_scanner_and_the_study_stays_flagged
     assert abs(after.find("L1").z_lower - before.z_lower) <= 1 and abs(after.find("L1").z_upper - before.z_upper) <= 1
     assert any(n.startswith("HU calibration implausible: levels found on HU x 1.0") for n in after.notes)
     assert not any("calibration" in n for n in unshifted.notes)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"RescaleIntercept": None}, "no valid rescale to HU on 1 slice"),
+    ({"RescaleSlope": 0}, "no valid rescale to HU"),
+    ({"RescaleType": "US"}, "RescaleType not HU"),
+])
+def test_a_slice_without_a_trustworthy_rescale_is_refused_not_guessed(sample_series, tmp_path, changes, match):
+    """RescaleIntercept is Type 1 in a CT image: assuming 0 shifts that slice by about +1024 HU, which the
+    localiser read as a compressed L1 (a false fracture finding) before this check."""
+    import pydicom
+
+    files = list(sample_series.files)
+    ds = pydicom.dcmread(files[60])
+    for kw, value in changes.items():
+        if value is None:
+            delattr(ds, kw)
+        else:
+            setattr(ds, kw, value)
+    files[60] = tmp_path / "bad.dcm"
+    ds.save_as(files[60])
+    with pytest.raises(VolumeError, match=match):
+        load_volume(files)
+
+
+@pytest.mark.parametrize("keyword,value", [("ImagePositionPatient", [float("nan"), 0.0, 0.0]),
+                                           ("PixelSpacing", [0.0, 0.0])])
+def test_non_finite_or_zero_geometry_is_left_out_not_trusted(sample_series, tmp_path, keyword, value):
+    files = list(sample_series.files[:40])
+    files[20] = _rewrite(files[20], tmp_path / "bad.dcm", **{keyword: value})
+    with pytest.raises(VolumeError, match="missing slices"):  # that slice is left out: a gap, not a crash
+        load_volume(files)
+
+
+def test_a_multiframe_header_claiming_billions_of_voxels_is_refused_before_allocating(multiframe_series, tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(multiframe_series.files[0])
+    ds.NumberOfFrames = 2_000_000_000
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb)
+    with pytest.raises(VolumeError, match="claims 2000000000 frames"):
+        load_volume([bomb])
+
+
+def test_a_stored_file_gone_is_a_storage_fault_not_a_refusal(sample_series, tmp_path):
+    """The node's own file missing (or unreadable) must fail the job visibly and be retried, never turn into
+    'image not usable' and a demographics-only screen."""
+    files = [*sample_series.files[:30], tmp_path / "gone.dcm"]
+    with pytest.raises(FileNotFoundError):
+        load_volume(files)

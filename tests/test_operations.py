@@ -107,3 +107,32 @@ def test_shadow_mode_delivers_only_to_qa_and_exports_predictions(node_factory, o
     assert len(rows) == 1 and rows[0]["patient_id"] == SAMPLE_PATIENT_ID and rows[0]["status"] == "screened"
     assert 0 <= float(rows[0]["probability"]) <= 1 and rows[0]["level"] == "L1"
     assert rows[0]["slice_selection"]
+
+
+def _serve(config, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_a_second_node_on_the_same_state_directory_is_refused_and_leaves_the_first_alone(node_factory):
+    node = node_factory().start()
+    second = _serve(node.config)
+    assert second.returncode == 1
+    assert f"another osteoscreen (pid {node.proc.pid}) is using the state directory" in second.stderr
+    assert "Traceback" not in second.stderr + second.stdout
+    assert node.proc.poll() is None and "resuming" not in node.log()
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "echo", f"OSTEOSCREEN@127.0.0.1:{node.port}",
+                        "--aet", "CT1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_busy_hl7_port_is_named_without_a_traceback(node_factory):
+    import socket
+
+    node = node_factory()
+    with socket.create_server(("127.0.0.1", node.hl7_port)):
+        r = _serve(node.config)
+    assert r.returncode == 1
+    out = r.stderr + r.stdout
+    assert f"cannot listen for HL7 on 127.0.0.1:{node.hl7_port}" in out
+    assert "Traceback" not in out and "Scheduler is not running" not in out

@@ -305,3 +305,62 @@ def test_a_compressed_l1_is_reported_as_a_finding_and_l2_is_measured_instead(tmp
     assert "OS0014" in codes_used  # the finding type
     r = subprocess.run([need_tool("dciodvfy"), str(out / "sr.dcm")], capture_output=True, text=True)
     assert not [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Error")]
+
+
+def _relabelled(series, out, **attrs):
+    """The sample series with header attributes replaced (None: removed)."""
+    out.mkdir(parents=True)
+    files = []
+    for f in series.files:
+        ds = pydicom.dcmread(f)
+        for kw, value in attrs.items():
+            if value is None:
+                if kw in ds:
+                    delattr(ds, kw)
+            else:
+                setattr(ds, kw, value)
+        ds.save_as(out / f.name, enforce_file_format=True)
+        files.append(str(out / f.name))
+    return tuple(files)
+
+
+@pytest.mark.parametrize("charset,name", [
+    ("ISO_IR 100", "Müller^Jürgen"),
+    ("ISO_IR 192", "Müller^Jürgen"),
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),  # the default repertoire as an empty first value
+], ids=["latin1", "utf8", "iso2022-jis"])
+def test_every_result_names_the_patient_as_the_image_does(sample_series, tmp_path, charset, name):
+    """SR, SC, KOS and GSPS keep the source's character set, so a non-ASCII name stays the same name."""
+    import dataclasses
+
+    files = _relabelled(sample_series, tmp_path / "src", SpecificCharacterSet=charset, PatientName=name)
+    req = JobRequest(8, sample_series.series_uid, files, LabPanel("OS-DEMO-0001", None, None, 90),
+                     str(tmp_path / "out"), "fused_kdamm_v1", NODE)
+    result = run_screening(dataclasses.replace(req, key_object_selection=True, presentation_state=True))
+    assert result.status == "screened", result.reason
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    exe = need_tool("dciodvfy")
+    for kind in ("sr", "sc", "kos", "gsps"):
+        path = tmp_path / "out" / f"{kind}.dcm"
+        ds = pydicom.dcmread(path)
+        assert str(ds.PatientName) == str(source.PatientName) == name, kind
+        if kind != "gsps":
+            assert ds.IssuerOfPatientID == source.IssuerOfPatientID, kind  # PACS patient key: ID + issuer
+        r = subprocess.run([exe, str(path)], capture_output=True, text=True)
+        assert [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")] == [], kind
+
+
+def test_not_screened_sr_from_a_sparse_header(sample_series, tmp_path):
+    """A contrast study skipped by policy, its header anonymised (no birth date, no study ID): the SR saying
+    so is still made, and valid."""
+    import dataclasses
+
+    files = _relabelled(sample_series, tmp_path / "src", ContrastBolusAgent="IOHEXOL", PatientBirthDate=None,
+                        StudyID=None, ReferringPhysicianName=None)
+    req = JobRequest(9, sample_series.series_uid, files, LabPanel("OS-DEMO-0001", None, None, 90),
+                     str(tmp_path / "out"), "fused_kdamm_v1", NODE)
+    result = run_screening(dataclasses.replace(req, contrast_policy="skip", report_not_screened=True))
+    assert result.status == "not_screened" and "contrast" in result.reason
+    assert [o.kind for o in result.outputs] == ["sr"]
+    r = subprocess.run([need_tool("dciodvfy"), result.outputs[0].path], capture_output=True, text=True)
+    assert [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")] == []

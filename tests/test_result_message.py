@@ -51,3 +51,25 @@ def test_negative_result_has_no_recommendation_and_no_measurement_when_the_image
     rows = obx(msg)
     assert "OS0006" not in rows and "112031" not in rows
     assert rows["OS0002"][8] == "N"
+
+
+def test_a_corrected_result_says_so_in_every_result_status():
+    msg = build_result_message(dataclasses.replace(REPORT, corrected=True), **ARGS)
+    parse_message(msg.decode(), validation_level=VALIDATION_LEVEL.STRICT)
+    obr = next(s for s in msg.decode().split("\r") if s.startswith("OBR")).split("|")
+    assert obr[25] == "C" and {f[11] for f in obx(msg).values()} == {"C"}
+    assert {f[11] for f in obx(build_result_message(REPORT, **ARGS)).values()} == {"F"}
+
+
+def test_non_ascii_names_are_declared_in_msh_18_and_only_the_alphabetic_group_is_sent():
+    latin = build_result_message(dataclasses.replace(REPORT, patient_name="Müller^Jürgen"), **ARGS)
+    msh = latin.split(b"\r")[0].split(b"|")
+    assert msh[17] == b"8859/1" and b"PID|1||P\\F\\1^^^HOSP^MR||M\xfcller^J\xfcrgen|" in latin
+    parse_message(latin.decode("latin-1"), validation_level=VALIDATION_LEVEL.STRICT)
+    japanese = build_result_message(dataclasses.replace(REPORT, patient_name="Yamada^Tarou=山田^太郎=やまだ^たろう"),
+                                    **ARGS)
+    pid = next(s for s in japanese.split(b"\r") if s.startswith(b"PID")).split(b"|")
+    assert pid[5] == b"Yamada^Tarou"  # ideographic and phonetic groups are not XPN components
+    wide = build_result_message(dataclasses.replace(REPORT, patient_name="Łukasiewicz^Zoë", model="模型"), **ARGS)
+    assert wide.split(b"\r")[0].split(b"|")[17] == b"UNICODE UTF-8" and "模型" in wide.decode("utf-8")
+    assert b"|" * 6 not in build_result_message(REPORT, **ARGS).split(b"\r")[0]  # ASCII: MSH-18 left out

@@ -239,3 +239,95 @@ def test_result_files_half_written_by_a_killed_run_are_swept_at_start(node_facto
     assert sorted(p.name for p in job_dir.iterdir()) == ["notes.tmp", "sr.dcm"]
     assert "removed 1 half-written result file(s)" in node.log()
     assert sweep_temporaries(node.state_dir / "nowhere") == 0  # no results yet: nothing to do
+
+
+def test_a_job_stopped_because_another_overran_is_queued_again_without_losing_an_attempt(tmp_path):
+    """Two workers share a pool; job 1 hangs (a FIFO nobody writes stands in for a hung decoder) and overruns the
+    time limit, so the pool's processes are killed. Job 2, running beside it, did nothing wrong: it must go back
+    to the queue with its attempt intact, not fail as "worker process died" (with max_attempts=1: for good)."""
+    from hl7.panel import LabPanel
+    from pipeline.job import JobRequest
+    from pipeline.report.sr import NodeIdentity
+
+    from dicom_node.jobs import JobRunner
+
+    db = NodeDB(tmp_path / "n.sqlite")
+    fifos = {}
+    with db._tx() as tx:
+        for s in ("1.2.1", "1.2.2"):
+            tx.execute("INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet,"
+                       " first_received, last_received) VALUES (?, '1.1', 'P', 'H', 'CT', 'CT1', 0, 0)", (s,))
+            fifos[s] = tmp_path / f"{s}.fifo"
+            os.mkfifo(fifos[s])
+    node = NodeIdentity("test", "osteoscreen", "0", "1", "1.2.3")
+
+    def build(job):
+        return JobRequest(job.id, job.series_uid, (str(fifos[job.series_uid]),), LabPanel("P", None, None, 90),
+                          str(tmp_path / f"out{job.id}"), "fused_kdamm_v1", node, selector="")
+
+    runner = JobRunner(db, workers=2, max_attempts=1, retry_delay_s=0.2, build_request=build,
+                       on_result=lambda job, result: None, timeout_s=4.0)
+    runner.start()
+    try:
+        db.decide_series("1.2.1", True, "test")
+        runner.wake()
+        time.sleep(1.5)
+        db.decide_series("1.2.2", True, "test")
+        runner.wake()
+
+        def both_failed():
+            jobs = {j.series_uid: j for j in db.jobs()}
+            return jobs if len(jobs) == 2 and all(j.state == "failed" for j in jobs.values()) else None
+
+        deadline = time.monotonic() + 60
+        while not (jobs := both_failed()) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert jobs, [(j.id, j.state, j.last_error) for j in db.jobs()]
+    finally:
+        runner.stop()
+    assert "time limit" in jobs["1.2.1"].last_error
+    # job 2 was queued again once (no attempt counted), then overran on its own: its own reason, not job 1's
+    assert "time limit" in jobs["1.2.2"].last_error and "worker process died" not in jobs["1.2.2"].last_error
+    audit = [r[0] for r in db._query("SELECT detail FROM audit WHERE kind='job' AND subject=?",
+                                     (str(jobs["1.2.2"].id),))]
+    assert any("queued again (no attempt counted)" in a and "overran the time limit" in a for a in audit), audit
+
+
+def test_stopping_the_node_kills_a_running_job_instead_of_waiting_for_it(tmp_path):
+    """systemd gives a stop 90 s; a job may run for [jobs] timeout_s (600 s). The job's worker is killed and the
+    job stays 'running' in the database, to be resumed at the next start, with nothing recorded meanwhile."""
+    from hl7.panel import LabPanel
+    from pipeline.job import JobRequest
+    from pipeline.report.sr import NodeIdentity
+
+    from dicom_node.jobs import JobRunner
+
+    db = NodeDB(tmp_path / "n.sqlite")
+    with db._tx() as tx:
+        tx.execute("INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, calling_aet,"
+                   " first_received, last_received) VALUES ('1.2.1', '1.1', 'P', 'H', 'CT', 'CT1', 0, 0)")
+    fifo = tmp_path / "hang.fifo"
+    os.mkfifo(fifo)
+    node = NodeIdentity("test", "osteoscreen", "0", "1", "1.2.3")
+    runner = JobRunner(db, workers=1, max_attempts=3, retry_delay_s=0.2, timeout_s=600.0,
+                       build_request=lambda job: JobRequest(job.id, job.series_uid, (str(fifo),),
+                                                            LabPanel("P", None, None, 90), str(tmp_path / "out"),
+                                                            "fused_kdamm_v1", node, selector=""),
+                       on_result=lambda job, result: None)
+    runner.start()
+    db.decide_series("1.2.1", True, "test")
+    runner.wake()
+    deadline = time.monotonic() + 30
+    while runner.busy() == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runner.busy() == 1
+    workers = list(runner._pool._processes.values())
+    t0 = time.monotonic()
+    runner.stop()
+    for proc in workers:
+        proc.join(timeout=10)
+        assert not proc.is_alive()
+    assert time.monotonic() - t0 < 15
+    job = db.jobs()[0]
+    assert job.state == "running" and job.attempts == 1 and job.last_error is None  # resumed at the next start
+    assert db.requeue_running_jobs() == 1

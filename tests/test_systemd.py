@@ -102,6 +102,20 @@ def test_notify_watchdog_reload_and_stop(tmp_path):
         _recv_until(sock, "READY=1", 30)
         assert proc.poll() is None
         assert "reload refused" in (tmp_path / "node.log").read_text()
+        write(["CT1", "CT2"])
+        good = cfg.read_text()
+        for bad, why in ((good + '[node.tls]\n# Klinikum M\xfcnchen\n', "not UTF-8"),  # saved as Latin-1
+                         (good + '[screening]\nmodel = "no_such_bundle"\n', "model check failed")):
+            cfg.write_bytes(bad.encode("latin-1"))
+            proc.send_signal(signal.SIGHUP)
+            _recv_until(sock, "READY=1", 30)
+            assert proc.poll() is None, why
+            assert why in (tmp_path / "node.log").read_text()
+        cfg.write_text(good + "[jobs]\nworkers = 2\n[export]\nretry_max_s = 60\n")
+        proc.send_signal(signal.SIGHUP)
+        _recv_until(sock, "READY=1", 30)
+        last = [ln for ln in (tmp_path / "node.log").read_text().splitlines() if "configuration reloaded" in ln][-1]
+        assert "applied no changes; restart needed for" in last and "jobs, export" in last  # (hl7: a new port)
         proc.send_signal(signal.SIGTERM)
         _recv_until(sock, "STOPPING=1", 30)
         assert proc.wait(timeout=60) == 0

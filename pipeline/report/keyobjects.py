@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pipeline.report.render import BONE_WINDOW
+from pipeline.report.source import copy_patient_study_extras
 from pipeline.report.sr import NodeIdentity
 
 OF_INTEREST = CodedConcept("113000", "DCM", "Of Interest")
@@ -35,6 +36,7 @@ def build_kos(*, key_images: Sequence[Dataset], node: NodeIdentity, series_uid: 
         evidence=list(key_images), content=content, series_instance_uid=series_uid, series_number=series_number,
         sop_instance_uid=sop_uid, instance_number=1, manufacturer=node.manufacturer,
         institution_name=node.institution_name or None)
+    copy_patient_study_extras(kos, key_images[0])
     kos.SeriesDescription = "osteoscreen key images (research use)"
     return kos
 
@@ -67,6 +69,6 @@ def build_gsps(*, image: Dataset, frame_number: int | None, roi_rc: np.ndarray, 
         voi_lut_transformations=[hd.pr.SoftcopyVOILUTTransformation(window_center=centre, window_width=width,
                                                                     window_explanation="bone")])
     gsps.SeriesDescription = "osteoscreen ROI presentation state (research use)"
-    if "Laterality" not in gsps:
-        gsps.Laterality = ""  # General Series type 2C: the spine is unpaired, so present and empty
+    if "Laterality" not in gsps:  # General Series type 2C; dciodvfy requires it (an error when absent, a warning
+        gsps.Laterality = ""       # when empty): the spine is unpaired, so present and empty
     return gsps

@@ -6,6 +6,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from pipeline.report.source import copy_patient_study_extras
 from pipeline.report.sr import NodeIdentity
 
 
@@ -37,6 +38,7 @@ def build_sc(
         patient_orientation=patient_orientation,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
+    copy_patient_study_extras(sc, source_header)
     sc.SeriesDescription = description
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"

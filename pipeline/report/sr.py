@@ -128,7 +128,7 @@ def _demographics_text(d: Demographics | None) -> str:
              f"sex {d.sex}" if d.sex else "sex unknown"]
     if d.bmi is not None:
         parts.append(f"BMI {d.bmi:.1f} kg/m2")
-    return ", ".join(parts)
+    return ", ".join(parts) + "".join(f"; {note}" for note in d.notes)
 
 
 def _dicom_dt(value: dt.datetime) -> str:
@@ -324,8 +324,8 @@ def build_sr(
         root.ContentSequence.append(
             hd.sr.TextContentItem(name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     evidence = Dataset()
-    for kw in ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName",
-               "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime", "AccessionNumber",
+    for kw in ("SpecificCharacterSet", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
+               "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime", "AccessionNumber",
                "ReferringPhysicianName", "IssuerOfPatientID", "PatientAge"):
         if kw in source_header:
             setattr(evidence, kw, source_header.get(kw))

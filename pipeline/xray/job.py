@@ -75,8 +75,9 @@ def _as_fused_output(x: XrayOutput, tab: FusedOutput | None, modalities: tuple[s
 
 
 def run_xray_screening(req):
-    from pipeline.job import (SC_SOP_CLASS, SR_SOP_CLASS, TYPE2_PATIENT_STUDY, OutputObject, ScreeningResult,
+    from pipeline.job import (SC_SOP_CLASS, SR_SOP_CLASS, OutputObject, ScreeningResult,
                               _not_screened, _uid, _write_result, fused_model, result_fields, result_key)
+    from pipeline.report.source import report_source
 
     started_at = time.time()
     clock = StageClock()
@@ -113,10 +114,7 @@ def run_xray_screening(req):
     if req.predecessor_sr:
         versions += f"/after:{req.predecessor_sr[2]}"
     sr_uid, sc_uid = _uid(req.series_uid, "sr", versions), _uid(req.series_uid, "sc", versions)
-    src = header.copy()
-    for kw in TYPE2_PATIENT_STUDY:
-        if kw not in src:
-            setattr(src, kw, "")
+    src = report_source(header)
     fusion_text = (f"Fusion: probability {x.probability:.3f} = {x.weight_image:.2f} x image {x.image_probability:.3f}"
                    + (f" + {1 - x.weight_image:.2f} x tabular {x.tabular_probability:.3f} (demographics + labs path "
                       "of the fused screening model; its SHAP values below are scaled by its share)"

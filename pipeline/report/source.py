@@ -1,0 +1,45 @@
+"""The source image's header made fit for the result objects' constructors (highdicom copies the patient and
+study from it): every result must name the same patient, in the same character set, as the image it reports on."""
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+# Patient and study attributes that are Type 2 in the result objects: absent in some headers (anonymised,
+# unknown age), present and empty in the results.
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+# Optional patient and study attributes that highdicom's SC and KOS constructors leave out; a PACS that keys
+# patients on ID + issuer files an object without its issuer apart from the study.
+PATIENT_STUDY_EXTRAS = ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "PatientAge", "PatientSize",
+                        "PatientWeight", "StudyDescription")
+
+
+def _with_default_repertoire(charset: object) -> object:
+    """``\\ISO 2022 IR 87`` (an empty first value: the default repertoire, as PS3.3 C.12.1.1.2 allows) spelt out
+    as ``ISO 2022 IR 6\\ISO 2022 IR 87``, which highdicom's validating constructors accept."""
+    values = [charset] if isinstance(charset, str) else list(charset or [])
+    if values and not values[0]:
+        values[0] = "ISO 2022 IR 6"
+        return values
+    return charset
+
+
+def report_source(header: Dataset, sop_instance_uid: str | None = None) -> Dataset:
+    """A copy of ``header`` for the result constructors: Type 2 patient/study attributes present, the character
+    set spelt out, and ``sop_instance_uid`` (the measured slice) as its SOP Instance UID when given."""
+    src = header.copy()
+    if sop_instance_uid:
+        src.SOPInstanceUID = sop_instance_uid
+    for kw in TYPE2_PATIENT_STUDY:
+        if kw not in src:
+            setattr(src, kw, "")
+    if "SpecificCharacterSet" in src:
+        src.SpecificCharacterSet = _with_default_repertoire(src.SpecificCharacterSet)
+    return src
+
+
+def copy_patient_study_extras(target: Dataset, source: Dataset) -> None:
+    """The optional patient and study attributes of ``source`` that ``target`` lacks (see PATIENT_STUDY_EXTRAS)."""
+    for kw in PATIENT_STUDY_EXTRAS:
+        if kw in source and kw not in target:
+            setattr(target, kw, source.get(kw))
