@@ -95,7 +95,8 @@ def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, 
         uid = _uid(req.series_uid, "gsps", versions)
         gsps = build_gsps(image=image, frame_number=ref.frame_number,
                           roi_rc=volume.to_source_rc(measurement.roi_polygon_rc),
-                          label=f"{measurement.level} {measurement.mean_hu:.0f} HU ({attenuation.category_label})",
+                          label=f"{measurement.level} {measurement.mean_hu:.0f} HU ({attenuation.category_label}) "
+                                "- research use only",  # drawn on the diagnostic image itself
                           node=req.node, series_uid=_uid(req.series_uid, "gsps-series", versions), sop_uid=uid)
         write_durably(out / "gsps.dcm", lambda fh: gsps.save_as(fh, enforce_file_format=True))
         made.append(OutputObject("gsps", str(out / "gsps.dcm"), GSPS_SOP_CLASS, uid))

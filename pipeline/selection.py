@@ -73,5 +73,6 @@ def _with_agent(volume: Volume, loc: Localisation, sel: SliceSelection, agent: D
     # The measurement keeps the localiser's disc-to-disc range: it finds the cleanest mid-body slice
     # inside it. Re-centring that search on the agent's slice (trained on whole-vertebra label centres,
     # which lie below the body's mid-height) moved the ROI towards an endplate: +34-37 HU on both real CTs.
-    return replace(sel, centre_index=vote.native_index, note=decision.note,
-                   method=f"{agent.name} (agreed with {SELECTOR_NAME} v{SELECTOR_VERSION})")
+    # So the agent confirms the level and the report says so; it is not credited with choosing the slices.
+    return replace(sel, note=f"{decision.note} (its slice {vote.native_index + 1}); the ROI is searched in the "
+                             "localiser's L1 range")

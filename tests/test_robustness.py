@@ -138,6 +138,56 @@ def test_a_pacs_without_the_sr_class_fails_that_row_and_the_exporter_goes_on(tmp
         db.close()
 
 
+def test_a_permanent_refusal_is_given_up_and_a_replaced_file_is_never_sent_as_another_object(tmp_path):
+    """0xC000 ("cannot understand") and 0xA900 (does not match the SOP class) cannot be cured by sending the same
+    bytes again: given up, audited, instead of retried for ever. A row whose file now holds another SOP
+    Instance UID (a file replaced after it was queued) is never sent under the row's UID."""
+    received: list[str] = []
+    status_for: dict[str, int] = {}
+
+    def on_store(event):
+        uid = str(event.dataset.SOPInstanceUID)
+        received.append(uid)
+        return status_for.get(uid, 0x0000)
+
+    scp_ae = AE("PACS")
+    scp_ae.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    scp_ae.add_supported_context(ComprehensiveSRStorage, ExplicitVRLittleEndian)
+    server = scp_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    port = server.socket.getsockname()[1]
+    db = NodeDB(tmp_path / "n.sqlite")
+    rows = []
+    for name, status in (("c000", 0xC000), ("a900", 0xA900), ("a700", 0xA700), ("ok", 0x0000)):
+        path, uid = _file(tmp_path, f"{name}.dcm", SecondaryCaptureImageStorage)
+        status_for[uid] = status
+        rows.append((path, SecondaryCaptureImageStorage, uid))
+    replaced_path, _ = _file(tmp_path, "replaced.dcm", ComprehensiveSRStorage)
+    rows.append((replaced_path, ComprehensiveSRStorage, "1.2.826.0.1.3680043.8.498.999"))  # queued under another UID
+    with db._tx() as tx:
+        tx.executemany("INSERT INTO outbox (job_id, destination, path, sop_class_uid, sop_instance_uid)"
+                       " VALUES (1, 'pacs', ?, ?, ?)", rows)
+    exporter = Exporter(db, [Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)],
+                        calling_aet="OSTEOSCREEN", retry_initial_s=60, retry_max_s=60, timeout_s=5)
+    exporter.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(r.attempts == 0 and r.state == "pending" for r in db.outbox()):
+            time.sleep(0.1)
+        state = {r.sop_instance_uid: r for r in db.outbox()}
+    finally:
+        exporter.stop()
+        server.shutdown()
+    by_name = dict(zip(("c000", "a900", "a700", "ok", "replaced"), (r[2] for r in rows)))
+    assert state[by_name["c000"]].state == state[by_name["a900"]].state == "failed"
+    assert "0xC000" in state[by_name["c000"]].last_error and "outbox retry" in state[by_name["c000"]].last_error
+    assert state[by_name["a700"]].state == "pending"  # out of resources: retried later
+    assert state[by_name["ok"]].state == "sent"
+    assert state[by_name["replaced"]].state == "failed" and "replaced after it was queued" in \
+        state[by_name["replaced"]].last_error
+    assert by_name["replaced"] not in received and len(received) == 4
+    db.close()
+
+
 def test_the_exporter_survives_an_error_in_its_own_loop(tmp_path, monkeypatch):
     db = NodeDB(tmp_path / "n.sqlite")
     calls = {"n": 0}

@@ -65,3 +65,29 @@ def test_sample_series_volume_is_unchanged_by_the_direct_read(sample_series, mon
     monkeypatch.setattr("pipeline.volume._native_frame", lambda *a: None)
     via_pydicom = load_volume(sample_series.files)
     assert np.array_equal(direct.hu, via_pydicom.hu)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"], ids=["jpeg-ls", "rle"])
+def test_a_compressed_slice_cut_short_is_refused_not_decoded_partly(sample_series, tmp_path, syntax):
+    """A JPEG-LS frame cut to a third decoded without a word (66 % of its pixels wrong, moving the probability
+    through the model's 2.5D patch); RLE only warned. Both are refusals now; intact frames decode exactly."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from pipeline.volume import VolumeError
+
+    files = list(sample_series.files[:30])
+    out = []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        ds.compress(syntax, generate_instance_uid=False)
+        path = tmp_path / f"{i:03d}.dcm"
+        ds.save_as(path)
+        out.append(path)
+    assert np.array_equal(load_volume(out).hu, load_volume(files).hu)
+    ds = pydicom.dcmread(out[15])
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    keep = len(frame) // 3
+    ds.PixelData = encapsulate([frame[:keep + keep % 2]])
+    ds.save_as(out[15])
+    with pytest.raises(VolumeError, match="cut short|decode"):
+        load_volume(out)

@@ -24,6 +24,8 @@ from pipeline.screening import Prediction
 from pipeline.selection import SliceSelection
 
 PRIVATE_SCHEME = "99OSTEOSCREEN"
+# What the ROI samples. (It was SCT 91747007, which is "Lumen of blood vessel", not a part of a vertebra.)
+TRABECULAR_BONE = CodedConcept("OS0020", PRIVATE_SCHEME, "Trabecular bone of vertebral body")
 HU = CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
 MM2 = CodedConcept("mm2", "UCUM", "square millimeter")
 MEAN = CodedConcept("373098007", "SCT", "Mean")
@@ -106,7 +108,7 @@ def _roi_group(m: BoneMeasurement, source_rc: np.ndarray | None, sop_class_uid: 
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{m.level} trabecular ROI"),
         referenced_region=region,
-        finding_type=CodedConcept("91747007", "SCT", "Lumen of vertebral body"),
+        finding_type=TRABECULAR_BONE,
         finding_category=CodedConcept("91723000", "SCT", "Anatomical structure"),
         finding_sites=[hd.sr.FindingSite(site)] if site else None,
         measurements=[

@@ -110,9 +110,9 @@ def write_bundle(bundle_dir: Path, student: Student, d, summary: dict, logreg: d
                            f"{summary['config']['target_sensitivity']} on the validation split",
         "categories": [
             {"id": "screen_positive", "label": "Elevated osteoporosis risk - consider DXA",
-             "code": {"value": "64859006", "scheme": "SCT", "meaning": "Osteoporosis"}},
+             "code": screening_code("screen_positive")},
             {"id": "screen_negative", "label": "Below screening threshold",
-             "code": {"value": "17621005", "scheme": "SCT", "meaning": "Normal"}},
+             "code": screening_code("screen_negative")},
         ],
         "baseline_logreg": logreg,
         "metrics": r,
@@ -198,6 +198,21 @@ def write_report(report_dir: Path, summary: dict, curves: dict) -> None:
     _plots(report_dir, curves)
     (report_dir / "README.md").write_text(report_markdown(summary))
     (report_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+
+
+# A screening result is a risk flag, not a diagnosis: coded with osteoscreen's private codes (as in the HL7
+# result message), never SNOMED CT "Osteoporosis" / "Normal", which a TID 1500 viewer or registry would show
+# as a finding.
+SCREENING_CODES = {
+    "screen_positive": {"value": "screen_positive", "scheme": "99OSTEOSCREEN",
+                        "meaning": "Osteoporosis screen positive (elevated risk)"},
+    "screen_negative": {"value": "screen_negative", "scheme": "99OSTEOSCREEN",
+                        "meaning": "Osteoporosis screen negative (below threshold)"},
+}
+
+
+def screening_code(category_id: str) -> dict:
+    return dict(SCREENING_CODES[category_id])
 
 
 def student_training_lines(config: dict) -> list[str]:

@@ -171,7 +171,7 @@ def run(cfg: XrayConfig, bundle_dir: Path, report_dir: Path | None, log=print) -
 
 
 def _write_bundle(out: Path, net: XrayNet, summary: dict) -> None:
-    from pipeline.training.export import write_graph
+    from pipeline.training.export import screening_code, write_graph
 
     out.mkdir(parents=True, exist_ok=True)
     example = (torch.zeros(2, 3, CNN_PX, CNN_PX), torch.zeros(2, GRID * GRID, N_WAVELET_FEATURES))
@@ -179,9 +179,9 @@ def _write_bundle(out: Path, net: XrayNet, summary: dict) -> None:
     r = summary["results"]
     categories = [
         {"id": "screen_positive", "label": "EXPERIMENTAL (chest radiograph): elevated osteoporosis risk",
-         "code": {"value": "64859006", "scheme": "SCT", "meaning": "Osteoporosis"}},
+         "code": screening_code("screen_positive")},
         {"id": "screen_negative", "label": "EXPERIMENTAL (chest radiograph): below screening threshold",
-         "code": {"value": "17621005", "scheme": "SCT", "meaning": "Normal"}},
+         "code": screening_code("screen_negative")},
     ]
     card = {
         "name": BUNDLE_NAME,
