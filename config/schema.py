@@ -385,4 +385,13 @@ class Settings(_Section):
         if unknown:
             raise ValueError(f"shadow.destinations names {unknown} that are not [[destinations]] "
                              f"(known: {names or 'none'})")
+        listeners = [("node", self.node.host, self.node.port)]
+        listeners += [("hl7", self.hl7.host, self.hl7.port)] if self.hl7.enabled else []
+        listeners += [("metrics", self.metrics.host, self.metrics.port)] if self.metrics.enabled else []
+        anywhere = ("", "0.0.0.0", "::")
+        for i, (a, host_a, port_a) in enumerate(listeners):
+            for b, host_b, port_b in listeners[i + 1:]:
+                if port_a and port_a == port_b and (host_a == host_b or host_a in anywhere or host_b in anywhere):
+                    raise ValueError(f"{a}.port and {b}.port are both {port_a} on {host_a or '*'} / {host_b or '*'}: "
+                                     "each listener needs its own port")
         return self

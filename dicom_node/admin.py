@@ -20,8 +20,12 @@ def _db(state_dir: Path) -> sqlite3.Connection:
     path = Path(state_dir) / "osteoscreen.sqlite"
     if not path.exists():
         raise FileNotFoundError(f"no node database at {path}")
-    db = sqlite3.connect(path, timeout=30, isolation_level=None)
-    db.execute("PRAGMA busy_timeout=30000")
+    try:
+        db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=30000")
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # a damaged file fails here, named
+    except sqlite3.DatabaseError as exc:
+        raise sqlite3.DatabaseError(f"node database {path}: {exc}") from None
     return db
 
 
@@ -80,8 +84,8 @@ def jobs(state_dir: Path, action: str, job_id: int | None, out=print) -> int:
         return 0
     if action == "retry":
         n = db.execute("UPDATE jobs SET state='pending', next_attempt_at=0, attempts=0 WHERE id=? AND "
-                       "state IN ('failed','done')", (job_id,)).rowcount
-        out(f"job {job_id} queued again" if n else f"job {job_id} is not failed or done")
+                       "state IN ('failed','done','cancelled')", (job_id,)).rowcount
+        out(f"job {job_id} queued again" if n else f"job {job_id} is not failed, done or cancelled")
         return 0 if n else 1
     if action == "cancel":
         n = db.execute("UPDATE jobs SET state='cancelled' WHERE id=? AND state='pending'", (job_id,)).rowcount

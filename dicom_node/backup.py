@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -47,9 +48,16 @@ def backup_state(state_dir: Path, dest: Path | None = None, *, now: dt.datetime 
     folder = Path(dest or state_dir / "backups") / f"osteoscreen-{stamp}"
     folder.mkdir(parents=True, exist_ok=False, mode=0o700)  # holds PHI
     out = []
-    for src in found:
-        dst = folder / src.name
-        _copy(src, dst)
-        os.chmod(dst, 0o600)
-        out.append(dst)
+    try:
+        for src in found:
+            dst = folder / src.name
+            try:
+                _copy(src, dst)
+            except sqlite3.Error as exc:
+                raise BackupError(f"{src}: {exc}") from None
+            os.chmod(dst, 0o600)
+            out.append(dst)
+    except BaseException:  # no half backup that looks like a whole one
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return out

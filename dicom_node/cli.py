@@ -303,7 +303,10 @@ def _hl7(args: argparse.Namespace) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from dicom_node import admin
+    from dicom_node.migrations import SchemaTooNew
 
     if args.command == "echo":
         return admin.echo(args.target, args.aet)
@@ -329,6 +332,9 @@ def _admin(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"osteoscreen: {exc}", file=sys.stderr)
         return 2
+    except (sqlite3.DatabaseError, SchemaTooNew) as exc:  # damaged, locked past the timeout, or a newer release's
+        print(f"osteoscreen: {exc}", file=sys.stderr)
+        return 1
 
 
 def _config(args: argparse.Namespace) -> int:

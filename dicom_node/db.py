@@ -170,10 +170,14 @@ class NodeDB:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        migrate(self._db, self.path, MIGRATIONS)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            migrate(self._db, self.path, MIGRATIONS)
+        except sqlite3.Error as exc:
+            raise sqlite3.DatabaseError(f"node database {self.path}: {exc} (a full or read-only disk, or a damaged "
+                                        "file: restore the latest `osteoscreen backup`)") from None
 
     def close(self) -> None:
         with self._lock:

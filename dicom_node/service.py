@@ -90,6 +90,21 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+def check_writable(directory: Path, key: str) -> None:
+    """Fail at start, naming the setting, when a directory the node writes to later is not writable (a
+    read-only mount, or outside systemd's ReadWritePaths=), instead of failing at the first scheduled write."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        os.close(fd)
+        probe = directory / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RuntimeError(f"{key} = {directory}: not writable ({exc.strerror}); fix the mount or permissions, or "
+                           "under systemd add it to ReadWritePaths= in a drop-in") from None
+
+
 def check_models(s: Settings) -> None:
     """The configured bundles exist and load on the configured backend: checked at start and before a reload
     is applied, not at the first job. A forced backend that cannot run here is an error with the reason (never
@@ -119,7 +134,7 @@ class Service:
         self.settings = settings
         s = settings
         self.state_dir = Path(s.node.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(self.state_dir, "[node] state_dir")
         self._state_lock = lock_state_dir(self.state_dir)
         self.engine_options = engine_options(s)
         engines.configure(self.engine_options)
@@ -182,6 +197,8 @@ class Service:
         # Shadow mode (site validation): only the QA destinations named in [shadow] get results.
         self.result_destinations = [d for d in s.destinations
                                     if not s.shadow.enabled or d.name in s.shadow.destinations]
+        if s.worklist.enabled and not s.shadow.enabled:
+            check_writable(Path(s.worklist.directory or self.state_dir / "worklist"), "[worklist] directory")
         self.worklist = (WorklistScheduler(self.db, s.worklist.directory or self.state_dir / "worklist",
                                            dt.datetime.strptime(s.worklist.at, "%H:%M").time())
                          if s.worklist.enabled and not s.shadow.enabled else None)

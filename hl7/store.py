@@ -102,11 +102,15 @@ class LabStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._migrate()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise sqlite3.DatabaseError(f"lab store {self.path}: {exc} (a full or read-only disk, or a damaged "
+                                        "file: restore the latest `osteoscreen backup`)") from None
 
     def _migrate(self) -> None:
         """Bring a store written by an older release up to this schema (columns are only ever added)."""

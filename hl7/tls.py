@@ -22,10 +22,22 @@ def _load_chain(ctx: ssl.SSLContext, tls: TLSSettings) -> None:
         # A callable, never None: with None, OpenSSL would prompt on the terminal for an encrypted key's password.
         ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=lambda: password or "")
     except ssl.SSLError as exc:
-        hint = (" (the key is encrypted: set key_password_env)" if password is None
-                else " (wrong password in " + str(tls.key_password_env) + "?)")
         raise TLSConfigError(f"cannot load certificate {tls.cert_file} with key {tls.key_file}: {exc.reason or exc}"
-                             + hint) from None
+                             + _hint(exc, tls, password)) from None
+
+
+def _hint(exc: ssl.SSLError, tls: TLSSettings, password: str | None) -> str:
+    """What the operator most likely has to fix, from the key file and OpenSSL's reason."""
+    try:
+        encrypted = b"ENCRYPTED" in open(tls.key_file, "rb").read(4096)
+    except OSError:
+        encrypted = False
+    if encrypted:
+        return (" (the key is encrypted: set key_password_env)" if password is None
+                else f" (wrong password in {tls.key_password_env}?)")
+    if "MISMATCH" in str(exc.reason or ""):
+        return " (the key does not belong to the certificate)"
+    return " (both must be PEM files: the certificate, and its unencrypted or key_password_env-protected key)"
 
 
 def server_context(tls: TLSSettings) -> ssl.SSLContext | None:

@@ -65,3 +65,24 @@ def test_config_check_names_a_missing_or_misplaced_model_bundle(tmp_path, capsys
     off = tmp_path / "off.toml"
     off.write_text('[xray]\nmodel = "mmpkd_v1"\n')  # the path is off: its bundle is not used, so not checked
     assert main(["config", "check", str(off)]) == 0
+
+
+def test_two_listeners_on_one_port_are_refused(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[node]\nport = 2575\n")  # the HL7 listener's default port
+    with pytest.raises(ConfigError, match="node.port and hl7.port are both 2575"):
+        load_settings(f)
+    f.write_text('[node]\nport = 2575\n[hl7]\nenabled = false\n')
+    assert load_settings(f).node.port == 2575  # no HL7 listener: no clash
+    f.write_text('[metrics]\nport = 11112\nhost = "0.0.0.0"\n')
+    with pytest.raises(ConfigError, match="node.port and metrics.port"):
+        load_settings(f)
+
+
+def test_a_file_saved_as_latin1_or_with_a_bom_is_read_or_named(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_bytes('[node]\ninstitution_name = "Klinikum München"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"line 2: not UTF-8 \(byte 0xfc\)"):
+        load_settings(f)
+    f.write_bytes(b"\xef\xbb\xbf" + '[node]\ninstitution_name = "Klinikum München"\n'.encode())
+    assert load_settings(f).node.institution_name == "Klinikum München"

@@ -98,6 +98,11 @@ def test_encrypted_tls_key_takes_its_password_from_the_environment(pki, tmp_path
         server_context(tls)
     monkeypatch.setenv("OSTEOSCREEN_TLS_KEY_PASSWORD", "s3cret")
     assert server_context(tls) is not None
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("not a certificate")
+    with pytest.raises(TLSConfigError) as exc:  # not the encrypted-key hint for a broken certificate
+        server_context(ListenerTLSSettings(enabled=True, cert_file=garbage, key_file=pki / "server.key"))
+    assert "key is encrypted" not in str(exc.value) and "PEM" in str(exc.value)
 
 
 def test_per_ae_sop_class_list_refuses_other_classes(node_factory, sample_series):

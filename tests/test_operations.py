@@ -136,3 +136,28 @@ def test_a_busy_hl7_port_is_named_without_a_traceback(node_factory):
     out = r.stderr + r.stdout
     assert f"cannot listen for HL7 on 127.0.0.1:{node.hl7_port}" in out
     assert "Traceback" not in out and "Scheduler is not running" not in out
+
+
+def test_a_damaged_database_is_named_by_start_and_by_the_admin_commands(node_factory, tmp_path):
+    node = node_factory()
+    node.state_dir.mkdir(parents=True)
+    db = node.state_dir / "osteoscreen.sqlite"
+    db.write_bytes(b"this is not an SQLite file" * 100)
+    r = _serve(node.config)
+    assert r.returncode == 1 and f"node database {db}: file is not a database" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    for command in (["status"], ["jobs", "list"], ["backup", "--dest", str(tmp_path / "bk")]):
+        r = subprocess.run([sys.executable, "-m", "dicom_node.cli", *command, "--config", str(node.config)],
+                           capture_output=True, text=True, timeout=60)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and str(db) in out and "Traceback" not in out, (command, out)
+    assert not list((tmp_path / "bk").glob("osteoscreen-*"))  # no half backup left behind
+
+
+def test_an_unwritable_worklist_directory_stops_the_start_naming_the_setting(node_factory, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    node = node_factory(extra=f'[worklist]\nenabled = true\ndirectory = "{blocker / "worklist"}"\n')
+    r = _serve(node.config)
+    assert r.returncode == 1
+    assert f"[worklist] directory = {blocker / 'worklist'}: not writable" in r.stderr and "ReadWritePaths" in r.stderr
