@@ -176,8 +176,7 @@ class NodeDB:
             self._db.execute("PRAGMA synchronous=FULL")
             migrate(self._db, self.path, MIGRATIONS)
         except sqlite3.Error as exc:
-            raise sqlite3.DatabaseError(f"node database {self.path}: {exc} (a full or read-only disk, or a damaged "
-                                        "file: restore the latest `osteoscreen backup`)") from None
+            raise sqlite3.DatabaseError(f"node database {self.path}: {exc}{open_hint(exc)}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -343,11 +342,11 @@ class NodeDB:
                            " WHERE study_uid=? ORDER BY id DESC LIMIT 1", (study_uid,))
         return ReportRow(*rows[0]) if rows else None
 
-    def result_messages(self, study_uid: str, destination: str) -> list[str]:
-        """Control IDs of the result messages queued to ``destination`` for any series of the study, oldest
-        first (the outbox's sop_instance_uid column holds an HL7 row's control ID)."""
-        return [r[0] for r in self._query(
-            "SELECT o.sop_instance_uid FROM outbox o JOIN jobs j ON j.id=o.job_id JOIN series s ON "
+    def result_messages(self, study_uid: str, destination: str) -> list[tuple[str, str]]:
+        """(control ID, outbox state) of the result messages queued to ``destination`` for any series of the
+        study, oldest first (the outbox's sop_instance_uid column holds an HL7 row's control ID)."""
+        return [(r[0], r[1]) for r in self._query(
+            "SELECT o.sop_instance_uid, o.state FROM outbox o JOIN jobs j ON j.id=o.job_id JOIN series s ON "
             "s.series_uid=j.series_uid WHERE s.study_uid=? AND o.destination=? ORDER BY o.id",
             (study_uid, destination))]
 
@@ -456,6 +455,16 @@ class NodeDB:
         with self._tx() as db:
             db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
                        (time.time(), kind, subject, detail))
+
+
+def open_hint(exc: sqlite3.Error) -> str:
+    """What to do about a state database that cannot be opened."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return " (another process holds it: is a second node or a long admin command running?)"
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        return " (the directory or file is not writable by the service user)"
+    return " (a full disk, or a damaged file: restore the latest `osteoscreen backup`)"
 
 
 class _Tx:

@@ -26,10 +26,11 @@ HL7_SOP_CLASS = "HL7 ORU^R01"  # the outbox's sop_class_uid column for a result 
 
 def _refused_for_good(status: int) -> bool:
     """C-STORE failures that a resend of the same object cannot cure (PS3.4 B.2.3, PS3.7 Annex C): data set does
-    not match the SOP class (A9xx), cannot understand (Cxxx), SOP class not supported (0122), not authorized
-    (0124), invalid SOP instance (0117). Out of resources (A7xx), processing failure (0110) and the rest are
-    retried with back-off."""
-    return 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF or status in (0x0117, 0x0122, 0x0124)
+    not match the SOP class (A9xx), SOP class not supported (0122), not authorized (0124), invalid SOP instance
+    (0117). "Cannot understand" (Cxxx) is left to the back-off: PACS software answers it for passing faults too
+    (pynetdicom's 0xC211 for any exception in the store handler, a full disk say), as for out of resources (A7xx)
+    and processing failure (0110)."""
+    return 0xA900 <= status <= 0xA9FF or status in (0x0117, 0x0122, 0x0124)
 
 
 def _sop_class_name(uid: str) -> str:

@@ -132,10 +132,17 @@ RELOADED_NODE_KEYS = ("allowed_calling_aets", "allowed_sop_classes")
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        s = settings
-        self.state_dir = Path(s.node.state_dir)
+        self.state_dir = Path(settings.node.state_dir)
         check_writable(self.state_dir, "[node] state_dir")
         self._state_lock = lock_state_dir(self.state_dir)
+        try:
+            self._assemble(settings)
+        except BaseException:  # the lock goes with a start that failed (a process may construct a node again)
+            os.close(self._state_lock)
+            raise
+
+    def _assemble(self, s: Settings) -> None:
+        """Check the models and build the node's parts (nothing listens or runs until ``start``)."""
         self.engine_options = engine_options(s)
         engines.configure(self.engine_options)
         check_models(s)
@@ -274,7 +281,9 @@ class Service:
     def reload(self, settings: Settings) -> list[str]:
         """Apply what can change without dropping associations; say what needs a restart."""
         old, new = self.settings, settings
-        if (new.screening, new.xray.enabled, new.xray.model) != (old.screening, old.xray.enabled, old.xray.model):
+        models = ("model", "selector", "image_only_model", "backend")
+        if ([getattr(new.screening, k) for k in models], new.xray.enabled, new.xray.model) != \
+                ([getattr(old.screening, k) for k in models], old.xray.enabled, old.xray.model):
             try:
                 check_models(new)
             except Exception as exc:  # noqa: BLE001 - a missing bundle or a backend that cannot run here
@@ -504,9 +513,11 @@ class Service:
         if not f.enabled or summary.get("experimental"):
             return []
         destination = HL7_PREFIX + f.name
-        # A result message already queued for this study is replaced by a corrected one (result status C), sent
-        # whatever the new category: a positive screen withdrawn by a re-run must not stay in the chart.
-        earlier = self.db.result_messages(summary.get("study_uid", ""), destination)
+        # A result message already queued for this study (and not refused by the receiver) is replaced by a
+        # corrected one (result status C), sent whatever the new category: a positive screen withdrawn by a
+        # re-run must not stay in the chart.
+        queued = self.db.result_messages(summary.get("study_uid", ""), destination)
+        earlier = [c for c, state in queued if state != "failed"]
         if not earlier and f.send_for == "positive" and summary.get("category_id") != "screen_positive":
             return []
         import pydicom
@@ -514,7 +525,7 @@ class Service:
         paths = self.db.instance_paths(job.series_uid)
         header = pydicom.dcmread(paths[0], stop_before_pixels=True)
         control_id = f"OSR{job.id:06d}"  # unique per message (MSH-10): a job's later results get a suffix
-        same_job = sum(1 for c in earlier if c == control_id or c.startswith(control_id + "-"))
+        same_job = sum(1 for c, _ in queued if c == control_id or c.startswith(control_id + "-"))
         if same_job:
             control_id += f"-{same_job + 1}"
         report = ScreeningReport(

@@ -109,8 +109,9 @@ class LabStore:
             self._db.executescript(SCHEMA)
             self._migrate()
         except sqlite3.Error as exc:
-            raise sqlite3.DatabaseError(f"lab store {self.path}: {exc} (a full or read-only disk, or a damaged "
-                                        "file: restore the latest `osteoscreen backup`)") from None
+            reason = ("another process holds it" if "locked" in str(exc) or "busy" in str(exc)
+                      else "a full or read-only disk, or a damaged file: restore the latest `osteoscreen backup`")
+            raise sqlite3.DatabaseError(f"lab store {self.path}: {exc} ({reason})") from None
 
     def _migrate(self) -> None:
         """Bring a store written by an older release up to this schema (columns are only ever added)."""

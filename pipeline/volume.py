@@ -12,7 +12,6 @@ would stack float64 frames, 4x the memory for a 1,000-slice series.
 from __future__ import annotations
 
 import math
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,8 +339,6 @@ _MARKER_TERMINATED = frozenset({
     "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
     "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
     "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"})
-_RLE = "1.2.840.10008.1.2.5"
-
 
 def _check_encapsulated(path: Path, ds: Dataset) -> None:
     """Refuse a compressed frame that was cut short (see _MARKER_TERMINATED)."""
@@ -349,37 +346,15 @@ def _check_encapsulated(path: Path, ds: Dataset) -> None:
         return
     n = int(ds.get("NumberOfFrames", 1) or 1)
     for k, frame in enumerate(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=n), 1):
-        if frame.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        if b"\xff\xd9" not in frame[-10:]:  # as pydicom looks for it: trailing padding bytes are allowed
             raise VolumeError(f"{path.name}: compressed frame {k} is cut short (no end-of-image marker)")
 
 
 def _decoded(path: Path) -> Dataset:
-    """The whole instance, its compressed frames checked; RLE decoder warnings (a segment shorter than its
-    header says) are errors, not a slice decoded partly from nothing."""
+    """The whole instance, its compressed frames checked. (An RLE segment cut short already fails to decode.)"""
     ds = pydicom.dcmread(path)
     _check_encapsulated(path, ds)
     return ds
-
-
-def _pixels(ds: Dataset) -> np.ndarray:
-    if str(ds.file_meta.get("TransferSyntaxUID", "")) != _RLE:
-        return ds.pixel_array
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        return ds.pixel_array
-
-
-def _strict(planes):
-    """``planes`` (a frame iterator) with the decoder's warnings raised as errors (see ``_decoded``)."""
-    it = iter(planes)
-    while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            try:
-                plane = next(it)
-            except StopIteration:
-                return
-        yield plane
 
 
 def _decode_into(hu: np.ndarray, stack: list[_Frame], offsets: dict[Path, int]) -> None:
@@ -392,7 +367,7 @@ def _decode_into(hu: np.ndarray, stack: list[_Frame], offsets: dict[Path, int]) 
         try:
             if None in wanted:  # single frame
                 plane = _native_frame(path, offsets[path], stack[wanted[None]].header) if path in offsets else None
-                planes = iter([plane if plane is not None else _pixels(_decoded(path))])
+                planes = iter([plane if plane is not None else _decoded(path).pixel_array])
                 indices = [None]
             else:
                 indices = sorted(wanted)  # type: ignore[type-var]
@@ -400,8 +375,6 @@ def _decode_into(hu: np.ndarray, stack: list[_Frame], offsets: dict[Path, int]) 
                 if syntax in _MARKER_TERMINATED:
                     _check_encapsulated(path, pydicom.dcmread(path))
                 planes = pydicom.pixels.iter_pixels(path, indices=[n - 1 for n in indices])  # type: ignore[operator]
-                if syntax == _RLE:
-                    planes = _strict(planes)
             for number, arr in zip(indices, planes):
                 k = wanted[number]
                 f = stack[k]

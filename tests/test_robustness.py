@@ -139,8 +139,9 @@ def test_a_pacs_without_the_sr_class_fails_that_row_and_the_exporter_goes_on(tmp
 
 
 def test_a_permanent_refusal_is_given_up_and_a_replaced_file_is_never_sent_as_another_object(tmp_path):
-    """0xC000 ("cannot understand") and 0xA900 (does not match the SOP class) cannot be cured by sending the same
-    bytes again: given up, audited, instead of retried for ever. A row whose file now holds another SOP
+    """0xA900 (does not match the SOP class) and 0x0122 (SOP class not supported) cannot be cured by sending the
+    same bytes again: given up, audited, instead of retried for ever; 0xC211 (a PACS store handler that failed,
+    on a full disk say) and 0xA700 are retried. A row whose file now holds another SOP
     Instance UID (a file replaced after it was queued) is never sent under the row's UID."""
     received: list[str] = []
     status_for: dict[str, int] = {}
@@ -157,7 +158,7 @@ def test_a_permanent_refusal_is_given_up_and_a_replaced_file_is_never_sent_as_an
     port = server.socket.getsockname()[1]
     db = NodeDB(tmp_path / "n.sqlite")
     rows = []
-    for name, status in (("c000", 0xC000), ("a900", 0xA900), ("a700", 0xA700), ("ok", 0x0000)):
+    for name, status in (("c211", 0xC211), ("a900", 0xA900), ("a700", 0xA700), ("ok", 0x0000)):
         path, uid = _file(tmp_path, f"{name}.dcm", SecondaryCaptureImageStorage)
         status_for[uid] = status
         rows.append((path, SecondaryCaptureImageStorage, uid))
@@ -177,10 +178,10 @@ def test_a_permanent_refusal_is_given_up_and_a_replaced_file_is_never_sent_as_an
     finally:
         exporter.stop()
         server.shutdown()
-    by_name = dict(zip(("c000", "a900", "a700", "ok", "replaced"), (r[2] for r in rows)))
-    assert state[by_name["c000"]].state == state[by_name["a900"]].state == "failed"
-    assert "0xC000" in state[by_name["c000"]].last_error and "outbox retry" in state[by_name["c000"]].last_error
-    assert state[by_name["a700"]].state == "pending"  # out of resources: retried later
+    by_name = dict(zip(("c211", "a900", "a700", "ok", "replaced"), (r[2] for r in rows)))
+    assert state[by_name["a900"]].state == "failed"
+    assert "0xA900" in state[by_name["a900"]].last_error and "outbox retry" in state[by_name["a900"]].last_error
+    assert state[by_name["c211"]].state == state[by_name["a700"]].state == "pending"  # retried with back-off
     assert state[by_name["ok"]].state == "sent"
     assert state[by_name["replaced"]].state == "failed" and "replaced after it was queued" in \
         state[by_name["replaced"]].last_error

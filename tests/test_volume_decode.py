@@ -70,7 +70,7 @@ def test_sample_series_volume_is_unchanged_by_the_direct_read(sample_series, mon
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"], ids=["jpeg-ls", "rle"])
 def test_a_compressed_slice_cut_short_is_refused_not_decoded_partly(sample_series, tmp_path, syntax):
     """A JPEG-LS frame cut to a third decoded without a word (66 % of its pixels wrong, moving the probability
-    through the model's 2.5D patch); RLE only warned. Both are refusals now; intact frames decode exactly."""
+    through the model's 2.5D patch): refused now, like a cut RLE frame; intact frames decode exactly."""
     from pydicom.encaps import encapsulate, generate_frames
 
     from pipeline.volume import VolumeError
@@ -84,6 +84,11 @@ def test_a_compressed_slice_cut_short_is_refused_not_decoded_partly(sample_serie
         ds.save_as(path)
         out.append(path)
     assert np.array_equal(load_volume(out).hu, load_volume(files).hu)
+    if syntax != "1.2.840.10008.1.2.5":  # bytes after the end-of-image marker are allowed, as pydicom allows them
+        padded = pydicom.dcmread(out[5])
+        padded.PixelData = encapsulate([next(generate_frames(padded.PixelData, number_of_frames=1)) + b"\x20\x20"])
+        padded.save_as(out[5])
+        assert np.array_equal(load_volume(out).hu, load_volume(files).hu)
     ds = pydicom.dcmread(out[15])
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     keep = len(frame) // 3

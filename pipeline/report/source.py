@@ -2,6 +2,8 @@
 study from it): every result must name the same patient, in the same character set, as the image it reports on."""
 from __future__ import annotations
 
+import copy
+
 from pydicom.dataset import Dataset
 
 # Patient and study attributes that are Type 2 in the result objects: absent in some headers (anonymised,
@@ -18,7 +20,7 @@ def _with_default_repertoire(charset: object) -> object:
     """``\\ISO 2022 IR 87`` (an empty first value: the default repertoire, as PS3.3 C.12.1.1.2 allows) spelt out
     as ``ISO 2022 IR 6\\ISO 2022 IR 87``, which highdicom's validating constructors accept."""
     values = [charset] if isinstance(charset, str) else list(charset or [])
-    if values and not values[0]:
+    if len(values) > 1 and not values[0]:  # a single empty value is just the default repertoire: left alone
         values[0] = "ISO 2022 IR 6"
         return values
     return charset
@@ -27,7 +29,7 @@ def _with_default_repertoire(charset: object) -> object:
 def report_source(header: Dataset, sop_instance_uid: str | None = None) -> Dataset:
     """A copy of ``header`` for the result constructors: Type 2 patient/study attributes present, the character
     set spelt out, and ``sop_instance_uid`` (the measured slice) as its SOP Instance UID when given."""
-    src = header.copy()
+    src = copy.deepcopy(header)  # Dataset.copy() is shallow: setting attributes on it would change ``header``
     if sop_instance_uid:
         src.SOPInstanceUID = sop_instance_uid
     for kw in TYPE2_PATIENT_STUDY:
