@@ -350,6 +350,13 @@ def _config(args: argparse.Namespace) -> int:
     if problems:
         print(f"{args.file}: model bundles:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
+    from hl7.mapping import load_mapping
+    from pipeline.fused import lab_unit_problems
+
+    problems = lab_unit_problems(load_mapping(s.labs.mapping_file))
+    if problems:
+        print(f"{args.file}: lab mapping table against the model:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
     print(f"{args.file}: OK (AE {s.node.ae_title} on {s.node.host}:{s.node.port}, "
           f"{len(s.destinations)} destination(s), state in {s.node.state_dir})")
     return 0

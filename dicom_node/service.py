@@ -52,6 +52,7 @@ from hl7.store import LabStore
 from hl7.tls import client_context, server_context
 from pipeline.demographics import study_date
 from pipeline.durable import sweep_temporaries, write_durably
+from pipeline.fused import lab_unit_problems
 from pipeline.features import FEATURES
 from pipeline.job import JobRequest, ScreeningResult
 from pipeline.report.notice import SHORT_DISCLAIMER
@@ -109,7 +110,7 @@ def check_models(s: Settings) -> None:
     """The configured bundles exist and load on the configured backend: checked at start and before a reload
     is applied, not at the first job. A forced backend that cannot run here is an error with the reason (never
     a silent fallback); the workers then load their own sessions (TensorRT plans come from the cache)."""
-    problems = check_configured_bundles(s)
+    problems = check_configured_bundles(s) + lab_unit_problems(load_mapping(s.labs.mapping_file))
     if problems:
         raise BundleError("; ".join(problems))
     graphs = [resolve_bundle_path(s.screening.model) / "head.onnx"]

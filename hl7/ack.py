@@ -47,6 +47,7 @@ def escape(text: str, fs: str = "|", enc: str = "^~\\&") -> str:
 ERROR_TEXT = {
     100: "Segment sequence error",
     101: "Required field missing",
+    103: "Table value not found",
     200: "Unsupported message type",
     201: "Unsupported event code",
     203: "Unsupported version id",

@@ -8,3 +8,13 @@ def escape(text: str, encoding: str = "^~\\&") -> str:
     for ch, esc in ((encoding[0], "\\S\\"), (encoding[1], "\\R\\"), (encoding[3], "\\T\\")):
         out = out.replace(ch, esc)
     return out.replace("\r", " ").replace("\n", " ")
+
+
+def unescape(text: str, encoding: str = "^~\\&") -> str:
+    """The value an ER7 field text stands for: \\F\\ \\S\\ \\R\\ \\T\\ \\E\\ back to their characters (a unit such as
+    ``10\\S\\9/L`` is how HL7 writes 10^9/L); other escapes (highlighting, hex) are left as they are."""
+    if "\\" not in text:
+        return text
+    for esc, ch in (("\\F\\", "|"), ("\\S\\", encoding[0]), ("\\R\\", encoding[1]), ("\\T\\", encoding[3])):
+        text = text.replace(esc, ch)
+    return text.replace("\\E\\", "\\")

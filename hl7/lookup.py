@@ -10,28 +10,39 @@ from hl7.store import LabStore, StoredObservation
 
 FINAL_STATUSES = {"F", "C", "A", ""}  # final, corrected, amended; empty is treated as final (OBX-11 is optional)
 DELETING_STATUSES = {"D", "W"}  # delete the earlier OBX; posted original was wrong
+# A later result for the same analyte and observation time replaces every earlier one (a correction, an
+# amendment, "not obtainable", a deletion) whether or not it can be used itself: a censored or unreadable
+# correction must not leave the value it corrects in use. A final result replaces earlier non-final ones.
+REPLACING_ALL = DELETING_STATUSES | {"C", "A", "X"}
+REPLACING_NON_FINAL = {"F", ""}
+NON_FINAL = {"P", "R", "S", "I"}
 STATUS_TEXT = {"P": "preliminary", "R": "entered, not verified", "S": "partial", "I": "pending", "X": "not obtainable",
-               "D": "deletion", "W": "posted as wrong", "N": "not asked", "O": "order detail"}
+               "D": "deletion", "W": "posted as wrong", "N": "not asked", "O": "order detail", "C": "correction",
+               "A": "amendment", "F": "final", "": "final"}
 
 
 def _superseded(observations: list[StoredObservation], mapping: LabMapping) -> dict[int, str]:
-    """Index -> reason, for values a later D/W result deletes (same analyte, same observation time)."""
-    deletions: list[tuple[str, dt.datetime | None, int, str]] = []
+    """Index -> reason, for values a later result replaces (same analyte, same observation time; see
+    REPLACING_ALL and REPLACING_NON_FINAL)."""
+    later: list[tuple[str, dt.datetime | None, int, str]] = []
     for o in observations:
-        if o.status in DELETING_STATUSES:
+        if o.status in REPLACING_ALL | REPLACING_NON_FINAL:
             loinc = mapping.interpret(o.code, o.code_system, o.alt_code, o.alt_system, "", "0", "").loinc
             if loinc:
-                deletions.append((loinc, o.observed_at, o.message_id, o.status))
+                later.append((loinc, o.observed_at, o.message_id, o.status))
     gone: dict[int, str] = {}
-    if not deletions:
+    if not later:
         return gone
     for i, o in enumerate(observations):
         if o.status in DELETING_STATUSES:
             continue
         loinc = mapping.interpret(o.code, o.code_system, o.alt_code, o.alt_system, "", "0", "").loinc
-        for d_loinc, d_when, d_mid, d_status in deletions:
-            if loinc == d_loinc and o.observed_at == d_when and o.message_id < d_mid:
-                gone[i] = f"withdrawn by a later result (OBX-11 {d_status}, {STATUS_TEXT[d_status]})"
+        for r_loinc, r_when, r_mid, r_status in later:
+            if loinc != r_loinc or o.observed_at != r_when or o.message_id >= r_mid:
+                continue
+            if r_status in REPLACING_ALL or o.status in NON_FINAL:
+                verb = "withdrawn" if r_status in DELETING_STATUSES else "replaced"
+                gone[i] = f"{verb} by a later result (OBX-11 {r_status or 'F'}, {STATUS_TEXT[r_status]})"
     return gone
 
 
@@ -68,8 +79,11 @@ def lookup_labs(
     if study_date is not None:
         start = dt.datetime.combine(study_date - dt.timedelta(days=window_days), dt.time.min)
         end = dt.datetime.combine(study_date + dt.timedelta(days=after_days), dt.time.max)
-    else:
-        notes.append("study date unknown: lab dates not checked")
+    else:  # a value of any age could be taken as this study's: none is
+        return LabPanel(patient_id, issuer, study_date, window_days,
+                        notes=("study date unknown (no StudyDate, SeriesDate, AcquisitionDate or ContentDate): labs "
+                               "not used, their dates cannot be checked against the study",))
+    study_day_end = dt.datetime.combine(study_date, dt.time.max)
     parse_pending(store, patient_id=patient_id, mapping=mapping)  # messages the background parser has not reached
     want_dob = birth_date.strftime("%Y%m%d") if birth_date else ""
     want_sex = (sex or "").upper()[:1]
@@ -109,10 +123,17 @@ def lookup_labs(
         if start is not None and (obs.observed_at is None or not start <= obs.observed_at <= end):
             when = obs.observed_at.date().isoformat() if obs.observed_at else "undated"
             excluded[(loinc, "window")] = LabExclusion(
-                loinc, name, f"observed {when}, outside {window_days} days before the study")
+                loinc, name, f"observed {when}, outside the window ({window_days} days before the study to "
+                             f"{after_days} day(s) after it)")
             continue
-        # Latest observation wins; at the same time a correction beats the original, final beats preliminary.
-        rank = (obs.observed_at or dt.datetime.min, obs.status == "C", obs.status != "P", obs.message_id)
+        # The latest value up to the end of the study day wins; only without one, the earliest after it. At the
+        # same time a correction beats the original, final beats preliminary.
+        stamp = obs.observed_at.timestamp() if obs.observed_at else float("-inf")
+        before = obs.observed_at is not None and obs.observed_at <= study_day_end
+        # On a tie the analyte's own code beats an alias (another specimen or method: blood glucose beside serum
+        # glucose in one message).
+        canonical = loinc in (obs.code, obs.alt_code)
+        rank = (before, stamp if before else -stamp, obs.status == "C", obs.status != "P", canonical, obs.message_id)
         if loinc not in values or rank > ranks[loinc]:
             ranks[loinc] = rank
             values[loinc] = LabValue(

@@ -28,8 +28,12 @@ class MappingError(ValueError):
 
 
 def normalise_unit(unit: str) -> str:
-    u = unit.strip().lower().replace("µ", "u").replace("μ", "u").replace(" ", "")
-    for a, b in (("^", "*"), ("x10e", "10*"), ("x10*", "10*"), ("e3/ul", "10*3/ul"), ("iu/l", "u/l")):
+    u = unit.strip().lower().replace(" ", "")
+    # micro as UTF-8 bytes read as Latin-1 (a sender writing UTF-8 without MSH-18) before the plain signs
+    for micro in ("âµ", "î¼", "µ", "μ"):
+        u = u.replace(micro, "u")
+    for a, b in (("^", "*"), ("x10e", "10*"), ("x10*", "10*"), ("10e", "10*"), ("e3/ul", "10*3/ul"),
+                 ("iu/l", "u/l")):
         u = u.replace(a, b)
     return u
 
@@ -105,6 +109,14 @@ class LabMapping:
         self.local = local  # (SYSTEM upper-case, code) -> canonical LOINC
         self.source = source
 
+    def convert(self, loinc: str, value: float, from_unit: str, to_unit: str) -> float | None:
+        """``value`` of analyte ``loinc`` from one of its accepted units to another; None when either is unknown."""
+        analyte = self.analytes.get(loinc)
+        if analyte is None:
+            return None
+        a, b = analyte.factors.get(normalise_unit(from_unit)), analyte.factors.get(normalise_unit(to_unit))
+        return None if a is None or b is None else value * a / b
+
     def canonical_code(self, code: str, system: str) -> str | None:
         """The canonical LOINC for an observation identifier, or None when the table does not map it."""
         code, sysu = code.strip(), system.strip().upper()
@@ -141,12 +153,13 @@ class LabMapping:
         if value_type.strip().upper() not in NUMERIC_VALUE_TYPES:
             return Interpretation(loinc, problem=f"value type {value_type} is not numeric")
         text = value_text.replace("^", "").strip()
-        comparator = text[:2].strip("0123456789.-+ ") if text[:1] in "<>=" else ""
+        comparator = text[:len(text) - len(text.lstrip("<>= "))]  # every leading comparator sign ('=>', '<=', ...)
         try:
             number = float(text[len(comparator):].strip())
         except ValueError:
             return Interpretation(loinc, problem=f"value {value_text!r} is not a number")
-        if comparator in ("<", ">", "<=", ">="):
+        comparator = comparator.replace(" ", "")
+        if "<" in comparator or ">" in comparator:
             return Interpretation(loinc, problem=f"value {value_text!r} is censored ({comparator}): not a measurement")
         try:
             value, unit = self.to_canonical(loinc, number, unit_text)

@@ -12,6 +12,7 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
 from hl7.mapping import DEFAULT, LabMapping
+from hl7.er7 import unescape
 from hl7.precheck import split_segments
 
 
@@ -52,6 +53,11 @@ def parse_observations(raw: bytes, mapping: LabMapping = DEFAULT) -> list[dict]:
     """OBX rows of any result message (ORU^R01, RSP^K11, ORF^R04), mapped where the table allows."""
     text = raw.decode("latin-1")
     er7 = "\r".join(split_segments(text))
+    fs = er7[3:4]
+    if fs and er7.startswith("MSH"):  # HL7 2.7's truncation character (a 5th encoding character): hl7apy refuses
+        encoding, _, rest = er7[4:].partition(fs)  # it, and nothing here truncates values, so it is dropped
+        if len(encoding) == 5:
+            er7 = "MSH" + fs + encoding[:4] + fs + rest
     msg = parse_message(er7, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
     enc_cs = msg.msh.msh_2.value[0] if msg.msh.msh_2.value else "^"
     obr_time = None
@@ -69,7 +75,7 @@ def parse_observations(raw: bytes, mapping: LabMapping = DEFAULT) -> list[dict]:
         code, text_name, system, alt_code, alt_system = ident[0], ident[1], ident[2], ident[3], ident[5]
         value_type = _value(seg.obx_2).strip().upper()
         value_text = _value(seg.obx_5)
-        unit_text = _value(seg.obx_6).split(enc_cs)[0]
+        unit_text = unescape(_value(seg.obx_6).split(enc_cs)[0], msg.msh.msh_2.value or "^~\\&")
         flags = "~".join(f.split(enc_cs)[0].strip() for f in _repetitions(seg.obx_8) if f.strip())
         status = _value(seg.obx_11).strip().upper()
         observed = parse_hl7_datetime(_value(seg.obx_14).split(enc_cs)[0]) or obr_time

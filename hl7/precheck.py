@@ -17,6 +17,16 @@ class PatientIdentifier:
     issuer: str  # assigning authority (namespace ID, else universal ID); "" when absent
     id_type: str
 
+    @property
+    def names_the_patient(self) -> bool:
+        """An identifier a DICOM Patient ID can be: a record number, not an account, visit or other number that
+        may equal another patient's record number (HL7 table 0203)."""
+        return self.id_type.upper() in PATIENT_ID_TYPES
+
+
+# HL7 table 0203 types that identify the patient the way the image's Patient ID does; empty (CX-5 is optional).
+PATIENT_ID_TYPES = frozenset({"", "MR", "MRN", "PI", "PT", "PN"})
+
 
 @dataclass(frozen=True)
 class MessageHeader:
@@ -147,6 +157,10 @@ def parse_header(text: str, supported: tuple[tuple[str, str], ...] = SUPPORTED_M
     ids = identifiers(pid)
     if not ids:
         raise PrecheckError("AE", "PID-3 (patient identifier list) is empty", header, 101)
+    if not any(i.names_the_patient for i in ids):
+        raise PrecheckError("AE", "PID-3 holds no patient record number (identifier type MR, PI, PT, PN or empty): "
+                                  f"types {', '.join(sorted({i.id_type for i in ids}))} cannot be matched to a "
+                                  "study's Patient ID", header, 103)
     # Results are filed under the message's patient: a batch of several patients would give them all to the
     # first one. Refuse it whole (the sender keeps it) rather than file anyone's results under another patient.
     patients = {tuple(sorted((i.id, i.issuer) for i in group)) for group in [ids, *map(identifiers, pids[1:])]}

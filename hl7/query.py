@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from config.schema import LISQuerySettings
 from hl7.client import MLLPClient
 from hl7.er7 import escape
-from hl7.precheck import PrecheckError, issuer_canon, parse_header, split_segments
+from hl7.precheck import PATIENT_ID_TYPES, PrecheckError, issuer_canon, parse_header, split_segments
 from hl7.privacy import patient_key
 from hl7.store import DuplicateConflict, LabStore
 
@@ -146,6 +146,8 @@ def check_answer(query: Query, answer: bytes, patient_id: str, issuer: str | Non
         ids = []
         for rep in (pid[3] if len(pid) > 3 else "").split(segments[0][5] if len(segments[0]) > 5 else "~"):
             parts = rep.split(cs)
+            if len(parts) > 4 and parts[4].strip().upper() not in PATIENT_ID_TYPES:
+                continue  # an account or visit number is not the patient's identity
             auth = parts[3].split(segments[0][7] if len(segments[0]) > 7 else "&") if len(parts) > 3 else [""]
             ids.append((parts[0].strip(), canon(auth[0] or (auth[1] if len(auth) > 1 else ""))))
         if not any(i == patient_id and (not want or not a or a == want) for i, a in ids):

@@ -151,7 +151,8 @@ class LabStore:
                 mid = int(cur.lastrowid)
                 self._db.executemany(
                     "INSERT INTO message_patients (message_id, patient_id, issuer, birth_date, sex) VALUES (?,?,?,?,?)",
-                    [(mid, p.id, p.issuer, header.birth_date, header.sex) for p in header.patient_ids],
+                    [(mid, p.id, p.issuer, header.birth_date, header.sex) for p in header.patient_ids
+                     if p.names_the_patient],  # an account or visit number never matches a study's Patient ID
                 )
                 self._db.execute("COMMIT")
             except BaseException:

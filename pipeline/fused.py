@@ -14,6 +14,7 @@ import numpy as np
 
 import engines
 from engines.bundle import ModelBundle
+from hl7.mapping import DEFAULT as DEFAULT_MAPPING
 from hl7.panel import LabPanel
 from pipeline.demographics import Demographics
 from pipeline.explain import Explanation, exact_shapley
@@ -56,6 +57,28 @@ class FusedOutput:
     attention: ModelAttention | None = None  # of the model that answered, if it computes one
 
 
+def lab_unit_problems(mapping) -> list[str]:
+    """Lab features whose codes the mapping table (hl7.mapping.LabMapping) lacks, or keeps in a unit that cannot
+    be converted to the one the model was trained on (``tabular_input`` converts with the shipped table's
+    factors). Checked at start and by ``config check``."""
+    problems = []
+    for f in FEATURES:
+        for code in f.loinc if f.group == "labs" else ():
+            analyte = mapping.analytes.get(code)
+            if analyte is None:
+                problems.append(f"{f.label}: LOINC {code} is not in the lab mapping table (the model needs it)")
+            elif DEFAULT_MAPPING.convert(code, 1.0, analyte.unit, f.unit) is None:
+                problems.append(f"{f.label}: LOINC {code} is kept in {analyte.unit}, which cannot be converted to "
+                                f"the model's {f.unit}: use a unit of the shipped table for it ({mapping.source})")
+    return problems
+
+
+def _in_feature_unit(feature, lab) -> float | None:
+    """A lab value in the unit the model was trained on (the lab store keeps each code's own unit: vitamin D
+    in ng/mL under its Mass/volume LOINC, nmol/L for the model)."""
+    return DEFAULT_MAPPING.convert(lab.loinc, lab.value, lab.unit, feature.unit)
+
+
 def tabular_input(labs: LabPanel, demo: Demographics) -> TabularInput:
     values = np.full(len(FEATURES), np.nan)
     used: dict[str, tuple[float, str]] = {}
@@ -74,9 +97,10 @@ def tabular_input(labs: LabPanel, demo: Demographics) -> TabularInput:
                 used[f.name] = (float(v), "DICOM header")
         else:
             lab = next((labs.get(code) for code in f.loinc if labs.get(code)), None)
-            if lab is not None:
-                values[i] = lab.value
-                used[f.name] = (lab.value, f"LOINC {lab.loinc}, {lab.observed_at:%Y-%m-%d}" if lab.observed_at
+            value = _in_feature_unit(f, lab) if lab is not None else None
+            if value is not None:
+                values[i] = value
+                used[f.name] = (value, f"LOINC {lab.loinc}, {lab.observed_at:%Y-%m-%d}" if lab.observed_at
                                 else f"LOINC {lab.loinc}")
     return TabularInput(values, used)
 

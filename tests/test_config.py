@@ -86,3 +86,42 @@ def test_a_file_saved_as_latin1_or_with_a_bom_is_read_or_named(tmp_path):
         load_settings(f)
     f.write_bytes(b"\xef\xbb\xbf" + '[node]\ninstitution_name = "Klinikum München"\n'.encode())
     assert load_settings(f).node.institution_name == "Klinikum München"
+
+
+def test_a_site_mapping_table_in_other_units_is_converted_at_the_model_input_or_refused(tmp_path):
+    """A site table keeping calcium in mmol/L: the model still gets mg/dL (it once got 2.4 for a feature in mg/dL,
+    z = -19). A unit the shipped table cannot convert is refused by `config check`."""
+    import datetime as dt
+
+    from hl7.mapping import SHIPPED_MAPPING, load_mapping
+    from hl7.panel import LabPanel, LabValue
+    from pipeline.demographics import Demographics
+    from pipeline.features import FEATURES
+    from pipeline.fused import lab_unit_problems, tabular_input
+
+    assert lab_unit_problems(load_mapping(None)) == []
+    text = SHIPPED_MAPPING.read_text()
+    unit_at = text.index('unit = "mg/dL"', text.index('loinc = "17861-6"'))
+
+    def site(unit: str, accepted: bool = True):
+        path = tmp_path / f"site_{unit.replace('/', '_')}.toml"
+        rest = text[unit_at + len('unit = "mg/dL"'):]
+        if not accepted:  # the table itself must list its canonical unit among the accepted ones
+            rest = rest.replace("units = { ", f'units = {{ "{unit}" = 1.0, ', 1)
+        path.write_text(text[:unit_at] + f'unit = "{unit}"' + rest)
+        return path
+
+    assert lab_unit_problems(load_mapping(site("mmol/L"))) == []
+    panel = LabPanel("P", None, dt.date(2026, 1, 5), 90, (
+        LabValue("17861-6", "Calcium", 2.4, "mmol/L", dt.datetime(2026, 1, 4), "LIS"),
+        LabValue("62292-8", "25-hydroxyvitamin D", 20.0, "ng/mL", dt.datetime(2026, 1, 4), "LIS")))
+    values = dict(zip((f.name for f in FEATURES), tabular_input(panel, Demographics(None, None, None, None)).values))
+    assert values["calcium"] == pytest.approx(2.4 * 4.008) and values["vitamin_d"] == pytest.approx(20 * 2.496, rel=1e-4)
+    bad = site("mol/m3x", accepted=False)
+    assert any("Calcium: LOINC 17861-6 is kept in mol/m3x, which cannot be converted" in p
+               for p in lab_unit_problems(load_mapping(bad)))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[labs]\nmapping_file = "{bad}"\n')
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "config", "check", str(cfg)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot be converted" in r.stderr

@@ -177,7 +177,7 @@ def test_units_are_normalised_and_window_applied(listener):
     assert got["17861-6"].value == pytest.approx(9.1)  # the recent calcium, not the old one
     assert got["1751-7"].value == pytest.approx(4.1) and got["1751-7"].unit == "g/dL"  # 41 g/L
     assert got["2160-0"].value == pytest.approx(71 / 88.42, rel=1e-3)  # umol/L -> mg/dL
-    assert got["1989-3"].value == pytest.approx(18 * 2.496) and got["1989-3"].unit == "nmol/L"
+    assert got["1989-3"].value == pytest.approx(18) and got["1989-3"].unit == "ng/mL"  # the unit of this Mass code
     assert lookup_labs(store, "OS-DEMO-0001", "OTHER-HOSPITAL", STUDY.date()).is_empty
     assert lookup_labs(store, "NOBODY", None, STUDY.date()).is_empty
 
@@ -246,3 +246,85 @@ def test_original_mode_is_unchanged_by_empty_msh15_16(listener):
     server, _, _ = listener
     with MLLPClient("127.0.0.1", server.bound_port) as c:
         assert ack_code(c.send(_enhanced("O1", "", ""))) == "AA"
+
+
+def _oru(control: str, obx: list[tuple[str, str, str, str, str]], pid: str = "P1^^^HOSP^MR") -> bytes:
+    """ORU^R01 with OBX rows (code, value type, value, unit, status/time as 'S@YYYYmmddHHMM')."""
+    rows = []
+    for i, (code, vt, value, unit, status_at) in enumerate(obx, 1):
+        status, at = status_at.split("@")
+        rows.append(f"OBX|{i}|{vt}|{code}||{value}|{unit}|||||{status}|||{at}")
+    return msh(f"PID|1||{pid}||Doe^Jane||19600101|F\rOBR|1|||24323-8^CMP^LN|||202601040800\r" + "\r".join(rows)
+               + "\r", control=control)
+
+
+def test_a_correction_that_cannot_be_used_still_withdraws_the_value_it_corrects(tmp_path):
+    """A censored ('<0.2') or unreadable correction, 'not obtainable', or a final after a preliminary: the earlier
+    value of that analyte and time is never used (it was, since only usable values were ranked)."""
+    store = LabStore(tmp_path / "labs.sqlite")
+    rx = LabReceiver(store)
+    creat = "2160-0^Creatinine^LN"
+    hb = "718-7^Hemoglobin^LN"
+    for raw in (_oru("A1", [(creat, "NM", "9.0", "mg/dL", "F@202601040800"), (hb, "NM", "12.8", "g/dL", "P@202601040800")]),
+                _oru("A2", [(creat, "ST", "<^0.2", "mg/dL", "C@202601040800"), (hb, "NM", "", "g/dL", "X@202601040800")])):
+        rx.handle(raw)
+    panel = lookup_labs(store, "P1", "HOSP", STUDY.date(), accept_preliminary=True)
+    assert panel.get("2160-0") is None and panel.get("718-7") is None
+    reasons = {e.code: e.reason for e in panel.excluded}
+    assert "2160-0" in reasons and "718-7" in reasons
+    rx.handle(_oru("A3", [("2345-7^Glucose^LN", "NM", "150", "mg/dL", "P@202601040800")]))
+    rx.handle(_oru("A4", [("2345-7^Glucose^LN", "NM", "<^20", "mg/dL", "F@202601040800")]))
+    assert lookup_labs(store, "P1", "HOSP", STUDY.date(), accept_preliminary=True).get("2345-7") is None
+    store.close()
+
+
+def test_a_value_before_the_study_wins_over_a_later_one_and_no_study_date_means_no_labs(tmp_path):
+    store = LabStore(tmp_path / "labs.sqlite")
+    rx = LabReceiver(store)
+    hb = "718-7^Hemoglobin^LN"
+    rx.handle(_oru("B1", [(hb, "NM", "13.1", "g/dL", "F@202601050700")]))  # the study morning
+    rx.handle(_oru("B2", [(hb, "NM", "7.9", "g/dL", "F@202601061900")]))  # the next evening
+    assert lookup_labs(store, "P1", "HOSP", STUDY.date()).get("718-7").value == pytest.approx(13.1)
+    rx.handle(_oru("B3", [("777-3^Platelets^LN", "NM", "250", "10*3/uL", "F@202601061900")]))
+    assert lookup_labs(store, "P1", "HOSP", STUDY.date()).get("777-3").value == 250  # only after: still used
+    undated = lookup_labs(store, "P1", "HOSP", None)
+    assert undated.is_empty and "study date unknown" in undated.notes[0]
+    store.close()
+
+
+def test_an_account_number_in_pid3_never_matches_another_patients_record(tmp_path):
+    """PID-3 = P1 (MR) ~ 778899 (AN): the results are P1's, never those of the patient whose MRN is 778899."""
+    store = LabStore(tmp_path / "labs.sqlite")
+    rx = LabReceiver(store)
+    raw = msh("PID|1||P1^^^HOSP^MR~778899^^^HOSP^AN||Doe^Jane\rOBR|1|||24323-8^CMP^LN|||202601040800\r"
+              "OBX|1|NM|17861-6^Calcium^LN||13.2|mg/dL|||||F|||202601040800\r", control="ID1")
+    assert b"MSA|AA" in rx.handle(raw)[0]
+    assert lookup_labs(store, "P1", "HOSP", STUDY.date()).get("17861-6").value == pytest.approx(13.2)
+    assert lookup_labs(store, "778899", "HOSP", STUDY.date()).is_empty
+    only_account = msh("PID|1||778899^^^HOSP^AN||Doe^Jane\rOBR|1|||24323-8^CMP^LN|||202601040800\r"
+                       "OBX|1|NM|17861-6^Calcium^LN||9.0|mg/dL|||||F|||202601040800\r", control="ID2")
+    ack = rx.handle(only_account)[0]
+    assert b"MSA|AE" in ack and b"no patient record number" in ack
+    store.close()
+
+
+def test_at_the_same_time_the_analytes_own_code_beats_an_alias(tmp_path):
+    """Blood glucose (2339-0, an alias) and serum glucose (2345-7) in one message: the serum value is the one
+    reported under 2345-7, whichever OBX comes first."""
+    store = LabStore(tmp_path / "labs.sqlite")
+    rx = LabReceiver(store)
+    rx.handle(_oru("G1", [("2339-0^Glucose blood^LN", "NM", "61", "mg/dL", "F@202601040800"),
+                          ("2345-7^Glucose^LN", "NM", "104", "mg/dL", "F@202601040800")]))
+    assert lookup_labs(store, "P1", "HOSP", STUDY.date()).get("2345-7").value == pytest.approx(104)
+    store.close()
+
+
+def test_a_message_with_the_truncation_character_in_msh2_is_parsed_not_silently_dropped(tmp_path):
+    store = LabStore(tmp_path / "labs.sqlite")
+    rx = LabReceiver(store)
+    raw = ("MSH|^~\\&#|LIS|LAB|OSTEOSCREEN|RAD|20260104120000||ORU^R01|T1|P|2.5.1\r"
+           "PID|1||P1^^^HOSP^MR||Doe^Jane\rOBR|1|||24323-8^CMP^LN|||202601040800\r"
+           "OBX|1|NM|17861-6^Calcium^LN||9.1|mg/dL|||||F|||202601040800\r").encode()
+    assert b"MSA|AA" in rx.handle(raw)[0]
+    assert lookup_labs(store, "P1", "HOSP", STUDY.date()).get("17861-6").value == pytest.approx(9.1)
+    store.close()

@@ -145,7 +145,7 @@ def test_unit_conversions():
 
     assert to_canonical("17861-6", 2.5, "mmol/L")[0] == pytest.approx(10.02)
     assert to_canonical("2160-0", 88.42, "µmol/L")[0] == pytest.approx(1.0)
-    assert to_canonical("1989-3", 20, "ng/mL")[0] == pytest.approx(49.92)
+    assert to_canonical("1989-3", 49.92, "nmol/L")[0] == pytest.approx(20, rel=1e-4)
     with pytest.raises(ValueError, match="not recognised"):
         to_canonical("17861-6", 9.0, "furlongs")
 

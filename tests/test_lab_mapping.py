@@ -108,3 +108,28 @@ def test_issuer_aliases_join_the_dicom_and_hl7_names_of_one_authority(store):
     joined = lookup_labs(store, "P1", "HOSP", STUDY, issuer_aliases={"1.2.3.4.5": "HOSP"})
     assert joined.get("17861-6").value == pytest.approx(9.3)
     assert lookup_labs(store, "P1", "OTHER", STUDY, issuer_aliases={"1.2.3.4.5": "HOSP"}).get("17861-6") is None
+
+
+def test_unit_spellings_seen_in_real_feeds_are_read(tmp_path):
+    """HL7's escaped 10^9/L, 10E3/uL, G/L, and a UTF-8 micro sign read as Latin-1 (no MSH-18): each was excluded as
+    an unknown unit, so white cells, platelets or creatinine went missing."""
+    from hl7.parse import parse_observations
+
+    obx = [("6690-2^Leukocytes^LN", "7.1", "10\\S\\9/L"), ("777-3^Platelets^LN", "250", "10E3/uL"),
+           ("26464-8^Leukocytes^LN", "6.0", "G/L"), ("2160-0^Creatinine^LN", "80", "µmol/L")]
+    rows = "".join(f"OBX|{i}|NM|{c}||{v}|{u}|||||F|||202601040800\r" for i, (c, v, u) in enumerate(obx, 1))
+    raw = ("MSH|^~\\&|LIS|LAB|OSTEOSCREEN|RAD|20260104120000||ORU^R01|U1|P|2.5.1\r"
+           "PID|1||P1^^^HOSP^MR||Doe^Jane\rOBR|1|||24323-8^CMP^LN|||202601040800\r" + rows).encode("utf-8")
+    got = {(r["code"], r["unit"]): r["value"] for r in parse_observations(raw)}
+    assert got[("6690-2", "10*3/uL")] == pytest.approx(7.1)
+    assert got[("777-3", "10*3/uL")] == pytest.approx(250)
+    assert got[("26464-8", "10*3/uL")] == pytest.approx(6.0)
+    assert got[("2160-0", "mg/dL")] == pytest.approx(80 * 0.01130966)
+
+
+@pytest.mark.parametrize("text", ["=>1000", "=<0.1", "<= 2", ">^1000"])
+def test_every_spelling_of_a_censored_value_is_left_out(text):
+    from hl7.mapping import DEFAULT
+
+    found = DEFAULT.interpret("2160-0", "LN", "", "", "NM", text, "mg/dL")
+    assert found.value is None and "censored" in found.problem

@@ -50,7 +50,7 @@ def test_query_fetches_stores_and_feeds_the_lookup(store, protocol, answer_type)
     assert "P1" in request and START.strftime("%Y%m%d") in request and END.strftime("%Y%m%d") in request
     panel = lookup_labs(store, "P1", "HOSP", STUDY)
     assert panel.get("17861-6").value == pytest.approx(2.30 * 4.008)
-    assert panel.get("1989-3").value == pytest.approx(21 * 2.496)
+    assert panel.get("1989-3").value == pytest.approx(21) and panel.get("1989-3").unit == "ng/mL"
     assert panel.get("2160-0") is None
     assert store.message_count() == 1
     assert store._db.execute("SELECT message_type FROM messages").fetchone()[0] == answer_type
