@@ -42,15 +42,18 @@ class ScreeningReport:
     corrected: bool = False  # replaces an earlier result message for the study: result status C, not F
 
 
-def _charset(text: str) -> tuple[str, str]:
+def _charset(text: str, version: str) -> tuple[str, str]:
     """(MSH-18, Python codec) for the message text: none for ASCII (HL7's default), else ISO 8859-1 where it
-    holds every character, else UTF-8; declared, so the receiver never has to guess."""
+    holds every character, else UTF-8; declared, so the receiver never has to guess. "UNICODE UTF-8" exists
+    from HL7 v2.5: an older version gets ISO 8859-1, the characters it lacks replaced by '?'."""
     if text.isascii():
         return "", "ascii"
     try:
         text.encode("latin-1")
         return "8859/1", "latin-1"
     except UnicodeEncodeError:
+        if tuple(int(p) for p in version.split(".")[:2]) < (2, 5):
+            return "8859/1", "latin-1"
         return "UNICODE UTF-8", "utf-8"
 
 
@@ -97,8 +100,8 @@ def build_result_message(r: ScreeningReport, *, sending_application: str, sendin
     segs += [f"OBX|{i}|{body}|||{ts}" if body.endswith("|" + status) else f"OBX|{i}|{body}"
              for i, body in enumerate(obx, 1)]
     text = "\r".join(segs) + "\r"
-    msh18, codec = _charset(text)
+    msh18, codec = _charset(text, version)
     if msh18:  # MSH-13..17 empty, MSH-18 the character set
         msh, rest = text.split("\r", 1)
         text = msh + "|" * 6 + msh18 + "\r" + rest
-    return text.encode(codec)
+    return text.encode(codec, errors="replace")

@@ -6,9 +6,11 @@ the mean model output over background rows with S taken from the study and the
 other present features from the background row (value and missing-mask both).
 Features absent in the study stay absent. The image embedding is held fixed.
 
-Exact: all 2^p coalitions of the p present features are evaluated (p <= 16,
-background 16 rows), so base value + contributions = model output up to float
-rounding. Explained quantity: the calibrated probability.
+Exact: all 2^p coalitions of the p present features are evaluated (p <= 16),
+so base value + contributions = model output up to float rounding. Exact relative
+to the background the service uses: the first 8 rows of the bundle's stored
+training sample (``pipeline.fused.SHAP_BACKGROUND_ROWS``), a trade of background
+size for the 1 s latency budget. Explained quantity: the calibrated probability.
 """
 from __future__ import annotations
 

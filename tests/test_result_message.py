@@ -72,4 +72,6 @@ def test_non_ascii_names_are_declared_in_msh_18_and_only_the_alphabetic_group_is
     assert pid[5] == b"Yamada^Tarou"  # ideographic and phonetic groups are not XPN components
     wide = build_result_message(dataclasses.replace(REPORT, patient_name="Łukasiewicz^Zoë", model="模型"), **ARGS)
     assert wide.split(b"\r")[0].split(b"|")[17] == b"UNICODE UTF-8" and "模型" in wide.decode("utf-8")
+    old = build_result_message(dataclasses.replace(REPORT, patient_name="Łukasiewicz^Zoë"), **ARGS, version="2.4")
+    assert old.split(b"\r")[0].split(b"|")[17] == b"8859/1" and b"?ukasiewicz^Zo\xeb" in old  # no UTF-8 before 2.5
     assert b"|" * 6 not in build_result_message(REPORT, **ARGS).split(b"\r")[0]  # ASCII: MSH-18 left out

@@ -39,6 +39,10 @@ def eval_tabular(nhanes_dir: str | Path, bundle: str = "fused_kdamm_v1", out=pri
         "missing": {k: float(v) for k, v in zip(FEATURE_NAMES, (~mask).mean(axis=0))},
     }
     out(f"cohort: {nhanes_dir} cycles {','.join(res['cycles'])}, adults with femoral-neck DXA")
+    seen = sorted(set(res["cycles"]) & set(card.get("cohort", {}).get("cycles", [])))
+    if seen:  # the bundle was trained (and calibrated) on part of these rows: not unseen data
+        out(f"note: cycle(s) {','.join(seen)} are the bundle's own training cohort (its train, validation and test "
+            "splits): these AUCs are not on unseen data; the card's test-split figures are")
     out("feature missingness: " + ", ".join(f"{k} {v:.0%}" for k, v in res["missing"].items() if v > 0))
     for k in ("auc_model", "auc_ost", "auc_logreg"):
         a, lo, hi = res[k]

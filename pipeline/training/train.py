@@ -562,6 +562,19 @@ def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) 
         [d.scaled(d.m_real)[rows_tab][:, demo_cols], (~d.m_real[rows_tab][:, demo_cols]).astype(np.float32)], 1))
     results["comparisons"]["labs_added_logreg"] = list(M.bootstrap_auc_difference(
         y_tab, lr_te, demo_lr_te, n=cfg.bootstrap, seed=cfg.seed))
+    # In service a CT header often lacks height and weight (30 % in the simulated availability); the subsets
+    # above keep NHANES's measured body size. The student without it, at the operating points the service then
+    # uses (demographics only / demographics + labs), on the same test rows.
+    results["without_body_size"] = {}
+    for s in ("demographics_only", "tabular"):
+        rows, use_img, mask = subset_rows_and_mask(d, te, s)
+        mask = mask.copy()
+        mask[:, list(BODY_SIZE_IDX)] = False
+        y = d.y[rows]
+        p = prob(student_logits(student, d, rows, use_img, mask))
+        a, lo, hi = M.bootstrap_auc(y, p, n=cfg.bootstrap, seed=cfg.seed)
+        results["without_body_size"][s] = {"n": int(len(y)), "positives": int(y.sum()), "auc": a, "auc_ci": [lo, hi],
+                                           "threshold": thresholds[s], **M.at_threshold(y, p, thresholds[s])}
 
     curves = results.pop("_curves")
     summary = {
