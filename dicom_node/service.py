@@ -96,8 +96,6 @@ def check_writable(directory: Path, key: str) -> None:
     read-only mount, or outside systemd's ReadWritePaths=), instead of failing at the first scheduled write."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        os.close(fd)
         probe = directory / f".write-test.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
