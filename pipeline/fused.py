@@ -55,6 +55,7 @@ class FusedOutput:
     explanation: Explanation | None
     model: tuple[str, str] | None = None  # (name, version) when another model than the fused one answered
     attention: ModelAttention | None = None  # of the model that answered, if it computes one
+    input_notes: tuple[str, ...] = ()  # inputs outside the training range, used at its edge
 
 
 def lab_unit_problems(mapping) -> list[str]:
@@ -118,6 +119,9 @@ class FusedModel:
             raise engines.BundleError(f"{bundle.path}: feature list differs from this software's")
         self.mean = np.array([f["mean"] for f in feats], dtype=np.float32)
         self.std = np.array([f["std"] for f in feats], dtype=np.float32)
+        # The training split's range; a bundle without one (older cards) is not clipped.
+        self.train_min = np.array([f.get("train_min", -np.inf) for f in feats], dtype=float)
+        self.train_max = np.array([f.get("train_max", np.inf) for f in feats], dtype=float)
         self.platt = (float(card["calibration"]["a"]), float(card["calibration"]["b"]))
         bg = np.load(bundle.path / "shap_background.npz")
         rows = slice(0, SHAP_BACKGROUND_ROWS)  # exact Shapley costs 2^p x rows evaluations
@@ -154,8 +158,9 @@ class FusedModel:
                 out = self.image_only.predict(patch, full_slice)
             if out is not None:
                 return out
+        values, input_notes = self.within_training_range(tab.values)
         with clock.stage("model"):
-            scaled = np.where(mask, (np.nan_to_num(tab.values) - self.mean) / self.std, 0.0).astype(np.float32)
+            scaled = np.where(mask, (np.nan_to_num(values) - self.mean) / self.std, 0.0).astype(np.float32)
             emb = self.embed(patch)
             img_present = np.array([[1.0 if has_img else 0.0]], dtype=np.float32)
             logit = float(self.head_engine(embedding=emb, image_present=img_present, tab_values=scaled[None],
@@ -178,4 +183,21 @@ class FusedModel:
         modalities = tuple(m for m, ok in (("image", has_img), ("demographics", has_demo), ("labs", has_labs)) if ok)
         return FusedOutput(prob, logit, cid, cat["label"],
                            (cat["code"]["value"], cat["code"]["scheme"], cat["code"]["meaning"]),
-                           threshold, subset, modalities, expl)
+                           threshold, subset, modalities, expl, input_notes=input_notes)
+
+    def within_training_range(self, values: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+        """``values`` clipped to the training split's range, and a note per clipped input.
+
+        The network was fitted on that range only: an alkaline phosphatase of 1,500 U/L (Paget's disease,
+        metastases) is 58 SD above the training mean, where an MLP's output is an extrapolation, not a risk.
+        At the edge the input still says "very high" without leaving what the model has seen.
+        """
+        clipped = np.clip(values, self.train_min, self.train_max)
+        notes = []
+        for f, raw, used in zip(FEATURES, values, clipped):
+            if np.isfinite(raw) and raw != used:
+                side = "above the largest" if raw > used else "below the smallest"
+                unit = "y" if f.unit == "a" else f.unit
+                notes.append(f"{f.label} {raw:.4g} {unit} is {side} value the model was trained on; "
+                             f"used as {used:.4g} {unit}")
+        return clipped, tuple(notes)

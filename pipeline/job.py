@@ -132,6 +132,7 @@ def result_fields(req: JobRequest, header, fused, model: tuple[str, str], backen
                        "observed_at": v.observed_at.isoformat() if v.observed_at else None} for v in req.labs.values],
         "labs_excluded": [asdict(e) for e in req.labs.excluded],
         "labs_notes": list(req.labs.notes),
+        "input_notes": list(fused.input_notes),
         "sr_series_uid": sr_series,
         "sr_sop_instance_uid": sr_uid,
         "predecessor_sr": req.predecessor_sr[2] if req.predecessor_sr else None,

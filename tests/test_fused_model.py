@@ -243,3 +243,39 @@ def test_implausible_header_height_and_weight_are_left_out_with_a_note():
     as_typed = model.predict(None, tabular_input(LabPanel("P", None, None, 90), bad))
     age_and_sex = model.predict(None, tabular_input(LabPanel("P", None, None, 90), Demographics(67.0, "F", None, None)))
     assert as_typed.probability == pytest.approx(age_and_sex.probability)
+
+
+def test_inputs_beyond_the_training_range_are_used_at_its_edge_with_a_note():
+    """ALP 1,500 U/L (Paget's disease) is 58 SD above the training mean: the MLP's answer there is an
+    extrapolation. The value is used at the training split's maximum, and the result says so."""
+    import datetime as dt
+
+    from hl7.panel import LabValue
+
+    def panel(alp):
+        when = dt.datetime(2026, 1, 2)
+        return LabPanel("P", None, dt.date(2026, 1, 3), 90,
+                        (LabValue("6768-6", "Alkaline phosphatase", alp, "U/L", when, "LAB"),))
+
+    card_max = {f["name"]: f["train_max"] for f in BUNDLE.card.raw["inputs"]["features"]}
+    model = FusedModel(BUNDLE)
+    demo = Demographics(72, "F", 1.58, 51.0)
+    extreme, edge = (model.predict(None, tabular_input(panel(v), demo)) for v in (1500.0, card_max["alp"]))
+    assert extreme.probability == pytest.approx(edge.probability) and edge.input_notes == ()
+    assert extreme.input_notes == (f"Alkaline phosphatase 1500 U/L is above the largest value the model was trained "
+                                   f"on; used as {card_max['alp']:.4g} U/L",)
+    assert abs(extreme.explanation.base_value + sum(extreme.explanation.contributions) - extreme.probability) < 1e-5
+    old = model.predict(None, tabular_input(LabPanel("P", None, None, 90), Demographics(95, "F", 1.58, 51.0)))
+    assert old.input_notes == ("Age 95 y is above the largest value the model was trained on; used as 85 y",)
+
+
+def test_card_training_range_is_the_training_splits():
+    from pipeline.features import FEATURE_NAMES
+    from pipeline.training.export import training_range
+    from pipeline.training.nhanes import load_cohort, split_participants
+    from pipeline.training.train import TrainConfig
+
+    cfg = TrainConfig()
+    frame = load_cohort(cfg.data_dir).frame
+    ranges = training_range(frame[list(FEATURE_NAMES)].to_numpy(dtype=float), split_participants(frame, cfg.seed))
+    assert [(f["train_min"], f["train_max"]) for f in BUNDLE.card.raw["inputs"]["features"]] == ranges

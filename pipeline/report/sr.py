@@ -281,7 +281,8 @@ def build_sr(
         texts.append(
             f"Screening result ({fused_model[0]} {fused_model[1]}): probability {fused.probability:.3f}, "
             f"operating point {fused.threshold:.3f} -> {fused.category_label}. Modalities used: "
-            f"{', '.join(fused.modalities)}.")
+            f"{', '.join(fused.modalities)}."
+            + (" Outside the training range: " + "; ".join(fused.input_notes) + "." if fused.input_notes else ""))
         if fused.explanation is not None and fused.explanation.features:
             top = sorted(zip(fused.explanation.features, fused.explanation.contributions), key=lambda t: -abs(t[1]))
             texts.append("Largest SHAP contributions (probability units): "

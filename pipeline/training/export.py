@@ -53,6 +53,13 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def training_range(x_raw: np.ndarray, split: np.ndarray) -> list[tuple[float, float]]:
+    """Per feature, the smallest and largest value in the training split (the range the network was fitted on;
+    the service clips its inputs to it, pipeline.fused)."""
+    train = x_raw[split == "train"]
+    return [(float(np.nanmin(col)), float(np.nanmax(col))) for col in train.T]
+
+
 def write_bundle(bundle_dir: Path, student: Student, d, summary: dict, logreg: dict) -> None:
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
@@ -97,8 +104,9 @@ def write_bundle(bundle_dir: Path, student: Student, d, summary: dict, logreg: d
         "cohort": summary["cohort"],
         "inputs": {
             "features": [{"name": f.name, "label": f.label, "unit": f.unit, "group": f.group,
-                          "loinc": list(f.loinc), "nhanes": list(f.nhanes), "mean": float(m), "std": float(s)}
-                         for f, m, s in zip(FEATURES, d.mean, d.std)],
+                          "loinc": list(f.loinc), "nhanes": list(f.nhanes), "mean": float(m), "std": float(s),
+                          "train_min": lo, "train_max": hi}
+                         for f, m, s, (lo, hi) in zip(FEATURES, d.mean, d.std, training_range(d.x_raw, d.split))],
             "image": {"slices_mm": list(SLICE_OFFSETS_MM), "pixels": PATCH_PX, "pixel_mm": PATCH_MM,
                       "scaling": "(HU - 100) / 200, clipped to [-3, 5]", "centre": "L1 vertebral body"},
         },
@@ -125,6 +133,8 @@ def write_bundle(bundle_dir: Path, student: Student, d, summary: dict, logreg: d
             "Label is femoral-neck DXA osteoporosis in a US survey population; prevalence differs in CT patients.",
             "Operating points are chosen on a validation split of a few dozen positives per subset.",
             "Not validated on any hospital's data.",
+            "A value outside the training split's range (inputs.features train_min/train_max) is used at the "
+            "range's edge, and the report says so: the network was never fitted beyond it.",
         ],
         "references": [
             "Looker AC et al. Updated data on proximal femur bone mineral levels of US adults. Osteoporos Int "
