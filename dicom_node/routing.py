@@ -29,6 +29,8 @@ class SeriesFacts:
     sop_classes: tuple[str, ...]
     body_part: str = ""
     view_positions: tuple[str, ...] = ()  # of the sampled headers, e.g. a PA and a lateral in one series
+    # (SOP class, body part, view position) of each sampled header: one image must be a chest PA/AP on its own
+    images: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ def _series_facts(paths: Sequence[str], calling_aet: str, sample: int) -> Series
         sop_classes=tuple(sorted({str(h.get("SOPClassUID", "")) for h in headers})),
         body_part=str(first.get("BodyPartExamined", "") or "").upper(),
         view_positions=tuple(sorted({str(h.get("ViewPosition", "") or "").upper() for h in headers})),
+        images=tuple((str(h.get("SOPClassUID", "")), str(h.get("BodyPartExamined", "") or "").upper(),
+                      str(h.get("ViewPosition", "") or "").upper()) for h in headers),
     )
 
 
@@ -128,12 +132,21 @@ def decide_xray(facts: SeriesFacts, rules: RoutingSettings, xray: XraySettings) 
     refusal = _age_refusal(facts, rules)
     if refusal is not None:
         return Decision(False, refusal.reason, "xray")
-    if facts.body_part not in [b.upper() for b in xray.body_parts]:
-        return Decision(False, f"body part {facts.body_part or '(none)'} is not a chest ({xray.body_parts})", "xray")
-    views = [v for v in facts.view_positions if v in [x.upper() for x in xray.views]]
-    if not views:
-        seen = "/".join(v or "(none)" for v in facts.view_positions) or "(none)"
+    parts, wanted = {b.upper() for b in xray.body_parts}, {v.upper() for v in xray.views}
+    images = [i for i in facts.images if i[0] in XRAY_SOP_CLASSES] or \
+        [(s, facts.body_part, v) for s in facts.sop_classes for v in facts.view_positions]  # facts without images
+    if not any(part in parts for _, part, _ in images):
+        seen = "/".join(sorted({part or "(none)" for _, part, _ in images}))
+        return Decision(False, f"body part {seen} is not a chest ({xray.body_parts})", "xray")
+    if not any(view in wanted for _, _, view in images):
+        seen = "/".join(sorted({view or "(none)" for _, _, view in images})) or "(none)"
         return Decision(False, f"view position {seen} is not one of {xray.views}", "xray")
+    # The job screens one image that is a chest PA/AP itself: a lateral chest beside a PA without a body part
+    # is not one.
+    views = sorted({view for _, part, view in images if part in parts and view in wanted})
+    if not views:
+        return Decision(False, f"view position {'/'.join(xray.views)} only on images that are not a chest "
+                               "(BodyPartExamined) For Presentation CR/DX: no single image to screen", "xray")
     age = f"age {facts.age_years:.0f}" if facts.age_years is not None else "age unknown (allowed)"
     return Decision(True, f"{facts.modality} chest {'/'.join(views)}, {facts.n_slices} image(s), {age} "
                           "(EXPERIMENTAL chest radiograph path)", "xray")

@@ -228,17 +228,20 @@ def _adjacent_levels(volume, loc) -> list[BoneMeasurement]:
     return found
 
 
-def _not_screened(req: JobRequest, out: Path, header, reason: str, summary: dict, procedure=None) -> ScreeningResult:
+def _not_screened(req: JobRequest, out: Path, header, reason: str, summary: dict, procedure=None,
+                  title_note: str | None = None) -> ScreeningResult:
     """The result of a series that could not be screened; with ``report_not_screened``, an SR that says why.
 
-    ``procedure``: the SR's procedure code where it is not a CT (the chest radiograph path)."""
+    ``procedure`` and ``title_note``: the SR's procedure code and first statement where it is not a CT (the
+    EXPERIMENTAL chest radiograph path)."""
     outputs: list[OutputObject] = []
     if req.report_not_screened:
         versions = f"not-screened/{reason}"
         sr_uid, sr_series = _uid(req.series_uid, "sr", versions), _uid(req.series_uid, "sr-series", versions)
         sr = build_sr(source_header=report_source(header), source_sop_instance_uid=str(header.SOPInstanceUID),
                       demographics=demographics_from_header(header), labs=req.labs, node=req.node,
-                      series_uid=sr_series, sop_uid=sr_uid, not_screened_reason=reason, procedure=procedure)
+                      series_uid=sr_series, sop_uid=sr_uid, not_screened_reason=reason, procedure=procedure,
+                      title_note=title_note)
         write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
         outputs.append(OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid))
         summary = {**summary, "sr_series_uid": sr_series, "sr_sop_instance_uid": sr_uid}

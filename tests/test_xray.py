@@ -16,7 +16,7 @@ from dicom_node.routing import decide, series_facts
 from dicom_node.sample import sample_data_dir
 
 ADULT = sample_data_dir() / "RG1_J2KR.dcm"  # real chest PA CR, 64-year-old woman, PixelSpacing "0\0"
-CHILD = sample_data_dir() / "dx_image.dcm"  # real DX thorax of a 5-year-old
+CHILD = sample_data_dir() / "dx_image.dcm"  # real DX lateral thorax of a dog, PatientAge 5 years
 
 
 def test_routing_sends_adult_chest_pa_to_the_xray_path_only_when_enabled():
@@ -30,13 +30,25 @@ def test_routing_sends_adult_chest_pa_to_the_xray_path_only_when_enabled():
     assert not child.eligible and child.reason == "patient age 5 below 50" and child.rule == "age"
     import dataclasses
 
-    lateral = decide(dataclasses.replace(facts, view_positions=("LL",)), rules, on)
+    cr, dx_raw = facts.sop_classes[0], "1.2.840.10008.5.1.4.1.1.1.1.1"  # CR; DX For Processing
+
+    def with_images(*images):
+        return dataclasses.replace(facts, images=images, sop_classes=tuple(sorted({i[0] for i in images})),
+                                   view_positions=tuple(sorted({i[2] for i in images})), body_part=images[0][1])
+
+    lateral = decide(with_images((cr, "CHEST", "LL")), rules, on)
     assert not lateral.eligible and lateral.rule == "view"
-    assert decide(dataclasses.replace(facts, view_positions=("LL", "PA")), rules, on).eligible  # PA + lateral
-    raw = dataclasses.replace(facts, sop_classes=("1.2.840.10008.5.1.4.1.1.1.1.1",))  # DX For Processing
-    assert not decide(raw, rules, on).eligible and decide(raw, rules, on).rule == "sop_class"
-    abdomen = decide(dataclasses.replace(facts, body_part="ABDOMEN"), rules, on)
+    assert decide(with_images((cr, "CHEST", "LL"), (cr, "CHEST", "PA")), rules, on).eligible  # PA + lateral
+    raw = decide(with_images((dx_raw, "CHEST", "PA")), rules, on)
+    assert not raw.eligible and raw.rule == "sop_class"
+    abdomen = decide(with_images((cr, "ABDOMEN", "PA")), rules, on)
     assert not abdomen.eligible and abdomen.rule == "body_part"
+    # One image must be a chest PA itself: a lateral chest beside a PA without a body part, or a For
+    # Processing PA beside a lateral, is not one (both were screened as a chest PA, the lateral or the raw image).
+    for split in (with_images((cr, "CHEST", "LL"), (cr, "", "PA")), with_images((dx_raw, "CHEST", "PA"),
+                                                                                  (cr, "CHEST", "LL"))):
+        d = decide(split, rules, on)
+        assert not d.eligible and d.rule == "view", d.reason
     ct_unaffected = decide(dataclasses.replace(facts, modality="CT"), rules, on)
     assert ct_unaffected.path == "ct" and not ct_unaffected.eligible
 
@@ -92,17 +104,22 @@ def test_an_undecodable_radiograph_is_not_screened_and_the_sr_says_why(tmp_path)
 
     ds = pydicom.dcmread(CHILD)
     ds.PatientAge, ds.PatientBirthDate = "070Y", "19500101"
+    ds.save_as(tmp_path / "lateral.dcm")  # no ViewPosition: not a chest PA/AP, never screened as one
+    ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
     ds.save_as(tmp_path / "bad.dcm")
-    out = tmp_path / "out"
-    out.mkdir()
-    req = JobRequest(1, str(ds.SeriesInstanceUID), (str(tmp_path / "bad.dcm"),), LabPanel("123456", None, None, 90),
-                     str(out), "fused_kdamm_v1", NODE, pipeline="xray", report_not_screened=True)
-    result = run_screening(req)
-    assert result.status == "not_screened" and "cannot be decoded" in result.reason
-    assert result.summary["experimental"] is True
-    sr = pydicom.dcmread(out / "sr.dcm")
-    assert "43468-8" in json.dumps(sr.to_json_dict()) and dciodvfy_errors(out / "sr.dcm") == []
+    for name, reason in (("bad.dcm", "cannot be decoded"), ("lateral.dcm", "no For Presentation chest PA/AP image")):
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        req = JobRequest(1, str(ds.SeriesInstanceUID), (str(tmp_path / name),), LabPanel("123456", None, None, 90),
+                         str(out), "fused_kdamm_v1", NODE, pipeline="xray", report_not_screened=True)
+        result = run_screening(req)
+        assert result.status == "not_screened" and reason in result.reason
+        assert result.summary["experimental"] is True
+        sr = pydicom.dcmread(out / "sr.dcm")
+        text = json.dumps(sr.to_json_dict())
+        assert "43468-8" in text and "EXPERIMENTAL: chest radiograph path" in text
+        assert dciodvfy_errors(out / "sr.dcm") == []
 
 
 def test_train_xray_quick_writes_an_experimental_bundle_that_runs_on_every_cpu_backend(tmp_path, capsys):
@@ -185,3 +202,24 @@ def test_real_chest_radiographs_through_the_node(node_factory, tmp_path):
     assert "EXPERIMENTAL" in sr.SeriesDescription and "EXPERIMENTAL" in sc.SeriesDescription
     text = json.dumps(sr.to_json_dict())
     assert "EXPERIMENTAL: chest radiograph path" in text and "43468-8" in text  # LOINC XR procedure
+
+
+def test_the_xray_result_says_which_inputs_were_beyond_the_training_range(tmp_path):
+    import datetime as dt
+
+    from hl7.panel import LabPanel, LabValue
+    from pipeline.job import JobRequest, run_screening
+    from tests.test_report import NODE
+
+    ds = pydicom.dcmread(ADULT)
+    ds.PatientAge, ds.StudyDate = "064Y", "20260105"
+    ds.save_as(tmp_path / "pa.dcm")
+    labs = LabPanel("123456", None, dt.date(2026, 1, 5), 90,
+                    (LabValue("6768-6", "Alkaline phosphatase", 1500.0, "U/L", dt.datetime(2026, 1, 4), "LAB"),))
+    req = JobRequest(1, str(ds.SeriesInstanceUID), (str(tmp_path / "pa.dcm"),), labs, str(tmp_path),
+                     "fused_kdamm_v1", NODE, pipeline="xray")
+    result = run_screening(req)
+    assert result.status == "screened", result.reason
+    assert result.summary["input_notes"] and "Alkaline phosphatase 1500 U/L is above" in result.summary["input_notes"][0]
+    sr = json.dumps(pydicom.dcmread(tmp_path / "sr.dcm").to_json_dict())
+    assert "Outside the training range: Alkaline phosphatase 1500 U/L" in sr

@@ -60,16 +60,23 @@ class Radiograph:
 
 
 def _spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None, str | None]:
+    """PixelSpacing, else ImagerPixelSpacing (detector plane: not corrected for magnification), and a note."""
+    invalid = []
     for kw in ("PixelSpacing", "ImagerPixelSpacing"):
         v = ds.get(kw)
-        if v is not None and len(v) == 2:
-            try:
-                r, c = float(v[0]), float(v[1])
-            except (TypeError, ValueError):
-                continue
-            if r > 0 and c > 0:
-                return (r, c), None
-            return None, f"{kw} {'/'.join(str(x) for x in v)} is not a valid spacing: geometry not used"
+        if v is None:
+            continue
+        try:
+            r, c = (float(v[0]), float(v[1])) if len(v) == 2 else (0.0, 0.0)
+        except (TypeError, ValueError):
+            r = c = 0.0
+        if r > 0 and c > 0:
+            note = "ImagerPixelSpacing used: detector-plane spacing, not corrected for magnification" \
+                if kw == "ImagerPixelSpacing" else None
+            return (r, c), "; ".join([*invalid, note] if note else invalid) or None
+        invalid.append(f"{kw} {'/'.join(str(x) for x in v)} is not a valid spacing")
+    if invalid:
+        return None, "; ".join(invalid) + ": geometry not used"
     return None, "no pixel spacing in the header: geometry not used"
 
 

@@ -71,7 +71,8 @@ def _as_fused_output(x: XrayOutput, tab: FusedOutput | None, modalities: tuple[s
         expl = dataclasses.replace(e, base_value=e.base_value * share, output=e.output * share,
                                    contributions=tuple(float(v) * share for v in e.contributions))
     return FusedOutput(x.probability, float("nan"), x.category_id, x.category_label, x.category_code, x.threshold,
-                       "xray_fused" if tab is not None else "xray_image_only", modalities, expl, model=model)
+                       "xray_fused" if tab is not None else "xray_image_only", modalities, expl, model=model,
+                       input_notes=tab.input_notes if tab is not None else ())
 
 
 def run_xray_screening(req):
@@ -85,7 +86,12 @@ def run_xray_screening(req):
     headers = [(p, pydicom.dcmread(p, stop_before_pixels=True)) for p in req.instance_paths]
     # the first chest PA/AP image of the series (a lateral or another view beside it is left out)
     path, header = next(((p, h) for p, h in headers if is_screenable_view(h, req.xray_body_parts, req.xray_views)),
-                        headers[0])
+                        (None, headers[0][1]))
+    if path is None:
+        reason = (f"no For Presentation chest {'/'.join(req.xray_views)} image in the series (body part "
+                  f"{'/'.join(req.xray_body_parts)}, view position {'/'.join(req.xray_views)} on one image)")
+        return _not_screened(req, out, header, reason, {"reason": reason, "path": "xray", "experimental": True},
+                             procedure=codes.LN.XRUnspecifiedBodyRegion, title_note=EXPERIMENTAL_NOTE)
     try:
         with clock.stage("load_decode"):
             rad = load_radiograph(path)
@@ -94,7 +100,7 @@ def run_xray_screening(req):
     except RadiographError as exc:
         return _not_screened(req, out, header, exc.reason, {"reason": exc.reason, "path": "xray",
                                                              "experimental": True},
-                             procedure=codes.LN.XRUnspecifiedBodyRegion)
+                             procedure=codes.LN.XRUnspecifiedBodyRegion, title_note=EXPERIMENTAL_NOTE)
     demo = demographics_from_header(header)
     tab = tabular_input(req.labs, demo)
     mask = ~np.isnan(tab.values)
