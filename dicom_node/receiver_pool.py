@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from config.schema import ListenerTLSSettings
@@ -209,6 +210,7 @@ class ReceiverPool:
         log.error("receiver process %d exited (code %s) with %d association(s) open; their unacknowledged "
                   "instances will be re-sent by the senders; restarting it in %.0f s", r.index, r.process.exitcode,
                   r.open, r.restart_delay_s)
+        self._remove_partial_files(r.process.pid)
         with self._lock:  # no connection is handed to it until its replacement is ready
             r.open = 0
             r.ready.clear()
@@ -224,6 +226,21 @@ class ReceiverPool:
         with self._lock:
             if not self._stopping.is_set():
                 self._spawn(r)
+
+    def _remove_partial_files(self, pid: int | None) -> None:
+        """The half-received instances of a receiver that died (never acknowledged): their temporary names
+        carry its pid, so no other writer's file is touched. Without this they stayed until the next start."""
+        if pid is None:
+            return
+        removed = 0
+        for path in Path(self.setup.store_root).rglob(f".incoming.{pid}.*.tmp"):
+            try:
+                path.unlink()
+                removed += 1
+            except OSError as exc:
+                log.warning("could not remove %s left by receiver pid %d: %s", path, pid, exc)
+        if removed:
+            log.info("removed %d half-received instance file(s) of receiver pid %d", removed, pid)
 
     def dispatch(self, sock: socket.socket, address: tuple, max_associations: int) -> bool:
         """Hand an accepted connection to the least busy running receiver (the association limit counts all of

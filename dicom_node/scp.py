@@ -72,6 +72,7 @@ from dicom_node.dimse_codec import (
 )
 from dicom_node.metrics import INSTANCES_RECEIVED, INSTANCES_REFUSED
 from dicom_node.store import IncomingInstance, InstanceRef, InstanceRefused, InstanceStore
+from dicom_node.dataset_end import DataSetEnd, Malformed
 from dicom_node.header_scan import WANTED, Unsupported, scan_header
 from pipeline.demographics import IDENTITY_KEYWORDS
 
@@ -94,7 +95,14 @@ TRANSFER_SYNTAXES = [
 ]
 DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 # A PDU longer than this is refused even when max_pdu is 0 (unlimited): a peer must not make us allocate at will.
+# It is also the maximum length advertised then, so that a peer honouring it never sends a longer one.
 UNLIMITED_PDU_CAP = 64 * 2**20
+# The elements before the pixel data are held in memory until read; a data set whose header goes on past this is
+# refused (a lying element length would otherwise buffer the whole transfer).
+HEADER_LIMIT = 8 * 2**20
+# An A-ASSOCIATE-RQ may be longer than the P-DATA limit (max_pdu bounds P-DATA-TF only): 128 contexts x 13
+# transfer syntaxes is about 45 kB.
+ASSOCIATE_RQ_LIMIT = 1 * 2**20
 STATUS_UNRECOGNISED_OPERATION = 0x0211
 
 OnStored = Callable[[InstanceRef], None]
@@ -132,11 +140,18 @@ def read_header(data: bytes | bytearray, transfer_syntax: str, *, complete: bool
     """The received data set's elements up to the pixel data; the pixel data stays encoded.
 
     ``complete=False``: ``data`` is only the start of the data set; None when the header goes on past it.
+    A deflated data set is inflated only as far as ``HEADER_LIMIT`` (a few MB of deflate can inflate to GB).
     """
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        if not complete:
-            return None
-        data = zlib.decompress(bytes(data), -zlib.MAX_WBITS)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        data = inflater.decompress(bytes(data), HEADER_LIMIT)
+        if not inflater.eof:
+            complete = False  # only the start of the data set: the header must end in what was inflated
+            if len(data) >= HEADER_LIMIT:
+                ds = read_header(data, ExplicitVRLittleEndian, complete=False)
+                if ds is None:
+                    raise ValueError(f"header longer than {HEADER_LIMIT // 2**20} MiB")
+                return ds
     stop = _StopAtPixelData()
     try:
         ds = read_dataset(io.BytesIO(data), transfer_syntax == ImplicitVRLittleEndian,
@@ -344,7 +359,7 @@ class StorageSCP:
         ac.result, ac.result_source = 0x00, 0x01
         ac.presentation_context_definition_results_list = results
         max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = self.max_pdu
+        max_length.maximum_length_received = self.max_pdu or UNLIMITED_PDU_CAP
         impl_uid = ImplementationClassUIDNotification()
         impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         impl_version = ImplementationVersionNameNotification()
@@ -363,9 +378,10 @@ class StorageSCP:
         except Exception as exc:  # noqa: BLE001
             log.warning("refusal of %s not audited: %s", sop_uid or "(no UID)", exc)
 
-    def receive(self, calling: str, request: Command, transfer_syntax: str) -> "_Receipt":
-        """A C-STORE's data set, fed fragment by fragment as it arrives."""
-        return _Receipt(self, calling, request, transfer_syntax)
+    def receive(self, calling: str, request: Command, context: tuple[str, str]) -> "_Receipt":
+        """A C-STORE's data set, fed fragment by fragment as it arrives; ``context``: the presentation context's
+        (abstract syntax, transfer syntax)."""
+        return _Receipt(self, calling, request, context)
 
 
 class _Receipt:
@@ -379,20 +395,32 @@ class _Receipt:
 
     HEADER_PROBE_BYTES = 16 * 1024
 
-    def __init__(self, scp: StorageSCP, calling: str, request: Command, transfer_syntax: str) -> None:
+    def __init__(self, scp: StorageSCP, calling: str, request: Command, context: tuple[str, str]) -> None:
         self.scp = scp
         self.calling = calling
         self.request = request
-        self.transfer_syntax = transfer_syntax
+        abstract_syntax, self.transfer_syntax = context
         self._buffer = bytearray()
         self._next_probe = self.HEADER_PROBE_BYTES
         self._incoming: IncomingInstance | None = None
         self._refusal: tuple[int, str] | None = None
         self._fields: dict[str, str] = {}
+        self._end = DataSetEnd(self.transfer_syntax)
+        if request.affected_sop_class != abstract_syntax:
+            self._refuse(0x0122, f"the C-STORE's SOP class {request.affected_sop_class or '(none)'} is not the "
+                                 f"presentation context's ({abstract_syntax})", audit=True)
+        elif not request.affected_sop_instance:
+            self._refuse(0xA900, "the C-STORE request has no Affected SOP Instance UID", audit=True)
 
     def add(self, fragment: bytes | bytearray | memoryview, is_last: bool) -> None:
         if self._refusal is not None:
             return  # the rest of a refused data set is read and dropped
+        try:
+            self._end.feed(fragment)
+        except (Malformed, zlib.error) as exc:
+            self.discard()
+            self._refuse(0xC210, f"cannot parse dataset: {exc}")
+            return
         if self._incoming is not None:
             self._write(fragment)
             return
@@ -406,7 +434,12 @@ class _Receipt:
             self._refusal = (0xC210, "cannot parse dataset")
             return
         if fields is None:  # the header goes on past what has arrived
-            self._next_probe = 2 * len(self._buffer)
+            if len(self._buffer) >= HEADER_LIMIT:
+                self._refuse(0xC210, f"cannot parse dataset: no end of its header (the elements before the pixel "
+                                     f"data) in the first {HEADER_LIMIT // 2**20} MiB")
+                self._buffer = bytearray()
+                return
+            self._next_probe = min(2 * len(self._buffer), HEADER_LIMIT)
             return
         self._begin(fields)
 
@@ -435,6 +468,10 @@ class _Receipt:
             return
         if sop_uid and self.request.affected_sop_instance not in ("", sop_uid):
             self._refuse(0xA900, "SOP Instance UID in the dataset differs from the C-STORE request")
+            return
+        if sop_class and sop_class != self.request.affected_sop_class:
+            self._refuse(0xA900, f"SOP Class UID in the dataset ({sop_class}) differs from the C-STORE request "
+                                 f"({self.request.affected_sop_class})", audit=True)
             return
         try:
             self._incoming = scp.store.begin(sop_class=sop_class, sop_uid=sop_uid, study_uid=f["StudyInstanceUID"],
@@ -489,6 +526,12 @@ class _Receipt:
         if self._incoming is None:  # never reached a header: an empty data set
             self._refuse(0xC210, "cannot parse dataset: no data")
             return 0xC210, "cannot parse dataset", False
+        if not self._end.complete():
+            self.discard()
+            reason = (f"data set cut short: it ends inside an element after {self._end.seen} bytes (the last "
+                      "fragment came before the data did); not stored: send it again")
+            self._refuse(0xC210, reason, audit=True)
+            return 0xC210, reason, False
         f, incoming = self._fields, self._incoming
         self._incoming = None
         try:
@@ -526,7 +569,14 @@ class _Association:
         self.calling = ""
 
     def run(self) -> None:
-        pdu_type, body = self.reader.read()
+        try:
+            # ARTIM: the whole request within acse_timeout, not per read (one byte every few seconds would hold
+            # an association slot for ever)
+            pdu_type, body = self.reader.read(limit=max(self.reader.limit, ASSOCIATE_RQ_LIMIT),
+                                              within_s=self.scp.acse_timeout)
+        except ul.ProtocolError as exc:
+            self._abort(exc)
+            return
         if pdu_type != ul.A_ASSOCIATE_RQ_TYPE:
             self._abort(ul.ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
                                          ul.ABORT_UNEXPECTED_PDU))
@@ -595,7 +645,7 @@ class _Association:
                         request = decode_command(bytes(command))
                         command.clear()
                         if request.command_field == C_STORE_RQ and request.has_data_set:
-                            receipt = self.scp.receive(self.calling, request, contexts[context_id][1])
+                            receipt = self.scp.receive(self.calling, request, contexts[context_id])
                             pending = (request, context_id, receipt)
                         elif request.has_data_set:
                             pending = (request, context_id, None)
@@ -620,6 +670,9 @@ class _Association:
             status = 0x0000
         elif receipt is not None:
             status, comment = receipt.finish()
+        elif request.command_field == C_STORE_RQ and not request.has_data_set:
+            status, comment = 0xA900, "C-STORE request without a data set: nothing to store"
+            log.warning("association from %s: %s", self.calling, comment)
         else:
             status, comment = STATUS_UNRECOGNISED_OPERATION, "only C-ECHO and C-STORE are served here"
             log.warning("association from %s: DIMSE command 0x%04X refused (%s)", self.calling,

@@ -17,7 +17,7 @@ from typing import Union
 
 import pydicom
 
-from dicom_node.db import NodeDB
+from dicom_node.db import NodeDB, StoredInstance
 from pipeline.demographics import IDENTITY_KEYWORDS, identity_of
 from pipeline.durable import DurableFile
 
@@ -206,22 +206,33 @@ class IncomingInstance:
             raise self.store._write_error(target.path, exc) from None
         if ref.identity_update:
             return ref
+        fields = dict(sop_uid=ref.sop_instance_uid, sop_class=ref.sop_class_uid, study_uid=ref.study_uid,
+                      series_uid=ref.series_uid, path=ref.path, transfer_syntax=transfer_syntax,
+                      calling_aet=calling_aet, patient_id=patient_id, issuer=issuer, modality=modality)
         if ref.moved_from_series is not None:
-            filed_before = db.move_instance(
-                sop_uid=ref.sop_instance_uid, sop_class=ref.sop_class_uid, study_uid=ref.study_uid,
-                series_uid=ref.series_uid, path=ref.path, transfer_syntax=transfer_syntax, calling_aet=calling_aet,
-                patient_id=patient_id, issuer=issuer, modality=modality)
-            if filed_before is not None and filed_before.path != ref.path:
-                log.warning("instance %s re-sent under series %s (was series %s): moved; that series is decided "
-                            "again", ref.sop_instance_uid, ref.series_uid, filed_before.series_uid)
-                try:
-                    os.unlink(filed_before.path)
-                except OSError as exc:  # the index no longer names it: only disk space is at stake
-                    log.warning("could not delete the moved instance's old file %s: %s", filed_before.path, exc)
+            self._move(fields)
             return ref
-        fresh = db.index_instance(
-            sop_uid=ref.sop_instance_uid, sop_class=ref.sop_class_uid, study_uid=ref.study_uid,
-            series_uid=ref.series_uid, path=ref.path, transfer_syntax=transfer_syntax, calling_aet=calling_aet,
-            patient_id=patient_id, issuer=issuer, modality=modality,
-        )
-        return ref if fresh else dataclasses.replace(ref, duplicate=True)
+        if db.index_instance(**fields):
+            return ref
+        # Indexed by another association since ``begin``: the same file (a duplicate), or the same instance sent
+        # under another series at the same moment, filed there. This copy is the later one: moved here, as if
+        # it had been sent after (else the index would name the other file and this one would lie unindexed).
+        stored = db.stored_instance(ref.sop_instance_uid)
+        if stored is not None and stored.path != ref.path:
+            filed_before = self._move(fields)
+            if filed_before is not None:
+                return dataclasses.replace(ref, moved_from_series=filed_before.series_uid)
+            return ref
+        return dataclasses.replace(ref, duplicate=True)
+
+    def _move(self, fields: dict) -> StoredInstance | None:
+        """Re-file the instance under the series it was just sent in, and delete its file under the old one."""
+        filed_before = self.store.db.move_instance(**fields)
+        if filed_before is not None and filed_before.path != fields["path"]:
+            log.warning("instance %s re-sent under series %s (was series %s): moved; that series is decided "
+                        "again", fields["sop_uid"], fields["series_uid"], filed_before.series_uid)
+            try:
+                os.unlink(filed_before.path)
+            except OSError as exc:  # the index no longer names it: only disk space is at stake
+                log.warning("could not delete the moved instance's old file %s: %s", filed_before.path, exc)
+        return filed_before

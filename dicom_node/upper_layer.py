@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -67,23 +68,44 @@ class PduReader:
         self.limit = limit
         self._buf = bytearray(64 * 1024)
         self._header = bytearray(6)
+        self._deadline: float | None = None
 
     def _fill(self, view: memoryview) -> None:
         got, want = 0, len(view)
         while got < want:
+            if self._deadline is not None:  # a whole-PDU deadline: a byte now and then does not extend it
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("deadline passed")
+                self.sock.settimeout(left)
             n = self.sock.recv_into(view[got:], want - got)
             if n == 0:
                 raise PeerClosed("the peer closed the connection")
             got += n
 
-    def read(self) -> tuple[int, memoryview]:
-        """The next PDU: (type, body). The body view is valid until the next call."""
+    def read(self, *, limit: int | None = None, within_s: float | None = None) -> tuple[int, memoryview]:
+        """The next PDU: (type, body). The body view is valid until the next call.
+
+        ``limit``: another length limit for this PDU; ``within_s``: the whole PDU must arrive within this time
+        (TimeoutError), whatever the socket's per-read timeout."""
+        limit = self.limit if limit is None else limit
+        if within_s is None:
+            return self._read(limit)
+        per_read = self.sock.gettimeout()
+        self._deadline = time.monotonic() + within_s
+        try:
+            return self._read(limit)
+        finally:
+            self._deadline = None
+            self.sock.settimeout(per_read)
+
+    def _read(self, limit: int) -> tuple[int, memoryview]:
         self._fill(memoryview(self._header))
         pdu_type, length = _HEADER.unpack(self._header)
         if pdu_type not in KNOWN_PDU_TYPES:
             raise ProtocolError(f"unrecognised PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
-        if length > self.limit:
-            raise ProtocolError(f"PDU of {length} bytes exceeds the {self.limit}-byte limit")
+        if length > limit:
+            raise ProtocolError(f"PDU of {length} bytes exceeds the {limit}-byte limit")
         if length > len(self._buf):
             self._buf = bytearray(length)
         body = memoryview(self._buf)[:length]

@@ -361,3 +361,165 @@ def test_while_its_only_receiver_restarts_an_association_is_refused_transiently_
     finally:
         server.stop()
         db.close()
+
+
+# --- data sets that must not be answered Success (review of the receive path, 2026-12-07) ---------------------
+def _status(body: bytes) -> tuple[int, str]:
+    found = re.search(rb"\x00\x00\x00\x09\x02\x00\x00\x00(..)", body[6:], re.S)
+    comment = re.search(rb"\x00\x00\x02\x09(....)", body[6:], re.S)
+    text = ""
+    if comment:
+        n = struct.unpack("<L", comment.group(1))[0]
+        text = body[6 + comment.end():6 + comment.end() + n].decode(errors="replace").strip("\x00 ")
+    return struct.unpack("<H", found.group(1))[0], text
+
+
+def _send_store(sock: socket.socket, context_id: int, command: bytes, data: bytes) -> tuple[int, str]:
+    sock.sendall(_p_data(context_id, 0x03, command))
+    pieces = [data[i:i + 16000] for i in range(0, len(data), 16000)] or [b""]
+    for i, piece in enumerate(pieces):
+        sock.sendall(_p_data(context_id, 0x02 if i == len(pieces) - 1 else 0x00, piece))
+    pdu_type, body = _read_pdu(sock)
+    assert pdu_type == 0x04, pdu_type
+    return _status(body)
+
+
+def test_a_data_set_cut_short_is_refused_and_nothing_is_kept(scp, sample_series, tmp_path):
+    """A sender that set the last-fragment flag early (20 kB of pixel data missing) was answered Success and the
+    node kept a file whose pixel data could not be read; the sender may then purge the only good copy."""
+    from dicom_node.dataset_end import DataSetEnd
+
+    body, syntax = _data_set_of(str(sample_series.files[0]))
+    ds = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    sock = _open(scp)
+    status, comment = _send_store(sock, 1, _command(0x0001, CTImageStorage, ds.SOPInstanceUID), body[:-20000])
+    assert status == 0xC210 and "cut short" in comment
+    assert not list((tmp_path / "store").rglob("*.dcm")) and not list((tmp_path / "store").rglob(".incoming.*"))
+    assert _send_store(sock, 1, _command(0x0001, CTImageStorage, ds.SOPInstanceUID), body) == (0x0000, "")
+    assert len(scp.stored) == 1 and pydicom.dcmread(scp.stored[0].path).pixel_array.shape == (ds.Rows, ds.Columns)
+    sock.close()
+    # the framing check itself, on every kind of cut and on a whole data set fed in odd pieces
+    for cut in (1, 7, 100, len(body) // 2, len(body) - 1):
+        end = DataSetEnd(syntax)
+        end.feed(body[:cut])
+        assert not end.complete(), cut
+    end = DataSetEnd(syntax)
+    for i in range(0, len(body), 4093):
+        end.feed(memoryview(body)[i:i + 4093])
+    assert end.complete()
+
+
+def test_a_deflated_data_set_cut_short_is_refused(scp, sample_series, tmp_path):
+    ds = pydicom.dcmread(sample_series.files[0])
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    pydicom.dcmwrite(tmp_path / "deflated.dcm", ds, implicit_vr=False, little_endian=True, force_encoding=True)
+    body, syntax = _data_set_of(str(tmp_path / "deflated.dcm"))
+    assert syntax == DeflatedExplicitVRLittleEndian
+    sock = _open(scp, (CTImageStorage, DeflatedExplicitVRLittleEndian))
+    status, comment = _send_store(sock, 1, _command(0x0001, CTImageStorage, ds.SOPInstanceUID), body[:-500])
+    assert status == 0xC210 and "cut short" in comment
+    assert _send_store(sock, 1, _command(0x0001, CTImageStorage, ds.SOPInstanceUID), body) == (0x0000, "")
+    sock.close()
+
+
+def test_the_sop_class_must_agree_between_context_command_and_data_set(scp, sample_series):
+    """A CT sent on the Verification context, a CT data set under a Secondary Capture command, and a command
+    without its Affected SOP Instance UID were all stored (the file meta then said SC for a CT)."""
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    body, _ = _data_set_of(str(sample_series.files[0]))
+    ds = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    sock = _open(scp, (CTImageStorage, ExplicitVRLittleEndian), (Verification, ExplicitVRLittleEndian),
+                 (SecondaryCaptureImageStorage, ExplicitVRLittleEndian))
+    uid = ds.SOPInstanceUID
+    assert _send_store(sock, 3, _command(0x0001, CTImageStorage, uid), body)[0] == 0x0122
+    status, comment = _send_store(sock, 5, _command(0x0001, SecondaryCaptureImageStorage, uid), body)
+    assert status == 0xA900 and "SOP Class UID in the dataset" in comment
+    status, comment = _send_store(sock, 1, _command(0x0001, CTImageStorage), body)
+    assert status == 0xA900 and "no Affected SOP Instance UID" in comment
+    assert not scp.stored
+    assert _send_store(sock, 1, _command(0x0001, CTImageStorage, uid), body) == (0x0000, "")
+    sock.close()
+
+
+def test_a_lying_element_length_in_the_header_is_refused_without_buffering_the_transfer(scp):
+    """A defined-length element before group 0020 claiming ~4 GB kept the header 'unfinished', so every later
+    fragment was held in memory (150 MB sent: +150 MB resident)."""
+    from dicom_node.scp import HEADER_LIMIT
+
+    sock = _open(scp)
+    lying = struct.pack("<HH2sHL", 0x0009, 0x0010, b"OB", 0, 0xFFFFFFF0)  # private OB, 4 GB long
+    data = lying + bytes(HEADER_LIMIT + 2**20)
+    status, comment = _send_store(sock, 1, _command(0x0001, CTImageStorage, "1.2.3.4"), data)
+    assert status == 0xC210 and "no end of its header" in comment
+    sock.close()
+    assert _echo_works(scp.port)
+
+
+def test_the_association_request_must_arrive_whole_within_artim(scp):
+    """One byte every second kept the connection (and an association slot) for as long as the peer liked."""
+    rq = _associate_rq((CTImageStorage, ExplicitVRLittleEndian))
+    sock = socket.create_connection(("127.0.0.1", scp.port), timeout=10)
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        for i in range(len(rq)):
+            sock.sendall(rq[i:i + 1])
+            time.sleep(1.0)
+            if time.monotonic() - started > 15:
+                break
+    assert time.monotonic() - started < scp.acse_timeout + 4
+    sock.close()
+
+
+def test_max_pdu_zero_advertises_the_largest_pdu_the_node_reads(tmp_path, sample_series):
+    """max_pdu = 0 was advertised as 'unlimited', but PDUs over 64 MiB are refused: a peer honouring it sent a
+    large data set as one PDU and was aborted."""
+    from dicom_node.scp import UNLIMITED_PDU_CAP
+
+    db = NodeDB(tmp_path / "db.sqlite")
+    server = StorageSCP(ae_title="OSTEOSCREEN", host="127.0.0.1", port=0, max_pdu=0, allowed_calling_aets=[],
+                        store=InstanceStore(tmp_path / "store", db), on_stored=lambda ref: None)
+    server.start()
+    try:
+        ae = AE(ae_title="CT1")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="OSTEOSCREEN")
+        assert assoc.is_established and assoc.acceptor.maximum_length == UNLIMITED_PDU_CAP
+        assoc.release()
+    finally:
+        server.stop()
+        db.close()
+
+
+def test_one_instance_sent_under_two_series_at_once_ends_filed_once(tmp_path, sample_series):
+    """Both associations were answered Success; the index kept the first series and the second file lay on disk
+    unindexed. The later commit now moves the instance, as a re-send after the first would."""
+    data = Path(sample_series.files[0]).read_bytes()
+    ds = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    db = NodeDB(tmp_path / "db.sqlite")
+    store = InstanceStore(tmp_path / "store", db)
+    keys = dict(sop_class=str(ds.SOPClassUID), sop_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID))
+    first, second = (store.begin(series_uid=s, **keys) for s in ("1.2.3.1", "1.2.3.2"))
+    for incoming in (first, second):
+        incoming.write(data)
+    meta = dict(transfer_syntax=ExplicitVRLittleEndian, calling_aet="CT1", patient_id="P", issuer="", modality="CT")
+    assert not first.commit(**meta).duplicate
+    ref = second.commit(**meta)
+    assert ref.moved_from_series == "1.2.3.1"
+    assert db.stored_instance(str(ds.SOPInstanceUID)).series_uid == "1.2.3.2"
+    assert [p.parent.name for p in (tmp_path / "store").rglob("*.dcm")] == ["1.2.3.2"]
+    db.close()
+
+
+def test_a_dead_receivers_half_received_files_are_removed_and_no_others(tmp_path):
+    from dicom_node.receiver_pool import ReceiverPool, ReceiverSetup
+
+    setup = ReceiverSetup(ae_title="OSTEOSCREEN", max_pdu=16384, max_associations=4, allowed_calling_aets=[],
+                          allowed_sop_classes={}, tls=None, store_root=str(tmp_path / "store"),
+                          db_path=str(tmp_path / "db.sqlite"), min_free_bytes=0)
+    series = tmp_path / "store" / "1.2" / "1.2.3"
+    series.mkdir(parents=True)
+    for name in (".incoming.4242.1.tmp", ".incoming.4242.2.tmp", ".incoming.4243.1.tmp", "1.2.3.4.dcm"):
+        (series / name).write_bytes(b"x")
+    ReceiverPool(setup, 1, on_stored=lambda ref: None, on_outcome=lambda *a: None)._remove_partial_files(4242)
+    assert sorted(p.name for p in series.iterdir()) == [".incoming.4243.1.tmp", "1.2.3.4.dcm"]
