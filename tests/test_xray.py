@@ -223,3 +223,34 @@ def test_the_xray_result_says_which_inputs_were_beyond_the_training_range(tmp_pa
     assert result.summary["input_notes"] and "Alkaline phosphatase 1500 U/L is above" in result.summary["input_notes"][0]
     sr = json.dumps(pydicom.dcmread(tmp_path / "sr.dcm").to_json_dict())
     assert "Outside the training range: Alkaline phosphatase 1500 U/L" in sr
+
+
+def test_a_radiograph_stored_turned_or_mirrored_is_read_upright(tmp_path):
+    """PatientOrientation was ignored: the same chest stored rotated by 90 degrees scored 16 times lower. A view
+    with A/P along the rows or columns (a lateral) is refused."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from pipeline.xray.image import RadiographError, load_radiograph
+
+    ds = pydicom.dcmread(ADULT)
+    pixels = ds.pixel_array
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    reference = None
+    for orientation, stored in ((["L", "F"], pixels), (["R", "F"], pixels[:, ::-1]), (["H", "L"], pixels[::-1].T),
+                                (["R", "H"], pixels[::-1, ::-1]), (["F", "R"], pixels[:, ::-1].T)):
+        ds.PatientOrientation = orientation
+        ds.Rows, ds.Columns = stored.shape
+        ds.PixelData = np.ascontiguousarray(stored).tobytes()
+        ds.save_as(tmp_path / "r.dcm", enforce_file_format=True)
+        rad = load_radiograph(tmp_path / "r.dcm")
+        assert rad.orientation == ("L", "F")
+        if reference is None:
+            reference = rad.display
+            assert len(rad.notes) == 1 and "is not a valid spacing" in rad.notes[0]
+        else:
+            assert np.array_equal(rad.display, reference), orientation
+            assert any("to L\\F for the model" in n for n in rad.notes)
+    ds.PatientOrientation = ["P", "F"]
+    ds.save_as(tmp_path / "r.dcm", enforce_file_format=True)
+    with pytest.raises(RadiographError, match="not a frontal view"):
+        load_radiograph(tmp_path / "r.dcm")

@@ -220,6 +220,12 @@ SCREENING_CODES = {
                         "meaning": "Osteoporosis screen positive (elevated risk)"},
     "screen_negative": {"value": "screen_negative", "scheme": "99OSTEOSCREEN",
                         "meaning": "Osteoporosis screen negative (below threshold)"},
+    # The EXPERIMENTAL chest radiograph path: its own codes, so that a rule or a site's validation keyed on codes
+    # never mixes it with the CT path's results.
+    "xr_screen_positive": {"value": "xr_screen_positive", "scheme": "99OSTEOSCREEN",
+                           "meaning": "EXPERIMENTAL chest radiograph osteoporosis screen positive"},
+    "xr_screen_negative": {"value": "xr_screen_negative", "scheme": "99OSTEOSCREEN",
+                           "meaning": "EXPERIMENTAL chest radiograph osteoporosis screen negative"},
 }
 
 

@@ -179,9 +179,9 @@ def _write_bundle(out: Path, net: XrayNet, summary: dict) -> None:
     r = summary["results"]
     categories = [
         {"id": "screen_positive", "label": "EXPERIMENTAL (chest radiograph): elevated osteoporosis risk",
-         "code": screening_code("screen_positive")},
+         "code": screening_code("xr_screen_positive")},
         {"id": "screen_negative", "label": "EXPERIMENTAL (chest radiograph): below screening threshold",
-         "code": screening_code("screen_negative")},
+         "code": screening_code("xr_screen_negative")},
     ]
     card = {
         "name": BUNDLE_NAME,

@@ -53,13 +53,6 @@ def region_overlay(display_shape: tuple[int, int], attention: np.ndarray) -> np.
     return excess[np.clip(rr, 0, GRID - 1)][:, np.clip(cc, 0, GRID - 1)].astype(np.float32)
 
 
-def _patient_orientation(header) -> tuple[str, str]:
-    po = header.get("PatientOrientation")
-    if po is not None and len(po) == 2 and all(str(v) for v in po):
-        return str(po[0]), str(po[1])
-    return "L", "F"  # a chest PA/AP as displayed: columns towards the patient's left, rows towards the feet
-
-
 def _as_fused_output(x: XrayOutput, tab: FusedOutput | None, modalities: tuple[str, ...],
                      model: tuple[str, str]) -> FusedOutput:
     """The SR/SC carry the fused result like the CT path's; the tabular SHAP values are scaled by (1 - w), their
@@ -157,7 +150,7 @@ def run_xray_screening(req):
                       series_uid=sc_series, sop_uid=sc_uid,
                       description="osteoscreen chest radiograph key image (EXPERIMENTAL)",
                       derivation="Chest radiograph, the image model's region attention and the screening summary "
-                                 "(EXPERIMENTAL)", patient_orientation=_patient_orientation(header))
+                                 "(EXPERIMENTAL)", patient_orientation=rad.orientation)
         write_durably(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))
         write_durably(out / "sc.png", lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
         outputs.append(OutputObject("sc", str(out / "sc.dcm"), SC_SOP_CLASS, sc_uid))
