@@ -8,7 +8,7 @@ from pathlib import Path
 
 import engines
 from config.schema import Settings
-from engines.bundle import resolve_bundle_path
+from engines.bundle import BundleError, resolve_bundle_path
 
 
 BUNDLE_ROLES = (  # (setting, what it must be: card kinds)
@@ -25,7 +25,7 @@ def check_configured_bundles(s: Settings) -> list[str]:
 
     A wrong name or a bundle in the wrong place (say a selector as the image-only model) would otherwise stop
     the service at start-up or fail every job; ``osteoscreen config check`` and the service's start both ask."""
-    from engines.bundle import BundleError, load_bundle
+    from engines.bundle import load_bundle
 
     problems = []
     for setting, kinds in BUNDLE_ROLES:
@@ -52,8 +52,17 @@ def configured_bundles(s: Settings) -> list[str]:
 
 
 def configured_graphs(s: Settings) -> list[Path]:
-    """Every network the configured bundles run."""
+    """Every network the configured bundles run (BundleError for a bundle that is not there)."""
     return [p for b in configured_bundles(s) for p in sorted(resolve_bundle_path(b).glob("*.onnx"))]
+
+
+def _graphs_or_report(s: Settings, command: str) -> list[Path] | None:
+    """configured_graphs, or None after one line on stderr (no traceback) for a missing bundle."""
+    try:
+        return configured_graphs(s)
+    except BundleError as exc:
+        print(f"engines {command}: {exc}", file=sys.stderr)
+        return None
 
 
 def list_backends(s: Settings) -> int:
@@ -65,8 +74,11 @@ def list_backends(s: Settings) -> int:
     print(f"GPU: {', '.join(f'{g.name} (compute capability {g.compute_capability})' for g in gpus) or 'none'}")
     print(f"available backends: {', '.join(engines.available_backends()) or 'none'}")
     print(f"configured backend: {s.screening.backend}; precision {opts.precision}; TensorRT cache {opts.cache_dir}")
+    graphs = _graphs_or_report(s, "list")
+    if graphs is None:
+        return 2
     status = 0
-    for onnx_path in configured_graphs(s):
+    for onnx_path in graphs:
         try:
             eng = engines.load_graph(onnx_path, s.screening.backend, options=opts)
         except engines.EngineError as exc:
@@ -83,8 +95,11 @@ def build(s: Settings, backend: str) -> int:
     from dicom_node.service import engine_options
 
     opts = engine_options(s)
+    graphs = _graphs_or_report(s, "build")
+    if graphs is None:
+        return 2
     status = 0
-    for onnx_path in configured_graphs(s):
+    for onnx_path in graphs:
         t0 = time.perf_counter()
         try:
             eng = engines.load_graph(onnx_path, backend, options=opts)
@@ -102,9 +117,23 @@ def build(s: Settings, backend: str) -> int:
 
 
 def export_triton(s: Settings, out_dir: Path, cpu: bool) -> int:
+    """Write the Triton model repository; a DIR that cannot be written or a bundle that fails its check is one
+    line on stderr and exit status 2."""
     from engines.triton_repo import export_repository
 
-    dirs = export_repository(out_dir, configured_bundles(s), max_batch=s.engines.max_batch, gpu=not cpu)
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"engines export-triton: {out_dir} exists and is not a directory: give a new or empty directory",
+              file=sys.stderr)
+        return 2
+    try:
+        dirs = export_repository(out_dir, configured_bundles(s), max_batch=s.engines.max_batch, gpu=not cpu)
+    except OSError as exc:
+        print(f"engines export-triton: cannot write {exc.filename or out_dir}: {exc.strerror or exc}; give a "
+              f"directory this user can create and write", file=sys.stderr)
+        return 2
+    except BundleError as exc:
+        print(f"engines export-triton: {exc}", file=sys.stderr)
+        return 2
     for d in dirs:
         print(f"{d}")
     print(f"Triton model repository: {len(dirs)} models in {out_dir}; serve it with "

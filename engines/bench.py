@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -119,6 +120,8 @@ def run(backends: list[str], real: dict[str, dict[str, np.ndarray]], runs: int, 
             notes.append(f"{backend} {precision}: {exc}")
             continue
         for g, eng in engines.items():
+            if backend == REFERENCE and eng.precision == "fp32":
+                continue  # the reference against itself proves nothing
             for kind, feeds in (("random", rand[g]), ("real", real[g])):
                 parity.append(compare(g, backend, eng.precision, kind, eng(**feeds), ref_out[(g, kind)]))
         sel = engines["drlis_v1/qnet"]
@@ -203,15 +206,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random-input seed (default: fresh)")
 
 
+class InputsError(Exception):
+    """A --inputs file that cannot be used; the message says which and what to do."""
+
+
+def _read_inputs(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    try:
+        real = load_inputs(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise InputsError(f"--inputs {path}: cannot be read ({getattr(exc, 'strerror', None) or exc}); write one "
+                          f"with `osteoscreen engines bench --save-inputs FILE` on a full install") from None
+    missing = [g for g in GRAPHS if g not in real]
+    if missing:
+        raise InputsError(f"--inputs {path}: no inputs for {missing}; write it again with "
+                          f"`osteoscreen engines bench --save-inputs FILE`")
+    return real
+
+
+def not_run(backends: list[str], timings: list[Timing]) -> list[str]:
+    """Requested backends with no figure: they could not load here (the notes say why)."""
+    ran = {t.backend for t in timings}
+    return [b for b in backends if b not in ran]
+
+
 def execute(args: argparse.Namespace) -> int:
+    """Exit status 0; 1 on a parity failure; 2 when a requested backend did not run (or bad arguments)."""
     if args.inputs:
-        real = load_inputs(args.inputs)
+        try:
+            real = _read_inputs(args.inputs)
+        except InputsError as exc:
+            print(f"engines bench: {exc}", file=sys.stderr)
+            return 2
     else:
         from pipeline.engine_inputs import real_inputs  # needs the full install (the bundled CT, the localiser)
 
         real = real_inputs()
         if args.save_inputs:
-            save_inputs(args.save_inputs, real)
+            try:
+                save_inputs(args.save_inputs, real)
+            except OSError as exc:
+                print(f"engines bench: cannot write {args.save_inputs}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
             print(f"real inputs written to {args.save_inputs}")
             return 0
     options = current()
@@ -228,10 +263,21 @@ def execute(args: argparse.Namespace) -> int:
     parity, timings, notes = run(backends, real, args.runs, options, seed)
     text = report(parity, timings, notes, args.runs) + f"\nrandom-input seed: {seed}\n"
     print(text)
+    unwritten = False
     if args.output:
-        args.output.write_text(text, encoding="utf-8")
+        try:
+            args.output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(f"engines bench: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            unwritten = True
+    missing = not_run(backends, timings)
+    if missing:
+        print(f"engines bench: requested backend(s) did not run: {', '.join(missing)} (the report's \"Not run\" "
+              f"says why; `osteoscreen engines list` shows what runs here)", file=sys.stderr)
     print(summary(parity, timings))
-    return 0 if all(p.ok for p in parity) else 1
+    if not all(p.ok for p in parity):
+        return 1
+    return 2 if missing or unwritten else 0
 
 
 if __name__ == "__main__":

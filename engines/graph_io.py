@@ -11,10 +11,14 @@ class GraphIO:
     outputs: dict[str, tuple[int | None, ...]]
 
 
-def read_io(onnx_path: Path) -> GraphIO:
-    import onnx
+def read_io(onnx: Path | bytes) -> GraphIO:
+    """From an ONNX file, or its bytes (as engines.bundle.read_verified checked them)."""
+    import onnx as onnx_lib
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    if isinstance(onnx, (bytes, bytearray)):
+        model = onnx_lib.load_from_string(bytes(onnx))
+    else:
+        model = onnx_lib.load(str(onnx), load_external_data=False)
     init = {i.name for i in model.graph.initializer}
 
     def shape(v) -> tuple[int | None, ...]:

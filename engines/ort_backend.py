@@ -1,14 +1,13 @@
 """ONNX Runtime sessions tuned for a service that shares its CPUs with DICOM ingest.
 
-- intra-op threads from ``[engines] threads`` (or the caller's share), one inter-op thread;
+- intra-op threads from ``[engines] threads`` (it overrides the caller's per-network share), one inter-op
+  thread;
 - no spin-waiting between calls: a spinning pool would take cores from the listener
   while it waits for the next study;
 - the graph optimisation level from configuration (default: all);
 - on CUDA, IO binding: inputs are copied once, outputs stay on the device until read.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +33,7 @@ def session_options(options: EngineOptions, threads: int | None):
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[options.graph_optimization])
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.inter_op_num_threads = 1
-    n = threads or options.threads
+    n = options.threads or threads  # the configured setting wins over the network's default share
     if n:
         opts.intra_op_num_threads = n
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -44,7 +43,8 @@ def session_options(options: EngineOptions, threads: int | None):
 class OrtSession:
     """``run(output_names, feeds)`` over an ONNX Runtime session on the CPU or one CUDA device."""
 
-    def __init__(self, path: Path, *, cuda: bool, options: EngineOptions, threads: int | None) -> None:
+    def __init__(self, onnx: bytes, *, cuda: bool, options: EngineOptions, threads: int | None) -> None:
+        """``onnx``: the network's bytes, as engines.bundle.read_verified checked them."""
         import onnxruntime as ort
 
         # On CUDA: fp32 means fp32 (ORT enables TF32 by default: 5e-3 off the reference on the selector's Q,
@@ -52,7 +52,7 @@ class OrtSession:
         # the batch changes, which the selector's agents do at every step (400 ms per volume, measured).
         cuda_opts = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
         provs = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), sess_options=session_options(options, threads),
+        self.session = ort.InferenceSession(onnx, sess_options=session_options(options, threads),
                                             providers=provs)
         self.cuda = cuda
         if cuda and self.session.get_providers()[0] != "CUDAExecutionProvider":

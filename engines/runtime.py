@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from engines import ort_backend
+from engines.bundle import BundleError, VerifiedFile, read_verified
 from engines.gpu import has_cuda_gpu
-from engines.graph_io import read_io
+from engines.graph_io import GraphIO, read_io
 from engines.options import EngineOptions, current
 
 log = logging.getLogger("osteoscreen.engines")
@@ -41,14 +42,45 @@ class Engine:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     _session: object = field(repr=False)
+    input_shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)  # None: the batch dimension
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        missing = set(self.input_names) - set(inputs)
-        if missing:
-            raise EngineError(f"{self.graph}: missing inputs {sorted(missing)}")
+        self.check_inputs(inputs)
         feeds = {k: np.ascontiguousarray(inputs[k], dtype=np.float32) for k in self.input_names}
         outs = self._session.run(list(self.output_names), feeds)  # type: ignore[attr-defined]
         return dict(zip(self.output_names, outs))
+
+    def expected(self) -> str:
+        """The inputs this network takes, e.g. ``context (batch, 227)``."""
+        return ", ".join(f"{n} ({', '.join('batch' if d is None else str(d) for d in self.input_shapes[n])})"
+                         if n in self.input_shapes else n for n in self.input_names)
+
+    def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        """Names, ranks and fixed dimensions as in the ONNX file, one batch size >= 1 shared by every input:
+        otherwise an EngineError naming what the network takes (each backend would fail its own way, and
+        PyTorch would take a wrong-sized patch without a word)."""
+        missing = sorted(set(self.input_names) - set(inputs))
+        unknown = sorted(set(inputs) - set(self.input_names))
+        if missing or unknown:
+            what = "; ".join(x for x in (f"missing inputs {missing}" if missing else "",
+                                         f"unknown inputs {unknown}" if unknown else "") if x)
+            raise EngineError(f"{self.graph}: {what}; it takes {self.expected()}")
+        wrong = []
+        batches = set()
+        for name in self.input_names:
+            shape = tuple(np.shape(inputs[name]))
+            want = self.input_shapes.get(name)
+            if shape:
+                batches.add(shape[0])
+            if want is not None and (len(shape) != len(want) or any(w is not None and w != d
+                                                                    for w, d in zip(want, shape))):
+                wrong.append(f"{name} {shape}")
+        if wrong:
+            raise EngineError(f"{self.graph}: wrong input shape {', '.join(wrong)}; it takes {self.expected()}")
+        if len(batches) != 1 or min(batches) < 1:
+            sizes = {n: tuple(np.shape(inputs[n]))[:1] for n in self.input_names}
+            raise EngineError(f"{self.graph}: every input needs the same batch size, at least 1 (got {sizes}); "
+                              f"it takes {self.expected()}")
 
     def close(self) -> None:
         close = getattr(self._session, "close", None)
@@ -97,7 +129,7 @@ def _why_unavailable(backend: str) -> str:
 
 
 def card_allows_fp16(onnx_path: Path) -> bool:
-    from engines.bundle import BundleError, load_bundle
+    from engines.bundle import load_bundle
 
     try:
         card = load_bundle(onnx_path.parent).card.raw
@@ -106,9 +138,41 @@ def card_allows_fp16(onnx_path: Path) -> bool:
     return bool(card.get("inference", {}).get("fp16", False))
 
 
+def _verified(path: Path) -> VerifiedFile:
+    """The file's bytes as its model card's SHA-256 lists them; an EngineError otherwise."""
+    try:
+        return read_verified(path)
+    except BundleError as exc:
+        raise EngineError(str(exc)) from None
+
+
+def _graph_io(onnx: VerifiedFile) -> GraphIO:
+    try:
+        return read_io(onnx.data)
+    except Exception as exc:  # noqa: BLE001 - onnx raises protobuf's DecodeError and others
+        raise EngineError(f"{onnx.path}: not a readable ONNX network ({type(exc).__name__}: {exc}); reinstall the "
+                          f"bundle or rerun the training that wrote it") from None
+
+
+def _choose(backend: str, options: EngineOptions) -> str:
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    avail = available_backends(options)
+    if backend == "auto":
+        auto = [b for b in AUTO_ORDER if b in avail]
+        if not auto:
+            raise EngineError("no inference backend is available: install onnxruntime")
+        return auto[0]
+    if backend not in avail:
+        raise EngineError(f"backend {backend} is not available here (available: {avail or 'none'}): "
+                          f"it {_why_unavailable(backend)}")
+    return backend
+
+
 def resolve_precision(backend: str, options: EngineOptions, fp16_allowed: bool) -> str:
     """fp16 only on a GPU backend and only where the card allows it; an explicit fp16 that the card
-    forbids is an error (the card's authors measured that it changes answers)."""
+    forbids is an error (the card's authors measured that it changes answers). Not for ``triton``: there the
+    server's configuration decides, and load_graph reports what it says (_served_precision)."""
     if options.precision == "fp16":
         if backend not in FP16_BACKENDS:
             raise EngineError(f"precision fp16 is available on {' and '.join(FP16_BACKENDS)}, not {backend}")
@@ -124,38 +188,50 @@ def resolve_precision(backend: str, options: EngineOptions, fp16_allowed: bool) 
 
 def load_graph(onnx_path: str | Path, backend: str = "auto", *, threads: int | None = None,
                options: EngineOptions | None = None, triton_model: str | None = None) -> Engine:
-    """One network: ``onnx_path`` names the ONNX file; other backends find their files beside it."""
+    """One network: ``onnx_path`` names the ONNX file; other backends find their files beside it.
+
+    Every file is checked against its model card's SHA-256 (engines.bundle.read_verified) and the runtime gets
+    the checked bytes. ``threads`` is the caller's default share; ``[engines] threads`` overrides it."""
     path = Path(onnx_path)
     options = options or current()
     if not path.is_file():
         raise EngineError(f"model file {path} not found")
-    if backend not in BACKENDS:
-        raise EngineError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    avail = available_backends(options)
-    if backend == "auto":
-        auto = [b for b in AUTO_ORDER if b in avail]
-        if not auto:
-            raise EngineError("no inference backend is available: install onnxruntime")
-        chosen = auto[0]
-    else:
-        chosen = backend
-        if chosen not in avail:
-            raise EngineError(f"backend {backend} is not available here (available: {avail or 'none'}): "
-                              f"it {_why_unavailable(backend)}")
-    precision = resolve_precision(chosen, options, card_allows_fp16(path))
-    io = read_io(path)
+    chosen = _choose(backend, options)
+    onnx = _verified(path)
+    io = _graph_io(onnx)
+    precision = "" if chosen == "triton" else resolve_precision(chosen, options, card_allows_fp16(path))
     try:
-        session, device = _open(chosen, path, io.inputs, precision, options, threads, triton_model)
+        session, device = _open(chosen, onnx, io.inputs, precision, options, threads, triton_model)
     except EngineError:
         raise
     except Exception as exc:  # noqa: BLE001 - each library has its own errors; the operator needs one message
         raise EngineError(f"backend {chosen} could not load {path.name}: {exc}") from exc
+    if chosen == "triton":
+        precision = _served_precision(session, options)
+    log.info("%s/%s: backend %s (asked for %s), device %s, precision %s", path.parent.name, path.stem, chosen,
+             backend, device, precision)
     return Engine(graph=path.stem, backend=chosen, device=device, precision=precision,
-                  input_names=tuple(io.inputs), output_names=tuple(io.outputs), _session=session)
+                  input_names=tuple(io.inputs), output_names=tuple(io.outputs), _session=session,
+                  input_shapes=dict(io.inputs))
 
 
-def _open(chosen: str, path: Path, inputs: dict, precision: str, options: EngineOptions, threads: int | None,
-          triton_model: str | None) -> tuple[object, str]:
+def _served_precision(session: object, options: EngineOptions) -> str:
+    """What the Triton server's configuration runs (TensorRT FP16 where the export asked for it); a fixed
+    ``[engines] precision`` it does not match is an error, as on the local backends."""
+    served = str(getattr(session, "precision", "fp32"))
+    if options.precision != "auto" and options.precision != served:
+        close = getattr(session, "close", None)
+        if close:
+            close()
+        raise EngineError(f"the Triton model {getattr(session, 'model', '?')} is served in {served} (its "
+                          f"config.pbtxt), [engines] precision asks for {options.precision}: set precision "
+                          f"\"auto\" or re-export with osteoscreen engines export-triton")
+    return served
+
+
+def _open(chosen: str, onnx: VerifiedFile, inputs: dict, precision: str, options: EngineOptions,
+          threads: int | None, triton_model: str | None) -> tuple[object, str]:
+    path = onnx.path
     if chosen in ("pytorch", "pytorch-cuda"):
         from engines.torch_backend import TorchScriptSession
 
@@ -163,23 +239,26 @@ def _open(chosen: str, path: Path, inputs: dict, precision: str, options: Engine
         if not ts.is_file():
             raise EngineError(f"backend {chosen} needs {ts.name} in the bundle (written by `osteoscreen train`)")
         device = "cuda" if chosen == "pytorch-cuda" else "cpu"
-        sess = TorchScriptSession(ts, device=device, fp16=precision == "fp16", threads=threads or options.threads)
+        # [engines] threads first; note torch.set_num_threads is process-wide (the last network loaded sets it)
+        sess = TorchScriptSession(_verified(ts).data, device=device, fp16=precision == "fp16",
+                                  threads=options.threads or threads)
         if tuple(sess.input_names) != tuple(inputs):
             raise EngineError(f"{ts.name} takes {sess.input_names}, the ONNX file {tuple(inputs)}")
         return sess, device
     if chosen.startswith("onnxruntime"):
         cuda = chosen == "onnxruntime-cuda"
-        return ort_backend.OrtSession(path, cuda=cuda, options=options, threads=threads), "cuda" if cuda else "cpu"
+        return ort_backend.OrtSession(onnx.data, cuda=cuda, options=options, threads=threads), \
+            "cuda" if cuda else "cpu"
     if chosen == "tensorrt":
         from engines.tensorrt_backend import TensorRTSession
 
-        return TensorRTSession(path, graph=f"{path.parent.name}__{path.stem}", fp16=precision == "fp16",
+        return TensorRTSession(onnx, graph=f"{path.parent.name}__{path.stem}", fp16=precision == "fp16",
                                options=options, input_shapes=inputs), "cuda"
     from engines.triton_backend import TritonSession, model_name
 
     name = triton_model or model_name(path.parent.name, path.stem)
-    return TritonSession(options.triton_url, options.triton_protocol, name, options.triton_timeout_s), \
-        f"triton {options.triton_url}"
+    return TritonSession(options.triton_url, options.triton_protocol, name, options.triton_timeout_s,
+                         onnx_sha256=onnx.sha256), f"triton {options.triton_url}"
 
 
 def load(bundle_dir: str | Path, backend: str = "auto", *, graph: str | None = None,

@@ -5,7 +5,8 @@
   a larger call runs in chunks of ``max_batch``, so a 1,000-slice volume is still one call;
 - FP16 where the model card allows it and the precision setting asks for it;
 - plans cached by engines.engine_cache (GPU + compute capability + TensorRT version +
-  ONNX hash + precision + profile); ``osteoscreen engines build`` fills the cache at install;
+  ONNX hash + precision + profile; the hash is the one checked against the model card, and the parser
+  gets the very bytes that were checked); ``osteoscreen engines build`` fills the cache at install;
 - inputs staged in page-locked host buffers and copied asynchronously on the session's own
   stream; buffers grow on demand and are reused between calls.
 
@@ -17,11 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
-
 import numpy as np
 
 from engines import engine_cache
+from engines.batching import run_in_chunks
+from engines.bundle import VerifiedFile
 from engines.cuda_staging import CudaStaging
 from engines.gpu import cuda_gpus
 from engines.options import EngineOptions
@@ -41,7 +42,8 @@ def profile_for(input_shapes: dict[str, tuple[int | None, ...]], opt_batch: int,
     return out
 
 
-def build_plan(onnx_path: Path, profile: dict[str, list[list[int]]], fp16: bool) -> bytes:
+def build_plan(onnx: bytes, name: str, profile: dict[str, list[list[int]]], fp16: bool) -> bytes:
+    """``onnx``: the network's bytes, as engines.bundle.read_verified checked them; ``name`` for messages."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -51,9 +53,9 @@ def build_plan(onnx_path: Path, profile: dict[str, list[list[int]]], fp16: bool)
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    if not parser.parse(onnx):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+        raise RuntimeError(f"TensorRT could not parse {name}: {errors}")
     config = builder.create_builder_config()
     prof = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
@@ -68,12 +70,12 @@ def build_plan(onnx_path: Path, profile: dict[str, list[list[int]]], fp16: bool)
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 would round matmul inputs to 10 bits
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise RuntimeError(f"TensorRT failed to build {onnx_path.name} (see the TensorRT log above)")
+        raise RuntimeError(f"TensorRT failed to build {name} (see the TensorRT log above)")
     return bytes(plan)
 
 
 class TensorRTSession:
-    def __init__(self, path: Path, *, graph: str, fp16: bool, options: EngineOptions,
+    def __init__(self, onnx: VerifiedFile, *, graph: str, fp16: bool, options: EngineOptions,
                  input_shapes: dict[str, tuple[int | None, ...]]) -> None:
         import tensorrt as trt
 
@@ -85,7 +87,7 @@ class TensorRTSession:
         precision = "fp16" if fp16 else "fp32"
         self.key = engine_cache.CacheKey(
             gpu_name=gpus[0].name, compute_capability=gpus[0].compute_capability,
-            runtime_version=f"tensorrt {trt.__version__}", onnx_sha256=engine_cache.file_sha256(path),
+            runtime_version=f"tensorrt {trt.__version__}", onnx_sha256=onnx.sha256,
             precision=precision, profile=json.dumps(self.profile, sort_keys=True))
         self.cache_path = engine_cache.entry_path(options.cache_dir, graph, self.key)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -96,7 +98,7 @@ class TensorRTSession:
             if plan is not None:
                 log.warning("engine cache %s would not deserialize: rebuilding", self.cache_path)
             log.info("building TensorRT %s engine for %s (once; cached in %s)", precision, graph, self.cache_path)
-            plan = build_plan(path, self.profile, fp16)
+            plan = build_plan(onnx.data, onnx.path.name, self.profile, fp16)
             engine_cache.store(self.cache_path, self.key, plan)
             engine = self._runtime.deserialize_cuda_engine(plan)
             if engine is None:
@@ -106,12 +108,7 @@ class TensorRTSession:
         self.staging = CudaStaging()
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        n = next(iter(feeds.values())).shape[0]
-        if n <= self.max_batch:
-            return self._run_chunk(names, feeds)
-        parts = [self._run_chunk(names, {k: v[i:i + self.max_batch] for k, v in feeds.items()})
-                 for i in range(0, n, self.max_batch)]
-        return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+        return run_in_chunks(self._run_chunk, names, feeds, self.max_batch)
 
     def _run_chunk(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         st = self.staging

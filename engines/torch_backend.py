@@ -6,13 +6,15 @@ model card allows it.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 
 
 class TorchScriptSession:
-    def __init__(self, path: Path, *, device: str, fp16: bool, threads: int | None) -> None:
+    def __init__(self, ts: bytes, *, device: str, fp16: bool, threads: int | None) -> None:
+        """``ts``: the TorchScript file's bytes, as engines.bundle.read_verified checked them. ``threads`` sets
+        torch.set_num_threads, which is process-wide: the last network loaded on the CPU sets it for all."""
         import torch
 
         if threads and device == "cpu":
@@ -24,7 +26,7 @@ class TorchScriptSession:
             # fp32 means fp32: TF32 would round convolution and matmul inputs to 10-bit mantissas
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        self.module = torch.jit.load(io.BytesIO(ts), map_location=self.device).eval()
         self.input_names = tuple(a.name for a in self.module.forward.schema.arguments[1:])
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

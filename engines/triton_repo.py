@@ -4,16 +4,18 @@ Each network becomes ``DIR/<bundle>__<graph>/`` with ``1/model.onnx`` and a
 ``config.pbtxt``: ONNX Runtime platform, batch dimension left to Triton
 (``max_batch_size``) with dynamic batching so requests from several nodes share a
 batch, one instance per GPU (or CPU where the server has none), and, where the model
-card allows FP16, Triton's TensorRT accelerator for the ONNX model on its GPU.
+card allows FP16, Triton's TensorRT accelerator for the ONNX model on its GPU. The ONNX file is
+written from the bytes checked against the model card, and its SHA-256 goes into the
+configuration (``parameters { key: "onnx_sha256" ... }``): the node's Triton client refuses a
+served model whose hash differs from its own bundle's.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from engines.bundle import load_bundle
+from engines.bundle import VerifiedFile, load_bundle, read_verified
 from engines.graph_io import read_io
-from engines.triton_backend import model_name
+from engines.triton_backend import SHA_PARAMETER, model_name
 
 MAX_QUEUE_DELAY_US = 500
 
@@ -23,8 +25,8 @@ def _tensor(name: str, shape: tuple[int | None, ...]) -> str:
     return f"  {{ name: \"{name}\" data_type: TYPE_FP32 dims: [ {dims} ] }}"
 
 
-def config_pbtxt(name: str, onnx_path: Path, max_batch: int, fp16: bool, kind: str) -> str:
-    io = read_io(onnx_path)
+def config_pbtxt(name: str, onnx: VerifiedFile, max_batch: int, fp16: bool, kind: str) -> str:
+    io = read_io(onnx.data)
     lines = [
         f"name: \"{name}\"",
         "platform: \"onnxruntime_onnx\"",
@@ -37,6 +39,7 @@ def config_pbtxt(name: str, onnx_path: Path, max_batch: int, fp16: bool, kind: s
         "]",
         f"dynamic_batching {{ max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US} }}",
         f"instance_group [ {{ count: 1 kind: {kind} }} ]",
+        f"parameters {{ key: \"{SHA_PARAMETER}\" value: {{ string_value: \"{onnx.sha256}\" }} }}",
     ]
     if fp16 and kind == "KIND_GPU":
         lines.append('optimization { execution_accelerators { gpu_execution_accelerator : [ { name : "tensorrt" '
@@ -54,8 +57,9 @@ def export_repository(out_dir: Path, bundles: list[str], max_batch: int = 512, g
             name = model_name(bundle.path.name, onnx_path.stem)
             model_dir = out_dir / name
             (model_dir / "1").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
+            onnx = read_verified(onnx_path)
+            (model_dir / "1" / "model.onnx").write_bytes(onnx.data)
             (model_dir / "config.pbtxt").write_text(
-                config_pbtxt(name, onnx_path, max_batch, fp16, "KIND_GPU" if gpu else "KIND_CPU"), encoding="utf-8")
+                config_pbtxt(name, onnx, max_batch, fp16, "KIND_GPU" if gpu else "KIND_CPU"), encoding="utf-8")
             written.append(model_dir)
     return written

@@ -21,6 +21,7 @@ SELECTOR_STATES = 300  # the selector's batch in the bench: one state per slice 
 def real_inputs(n_states: int = SELECTOR_STATES, n_patches: int = 32) -> dict[str, dict[str, np.ndarray]]:
     """Feeds per network (``"<bundle>/<graph>"``), plus the selector's rollout calls under ``ROLLOUT_PREFIX``."""
     import engines
+    from pipeline.fused import shap_background
 
     hu, origin, spacing = load_lps_volume(sample_data_dir() / "example_ct.nii.gz")
     vol = volume_from_array(hu, spacing, origin)
@@ -32,9 +33,9 @@ def real_inputs(n_states: int = SELECTOR_STATES, n_patches: int = 32) -> dict[st
     track = spine_track(vol, loc)
     ks = np.round(np.linspace(0, vol.shape[0] - 1, n_patches)).astype(int)
     image = np.stack([extract_patch(vol.hu, vol.spacing, (float(k), track[k, 1], track[k, 2])) for k in ks])
-    fused_dir = engines.load_bundle("fused_kdamm_v1").path
-    encoder = engines.load(fused_dir, "onnxruntime-cpu", graph="image_encoder")
-    bg = np.load(fused_dir / "shap_background.npz")
+    fused = engines.load_bundle("fused_kdamm_v1")
+    encoder = engines.load(fused.path, "onnxruntime-cpu", graph="image_encoder")
+    bg = shap_background(fused)
     rows = min(len(bg["tab_values"]), n_patches)
     head = {
         "embedding": encoder(image=image[:rows])["embedding"],

@@ -7,13 +7,14 @@ subset of modalities present.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 import engines
-from engines.bundle import ModelBundle
+from engines.bundle import ModelBundle, read_verified
 from hl7.mapping import DEFAULT as DEFAULT_MAPPING
 from hl7.panel import LabPanel
 from pipeline.demographics import Demographics
@@ -106,6 +107,12 @@ def tabular_input(labs: LabPanel, demo: Demographics) -> TabularInput:
     return TabularInput(values, used)
 
 
+def shap_background(bundle: ModelBundle) -> np.lib.npyio.NpzFile:
+    """The SHAP background rows, checked against the card's SHA-256 (a changed file would change every
+    explanation); a BundleError that says what to do otherwise."""
+    return np.load(io.BytesIO(read_verified(bundle.path / "shap_background.npz").data))
+
+
 class FusedModel:
     def __init__(self, bundle: ModelBundle, backend: str = "auto", image_only=None) -> None:
         self.bundle = bundle
@@ -123,7 +130,7 @@ class FusedModel:
         self.train_min = np.array([f.get("train_min", -np.inf) for f in feats], dtype=float)
         self.train_max = np.array([f.get("train_max", np.inf) for f in feats], dtype=float)
         self.platt = (float(card["calibration"]["a"]), float(card["calibration"]["b"]))
-        bg = np.load(bundle.path / "shap_background.npz")
+        bg = shap_background(bundle)
         rows = slice(0, SHAP_BACKGROUND_ROWS)  # exact Shapley costs 2^p x rows evaluations
         self.bg_values, self.bg_mask = bg["tab_values"][rows].astype(np.float32), bg["tab_mask"][rows].astype(bool)
         self.categories = {c["id"]: c for c in card["categories"]}

@@ -112,6 +112,141 @@ def test_unknown_backend_and_missing_inputs_are_errors():
         eng(profile=np.zeros((1, 2, 32, 32)))
 
 
+def _qnet_feeds(n: int = 2, **changes) -> dict[str, np.ndarray]:
+    feeds = {"profile": np.zeros((n, 2, 32, 32)), "axial": np.zeros((n, 3, 32, 32)), "context": np.zeros((n, 227))}
+    return {**feeds, **changes}
+
+
+@pytest.mark.parametrize("backend", [b for b in ("onnxruntime-cpu", "pytorch") if b in AVAILABLE])
+def test_inputs_of_the_wrong_name_shape_or_batch_are_refused_with_the_expected_shapes(backend):
+    """Before: ONNX Runtime raised its own error, PyTorch took a 31x32 patch, a misspelled extra input was
+    ignored."""
+    eng = engines.load(bundled_models_dir() / "drlis_v1", backend)
+    expected = r"it takes profile \(batch, 2, 32, 32\), axial \(batch, 3, 32, 32\), context \(batch, 227\)"
+    for feeds, what in ((_qnet_feeds(profile=np.zeros((2, 2, 31, 32))), r"wrong input shape profile \(2, 2, 31, 32\)"),
+                        (_qnet_feeds(context=np.zeros((2, 1, 227))), r"wrong input shape context"),
+                        (_qnet_feeds(contxt=np.zeros((2, 227))), r"unknown inputs \['contxt'\]"),
+                        (_qnet_feeds(context=np.zeros((3, 227))), "every input needs the same batch size"),
+                        (_qnet_feeds(0), "every input needs the same batch size, at least 1")):
+        with pytest.raises(engines.EngineError, match=f"qnet: {what}.*{expected}"):
+            eng(**feeds)
+    assert eng(**_qnet_feeds(3))["q"].shape == (3, 7)
+    eng.close()
+
+
+def _bundle_copy(tmp_path: Path, name: str = "fused_kdamm_v1") -> Path:
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(bundled_models_dir() / name, dst)
+    return dst
+
+
+def _flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("onnxruntime-cpu", "pytorch") if b in AVAILABLE])
+def test_a_network_changed_by_one_byte_is_refused_with_what_to_do(tmp_path, backend):
+    """card.json lists each file's SHA-256; before, nothing read it and a changed head.onnx changed the logit."""
+    bundle = _bundle_copy(tmp_path)
+    changed = bundle / ("head.onnx" if backend == "onnxruntime-cpu" else "head.ts")
+    _flip_one_byte(changed)
+    with pytest.raises(engines.EngineError, match=rf"{changed.name}: SHA-256 [0-9a-f]{{12}}\.\.\. does not match the "
+                                                  r"model card's [0-9a-f]{12}\.\.\..*reinstall the bundle .*rerun "
+                                                  r"the training that wrote it"):
+        engines.load(bundle, backend, graph="head")
+    engines.load(bundle, backend, graph="image_encoder").close()  # the unchanged network still loads
+
+
+def test_a_bundle_file_the_card_does_not_list_or_a_bundle_without_card_is_refused(tmp_path):
+    import json
+
+    bundle = _bundle_copy(tmp_path)
+    card = json.loads((bundle / "card.json").read_text())
+    del card["files"]["head.onnx"]
+    (bundle / "card.json").write_text(json.dumps(card))
+    with pytest.raises(engines.EngineError, match="head.onnx: not listed in the model card's 'files' table"):
+        engines.load(bundle, "onnxruntime-cpu", graph="head")
+    (bundle / "card.json").unlink()
+    with pytest.raises(engines.EngineError, match="model card missing.*reinstall the bundle"):
+        engines.load(bundle, "onnxruntime-cpu", graph="image_encoder")
+
+
+def test_a_truncated_or_unparsable_network_is_an_engine_error_not_a_protobuf_traceback(tmp_path):
+    import hashlib
+    import json
+
+    bundle = _bundle_copy(tmp_path)
+    enc = bundle / "image_encoder.onnx"
+    enc.write_bytes(enc.read_bytes()[:1000])
+    with pytest.raises(engines.EngineError, match="image_encoder.onnx: SHA-256 .* does not match"):
+        engines.load(bundle, "onnxruntime-cpu", graph="image_encoder")
+    # a file whose hash the card lists but that is no ONNX network (cannot happen with a card written by the
+    # training; checked so that every failure reaches the operator as an EngineError)
+    card = json.loads((bundle / "card.json").read_text())
+    card["files"]["image_encoder.onnx"] = hashlib.sha256(enc.read_bytes()).hexdigest()
+    (bundle / "card.json").write_text(json.dumps(card))
+    with pytest.raises(engines.EngineError, match="image_encoder.onnx: not a readable ONNX network"):
+        engines.load(bundle, "onnxruntime-cpu", graph="image_encoder")
+
+
+def test_the_service_start_check_loads_every_network_of_each_bundle(tmp_path):
+    """check_models used to load only the fused model's head: a damaged image encoder passed the start check."""
+    pytest.importorskip("pydicom")
+    import hashlib
+    import json
+
+    from config import settings_from_dict
+    from dicom_node.service import check_models
+
+    bundle = _bundle_copy(tmp_path)
+    settings = settings_from_dict({"screening": {"model": str(bundle), "backend": "onnxruntime-cpu"}})
+    check_models(settings)
+    enc = bundle / "image_encoder.onnx"
+    enc.write_bytes(enc.read_bytes()[:1000])
+    with pytest.raises(engines.BundleError, match="image_encoder.onnx: SHA-256 .* does not match"):
+        check_models(settings)  # every file the card lists is checked
+    card = json.loads((bundle / "card.json").read_text())
+    card["files"]["image_encoder.onnx"] = hashlib.sha256(enc.read_bytes()).hexdigest()
+    (bundle / "card.json").write_text(json.dumps(card))
+    with pytest.raises(engines.EngineError, match="image_encoder.onnx: not a readable ONNX network"):
+        check_models(settings)  # and every network loaded
+
+
+def test_a_bare_bundle_name_is_the_shipped_bundle_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    from engines.bundle import BundleError, load_bundle, resolve_bundle_path
+
+    local = _bundle_copy(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_bundle_path("fused_kdamm_v1") == (bundled_models_dir() / "fused_kdamm_v1").resolve()
+    assert resolve_bundle_path("./fused_kdamm_v1") == local.resolve()  # a path says it is one
+    assert resolve_bundle_path(local) == local.resolve()
+    assert load_bundle("fused_kdamm_v1").path.is_absolute()
+    with pytest.raises(BundleError, match="'nope_v9' is not a shipped bundle: name one of .*'drlis_v1'.*\\./nope_v9"):
+        resolve_bundle_path("nope_v9")
+    with pytest.raises(BundleError, match="directory './nope_v9' not found"):
+        resolve_bundle_path("./nope_v9")
+
+
+def test_configured_threads_override_the_networks_default_share():
+    pytest.importorskip("onnxruntime")
+    from engines.ort_backend import session_options
+
+    assert session_options(EngineOptions(threads=3), 1).intra_op_num_threads == 3  # [engines] threads wins
+    assert session_options(EngineOptions(), 2).intra_op_num_threads == 2  # else the network's own share
+
+
+def test_the_resolved_backend_device_and_precision_are_logged(caplog):
+    caplog.set_level("INFO", logger="osteoscreen.engines")
+    engines.load(bundled_models_dir() / "drlis_v1", "auto").close()
+    first = next(b for b in AUTO_ORDER if b in AVAILABLE)
+    assert f"drlis_v1/qnet: backend {first} (asked for auto), device" in caplog.text
+    assert "precision fp" in caplog.text
+
+
 def test_precision_rules():
     auto, fp16, fp32 = (EngineOptions(precision=p) for p in ("auto", "fp16", "fp32"))
     assert resolve_precision("onnxruntime-cpu", auto, True) == "fp32"
@@ -210,6 +345,30 @@ def test_triton_repository_is_a_valid_model_configuration(tmp_path):
         assert cfg.HasField("dynamic_batching")
         accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator
         assert bool(accel) == (d.name == "drlis_v1__qnet")  # fp16 TensorRT only where the card allows it
+        sha = engine_cache.file_sha256(d / "1" / "model.onnx")
+        assert cfg.parameters["onnx_sha256"].string_value == sha  # the node's Triton client checks it
+
+
+def test_triton_client_reads_identity_and_precision_from_the_served_configuration(tmp_path):
+    """What TritonSession reads from get_model_config (HTTP: the configuration as JSON; gRPC with as_json: the
+    same under 'config', both with the protobuf field names), from the exported config.pbtxt."""
+    text_format = pytest.importorskip("google.protobuf.text_format")
+    json_format = pytest.importorskip("google.protobuf.json_format")
+    mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    import json
+
+    from engines.triton_backend import served_precision, served_sha256
+    from engines.triton_repo import export_repository
+
+    for gpu in (True, False):
+        for d in export_repository(tmp_path / str(gpu), ["fused_kdamm_v1", "drlis_v1"], max_batch=64, gpu=gpu):
+            cfg = text_format.Parse((d / "config.pbtxt").read_text(), mc.ModelConfig())
+            as_json = json.loads(json_format.MessageToJson(cfg, preserving_proto_field_name=True))
+            assert served_sha256(as_json) == engine_cache.file_sha256(d / "1" / "model.onnx")
+            assert int(as_json["max_batch_size"]) == 64
+            # Triton's TensorRT FP16 accelerator is what the qnet's exported GPU configuration runs, not fp32
+            assert served_precision(as_json) == ("fp16" if gpu and d.name == "drlis_v1__qnet" else "fp32")
+    assert served_sha256({"name": "x"}) is None
 
 
 def test_engines_cli_list_build_and_bench(tmp_path, capsys):
@@ -264,3 +423,51 @@ def test_cuda_staging_round_trips_through_pinned_and_device_memory():
         assert st._buffers["x"].capacity >= 600 * 3 * 32 * 32 * 4
     finally:
         st.close()
+
+
+def _cli_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\nstate_dir = "{tmp_path / "state"}"\n')
+    return cfg
+
+
+def test_engines_cli_errors_are_one_line_and_status_2_not_tracebacks(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    from dicom_node.cli import main
+
+    cfg = _cli_config(tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for target, what in ((a_file, "exists and is not a directory"), (Path("/proc/nope"), "cannot write /proc/nope"),
+                         (a_file / "below", "cannot write")):
+        assert main(["engines", "export-triton", str(target), "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("engines export-triton: ") and what in err and len(err.splitlines()) == 1, err
+        assert "Traceback" not in err
+    assert main(["engines", "bench", "--config", str(cfg), "--inputs", str(tmp_path / "missing.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("engines bench: --inputs ") and "missing.npz" in err and len(err.splitlines()) == 1, err
+
+
+def test_bench_of_a_backend_that_cannot_run_here_fails_and_lists_no_reference_self_parity(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    import re
+
+    from dicom_node.cli import main
+    from engines.bench import GRAPHS as BENCH_GRAPHS
+    from engines.bench import save_inputs
+
+    if "tensorrt" in AVAILABLE:
+        pytest.skip("tensorrt runs here")
+    inputs = tmp_path / "inputs.npz"
+    save_inputs(inputs, {g: random_inputs(read_io(onnx_path(g)), 4, seed=i) for i, g in enumerate(BENCH_GRAPHS)})
+    rc = main(["engines", "bench", "--config", str(_cli_config(tmp_path)), "--inputs", str(inputs), "--backends",
+               "tensorrt", "--runs", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 2, out[-2000:]  # was 0, with "backends=1 parity_failures=0"
+    assert "requested backend(s) did not run: tensorrt" in err
+    assert "- tensorrt fp32: backend tensorrt is not available here" in out
+    parity = out.split("```")[1]
+    assert not re.search(r"\spytorch\s+fp32\s", parity), parity  # no reference-against-reference parity lines
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"engines bench: backends=1 parity_failures=0 selector_ort_cpu_vs_torch=n/a", last), last

@@ -82,6 +82,21 @@ def test_fused_prediction_explains_tabular_inputs_additively():
         model.predict(None, tabular_input(LabPanel("P", None, None, 90), Demographics(None, None, None, None)))
 
 
+def test_a_changed_shap_background_or_head_is_refused_with_what_to_do(tmp_path):
+    """The SHAP background and the networks are checked against the card's SHA-256 (before: np.load and the
+    runtimes took whatever was in the folder)."""
+    for name in ("shap_background.npz", "head.onnx"):
+        bundle = tmp_path / name / "fused_kdamm_v1"
+        shutil.copytree(BUNDLE.path, bundle)
+        data = bytearray((bundle / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (bundle / name).write_bytes(bytes(data))
+        with pytest.raises((engines.BundleError, engines.EngineError),
+                           match=rf"{re.escape(name)}: SHA-256 \w{{12}}\.\.\. does not match the model card's "
+                                 r"\w{12}\.\.\.: .*reinstall the bundle .* or rerun the training that wrote it"):
+            FusedModel(load_bundle(bundle), "onnxruntime-cpu")
+
+
 def test_model_card_is_honest_about_data():
     card = BUNDLE.card.raw
     assert "SEMI-SYNTHETIC" in card["intended_use"] and "RESEARCH USE ONLY" in card["intended_use"]

@@ -30,6 +30,8 @@ TRITON = ROOT / ".cache" / "triton"
 SERVER = TRITON / "server" / "pytriton" / "tritonserver"
 GRAPHS = ("drlis_v1/qnet", "fused_kdamm_v1/image_encoder", "fused_kdamm_v1/head")
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
+MAX_BATCH = 64  # the repository's max_batch_size
+STALE = "stale__qnet"  # the qnet model, its configuration naming another ONNX hash (an older export)
 
 
 def _site_packages() -> Path:
@@ -37,6 +39,15 @@ def _site_packages() -> Path:
     if not found:
         pytest.skip("Triton test environment missing: run `make triton-server`")
     return found[0]
+
+
+def _stale_copy(model_dir: Path, dst: Path) -> None:
+    """The same model served under another name with another onnx_sha256 in its config.pbtxt."""
+    shutil.copytree(model_dir, dst)
+    cfg = (dst / "config.pbtxt").read_text()
+    start = cfg.index('string_value: "') + len('string_value: "')
+    cfg = cfg[:start] + "0" * 64 + cfg[start + 64:]
+    (dst / "config.pbtxt").write_text(cfg.replace(f'name: "{model_dir.name}"', f'name: "{STALE}"'))
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +73,13 @@ def triton_server(tmp_path_factory):
 
     template = (Path(__file__).parent / "triton_python_model.py").read_text()
     site = _site_packages()
-    for model_dir in export_repository(repo, ["fused_kdamm_v1", "drlis_v1"], max_batch=64, gpu=False):
+    for model_dir in export_repository(repo, ["fused_kdamm_v1", "drlis_v1"], max_batch=MAX_BATCH,
+                                       gpu=False):
         cfg = (model_dir / "config.pbtxt").read_text()
         assert 'platform: "onnxruntime_onnx"' in cfg
         (model_dir / "config.pbtxt").write_text(cfg.replace('platform: "onnxruntime_onnx"', 'backend: "python"'))
         (model_dir / "1" / "model.py").write_text(f"import sys\nsys.path.insert(0, {str(site)!r})\n" + template)
+    _stale_copy(repo / "drlis_v1__qnet", repo / STALE)
     http, grpc = free_port(), free_port()
     log = (work / "tritonserver.log").open("w")
     proc = subprocess.Popen(
@@ -102,10 +115,39 @@ def test_triton_backend_agrees_with_the_reference(triton_server, protocol):
         eng = engines.load_graph(onnx_path, "triton", options=opts)
         ref = engines.load_graph(onnx_path, "pytorch")
         assert (eng.backend, eng.device) == ("triton", f"triton {triton_server[protocol]}")
+        assert eng.precision == "fp32"  # what the served configuration runs (CPU instances: no TensorRT FP16)
+        assert eng._session.max_batch == MAX_BATCH  # read from the served configuration
         feeds = random_inputs(read_io(onnx_path), 23, seed=7)
         p = compare(graph, "triton", "fp32", "random", eng(**feeds), ref(**feeds))
         assert p.ok, p.line()
         eng.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_call_larger_than_max_batch_size_runs_in_chunks(triton_server, protocol):
+    """Exact SHAP sends 2^p x 8 rows in one call; Triton refuses a request over max_batch_size."""
+    pytest.importorskip("tritonclient")
+    opts = EngineOptions(triton_url=triton_server[protocol], triton_protocol=protocol)
+    onnx_path = bundled_models_dir() / "fused_kdamm_v1" / "head.onnx"
+    eng = engines.load_graph(onnx_path, "triton", options=opts)
+    ref = engines.load_graph(onnx_path, "pytorch")
+    feeds = random_inputs(read_io(onnx_path), 2 * MAX_BATCH + 13, seed=11)
+    out = eng(**feeds)
+    assert out["logit"].shape[0] == 2 * MAX_BATCH + 13
+    p = compare("fused_kdamm_v1/head", "triton", "fp32", "random", out, ref(**feeds))
+    assert p.ok, p.line()
+    eng.close()
+
+
+def test_a_served_model_built_from_another_onnx_file_is_refused(triton_server):
+    pytest.importorskip("tritonclient")
+    onnx_path = bundled_models_dir() / "drlis_v1" / "qnet.onnx"
+    for protocol in ("http", "grpc"):
+        opts = EngineOptions(triton_url=triton_server[protocol], triton_protocol=protocol)
+        with pytest.raises(engines.EngineError, match=f"Triton model '{STALE}' .* serves another network .*"
+                                                      "re-export the repository with `osteoscreen engines "
+                                                      "export-triton`"):
+            engines.load_graph(onnx_path, "triton", options=opts, triton_model=STALE)
 
 
 def test_triton_serves_concurrent_requests_from_several_nodes(triton_server):
