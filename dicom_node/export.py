@@ -16,7 +16,7 @@ from pynetdicom import AE
 from config.schema import Destination, FollowupSettings
 from dicom_node.db import NodeDB, OutboxRow
 from dicom_node.metrics import OUTBOX_RETRIES, OUTBOX_SENT
-from hl7.client import MLLPClient, ack_code
+from hl7.client import Ack, MLLPClient
 
 log = logging.getLogger("osteoscreen.export")
 SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -92,7 +92,11 @@ class Exporter:
         for name, batch in by_dest.items():
             if self._stop.is_set():
                 break
-            self._send_batch(name, batch)
+            try:
+                self._send_batch(name, batch)
+            except Exception:  # noqa: BLE001 - one destination's fault must not stop delivery to the others
+                log.exception("delivery to %s failed unexpectedly; its rows stay queued and the other "
+                              "destinations go on", name)
         due = self.db.next_outbox_due()
         return 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
 
@@ -108,7 +112,8 @@ class Exporter:
             OUTBOX_RETRIES.labels(r.destination).inc()
 
     def _send_hl7(self, name: str, rows: list[OutboxRow]) -> None:
-        """One MLLP connection; each message is sent once its predecessor's AA/CA came back."""
+        """One MLLP connection; each message is sent once its predecessor's ACK came back. A retried message ends
+        the pass for this destination, so that no later message (a correction, say) overtakes it in this pass."""
         f = self.followup
         if f is None or not f.enabled or name != HL7_PREFIX + f.name:
             self._fail(rows, f"HL7 destination {name!r} is not configured")
@@ -120,28 +125,43 @@ class Exporter:
             return
         with client:
             for r in rows:
-                try:
-                    message = Path(r.path).read_bytes()
-                except OSError as exc:
-                    self.db.mark_send_failed(r.id, f"cannot read {r.path}: {exc}", time.time(), give_up=True)
-                    continue
-                try:
-                    code = ack_code(client.send(message))
-                except (OSError, ValueError, ssl.SSLError) as exc:
-                    self._fail([r], f"no usable ACK from {f.host}:{f.port}: {exc}")
+                if self._stop.is_set() or not self._send_hl7_row(client, name, r, f):
                     break
-                if code in ("AA", "CA"):
-                    self.db.mark_sent(r.id, f"sent result message {r.sop_instance_uid} to {name} ({code})")
-                    OUTBOX_SENT.labels(name).inc()
-                    log.info("sent result message %s to %s (%s:%d), %s", r.sop_instance_uid, name, f.host, f.port,
-                             code)
-                elif code in ("AR", "CR"):  # rejected as unsupported: resending the same bytes cannot help
-                    self.db.mark_send_failed(r.id, f"{name} rejected the result message ({code})", time.time(),
-                                             give_up=True)
-                    log.error("result message %s rejected by %s (%s): given up; see the audit", r.sop_instance_uid,
-                              name, code)
-                else:
-                    self._fail([r], f"{name} answered {code}")
+
+    def _send_hl7_row(self, client: MLLPClient, name: str, r: OutboxRow, f: FollowupSettings) -> bool:
+        """Send one result message and record its ACK; False when the pass for this destination should end."""
+        try:
+            message = Path(r.path).read_bytes()
+        except OSError as exc:
+            self.db.mark_send_failed(r.id, f"cannot read {r.path}: {exc}", time.time(), give_up=True)
+            return True
+        try:
+            ack = client.exchange(message, timeout_s=f.timeout_s)  # its own ACK (MSA-2 = MSH-10), in time
+        except (OSError, ValueError, ssl.SSLError) as exc:  # TimeoutError and a closed connection are OSErrors
+            self._fail([r], f"no usable ACK from {name} ({f.host}:{f.port}, [followup] timeout_s "
+                            f"{f.timeout_s:g} s): {exc}")
+            return False
+        return self._record_hl7_ack(name, r, ack)
+
+    def _record_hl7_ack(self, name: str, r: OutboxRow, ack: Ack) -> bool:
+        """HL7 v2 ACK semantics: AA/CA accepted; AE/CE an error in the message (resending the same bytes cannot
+        help: given up); AR/CR a problem at the receiver (resent with backoff), unless ERR-3 says the message
+        type, event, processing ID or version is not supported there (200-203: given up)."""
+        if ack.code in ("AA", "CA"):
+            self.db.mark_sent(r.id, f"sent result message {r.sop_instance_uid} to {name} ({ack.code})")
+            OUTBOX_SENT.labels(name).inc()
+            log.info("sent result message %s to %s, %s", r.sop_instance_uid, name, ack.code)
+            return True
+        if ack.code in ("AE", "CE") or ack.unsupported:
+            what = "unsupported" if ack.code in ("AR", "CR") else "an error in the message"
+            error = (f"{name} refused result message {r.sop_instance_uid} ({ack.code}, {what}): {ack.reason}; "
+                     "resending the same message cannot help: fix the cause (the RIS interface, or [followup] "
+                     "version and applications), then `osteoscreen outbox retry`, or screen the series again")
+            self.db.mark_send_failed(r.id, error, time.time(), give_up=True)
+            log.error("result message %s given up: %s", r.sop_instance_uid, error)
+            return True
+        self._fail([r], f"{name} could not take result message {r.sop_instance_uid} now ({ack.code}): {ack.reason}")
+        return False
 
     def _send_batch(self, name: str, rows: list[OutboxRow]) -> None:
         if name.startswith(HL7_PREFIX):

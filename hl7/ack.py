@@ -56,9 +56,19 @@ ERROR_TEXT = {
 }
 
 
+def _echoed(header: MessageHeader | None, n: int, fallback: str, fs: str, enc: str) -> str:
+    """MSH-n of the message as sent (components and escapes untouched: it is already in this encoding),
+    else ``fallback`` escaped."""
+    raw = header.raw_field(n).strip() if header else ""
+    return raw or escape(fallback, fs, enc)
+
+
 def build_ack(code: str, text: str, header: MessageHeader | None, *, error_code: int = 207,
               application: str = "OSTEOSCREEN", facility: str = "") -> bytes:
-    """An ACK for ``header`` (or for an unreadable message when ``header`` is None)."""
+    """An ACK for ``header`` (or for an unreadable message when ``header`` is None).
+
+    MSH-3/4 echo the message's MSH-5/6, MSH-5/6 its MSH-3/4 and MSA-2 its MSH-10, each verbatim, so a
+    sender matching on them (hierarchic designators with components, escapes) finds them unchanged."""
     fs, enc = (header.field_sep, header.encoding) if header else ("|", "^~\\&")
     now = dt.datetime.now().strftime("%Y%m%d%H%M%S")
     control = f"OS{os.getpid()}{next(_counter):06d}"
@@ -66,14 +76,14 @@ def build_ack(code: str, text: str, header: MessageHeader | None, *, error_code:
     trigger = header.trigger_event if header else ""
     msh = fs.join([
         "MSH", enc,
-        escape(header.receiving_application if header and header.receiving_application else application, fs, enc),
-        escape(header.receiving_facility if header else facility, fs, enc),
-        escape(header.sending_application if header else "", fs, enc),
-        escape(header.sending_facility if header else "", fs, enc),
+        _echoed(header, 5, application, fs, enc),
+        _echoed(header, 6, facility, fs, enc),
+        _echoed(header, 3, "", fs, enc),
+        _echoed(header, 4, "", fs, enc),
         now, "", f"ACK{enc[0]}{trigger}{enc[0]}ACK" if trigger else "ACK",
         control, header.processing_id if header and header.processing_id else "P", version,
     ])
-    msa = fs.join(["MSA", code, escape(header.control_id if header else "", fs, enc), escape(text[:200], fs, enc)])
+    msa = fs.join(["MSA", code, _echoed(header, 10, "", fs, enc), escape(text[:200], fs, enc)])
     segments = [msh, msa]
     if code not in ("AA", "CA"):
         cs, sub = enc[0], enc[3]

@@ -2,8 +2,10 @@
 
 Frames are <VT> message <FS><CR>. Bytes outside a frame (NUL padding, stray
 CR/LF between frames) are skipped. A frame larger than the configured limit is
-answered with a reject and discarded; an idle connection is closed after the
-read timeout. The handler returns the ACK bytes; nothing it raises reaches the
+discarded and answered AE, named from its first segment. A connection is closed
+when no complete frame arrives within the read timeout (idle, or bytes dripped),
+when its peer does not read its ACKs within that time, and at accept when
+``max_connections`` are already open. The handler returns the ACK bytes; nothing it raises reaches the
 event loop. It runs on the loop thread itself: its work is one SQLite commit
 (about 0.5 ms here), commits are serialised by the store anyway, and a hop to a
 worker thread per message cost more than the commit (measured: 550 vs 1,200
@@ -16,6 +18,7 @@ import asyncio
 import logging
 import ssl
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
@@ -28,6 +31,26 @@ def frame(message: bytes) -> bytes:
     return VT + message + FS + CR
 
 
+HEAD_BYTES = 4096  # of a frame dropped for its size, this much of its first segment is kept to answer it
+
+
+@dataclass(frozen=True)
+class Oversize:
+    """A frame dropped for its size; ``head`` is its first segment (its MSH, at most HEAD_BYTES), so that the
+    refusal can name the message (MSA-2) and its sender."""
+
+    head: bytes
+
+
+def _first_segment(buf: bytearray | bytes) -> bytes:
+    cut = len(buf) if len(buf) < HEAD_BYTES else HEAD_BYTES
+    for sep in (CR, b"\n"):
+        at = buf.find(sep, 0, cut)
+        if at >= 0:
+            cut = at
+    return bytes(buf[:cut])
+
+
 class FrameReader:
     """Incremental MLLP de-framer."""
 
@@ -35,11 +58,15 @@ class FrameReader:
         self.max_bytes = max_bytes
         self._buf = bytearray()
         self._in_frame = False
-        self._discarding = False
+        self._head: bytes | None = None  # set while the current frame is being discarded for its size
 
     def feed(self, data: bytes) -> list[bytes | None]:
         """Complete frames in order; ``None`` marks a frame dropped for size."""
-        out: list[bytes | None] = []
+        return [None if isinstance(f, Oversize) else f for f in self.read(data)]
+
+    def read(self, data: bytes) -> list[bytes | Oversize]:
+        """Complete frames in order; an ``Oversize`` marks a frame dropped for size."""
+        out: list[bytes | Oversize] = []
         self._buf.extend(data)
         while True:
             if not self._in_frame:
@@ -48,23 +75,27 @@ class FrameReader:
                     self._buf.clear()  # stray bytes between frames
                     return out
                 del self._buf[: start + 1]
-                self._in_frame, self._discarding = True, False
+                self._in_frame, self._head = True, None
             end = self._buf.find(FS + CR)
             restart = self._buf.find(VT, 0, end if end >= 0 else len(self._buf))
             if restart >= 0:  # a new frame began before this one ended: the sender gave up on it (no ACK goes)
                 log.warning("MLLP frame of %d bytes ended by the start of another, not by FS CR: dropped unanswered",
                             restart)
                 del self._buf[: restart + 1]
-                self._discarding = False
+                self._head = None
                 continue
             if end < 0:
                 if len(self._buf) > self.max_bytes:
-                    self._discarding = True
+                    if self._head is None:
+                        self._head = _first_segment(self._buf)
                     del self._buf[:-1]  # keep a trailing FS that may pair with the next CR
                 return out
-            out.append(None if self._discarding or end > self.max_bytes else bytes(self._buf[:end]))
+            if self._head is not None or end > self.max_bytes:
+                out.append(Oversize(self._head if self._head is not None else _first_segment(self._buf[:end])))
+            else:
+                out.append(bytes(self._buf[:end]))
             del self._buf[: end + 2]
-            self._in_frame = False
+            self._in_frame, self._head = False, None
 
 
 class MLLPServer:
@@ -73,12 +104,14 @@ class MLLPServer:
     def __init__(self, host: str, port: int, handler: Handler, refuse: Callable[..., bytes | list[bytes]], *,
                  max_message_bytes: int = 1_048_576, read_timeout_s: float = 300.0,
                  ssl_context: ssl.SSLContext | None = None,
-                 offload: Callable[[bytes], bool] | None = None) -> None:
+                 offload: Callable[[bytes], bool] | None = None, max_connections: int = 64) -> None:
         self.host, self.port = host, port
+        self.max_connections = max_connections  # more at once are closed at accept, with a log line
+        self._slots: asyncio.Semaphore | None = None
         self.ssl_context = ssl_context
         self.offload = offload  # True: handle this message in a worker thread (slow work)
         self.handler = handler
-        self.refuse = refuse  # refuse(reason, message=None): the negative ACK for a message not handled
+        self.refuse = refuse  # refuse(reason, message=None, code="AR"): the negative ACK for a message not handled
         self.max_message_bytes = max_message_bytes
         self.read_timeout_s = read_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,39 +127,81 @@ class MLLPServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        assert self._slots is not None
+        if self._slots.locked():
+            log.warning("MLLP connection from %s refused: %d connections already open (hl7.max_connections); "
+                        "raise the limit if that many senders are expected, else find the sender that leaves "
+                        "connections open", peer, self.max_connections)
+            writer.close()
+            return
+        async with self._slots:
+            try:
+                await self._serve(peer, reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+                log.info("MLLP connection from %s lost: %s", peer, exc)
+            except asyncio.CancelledError:  # shutdown: end quietly
+                pass
+            finally:
+                await self._close(writer)
+
+    async def _serve(self, peer: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer frames until the peer closes, or sends no complete frame within read_timeout_s (an idle
+        connection, or one dripping bytes), or does not read its ACKs within read_timeout_s."""
         log.info("MLLP connection from %s", peer)
         frames = FrameReader(self.max_message_bytes)
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_s  # the next complete frame is due by then
+        while True:
+            data = await self._read(reader, deadline, peer)
+            if not data:
+                return
+            for message in frames.read(data):
+                if not await self._write(writer, await self._answer(message, peer), peer):
+                    return
+                deadline = loop.time() + self.read_timeout_s
+
+    async def _read(self, reader: asyncio.StreamReader, deadline: float, peer: object) -> bytes:
+        """The next bytes, or b"" when the peer closed or the frame deadline passed."""
+        remaining = deadline - asyncio.get_running_loop().time()
         try:
-            while True:
-                try:
-                    data = await asyncio.wait_for(reader.read(65536), timeout=self.read_timeout_s)
-                except asyncio.TimeoutError:
-                    log.info("MLLP connection from %s idle for %.0f s: closing", peer, self.read_timeout_s)
-                    break
-                if not data:
-                    break
-                for message in frames.feed(data):
-                    if message is None:
-                        log.warning("MLLP message from %s exceeds %d bytes: rejected", peer, self.max_message_bytes)
-                        ack = self.refuse(f"message exceeds the maximum size of {self.max_message_bytes} bytes")
-                    elif self.offload is not None and self.offload(message):
-                        ack = await loop.run_in_executor(None, self._safe_handle, message)
-                    else:
-                        ack = self._safe_handle(message)
-                    for reply in ([ack] if isinstance(ack, bytes) else ack):  # enhanced mode: 0, 1 or 2 ACKs
-                        writer.write(frame(reply))
-                    await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
-            log.info("MLLP connection from %s lost: %s", peer, exc)
-        except asyncio.CancelledError:  # shutdown: end quietly
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(reader.read(65536), timeout=remaining)
+        except asyncio.TimeoutError:
+            log.info("MLLP connection from %s: no complete frame within %.0f s (idle, or sending too slowly): "
+                     "closing", peer, self.read_timeout_s)
+            return b""
+
+    async def _answer(self, message: bytes | Oversize, peer: object) -> bytes | list[bytes]:
+        if isinstance(message, Oversize):
+            log.warning("MLLP message from %s exceeds %d bytes: refused (AE)", peer, self.max_message_bytes)
+            return self.refuse(f"message exceeds the maximum size of {self.max_message_bytes} bytes: not stored; "
+                               "split it, or ask for hl7.max_message_bytes to be raised", message.head, code="AE")
+        if self.offload is not None and self.offload(message):
+            return await asyncio.get_running_loop().run_in_executor(None, self._safe_handle, message)
+        return self._safe_handle(message)
+
+    async def _write(self, writer: asyncio.StreamWriter, ack: bytes | list[bytes], peer: object) -> bool:
+        """Send the ACK frames (enhanced mode: 0, 1 or 2); False when the peer has not read them in time."""
+        for reply in ([ack] if isinstance(ack, bytes) else ack):
+            writer.write(frame(reply))
+        try:
+            await asyncio.wait_for(writer.drain(), timeout=self.read_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("MLLP connection from %s: its ACKs not read for %.0f s: closing", peer, self.read_timeout_s)
+            writer.transport.abort()  # a close would wait for the unread ACKs to drain
+            return False
+        return True
+
+    @staticmethod
+    async def _close(writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), timeout=5)
+        except asyncio.TimeoutError:
+            writer.transport.abort()
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001 - closing at shutdown: end quietly
             pass
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (Exception, asyncio.CancelledError):  # noqa: BLE001 - closing at shutdown: end quietly
-                pass
 
     def _safe_handle(self, message: bytes) -> bytes | list[bytes]:
         try:
@@ -139,6 +214,7 @@ class MLLPServer:
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
+        self._slots = asyncio.Semaphore(self.max_connections)
         try:
             self._server = loop.run_until_complete(
                 asyncio.start_server(self._client, self.host, self.port, reuse_address=True, ssl=self.ssl_context,

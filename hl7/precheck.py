@@ -46,6 +46,11 @@ class MessageHeader:
     patient_ids: tuple[PatientIdentifier, ...] = ()
     birth_date: str = ""  # PID-7, YYYYMMDD part
     sex: str = ""  # PID-8 (F, M, O, U, ...)
+    raw_msh: tuple[str, ...] = ()  # the MSH fields as sent (index n-1 = MSH-n, MSH-2 onwards), for the ACK to copy
+
+    def raw_field(self, n: int) -> str:
+        """MSH-n exactly as sent (all components, escapes untouched); "" when absent."""
+        return self.raw_msh[n - 1] if 2 <= n <= len(self.raw_msh) else ""
 
     @property
     def sender(self) -> str:
@@ -120,6 +125,7 @@ def parse_header(text: str, supported: tuple[tuple[str, str], ...] = SUPPORTED_M
         trigger_event=_component(msg_type, cs, 1).strip(),
         accept_ack_type=f(15).strip(),
         application_ack_type=f(16).strip(),
+        raw_msh=tuple(fields),
     )
     if not header.control_id:
         raise PrecheckError("AE", "MSH-10 (message control ID) is empty", header, 101)

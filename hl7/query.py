@@ -175,7 +175,7 @@ class LabQueryClient:
         with MLLPClient(self.s.host, self.s.port, timeout_s=min(self.s.read_timeout_s, remaining),
                         connect_timeout_s=min(self.s.connect_timeout_s, remaining),
                         ssl_context=self.ssl_context) as client:
-            return client.send(message)
+            return client.send(message, timeout_s=max(0.0, deadline - self._clock()))  # a dripping LIS too
 
     def fetch(self, patient_id: str, issuer: str | None, start: dt.date, end: dt.date) -> QueryOutcome:
         """Query, check and store; the outcome says what happened (it is also logged, with a hashed key)."""

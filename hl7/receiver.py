@@ -42,9 +42,10 @@ class LabReceiver:
         fields = msh.split(msh[3:4])
         return len(fields) > 15 and fields[15].strip().upper() not in (b"", b"NE")
 
-    def refuse(self, reason: str, message: bytes | None = None) -> bytes | list[bytes]:
-        """AR for a message not handled (too big, or the handler failed); it answers the message's own
-        control ID (MSA-2) and ACK mode whenever its header can be read, so the sender can match it."""
+    def refuse(self, reason: str, message: bytes | None = None, code: str = "AR") -> bytes | list[bytes]:
+        """A negative ACK (AR by default; AE for a message too large) for a message not handled (too big, or the
+        handler failed); it answers the message's own control ID (MSA-2), sender and ACK mode whenever its header
+        (``message`` may be just its MSH segment) can be read, so the sender can match it."""
         header = None
         if message is not None:
             try:
@@ -54,9 +55,9 @@ class LabReceiver:
             except Exception:  # noqa: BLE001 - an unreadable header: the ACK cannot name the message
                 header = None
         if header is None:
-            self.ack_counts["AR"] += 1
-            return build_ack("AR", reason, None)
-        return self._accept("AR", reason, header)
+            self.ack_counts[code] += 1
+            return build_ack(code, reason, None)
+        return self._accept(code, reason, header)
 
     def _accept(self, code: str, text: str, header: MessageHeader | None, error_code: int = 207) -> list[bytes]:
         self.ack_counts[ACCEPT_CODE[code] if is_enhanced(header) else code] += 1
@@ -85,11 +86,13 @@ class LabReceiver:
             return self._accept("AR", f"message not stored, resend later: {exc}", header)
         if outcome.duplicate:
             log.info("HL7 message %s from %s is a duplicate; already stored", header.control_id, header.sender)
-            return self._accept("AA", "duplicate of a stored message", header)
-        log.debug("HL7 %s^%s %s from %s stored as message %d", header.message_type, header.trigger_event,
-                  header.control_id, header.sender, outcome.message_id)
-        acks = self._accept("AA", "stored", header)
+            acks = self._accept("AA", "duplicate of a stored message", header)
+        else:
+            log.debug("HL7 %s^%s %s from %s stored as message %d", header.message_type, header.trigger_event,
+                      header.control_id, header.sender, outcome.message_id)
+            acks = self._accept("AA", "stored", header)
         if (header.application_ack_type or "NE").upper() != "NE":  # some application ACK may be wanted
+            # a resend too: the sender that resends after a lost application ACK is still waiting for one
             acks += self._application_ack(raw, header, outcome.message_id)
         return acks
 

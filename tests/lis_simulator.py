@@ -37,6 +37,7 @@ class LISSimulator:
         self.drop_connections = 0  # close this many connections without answering
         self.answer_for = ""  # answer with this patient instead of the asked one
         self.refuse = ""  # MSA-1 AE with this text
+        self.drip_s = 0.0  # send the answer one byte at a time, this long apart (a LIS stuck mid-answer)
         self.requests: list[str] = []
         self.results: list[str] = []  # ORU^R01 messages accepted
         self._sock = socket.create_server(("127.0.0.1", port))
@@ -91,9 +92,19 @@ class LISSimulator:
                     self.requests.append(request)
                     time.sleep(self.delay_s)
                     try:
-                        conn.sendall(SB + self.answer(request).encode("latin-1") + EB)
+                        self._send(conn, SB + self.answer(request).encode("latin-1") + EB)
                     except OSError:
                         return
+
+    def _send(self, conn: socket.socket, data: bytes) -> None:
+        if not self.drip_s:
+            conn.sendall(data)
+            return
+        for i in range(len(data)):
+            if self._stop.is_set():
+                return
+            conn.sendall(data[i:i + 1])
+            time.sleep(self.drip_s)
 
     def answer(self, request: str) -> str:
         segs = {s[:3]: s.split("|") for s in request.replace("\n", "\r").split("\r") if s}

@@ -1,12 +1,13 @@
 """HL7 v2 receipt over a real MLLP socket: strict checks, durable store, ACK rules, lookup."""
 import datetime as dt
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from dicom_node.sample import demo_oru_message
-from hl7.client import MLLPClient, ack_code
+from hl7.client import MLLPClient, ack_code, parse_ack
 from hl7.lookup import lookup_labs
 from hl7.mllp import FrameReader, MLLPServer, frame
 from hl7.parse import parse_observations
@@ -138,13 +139,26 @@ def test_duplicates_are_stored_once_and_conflicts_refused(listener):
     assert store.message_count() == 1
 
 
-def test_oversized_message_is_rejected_and_connection_survives(listener):
+def test_oversized_message_is_refused_ae_naming_it_and_connection_survives(listener):
+    """The refusal names the message (MSA-2, MSH-5/6, trigger) from its first segment, so a sender matching on
+    MSA-2 gets it; AE (content: too large), not AR, which would make the sender resend the same bytes."""
     server, _, store = listener
     with MLLPClient("127.0.0.1", server.bound_port) as c:
         big = demo_oru_message(STUDY, "BIG") + b"NTE|1||" + b"x" * 70_000 + b"\r"
-        assert ack_code(c.send(big)) == "AR"
+        ack = c.exchange(big)  # matched on MSA-2: times out if the refusal does not name BIG
+        assert ack.code == "AE" and "maximum size" in ack.text
+        msh = ack_msh(c, big)
+        assert msh[4:6] == ["LIS", "GENERAL HOSPITAL"] and msh[8] == "ACK^R01^ACK"
+        c.send_raw(frame(big)[:40_000])  # the next oversize one arrives in pieces: same answer
+        c.send_raw(frame(big)[40_000:])
+        assert parse_ack(c.read_frame()).control_id == "BIG"
         assert ack_code(c.send(demo_oru_message(STUDY, "SMALL"))) == "AA"
     assert store.message_count() == 1
+
+
+def ack_msh(c: MLLPClient, message: bytes) -> list[str]:
+    """The MSH fields of the listener's answer to ``message`` (sent again)."""
+    return c.send(message).decode("latin-1").split("\r")[0].split("|")
 
 
 def test_ack_only_after_commit(listener, tmp_path):
@@ -328,3 +342,113 @@ def test_a_message_with_the_truncation_character_in_msh2_is_parsed_not_silently_
     assert b"MSA|AA" in rx.handle(raw)[0]
     assert lookup_labs(store, "P1", "HOSP", STUDY.date()).get("17861-6").value == pytest.approx(9.1)
     store.close()
+
+
+def test_a_resent_enhanced_message_gets_its_application_ack_again(listener):
+    """A sender that lost the application ACK resends: it gets CA (duplicate) and the application ACK again,
+    not only CA (it would wait for ever)."""
+    server, _, store = listener
+    for _ in range(2):
+        with MLLPClient("127.0.0.1", server.bound_port, timeout_s=5) as c:
+            c.send_raw(frame(_enhanced("R1", "AL", "AL")))
+            accept, app = parse_ack(c.read_frame()), parse_ack(c.read_frame())
+            assert (accept.code, accept.control_id, app.code, app.control_id) == ("CA", "R1", "AA", "R1")
+            assert "parsed: 1 observations" in app.text
+    assert store.message_count() == 1
+
+
+def test_the_ack_echoes_sender_fields_and_control_id_verbatim(listener):
+    """MSH-3/4 with components and an escape came back as `LAB\\E\\T\\E\\X` without its components."""
+    server, _, _ = listener
+    raw = demo_oru_message(STUDY, "X\\E\\1").decode().replace(
+        "MSH|^~\\&|LIS|GENERAL HOSPITAL|", "MSH|^~\\&|LAB\\T\\X^1.2.3^ISO|GH^2.16.1^ISO|", 1).encode()
+    with MLLPClient("127.0.0.1", server.bound_port, timeout_s=5) as c:
+        ack = c.exchange(raw)  # matched on MSA-2 = MSH-10 as sent
+        msh = ack_msh(c, raw)
+    assert ack.code == "AA" and ack.control_id == "X\\E\\1"
+    assert msh[4:6] == ["LAB\\T\\X^1.2.3^ISO", "GH^2.16.1^ISO"]
+
+
+@pytest.fixture()
+def strict_listener(tmp_path):
+    """A listener with a 1 s read timeout and room for 2 connections."""
+    store = LabStore(tmp_path / "labs.sqlite")
+    receiver = LabReceiver(store)
+    server = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse, read_timeout_s=1.0, max_connections=2)
+    server.start()
+    yield server
+    server.stop()
+    store.close()
+
+
+def closed_by_peer(s: socket.socket, within_s: float = 2.0) -> bool:
+    s.settimeout(within_s)
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_a_sender_dripping_a_frame_is_closed_at_the_read_timeout(strict_listener):
+    """One byte every 0.3 s used to reset a per-read idle timeout: the connection stayed open for ever."""
+    s = socket.create_connection(("127.0.0.1", strict_listener.bound_port))
+    with s:
+        s.sendall(b"\x0bMSH|^~\\&|LIS")
+        try:
+            for _ in range(10):  # 3 s of dripping, three times the read timeout
+                time.sleep(0.3)
+                s.sendall(b"x")
+        except OSError:
+            pass  # closed by the listener while we drip: what this test wants
+        assert closed_by_peer(s, 0.5)
+
+
+def test_a_sender_that_never_reads_its_acks_is_closed(strict_listener):
+    """Garbage frames, each answered with a ~250-byte AE, never read: the listener used to wait in drain()
+    for ever, holding the connection."""
+    s = socket.create_connection(("127.0.0.1", strict_listener.bound_port))
+    with s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setblocking(False)
+        junk, stuck_since, started = b"\x0bX\x1c\r" * 1000, None, time.monotonic()
+        while time.monotonic() - started < 20 and (stuck_since is None or time.monotonic() - stuck_since < 1):
+            try:
+                s.send(junk)
+                stuck_since = None
+            except BlockingIOError:  # the listener stopped reading: its ACKs back up
+                stuck_since = stuck_since or time.monotonic()
+                time.sleep(0.05)
+            except (ConnectionResetError, BrokenPipeError):
+                break
+        deadline = time.monotonic() + 20  # the listener works through what it read, then gives up on drain()
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            while time.monotonic() < deadline:
+                try:
+                    s.send(b"x")
+                except BlockingIOError:
+                    pass
+                time.sleep(0.2)
+
+
+def test_connections_beyond_max_connections_are_closed_at_accept(strict_listener, caplog):
+    port = strict_listener.bound_port
+    first, second = (MLLPClient("127.0.0.1", port, timeout_s=5) for _ in range(2))
+    with first, second:
+        assert ack_code(first.send(demo_oru_message(STUDY, "L1"))) == "AA"
+        assert ack_code(second.send(demo_oru_message(STUDY, "L2"))) == "AA"
+        with socket.create_connection(("127.0.0.1", port)) as third:
+            assert closed_by_peer(third)
+    assert "hl7.max_connections" in caplog.text
+    deadline = time.monotonic() + 5
+    while True:  # the slots are free again once the two have closed
+        try:
+            with MLLPClient("127.0.0.1", port, timeout_s=2) as again:
+                assert ack_code(again.send(demo_oru_message(STUDY, "L3"))) == "AA"
+            break
+        except (ConnectionError, TimeoutError):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)

@@ -3,13 +3,15 @@ import datetime as dt
 import socket
 import ssl
 import subprocess
+import threading
+import time
 
 import pytest
 
 from config.schema import LISQuerySettings, TLSSettings
 from dicom_node.pacs import free_port
 from dicom_node.sample import demo_oru_message
-from hl7.client import MLLPClient, ack_code
+from hl7.client import FrameTooLarge, MLLPClient, ack_code
 from hl7.lookup import lookup_labs
 from hl7.mllp import MLLPServer
 from hl7.query import LabQueryClient, build_query
@@ -86,6 +88,45 @@ def test_bounded_retries_and_time_budget(store):
         assert slow.status == "failed" and slow.elapsed_s < 2.0  # bounded by the budget, not the LIS
     dead = LabQueryClient(settings(free_port(), retries=1), store).fetch("P1", "HOSP", START, END)
     assert dead.status == "failed" and dead.attempts == 2 and "unreachable" in dead.detail
+
+
+def test_a_lis_dripping_its_answer_cannot_hold_the_job_past_the_budget(store):
+    """Each byte within read_timeout_s used to restart the wait: a 300-byte answer at 0.05 s a byte took 15 s
+    with budget_s = 1.5, on the job dispatcher's thread."""
+    with LISSimulator([P1]) as lis:
+        lis.drip_s = 0.05
+        started = time.monotonic()
+        outcome = LabQueryClient(settings(lis.port, budget_s=1.5, read_timeout_s=1.0, retries=3), store).fetch(
+            "P1", "HOSP", START, END)
+        elapsed = time.monotonic() - started
+    assert outcome.status == "failed" and "TimeoutError" in outcome.detail, outcome
+    assert elapsed < 2.5, f"the query took {elapsed:.1f} s with budget_s = 1.5"
+    assert store.message_count() == 0
+
+
+def test_an_answer_that_never_ends_its_frame_is_refused_at_the_size_cap():
+    """A peer streaming bytes without FS CR: the client stops at its cap instead of filling memory."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def flood() -> None:
+        conn, _ = server.accept()
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"\x0bMSH|" + b"x" * 300_000)
+                time.sleep(0.5)
+            except OSError:
+                pass
+
+    worker = threading.Thread(target=flood, daemon=True)
+    worker.start()
+    try:
+        with MLLPClient("127.0.0.1", server.getsockname()[1], timeout_s=5, max_frame_bytes=100_000) as c:
+            with pytest.raises(FrameTooLarge, match="without ending the frame"):
+                c.send(b"MSH|^~\\&|OS||LIS||2026||QBP^Q11|Q1|P|2.5.1\r")
+    finally:
+        server.close()
+        worker.join(timeout=5)
 
 
 def test_same_patient_is_not_asked_again_within_requery_time(store):
