@@ -112,7 +112,10 @@ class HL7Settings(_Section):
     host: str = "127.0.0.1"
     port: Port = 2575
     max_message_bytes: int = Field(1_048_576, ge=1024)
-    read_timeout_s: float = Field(300.0, gt=0)
+    read_timeout_s: float = Field(300.0, gt=0, description="A connection with no complete frame (or unread ACKs) "
+                                                           "for this long is closed.")
+    max_connections: int = Field(64, ge=1, le=10_000, description="Connections open at once; more are closed at "
+                                                                  "accept, with a log line.")
     tls: ListenerTLSSettings = ListenerTLSSettings()
 
 
@@ -317,7 +320,8 @@ class WorklistSettings(_Section):
     enabled: bool = False
     directory: Path | None = Field(None, description="Default: <state_dir>/worklist. Files are 0600 (they hold PHI).")
     at: str = Field("06:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$",
-                    description="Local time of day; the list covers the 24 hours before it.")
+                    description="Local time of day; the list covers the time since the last list (24 hours; "
+                                "a node down at this time writes the lists it missed at its next start).")
 
 
 class ShadowSettings(_Section):
@@ -343,7 +347,8 @@ class RetentionSettings(_Section):
     """Deleting received CT once it has been screened (or skipped) and delivered."""
 
     instances_days: float = Field(30.0, ge=0, description="Days after routing; 0 keeps received CT forever. Failed "
-                                                          "jobs and undelivered results keep theirs.")
+                                                          "jobs and undelivered results (queued, or refused for good "
+                                                          "by the PACS) keep theirs; cancelled jobs do not.")
     every_h: float = Field(6.0, gt=0, description="How often the purge runs (also once at start).")
 
 

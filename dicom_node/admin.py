@@ -109,19 +109,29 @@ def outbox(state_dir: Path, action: str, out=print) -> int:
     return 2
 
 
+def parse_target(target: str) -> tuple[str, str, int]:
+    """(AE title, host, port) of ``AE@host:port``; ValueError saying what is wrong."""
+    aet, _, hostport = target.partition("@")
+    host, _, port = hostport.rpartition(":")
+    if not aet or not host or not port:
+        raise ValueError(f"{target!r}: give the peer as AE@host:port, e.g. PACS@10.0.0.5:104")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{target!r}: port {port!r} is not a number from 1 to 65535")
+    return aet, host, int(port)
+
+
 def echo(target: str, calling_aet: str = "OSTEOSCREEN", out=print) -> int:
     """C-ECHO to AE@host:port."""
     try:
-        aet, hostport = target.split("@", 1)
-        host, port = hostport.rsplit(":", 1)
-    except ValueError:
-        out("target must be AE@host:port")
+        aet, host, port = parse_target(target)
+    except ValueError as exc:
+        out(f"echo: {exc}")
         return 2
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.network_timeout = 10
     ae.add_requested_context(Verification)
     t0 = time.monotonic()
-    assoc = ae.associate(host, int(port), ae_title=aet)
+    assoc = ae.associate(host, port, ae_title=aet)
     if not assoc.is_established:
         out(f"echo {target}: association {'rejected' if assoc.is_rejected else 'failed'}")
         return 1
@@ -132,14 +142,56 @@ def echo(target: str, calling_aet: str = "OSTEOSCREEN", out=print) -> int:
     return 0 if ok else 1
 
 
-def worklist(state_dir: Path, settings: WorklistSettings, day: dt.date | None, out=print) -> int:
-    """Write the worklist on demand (the scheduler does it daily when enabled)."""
+def worklist(state_dir: Path, settings: WorklistSettings, day: dt.date | None, out=print, *,
+             shadow: bool = False) -> int:
+    """Write the worklist on demand (the scheduler does it daily when enabled); never in shadow mode."""
     from dicom_node.worklist import write_worklist
 
+    if shadow:
+        out("worklist: not written: this node is in shadow mode ([shadow] enabled = true), whose results are for "
+            "site validation only and never go on a worklist; use `osteoscreen predictions --out F.csv` to compare "
+            "them with DXA")
+        return 2
+    directory = Path(settings.directory or state_dir / "worklist")
     with _node_db(state_dir) as db:
         at = dt.datetime.strptime(settings.at, "%H:%M").time()
-        path, n = write_worklist(db, settings.directory or state_dir / "worklist", day or dt.date.today(), at=at)
+        try:
+            path, n = write_worklist(db, directory, day or dt.date.today(), at=at)
+        except OSError as exc:
+            out(f"worklist: cannot write into {directory}: {exc.strerror or exc} (check [worklist] directory: a "
+                "folder the node's user may write)")
+            return 2
     out(f"worklist: {path} ({n} positive screen(s); also {path.with_suffix('.json').name})")
+    return 0
+
+
+def patient_key(state_dir: Path, patient_id: str, issuer: str | None, out=print) -> int:
+    """The log key (pk-...) of a known patient ID, so that IT can find that patient's log lines."""
+    from hl7.privacy import PatientKeyError, load_site_key
+    from hl7.privacy import patient_key as key_of
+
+    try:
+        key = load_site_key(state_dir, create=False)
+    except PatientKeyError as exc:
+        out(f"patient-key: {exc}")
+        return 2
+    out(key_of(patient_id, issuer, key=key))
+    return 0
+
+
+def restore(state_dir: Path, backup_dir: Path, out=print) -> int:
+    from dicom_node.backup import BackupError, restore_state
+
+    try:
+        done = restore_state(backup_dir, state_dir)
+    except BackupError as exc:
+        out(f"restore failed: {exc}")
+        return 1
+    for live, kept in done:
+        out(f"restored {live.name} from {backup_dir} (integrity checked)"
+            + (f"; the file it replaced is kept as {kept.name} (delete it once the node runs well)" if kept else ""))
+    out("start the node (systemctl start osteoscreen); received CT and results are not in the backup: restore "
+        "them from the site's file backup")
     return 0
 
 
@@ -151,6 +203,10 @@ def backup(state_dir: Path, dest: Path | None, out=print) -> int:
     except BackupError as exc:
         out(f"backup failed: {exc}")
         return 1
+    except OSError as exc:
+        out(f"backup failed: {exc.filename or dest or state_dir / 'backups'}: {exc.strerror or exc} (give --dest "
+            "a folder the node's user may write, on a disk with room)")
+        return 2
     total = sum(p.stat().st_size for p in paths)
     out(f"backup ok: {len(paths)} database(s), {total / 1e6:.1f} MB, integrity checked, in {paths[0].parent}")
     return 0
@@ -174,7 +230,16 @@ def purge(state_dir: Path, days: float, dry_run: bool, out=print) -> int:
 def predictions(state_dir: Path, out: Path, since: dt.date | None, out_fn=print) -> int:
     from dicom_node.predictions import export_predictions
 
+    out = Path(out)
+    if out.is_dir():
+        out_fn(f"predictions: --out {out} is a folder: give a file name, e.g. {out / 'predictions.csv'}")
+        return 2
     with _node_db(state_dir) as db:
-        n = export_predictions(db, out, since)
+        try:
+            n = export_predictions(db, out, since)
+        except OSError as exc:
+            out_fn(f"predictions: cannot write {out}: {exc.strerror or exc} (a missing or non-folder parent, or "
+                   "permissions)")
+            return 2
     out_fn(f"predictions: {n} result(s) written to {out} (0600: it holds patient identifiers)")
     return 0

@@ -289,6 +289,13 @@ def _hl7(args: argparse.Namespace) -> int:
         if not args.arg:
             print("osteoscreen hl7 query PATIENT_ID [--issuer AUTHORITY]", file=sys.stderr)
             return 2
+        from hl7.privacy import PatientKeyError
+        from hl7.privacy import configure as configure_patient_key
+
+        try:  # the query's log lines carry the same pk-... keys as the node's
+            configure_patient_key(Path(settings.node.state_dir), create=False)
+        except PatientKeyError:
+            pass  # no node has run on this state yet: a temporary key (said in the log)
         return tools.query_lis(settings, args.arg, args.issuer, args.window_days or settings.labs.window_days)
     if not store.exists():
         print(f"osteoscreen: no lab store at {store}", file=sys.stderr)
@@ -302,11 +309,36 @@ def _hl7(args: argparse.Namespace) -> int:
     return tools.show_errors(store)
 
 
+def _os_error(exc: OSError) -> str:
+    """One line for a file the command could not read or write: what, where, and what to check."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return (f"{exc.strerror or exc}{where} (check the path: a folder where a file is expected or the reverse, "
+            "a missing parent, or permissions)")
+
+
 def _admin(args: argparse.Namespace) -> int:
     import sqlite3
 
-    from dicom_node import admin
     from dicom_node.migrations import SchemaTooNew
+
+    try:
+        return _admin_command(args)
+    except FileNotFoundError as exc:
+        print(f"osteoscreen: {exc if exc.strerror is None else _os_error(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output path that is a folder, under a file, or not writable
+        print(f"osteoscreen: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"osteoscreen: {exc}", file=sys.stderr)
+        return 2
+    except (sqlite3.DatabaseError, SchemaTooNew) as exc:  # damaged, locked past the timeout, or a newer release's
+        print(f"osteoscreen: {exc}", file=sys.stderr)
+        return 1
+
+
+def _admin_command(args: argparse.Namespace) -> int:
+    from dicom_node import admin
 
     if args.command == "echo":
         return admin.echo(args.target, args.aet)
@@ -314,27 +346,24 @@ def _admin(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     state = Path(settings.node.state_dir)
-    try:
-        if args.command == "status":
-            return admin.status(state)
-        if args.command == "jobs":
-            return admin.jobs(state, args.action, args.job_id)
-        if args.command == "worklist":
-            return admin.worklist(state, settings.worklist, args.date)
-        if args.command == "predictions":
-            return admin.predictions(state, args.out, args.since)
-        if args.command == "backup":
-            return admin.backup(state, args.dest)
-        if args.command == "purge":
-            days = settings.retention.instances_days if args.days is None else args.days
-            return admin.purge(state, days, args.dry_run)
-        return admin.outbox(state, args.action)
-    except FileNotFoundError as exc:
-        print(f"osteoscreen: {exc}", file=sys.stderr)
-        return 2
-    except (sqlite3.DatabaseError, SchemaTooNew) as exc:  # damaged, locked past the timeout, or a newer release's
-        print(f"osteoscreen: {exc}", file=sys.stderr)
-        return 1
+    if args.command == "status":
+        return admin.status(state)
+    if args.command == "jobs":
+        return admin.jobs(state, args.action, args.job_id)
+    if args.command == "worklist":
+        return admin.worklist(state, settings.worklist, args.date, shadow=settings.shadow.enabled)
+    if args.command == "predictions":
+        return admin.predictions(state, args.out, args.since)
+    if args.command == "backup":
+        return admin.backup(state, args.dest)
+    if args.command == "restore":
+        return admin.restore(state, args.backup_dir)
+    if args.command == "patient-key":
+        return admin.patient_key(state, args.patient_id, args.issuer)
+    if args.command == "purge":
+        days = settings.retention.instances_days if args.days is None else args.days
+        return admin.purge(state, days, args.dry_run)
+    return admin.outbox(state, args.action)
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -484,6 +513,17 @@ def main(argv: list[str] | None = None) -> int:
     bk.add_argument("--dest", type=Path, help="folder for the timestamped copy (default: <state_dir>/backups)")
     bk.add_argument("--config", type=Path)
     bk.set_defaults(func=_admin)
+    rs = sub.add_parser("restore", help="put a backup's databases back (the node stopped): checks them, keeps the "
+                        "replaced files as NAME.replaced-STAMP, never replays an old -wal")
+    rs.add_argument("backup_dir", type=Path, help="an osteoscreen-YYYYMMDDTHHMMSS folder made by `osteoscreen backup`")
+    rs.add_argument("--config", type=Path)
+    rs.set_defaults(func=_admin)
+    pk = sub.add_parser("patient-key", help="the log key (pk-...) of a known patient ID, to find that patient's log "
+                        "lines (keyed with this site's secret in the state directory)")
+    pk.add_argument("patient_id")
+    pk.add_argument("--issuer", help="assigning authority of the patient ID (IssuerOfPatientID, PID-3.4)")
+    pk.add_argument("--config", type=Path)
+    pk.set_defaults(func=_admin)
     pg = sub.add_parser("purge", help="apply the retention rule now: delete received CT screened (or skipped) "
                         "and delivered over [retention] instances_days ago")
     pg.add_argument("--days", type=float, help="override instances_days")

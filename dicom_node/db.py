@@ -96,6 +96,9 @@ MIGRATIONS: list[Migration] = [
              "CREATE INDEX IF NOT EXISTS series_state_decided ON series(state, decided_at);"
              "CREATE INDEX IF NOT EXISTS audit_at ON audit(at);"
              "CREATE INDEX IF NOT EXISTS outbox_job ON outbox(job_id)"),
+    sql_step(3, "worklist periods written (a restart across the worklist time catches up)",
+             "CREATE TABLE IF NOT EXISTS worklist_periods (period_end REAL PRIMARY KEY, period_start REAL NOT NULL,"
+             " written_at REAL NOT NULL, path TEXT NOT NULL, n_rows INTEGER NOT NULL)"),
 ]
 
 
@@ -342,6 +345,17 @@ class NodeDB:
                            " WHERE study_uid=? ORDER BY id DESC LIMIT 1", (study_uid,))
         return ReportRow(*rows[0]) if rows else None
 
+    # --- worklist --------------------------------------------------------------
+    def last_worklist_end(self) -> float | None:
+        """The end (epoch seconds) of the last worklist period written by the scheduler; None before the first."""
+        rows = self._query("SELECT max(period_end) FROM worklist_periods")
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    def record_worklist(self, start: float, end: float, path: str, n_rows: int) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO worklist_periods (period_end, period_start, written_at, path, n_rows)"
+                       " VALUES (?,?,?,?,?)", (end, start, time.time(), path, n_rows))
+
     def result_messages(self, study_uid: str, destination: str) -> list[tuple[str, str]]:
         """(control ID, outbox state) of the result messages queued to ``destination`` for any series of the
         study, oldest first (the outbox's sop_instance_uid column holds an HL7 row's control ID)."""
@@ -421,9 +435,15 @@ class NodeDB:
 
     # --- outbox -----------------------------------------------------------------
     def due_outbox(self, limit: int = 100) -> list[OutboxRow]:
+        """Pending rows whose time has come. An HL7 result message waits while an earlier one to the same
+        receiver waits for its retry: a correction must never reach the RIS before the result it corrects
+        (which, arriving last, would stand)."""
+        now = time.time()
         rows = self._query(
             "SELECT id, job_id, destination, path, sop_class_uid, sop_instance_uid, state, attempts, last_error"
-            " FROM outbox WHERE state='pending' AND next_attempt_at<=? ORDER BY id LIMIT ?", (time.time(), limit))
+            " FROM outbox o WHERE state='pending' AND next_attempt_at<=?"
+            " AND NOT (destination LIKE 'hl7:%' AND EXISTS (SELECT 1 FROM outbox p WHERE p.destination=o.destination"
+            " AND p.state='pending' AND p.id<o.id AND p.next_attempt_at>?)) ORDER BY id LIMIT ?", (now, now, limit))
         return [OutboxRow(*r) for r in rows]
 
     def outbox(self) -> list[OutboxRow]:
@@ -464,7 +484,7 @@ def open_hint(exc: sqlite3.Error) -> str:
         return " (another process holds it: is a second node or a long admin command running?)"
     if "readonly" in text or "read-only" in text or "unable to open" in text:
         return " (the directory or file is not writable by the service user)"
-    return " (a full disk, or a damaged file: restore the latest `osteoscreen backup`)"
+    return " (a full disk, or a damaged file: stop the node and `osteoscreen restore BACKUP_DIR` the latest backup)"
 
 
 class _Tx:

@@ -6,12 +6,11 @@ written 0600 and its folder must be a PHI-safe place.
 """
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import os
 from pathlib import Path
 
+from dicom_node.csvcells import csv_text
 from dicom_node.db import NodeDB
 from pipeline.durable import write_durably
 
@@ -47,12 +46,9 @@ def prediction_rows(db: NodeDB, start: float, end: float) -> list[dict]:
 def export_predictions(db: NodeDB, out: Path, since: dt.date | None = None) -> int:
     start = dt.datetime.combine(since, dt.time()).timestamp() if since else 0.0
     rows = prediction_rows(db, start, dt.datetime.now().timestamp() + 1)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
+    data = csv_text(COLUMNS, rows).encode()  # patient ID, issuer, accession: the sender's text, made formula-safe
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_durably(out, lambda fh: fh.write(buf.getvalue().encode()))
+    write_durably(out, lambda fh: fh.write(data))
     os.chmod(out, 0o600)
     return len(rows)

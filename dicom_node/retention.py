@@ -1,8 +1,11 @@
 """Retention: received CT is deleted once it has served its purpose and ``instances_days`` have passed.
 
 A series qualifies when it was decided (routed) that many days ago and either it was
-skipped by routing, or its job finished ('done') and nothing of that job is still waiting
-in the outbox. Failed jobs keep their CT (an operator may retry them). Results, reports,
+skipped by routing, or its job finished ('done') or was cancelled by an operator (not
+screened on purpose, like a skipped series) and every result of that job was delivered:
+none is still waiting in the outbox ('pending') or was given up on ('failed': refused for
+good by the PACS, or the RIS; `osteoscreen outbox retry` once the cause is fixed). Failed
+jobs keep their CT (an operator may retry them). Results, reports,
 jobs and the audit log stay: they are small and they are the record. The instance rows go
 with the files, so a later re-send of the same study is stored and screened again (an
 unchanged result is recognised as a duplicate and not sent twice).
@@ -27,8 +30,8 @@ SELECT s.series_uid FROM series s
 LEFT JOIN jobs j ON j.series_uid = s.series_uid
 WHERE s.state = 'purging'
    OR (s.state = 'decided' AND s.decided_at < ?
-       AND (s.eligible = 0 OR (j.state = 'done'
-            AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = 'pending'))))
+       AND (s.eligible = 0 OR (j.state IN ('done', 'cancelled')
+            AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state IN ('pending', 'failed')))))
 """
 
 

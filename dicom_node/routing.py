@@ -121,7 +121,7 @@ def _age_refusal(facts: SeriesFacts, rules: RoutingSettings) -> Decision | None:
         if not rules.screen_unknown_age:
             return Decision(False, "patient age unknown (PatientAge and PatientBirthDate missing)")
     elif facts.age_years < rules.min_patient_age_years:
-        return Decision(False, f"patient age {facts.age_years:.0f} below {rules.min_patient_age_years}")
+        return Decision(False, f"patient age {int(facts.age_years)} below {rules.min_patient_age_years}")
     return None
 
 

@@ -43,6 +43,7 @@ from hl7.lookup import lookup_labs
 from hl7.mapping import load_mapping
 from hl7.mllp import MLLPServer
 from hl7.panel import LabPanel
+from hl7.privacy import configure as configure_patient_key
 from hl7.privacy import patient_key
 from hl7.parse_worker import BackgroundParser
 from hl7.query import LabQueryClient
@@ -111,15 +112,19 @@ def check_models(s: Settings) -> None:
     problems = check_configured_bundles(s) + lab_unit_problems(load_mapping(s.labs.mapping_file))
     if problems:
         raise BundleError("; ".join(problems))
-    graphs = [resolve_bundle_path(s.screening.model) / "head.onnx"]
-    if s.screening.selector:
-        graphs.append(resolve_bundle_path(s.screening.selector) / "qnet.onnx")
-    if s.screening.image_only_model:
-        graphs.append(resolve_bundle_path(s.screening.image_only_model) / "image_student.onnx")
-    if s.xray.enabled:
-        graphs.append(resolve_bundle_path(s.xray.model) / "image_model.onnx")
-    for onnx_path in graphs:
-        load_graph(onnx_path, s.screening.backend).close()
+    from dicom_node.engines_cli import configured_bundles
+    from engines.bundle import verify_bundle_files
+
+    # every file the card lists is checked against its SHA-256, and every network of every configured bundle (the
+    # fused model's image encoder as well as its head) is loaded on the configured backend
+    for bundle in configured_bundles(s):
+        verify_bundle_files(bundle)
+        graphs = sorted(resolve_bundle_path(bundle).glob("*.onnx"))
+        if not graphs:
+            raise BundleError(f"model bundle {bundle!r} holds no ONNX network: reinstall the bundle or rerun the "
+                              "training that wrote it")
+        for onnx_path in graphs:
+            load_graph(onnx_path, s.screening.backend).close()
 
 
 # What a reload applies (SIGHUP): read at each decision or job, or pushed to the running part below. Everything
@@ -135,6 +140,7 @@ class Service:
         check_writable(self.state_dir, "[node] state_dir")
         self._state_lock = lock_state_dir(self.state_dir)
         try:
+            configure_patient_key(self.state_dir)  # the site's secret for pk-... in log lines (made at first start)
             self._assemble(settings)
         except BaseException:  # the lock goes with a start that failed (a process may construct a node again)
             os.close(self._state_lock)
@@ -156,7 +162,8 @@ class Service:
         self.mllp = (
             MLLPServer(s.hl7.host, s.hl7.port, self.lab_receiver.handle, self.lab_receiver.refuse,
                        max_message_bytes=s.hl7.max_message_bytes, read_timeout_s=s.hl7.read_timeout_s,
-                       ssl_context=server_context(s.hl7.tls), offload=LabReceiver.needs_parse)
+                       ssl_context=server_context(s.hl7.tls), offload=LabReceiver.needs_parse,
+                       max_connections=s.hl7.max_connections)
             if s.hl7.enabled else None
         )
         self.lab_query = (LabQueryClient(s.lis_query, self.lab_store, client_context(s.lis_query.tls),
@@ -566,16 +573,28 @@ class Service:
         with job_context(job.id, self._patient_key(job.series_uid)):
             self._record_result(job, result)
 
+    def _shadow_report_after_go_live(self, previous: ReportRow) -> bool:
+        """A report made in shadow mode (kept off the PACS and the worklist) does not stand for a live one."""
+        if self.settings.shadow.enabled:
+            return False
+        earlier = self.db.job(previous.job_id)
+        return bool(earlier and earlier.result and earlier.result.get("shadow"))
+
     def _record_result(self, job: JobRow, result: ScreeningResult) -> None:
         outputs = [(d.name, o.path, o.sop_class_uid, o.sop_instance_uid)
                    for d in self.result_destinations for o in result.outputs]
         summary = dict(result.summary)
+        if self.settings.shadow.enabled:
+            summary["shadow"] = True  # a validation-period result: never on a worklist, even after go-live
         report = None
         if result.status == "screened" and summary.get("result_key"):
             study = summary.get("study_uid", "")
             previous = self.db.latest_report(study)
-            if previous is not None and previous.result_key == summary["result_key"]:
-                # Same study, vertebra, models, categories and labs as the report already sent: no second SR.
+            if previous is not None and previous.job_id != job.id and previous.result_key == summary["result_key"] \
+                    and not self._shadow_report_after_go_live(previous):
+                # Same study, vertebra, models, categories and labs as the report another job already sent: no
+                # second SR. This job's own earlier report (its series reopened, or `jobs retry`) is no duplicate:
+                # its result replaces that one.
                 summary["duplicate_of"] = previous.sr_sop_uid
                 outputs = []
                 self.db.audit("report", job.series_uid, f"same result as the SR of job {previous.job_id}: not sent again")

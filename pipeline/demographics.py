@@ -53,8 +53,26 @@ def age_years(ds: Dataset) -> float | None:
         return {"D": n / 365.25, "W": n * 7 / 365.25, "M": n / 12.0, "Y": float(n)}[age[3]]
     born, seen = _date(ds.get("PatientBirthDate", "")), study_date(ds)
     if born and seen and seen >= born:
-        return (seen - born).days / 365.25
+        return calendar_age(born, seen)
     return None
+
+
+def _birthday(born: dt.date, year: int) -> dt.date:
+    """The birthday in ``year`` (29 February: 1 March in a common year)."""
+    try:
+        return born.replace(year=year)
+    except ValueError:
+        return dt.date(year, 3, 1)
+
+
+def calendar_age(born: dt.date, on: dt.date) -> float:
+    """Age on ``on`` in years: the completed years by the calendar (a birthday reached counts, whatever the leap
+    days), plus the fraction of the current year of life, so that ``int()`` of it is the age a person states."""
+    last = _birthday(born, on.year)
+    if last > on:
+        last = _birthday(born, on.year - 1)
+    following = _birthday(born, last.year + 1)
+    return (last.year - born.year) + (on - last).days / (following - last).days
 
 
 def _positive(ds: Dataset, keyword: str) -> float | None:

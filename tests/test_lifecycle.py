@@ -1,4 +1,5 @@
 """Data lifecycle: schema migrations, online backup, retention of received CT."""
+import os
 import sqlite3
 import subprocess
 import sys
@@ -221,3 +222,101 @@ def test_a_late_instance_reopens_a_decided_series(tmp_path, sample_series):
     job = db.decide_series(uid, True, "CT axial")
     assert job is not None and db.job(job).state == "pending"
     db.close()
+
+
+def test_retention_keeps_ct_of_results_the_pacs_refused_for_good_and_purges_cancelled_jobs(tmp_path, sample_series):
+    db = NodeDB(tmp_path / "osteoscreen.sqlite")
+    store = InstanceStore(tmp_path / "instances", db)
+    refused = _store_series(store, sample_series.files[:2])
+    job = db.decide_series(refused[0].series_uid, True, "CT axial")
+    db.claim_job()
+    db.finish_job(job, "screened", {}, [("PACS", str(tmp_path / "sr.dcm"), "1.2", "9.9")])
+    db.mark_send_failed(db.outbox()[0].id, "0xA900 refused", 0, give_up=True)  # undelivered for good
+    cancelled = _store_series(store, sample_series.files[2:4], series_uid="1.2.826.0.1.3680043.99.2")
+    job2 = db.decide_series(cancelled[0].series_uid, True, "CT axial")
+    db._query("UPDATE jobs SET state='cancelled' WHERE id=?", (job2,))  # `osteoscreen jobs cancel`
+    r = purge_screened_instances(db, store.root, 30, now=time.time() + 31 * DAY)
+    assert r.series == 1 and db.series(cancelled[0].series_uid).state == "purged"
+    assert all(Path(x.path).exists() for x in refused) and db.series(refused[0].series_uid).state == "decided"
+    db._query("UPDATE outbox SET state='sent'")  # fixed at the PACS, `osteoscreen outbox retry`, delivered
+    assert purge_screened_instances(db, store.root, 30, now=time.time() + 31 * DAY).series == 1
+    db.close()
+
+
+def _filled_state(state: Path, rows: int) -> Path:
+    path = state / "osteoscreen.sqlite"
+    NodeDB(path).close()
+    c = sqlite3.connect(path)
+    c.executemany("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
+                  ((time.time(), "x", "1.2.3", "y" * 400) for _ in range(rows)))
+    c.commit()
+    c.close()
+    return path
+
+
+def test_backup_ends_while_another_process_commits_fifty_times_a_second(tmp_path):
+    state = tmp_path / "state"
+    db = _filled_state(state, 100000)  # ~48 MB: a dozen steps of the old stepwise copy
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sqlite3, time
+c = sqlite3.connect({str(db)!r}, isolation_level=None); c.execute('PRAGMA journal_mode=WAL')
+while True:
+    c.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)", (time.time(), 'w', 's', 'd'))
+    time.sleep(0.02)
+"""])
+    try:
+        time.sleep(1)
+        toml = tmp_path / "node.toml"
+        toml.write_text(f'[node]\nstate_dir = "{state}"\n')
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "backup", "--config", str(toml),
+                            "--dest", str(tmp_path / "bk")], capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        writer.kill()
+        writer.wait()
+    assert r.returncode == 0 and r.stdout.startswith("backup ok"), r.stdout + r.stderr
+    assert took < 30  # the stepwise copy of before never ended at this rate
+    copy = next((tmp_path / "bk").glob("osteoscreen-*/osteoscreen.sqlite"))
+    assert sqlite3.connect(copy).execute("SELECT count(*) FROM audit WHERE kind='x'").fetchone()[0] == 100000
+
+
+def test_restore_puts_a_backup_back_without_replaying_an_old_wal_and_refuses_while_the_node_runs(tmp_path):
+    from dicom_node.backup import backup_state
+    from dicom_node.service import lock_state_dir
+    from hl7.privacy import SECRET_NAME, load_site_key
+
+    state = tmp_path / "state"
+    db = NodeDB(state / "osteoscreen.sqlite")
+    db.audit("test", "before", "in the backup")
+    db.close()
+    secret = load_site_key(state)
+    folder = backup_state(state, tmp_path / "bk")[0].parent
+    assert (folder / SECRET_NAME).read_bytes() == secret
+    db = NodeDB(state / "osteoscreen.sqlite")
+    db.audit("test", "after", "not in the backup")
+    wal = (state / "osteoscreen.sqlite-wal").read_bytes()  # the -wal a crash would leave
+    db.close()
+    (state / "osteoscreen.sqlite-wal").write_bytes(wal)
+    (state / SECRET_NAME).unlink()
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[node]\nstate_dir = "{state}"\n')
+    restore = [sys.executable, "-m", "dicom_node.cli", "restore", str(folder), "--config", str(toml)]
+    lock = lock_state_dir(state)  # a running node holds this
+    try:
+        r = subprocess.run(restore, capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(lock)
+    assert r.returncode == 1 and f"(pid {os.getpid()}) is running" in r.stdout and "stop it first" in r.stdout
+    r = subprocess.run(restore, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "restored osteoscreen.sqlite" in r.stdout, r.stdout + r.stderr
+    assert not (state / "osteoscreen.sqlite-wal").exists()
+    kept = list(state.glob("osteoscreen.sqlite.replaced-*"))
+    assert len(kept) == 2  # the replaced file and its -wal, together
+    db = NodeDB(state / "osteoscreen.sqlite")
+    assert [s for (s,) in db._query("SELECT subject FROM audit WHERE kind='test'")] == ["before"]
+    db.close()
+    assert (state / SECRET_NAME).read_bytes() == secret
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "restore", str(tmp_path / "nothing"), "--config",
+                        str(toml)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "is not a folder" in r.stdout and "Traceback" not in r.stderr

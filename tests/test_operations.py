@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import datetime as dt
 import json
 import sqlite3
@@ -14,7 +15,7 @@ from pydicom.uid import generate_uid
 from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node.sample import SAMPLE_ISSUER, SAMPLE_PATIENT_ID
-from hl7.privacy import patient_key
+from hl7.privacy import load_site_key, patient_key
 from tests.conftest import DATA, storescu, wait_for
 from tests.test_end_to_end import _send_crafted, results_in, send_labs
 
@@ -72,7 +73,10 @@ def test_one_screened_study_moves_the_metrics_leaves_an_audit_trail_and_no_phi_i
     log = node.log()
     assert "job 1 screened" in log  # the log is not empty: the scan below means something
     lines = [json.loads(line) for line in log.splitlines() if line.strip()]  # every line is one JSON object
-    key = patient_key(SAMPLE_PATIENT_ID, SAMPLE_ISSUER)
+    key = patient_key(SAMPLE_PATIENT_ID, SAMPLE_ISSUER, key=load_site_key(node.state_dir, create=False))
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "patient-key", SAMPLE_PATIENT_ID, "--issuer",
+                        SAMPLE_ISSUER, "--config", str(node.config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == key, r.stdout + r.stderr  # what IT runs to find the lines
     job_lines = [x for x in lines if x.get("job_id") == 1]
     assert {x["role"] for x in job_lines} == {"main", "worker"}  # the worker's lines carry the job too
     assert all(x.get("patient_key") == key for x in job_lines)
@@ -161,3 +165,70 @@ def test_an_unwritable_worklist_directory_stops_the_start_naming_the_setting(nod
     r = _serve(node.config)
     assert r.returncode == 1
     assert f"[worklist] directory = {blocker / 'worklist'}: not writable" in r.stderr and "ReadWritePaths" in r.stderr
+
+
+# --- review of the operations path (2026-12-07) ---------------------------------------------------------------
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_patient_keys_are_keyed_with_a_private_site_secret_made_once(tmp_path):
+    import stat
+
+    from hl7.privacy import SECRET_NAME
+
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = tmp_path / "n.toml"
+    cfg.write_text(f'[node]\nstate_dir = "{state}"\n')
+    r = _cli("patient-key", "0734512", "--issuer", "HOSP", "--config", str(cfg))
+    assert r.returncode == 2 and "no patient-key secret" in r.stdout and "first start" in r.stdout  # none made here
+    secret = load_site_key(state)
+    assert len(secret) == 32 and stat.S_IMODE((state / SECRET_NAME).stat().st_mode) == 0o600
+    assert load_site_key(state) == secret  # reused, never replaced
+    key = patient_key("0734512", "HOSP", key=secret)
+    assert key.startswith("pk-") and len(key) == 15
+    assert key != patient_key("0734512", "HOSP", key=b"another site's secret 0123456789")
+    # The unkeyed hash of issuer|ID (what a log reader could recompute for every 7-digit MRN) is not the key.
+    assert key[3:] != hashlib.sha256(b"HOSP|0734512").hexdigest()[:12]
+    r = _cli("patient-key", "0734512", "--issuer", "HOSP", "--config", str(cfg))
+    assert r.returncode == 0 and r.stdout.strip() == key, r.stdout + r.stderr
+
+
+def test_admin_commands_name_unusable_paths_and_targets_in_one_line(tmp_path):
+    from dicom_node.db import NodeDB
+
+    state = tmp_path / "state"
+    NodeDB(state / "osteoscreen.sqlite").close()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cfg = tmp_path / "n.toml"
+    cfg.write_text(f'[node]\nstate_dir = "{state}"\n[worklist]\ndirectory = "{a_file / "wl"}"\n')
+    cases = [
+        (["predictions", "--out", str(tmp_path)], str(tmp_path)),  # a folder
+        (["predictions", "--out", str(a_file / "x.csv")], str(a_file)),  # under a file
+        (["worklist"], str(a_file)),
+        (["backup", "--dest", str(a_file)], str(a_file)),
+        (["echo", "PACS@host:abc"], "'abc' is not a number"),
+        (["echo", "PACS"], "AE@host:port"),
+    ]
+    for args, named in cases:
+        r = _cli(*args, "--config", str(cfg)) if args[0] != "echo" else _cli(*args)
+        out = r.stdout + r.stderr
+        assert r.returncode in (1, 2) and named in out and "Traceback" not in out, (args, out)
+        assert len(out.strip().splitlines()) == 1, (args, out)
+
+
+def test_two_backups_in_the_same_second_get_two_folders(tmp_path):
+    import datetime as dt
+
+    from dicom_node.backup import backup_state
+    from dicom_node.db import NodeDB
+
+    state = tmp_path / "state"
+    NodeDB(state / "osteoscreen.sqlite").close()
+    now = dt.datetime(2026, 12, 7, 10, 0, 0)
+    first = backup_state(state, tmp_path / "bk", now=now)[0].parent
+    second = backup_state(state, tmp_path / "bk", now=now)[0].parent
+    assert first.name == "osteoscreen-20261207T100000" and second.name == "osteoscreen-20261207T100000-2"
