@@ -204,8 +204,8 @@ class XraySettings(_Section):
     body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX"],
                                   description="BodyPartExamined values taken as a chest radiograph.")
     views: list[str] = Field(default_factory=lambda: ["PA", "AP"], description="ViewPosition values screened.")
-    model: str = Field("cxr_fusion_v1", description="Chest radiograph bundle: a name under engines/models or a "
-                                                    "bundle directory.")
+    model: str = Field("cxr_fusion_v1", description="Chest radiograph bundle: a shipped bundle's name, or a bundle "
+                                                    "directory as a path (./mine, /opt/models/mine).")
 
 
 class JobSettings(_Section):
@@ -219,7 +219,8 @@ class JobSettings(_Section):
 class ScreeningSettings(_Section):
     model: str = Field(
         "fused_kdamm_v1",
-        description="Fused screening model bundle: a name under engines/models or a bundle directory.",
+        description="Fused screening model bundle: a shipped bundle's name, or a bundle directory as a path "
+                    "(./mine, /opt/models/mine).",
     )
     attenuation_rule: str = Field(
         "pickhardt_l1_2013", description="Threshold rule reported with the L1 measurement (bundle name or path)."

@@ -147,7 +147,7 @@ def decide_xray(facts: SeriesFacts, rules: RoutingSettings, xray: XraySettings) 
     if not views:
         return Decision(False, f"view position {'/'.join(xray.views)} only on images that are not a chest "
                                "(BodyPartExamined) For Presentation CR/DX: no single image to screen", "xray")
-    age = f"age {facts.age_years:.0f}" if facts.age_years is not None else "age unknown (allowed)"
+    age = f"age {int(facts.age_years)}" if facts.age_years is not None else "age unknown (allowed)"
     return Decision(True, f"{facts.modality} chest {'/'.join(views)}, {facts.n_slices} image(s), {age} "
                           "(EXPERIMENTAL chest radiograph path)", "xray")
 
@@ -180,5 +180,5 @@ def decide(facts: SeriesFacts, rules: RoutingSettings, xray: XraySettings | None
     refusal = _age_refusal(facts, rules)
     if refusal is not None:
         return refusal
-    age = f"age {facts.age_years:.0f}" if facts.age_years is not None else "age unknown (allowed)"
+    age = f"age {int(facts.age_years)}" if facts.age_years is not None else "age unknown (allowed)"
     return Decision(True, f"CT, axial, {facts.slice_thickness_mm:g} mm, {facts.n_slices} slices, {age}")

@@ -48,7 +48,12 @@ def send_file(path: Path, host: str, port: int, out=print, optional_wait_s: floa
                 pass  # an ER/SU condition that did not apply
     for ack in acks:
         out(ack.decode("latin-1").replace("\r", "\n").strip())
-    codes = [ack_code(a) for a in acks]
+    codes = []
+    for ack in acks:
+        try:
+            codes.append(ack_code(ack))
+        except ValueError as exc:  # the peer's answer is not an ACK: say so, not a traceback
+            codes.append(f"unreadable ACK ({exc})")
     out(f"hl7 send: {path} -> {host}:{port} {' '.join(codes) or 'no ACK (as MSH-15/16 asked)'}")
     return 0 if all(code in ("AA", "CA") for code in codes) else 1
 

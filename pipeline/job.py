@@ -384,7 +384,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                 "Labs: " + ("; ".join(f"{v.name} {v.value:.3g} {v.unit}" for v in req.labs.values)
                             if req.labs.values else "none found"),
                 "Patient: " + ", ".join(x for x in (
-                    f"{demo.age_years:.0f} y" if demo.age_years is not None else "", demo.sex or "") if x),
+                    f"{int(demo.age_years)} y" if demo.age_years is not None else "", demo.sex or "") if x),
                 "Model: " + " ".join(fused.model or (bundle.card.name, bundle.card.version)),
             ]
             if attention is not None:

@@ -126,7 +126,7 @@ def _roi_group(m: BoneMeasurement, source_rc: np.ndarray | None, sop_class_uid: 
 def _demographics_text(d: Demographics | None) -> str:
     if d is None:
         return "not available"
-    parts = [f"age {d.age_years:.0f} y" if d.age_years is not None else "age unknown",
+    parts = [f"age {int(d.age_years)} y" if d.age_years is not None else "age unknown",
              f"sex {d.sex}" if d.sex else "sex unknown"]
     if d.bmi is not None:
         parts.append(f"BMI {d.bmi:.1f} kg/m2")
