@@ -9,6 +9,7 @@ of ``runs`` runs, and each run starts every receiver on an empty store.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -219,6 +220,9 @@ class Storescp:
         assert self._proc is not None
         return self._proc.pid
 
+    def stored(self) -> int:
+        return sum(1 for p in self.out.rglob("*") if p.is_file())
+
     def __exit__(self, *exc) -> None:
         stop_process(self._proc, 20)
 
@@ -263,6 +267,13 @@ class Node:
         assert self.proc is not None
         return _peak_rss_mb(self.proc.pid)
 
+    def total_peak_rss_mb(self) -> float:
+        """The sum of every node process's peak (VmHWM): service, receivers, job worker, HL7 parser, ... An upper
+        bound of their simultaneous total, which is what the machine must hold."""
+        assert self.proc is not None
+        peaks = [_peak_rss_mb(p) for p in _process_tree(self.proc.pid)]
+        return round(sum(x for x in peaks if x == x), 1)
+
     def receivers_peak_rss_mb(self) -> float:
         """The largest peak RSS among the node's receiver processes (their pids are in its log)."""
         log = self.log_path.read_text(errors="replace")
@@ -285,6 +296,25 @@ def _peak_rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+COMPRESSED_SERIES = ("jpeg-ls", "j2k")
+
+
+def reference_of(label: str) -> str:
+    """The storescp figure a receiver's rate is compared with: storescp on the same series (a compressed series'
+    rows against storescp on that series), one association; the 4-sender rows against its single-sender rate,
+    as issue 11 defines the bar."""
+    syntax = label.rsplit(", ", 1)[-1]
+    if syntax in COMPRESSED_SERIES and not label.startswith("storescp,"):
+        return f"storescp, {syntax}"
+    return "storescp"
+
+
+def _check_stored(receiver: str, stored: int, expected: int) -> None:
+    """A receiver that dropped instances must not be timed as if it had taken them all."""
+    if stored != expected:
+        raise BenchError(f"{receiver} stored {stored} of {expected} instances: its time would not be comparable")
 
 
 def _median(values: list[float]) -> float:
@@ -376,11 +406,13 @@ def bench_ingest(work: Path, raw: SampleSeries, concurrent: list[SampleSeries], 
             os.sync()
             note("storescp", t)
             note("storescp + sync", t + time.perf_counter() - t0)
+            _check_stored("storescp", scp.stored(), n)
         pacs = OrthancPACS(work / "orthanc", tcp_nodelay=True)
         shutil.rmtree(pacs.workdir, ignore_errors=True)
         pacs.start()
         try:
             note("orthanc (TCP_NODELAY=1)", send(raw.files, pacs.dicom_port, called=pacs.aet))
+            _check_stored("Orthanc", len(pacs.get("/instances")), n)  # type: ignore[arg-type]
         finally:
             pacs.stop()
         note("osteoscreen", node_send(raw.files, n))
@@ -401,6 +433,7 @@ def bench_ingest(work: Path, raw: SampleSeries, concurrent: list[SampleSeries], 
             with Storescp(work) as scp:
                 note(f"storescp, {syntax}", send(series.files, scp.port, called="STORESCP", syntax=syntax),
                      len(series.files), c_mb)
+                _check_stored(f"storescp ({syntax})", scp.stored(), len(series.files))
             note(f"osteoscreen, {syntax}", node_send(series.files, len(series.files), syntax=syntax),
                  len(series.files), c_mb)
         base = times["storescp"][-1]
@@ -421,14 +454,15 @@ def bench_ingest(work: Path, raw: SampleSeries, concurrent: list[SampleSeries], 
              f"storescp, {four} concurrent senders", f"{FORKING_STORESCP}, {four} concurrent senders",
              f"osteoscreen, {four} concurrent senders", f"{STORE_ALONE}, {four} processes",
              *[f"{label}, {syntax}" for syntax in compressed for label in ("storescp", "osteoscreen")]]
-    single = times["storescp"]
     for label in order:
         count, megabytes = sizes[label]
         s = _median(times[label])
         res.rates[label] = count / s
         res.mb_s[label] = megabytes / s
         if label not in ("storescp", "orthanc (as packaged)"):  # measured in the rounds, beside that storescp
-            res.round_ratios[label] = [(count / t) / (n / b) for t, b in zip(times[label], single)]
+            ref = reference_of(label)
+            ref_count = sizes[ref][0]
+            res.round_ratios[label] = [(count / t) / (ref_count / b) for t, b in zip(times[label], times[ref])]
         log(f"  {label:<38} {count / s:7.1f} inst/s {megabytes / s:7.1f} MB/s (median of {len(times[label])})")
     with Storescp(work) as scp:
         res.fsyncs_per_instance["storescp"] = _fsyncs(scp.pid, lambda: send(raw.files, scp.port, called="STORESCP"), n)
@@ -451,6 +485,8 @@ class Latency:
     receiver_rss_mb: float
     level: str | None
     mean_hu: float | None
+    total_rss_mb: float = float("nan")  # every node process's peak, summed
+    runs: int = 1
 
 
 def bench_latency(work: Path, series: SampleSeries, runs: int, quiet_s: float = 2.0) -> Latency:
@@ -474,7 +510,7 @@ def bench_latency(work: Path, series: SampleSeries, runs: int, quiet_s: float = 
         finally:
             pacs.stop()
     mid = sorted(results, key=lambda r: r.seconds)[len(results) // 2]
-    return mid
+    return dataclasses.replace(mid, runs=len(results))
 
 
 def _all_results_in_pacs(node: Node, pacs: OrthancPACS) -> bool:
@@ -500,9 +536,12 @@ def _latency_record(node: Node, slices: int, acked: float, in_pacs: float, quiet
     worker_total = sum(perf.get("stage_s", {}).values())
     stages["result recording"] = max(0.0, finished - perf.get("started_at", created) - worker_total)
     stages["export (C-STORE to the PACS)"] = in_pacs - finished
-    return Latency(slices=slices, seconds=in_pacs - acked - quiet_s, quiet_s=quiet_s, stages=stages,
+    # The quiet period began at the last instance received (before storescu's exit at ``acked``): the latency
+    # runs from there, less that period.
+    start = min(acked, last_received)
+    return Latency(slices=slices, seconds=in_pacs - start - quiet_s, quiet_s=quiet_s, stages=stages,
                    service_rss_mb=node.peak_rss_mb(), worker_rss_mb=float(perf.get("worker_peak_rss_mb", "nan")),
-                   receiver_rss_mb=node.receivers_peak_rss_mb(),
+                   receiver_rss_mb=node.receivers_peak_rss_mb(), total_rss_mb=node.total_peak_rss_mb(),
                    level=summary.get("level"), mean_hu=summary.get("mean_hu"))
 
 
@@ -571,10 +610,32 @@ def _engine_figures(runs: int = 30) -> dict:
     return {"table": table[table.index("| backend"):table.index("\n\nParity")], "line": summary(parity, timings)}
 
 
-def _hl7_figures() -> dict:
+def _hl7_figures(n: int = 2000) -> dict:
     from hl7.tools import bench as hl7_bench
 
-    return hl7_bench(2000, out=lambda _line: None)
+    figures = hl7_bench(n, out=lambda _line: None)
+    if figures["acked"] != n or figures["stored"] != n:
+        raise BenchError(f"HL7 listener: {figures['acked']} AA and {figures['stored']} stored of {n} messages")
+    return figures
+
+
+def work_filesystem(path: Path) -> str:
+    """The filesystem the bench writes to, from /proc/self/mounts; a RAM-backed one (tmpfs) is refused, since
+    fsync costs nothing there and the durability comparison would be void."""
+    path = path.resolve()
+    best, fstype = "", "unknown"
+    try:
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and (str(path) == parts[1] or str(path).startswith(parts[1].rstrip("/") + "/")) \
+                    and len(parts[1]) >= len(best):
+                best, fstype = parts[1], parts[2]
+    except OSError:
+        pass
+    if fstype in ("tmpfs", "ramfs"):
+        raise BenchError(f"the work directory {path} is on {fstype} (RAM): fsync costs nothing there; give "
+                         "--workdir on a disk")
+    return f"{fstype} at {best or '?'}"
 
 
 def run_bench(*, runs: int = 5, slices: int = 300, scaling: tuple[int, ...] = (100, 300, 600, 1000),
@@ -585,8 +646,11 @@ def run_bench(*, runs: int = 5, slices: int = 300, scaling: tuple[int, ...] = (1
         _need(tool)
     started, ticks = time.time(), cpu_ticks()
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="osteoscreen-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    filesystem = work_filesystem(tmp)
     data, work = tmp / "series", tmp / "run"
-    out(f"osteoscreen bench: {runs} run(s) per figure, {slices}-slice 512 x 512 series, work dir {tmp}")
+    out(f"osteoscreen bench: {runs} run(s) per figure, {slices}-slice 512 x 512 series, work dir {tmp} "
+        f"({filesystem})")
     out("generating series (the shipped real CT resampled; see dicom_node/sample.py) ...")
     raw = write_resampled_series(data / "raw", slices, tag="bench-raw")
     concurrent = [write_resampled_series(data / f"c{i}", slices, tag=f"bench-c{i}") for i in range(4)]
@@ -612,7 +676,7 @@ def run_bench(*, runs: int = 5, slices: int = 300, scaling: tuple[int, ...] = (1
     latency = bench_latency(work, raw, runs)
     out(f"  {slices} slices: {latency.seconds:.1f} s (+ {latency.quiet_s:g} s quiet period), service "
         f"{latency.service_rss_mb:.0f} MB, worker {latency.worker_rss_mb:.0f} MB, receiver "
-        f"{latency.receiver_rss_mb:.0f} MB peak RSS")
+        f"{latency.receiver_rss_mb:.0f} MB, all processes {latency.total_rss_mb:.0f} MB peak RSS")
     scale: list[Latency] = []
     for n in scaling:
         if n == slices:
@@ -621,9 +685,10 @@ def run_bench(*, runs: int = 5, slices: int = 300, scaling: tuple[int, ...] = (1
         series = write_resampled_series(data / f"s{n}", n, tag=f"bench-s{n}")
         scale.append(bench_latency(work, series, max(1, min(runs, 3))))
         out(f"  {n} slices: {scale[-1].seconds:.1f} s, service {scale[-1].service_rss_mb:.0f} MB, worker "
-            f"{scale[-1].worker_rss_mb:.0f} MB, receiver {scale[-1].receiver_rss_mb:.0f} MB")
+            f"{scale[-1].worker_rss_mb:.0f} MB, receiver {scale[-1].receiver_rss_mb:.0f} MB, all processes "
+            f"{scale[-1].total_rss_mb:.0f} MB")
         shutil.rmtree(data / f"s{n}", ignore_errors=True)
-    peak = max(latency.service_rss_mb, latency.worker_rss_mb, latency.receiver_rss_mb)
+    peak = latency.total_rss_mb  # every process of the node, summed: what the machine must hold
     latency_line = f"latency: slices={slices} seconds={latency.seconds:.1f} peak_rss_mb={peak:.0f}"
     out(latency_line)
     out("HL7 listener and inference ...")
@@ -633,7 +698,7 @@ def run_bench(*, runs: int = 5, slices: int = 300, scaling: tuple[int, ...] = (1
     out(inference["engines"]["line"])
     report = {"ingest": ingest, "summary": summary, "latency": latency, "scaling": scale, "hl7": hl7,
               "inference": inference, "runs": runs, "slices": slices, "ingest_line": ingest_line,
-              "latency_line": latency_line, "minutes": (time.time() - started) / 60,
+              "latency_line": latency_line, "minutes": (time.time() - started) / 60, "filesystem": filesystem,
               "steal": steal_share(ticks, cpu_ticks())}
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -656,15 +721,16 @@ def render_markdown(rep: dict) -> str:
         f"Regenerated by `osteoscreen bench` on {dt.date.today().isoformat()} "
         f"({rep['minutes']:.0f} min). Do not edit by hand.",
         "",
-        f"Machine: {machine()}."
+        f"Machine: {machine()}; work directory on {rep.get('filesystem', 'unknown')}."
         + (f" CPU steal during the run: {rep['steal']:.0%} of the CPU time went to other guests of the host "
            "(/proc/stat), so absolute rates vary between runs; compare the ratios, which come from the same run."
            if rep.get("steal") is not None else ""),
         "",
         f"Series: the shipped real CT (`dicom_node/sample_data/example_ct.nii.gz`) resampled to "
         f"{rep['slices']} x 512 x 512 with seeded 8 HU noise (`dicom_node/sample.py`, "
-        "`resampled_sample_slices`); about 0.5 MB per instance uncompressed. Every figure is the median of "
-        f"{rep['runs']} runs (Orthanc as packaged: up to 3, after the others); every run starts the receiver on an "
+        "`resampled_sample_slices`); about 0.5 MB per instance uncompressed. Every ingest figure is the median of "
+        f"{rep['runs']} runs (Orthanc as packaged: up to 3, after the others; the scaling table gives its own run "
+        "counts); every run starts the receiver on an "
         "empty store. The runs are interleaved rounds: each round runs every receiver once, back to back, so a "
         "change in the host's speed during the bench moves the receivers alike rather than biasing the ratios; "
         "the last column gives each receiver's rate over the same round's storescp rate. "
@@ -675,14 +741,21 @@ def render_markdown(rep: dict) -> str:
         "| receiver | instances/s | MB/s | vs storescp | per round vs storescp (min-max) |",
         "|---|---:|---:|---:|---:|",
     ]
-    base = ing.rates["storescp"]
     fork4 = ing.rates.get(f"{FORKING_STORESCP}, 4 concurrent senders", float("nan"))
     store_alone4 = next((r for k, r in ing.rates.items() if k.startswith(STORE_ALONE)), float("nan"))
     for label, rate in ing.rates.items():
         paired = ing.round_ratios.get(label)
         spread = f"{min(paired):.2f}-{max(paired):.2f}" if paired else "-"
-        lines.append(f"| {label} | {rate:.0f} | {ing.mb_s[label]:.0f} | {rate / base:.2f} | {spread} |")
+        ref = reference_of(label)
+        against = "" if ref == "storescp" else f" (vs {ref})"
+        lines.append(f"| {label} | {rate:.0f} | {ing.mb_s[label]:.0f} | {rate / ing.rates[ref]:.2f}{against} | "
+                     f"{spread} |")
     lines += [
+        "",
+        "Each row is compared with storescp on the same series: a compressed series' osteoscreen row with "
+        "storescp on that compressed series (named in the row), the storescp rows of the compressed series with "
+        "storescp on the uncompressed one. The 4-sender rows are compared with storescp's single-sender rate, "
+        "as the bar of issue 11 is written.",
         "",
         "Durability is not equal: fsync/fdatasync calls per instance, counted with `strace -c` during one run: "
         + ", ".join(f"{k} {'n/a' if v is None else f'{v:g}'}" for k, v in ing.fsyncs_per_instance.items())
@@ -702,7 +775,8 @@ def render_markdown(rep: dict) -> str:
         f">= 1.0 x storescp's single-sender rate (here {s['concurrent4_ratio']:.2f}; the same 4 senders into "
         f"`storescp --fork`, which never fsyncs, reach {fork4 / ing.rates['storescp']:.2f} x it).",
         "",
-        f"`{STORE_ALONE}` is the ceiling for the concurrent figure on this machine: the same instances, read "
+        f"`{STORE_ALONE}` shows what durable storing alone costs on this machine (a reference, not a ceiling: "
+        "it runs 4 writer processes where the node runs 2 receivers): the same instances, read "
         "into memory first, stored by one process per series through the node's own `InstanceStore.store` (temp "
         "file, fsync, rename, directory fsync, index commit), with no network and no DICOM. It reached "
         f"{store_alone4 / ing.rates['storescp']:.2f} x storescp's single-sender rate, against "
@@ -718,8 +792,9 @@ def render_markdown(rep: dict) -> str:
         "",
         "## Study latency",
         "",
-        f"From the last instance acknowledged (storescu exits) to the SR and the SC stored in Orthanc, with the "
-        f"{lat.quiet_s:g} s series quiet period excluded; one worker process, CPU inference. "
+        f"From the last instance received (the node's index time; storescu exits just after) to the SR and the "
+        f"SC stored in Orthanc, with the {lat.quiet_s:g} s series quiet period, which starts there, excluded; one "
+        "worker process, CPU inference. "
         f"Median run of {rep['runs']}: **{lat.seconds:.1f} s**. The chosen level was {lat.level} "
         f"({lat.mean_hu} HU).",
         "",
@@ -736,15 +811,18 @@ def render_markdown(rep: dict) -> str:
         "",
         "## Scaling and memory",
         "",
-        "Peak RSS (VmHWM) of the service process, of the job worker process and of the largest receiver "
-        "process, each node started fresh.",
+        "Peak RSS (VmHWM) of the service process, of the job worker process (its own, read in the worker) and of "
+        "the largest receiver process, and the sum of the peaks of every process of the node (service, "
+        "receivers, job worker, HL7 parser, multiprocessing's resource tracker): an upper bound of what they "
+        "hold together, and the `peak_rss_mb` of the summary line. Each node started fresh; latency is the "
+        "median of the runs given.",
         "",
-        "| slices | latency s | service MB | worker MB | receiver MB | level | L1 HU |",
-        "|---:|---:|---:|---:|---:|---|---:|",
+        "| slices | runs | latency s | service MB | worker MB | receiver MB | all processes MB | level | L1 HU |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for x in rep["scaling"]:
-        lines.append(f"| {x.slices} | {x.seconds:.1f} | {x.service_rss_mb:.0f} | {x.worker_rss_mb:.0f} | "
-                     f"{x.receiver_rss_mb:.0f} | "
+        lines.append(f"| {x.slices} | {x.runs} | {x.seconds:.1f} | {x.service_rss_mb:.0f} | {x.worker_rss_mb:.0f} | "
+                     f"{x.receiver_rss_mb:.0f} | {x.total_rss_mb:.0f} | "
                      f"{x.level or '-'} | {x.mean_hu if x.mean_hu is not None else '-'} |")
     h, inf = rep["hl7"], rep["inference"]
     lines += [

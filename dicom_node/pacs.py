@@ -117,6 +117,7 @@ class OrthancPACS:
             "ConcurrentJobs": 1,
             "HttpThreadsCount": 4,
             "DicomThreadsCount": 2,
+            "MaximumPduLength": 131072,  # as storescp and the node in the benchmarks (Orthanc's default: 16 KiB)
         }
         cfg_path = self.workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(cfg, indent=2))

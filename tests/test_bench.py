@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 
 from dicom_node.bench import (NODE_AET, STORE_ALONE, BenchError, Ingest, Latency, Node, Storescp, _fsyncs, cpu_ticks,
-                              fsync_costs, render_markdown, send, send_concurrently, steal_share, store_alone)
+                              fsync_costs, reference_of, render_markdown, send, send_concurrently, steal_share,
+                              store_alone, work_filesystem)
 from dicom_node.cli import main
 from dicom_node.sample import write_resampled_series
 
@@ -51,7 +52,7 @@ def test_forking_storescp_takes_concurrent_associations(small_series, tmp_path):
 
 
 def test_store_alone_stores_every_instance_durably_through_the_node_store(small_series, tmp_path):
-    """The bench's no-network ceiling runs the node's own store: every instance file under its final name and
+    """The bench's no-network reference runs the node's own store: every instance file under its final name and
     indexed; a second series with the same instances is all duplicates and still counts as stored."""
     halves = [dataclasses.replace(small_series, files=small_series.files[:20]),
               dataclasses.replace(small_series, files=small_series.files[20:])]
@@ -72,13 +73,13 @@ def test_report_states_the_store_alone_ceiling_the_fsync_costs_and_the_steal(tmp
     assert steal is None or 0.0 <= steal <= 1.0
     rates = {"storescp": 1000.0, "storescp + sync": 800.0, "orthanc (TCP_NODELAY=1)": 200.0, "osteoscreen": 450.0,
              "storescp --fork, 4 concurrent senders": 1400.0, "osteoscreen, 4 concurrent senders": 700.0,
-             f"{STORE_ALONE}, 4 processes": 750.0}
+             f"{STORE_ALONE}, 4 processes": 750.0, "storescp, jpeg-ls": 1200.0, "osteoscreen, jpeg-ls": 420.0}
     ingest = Ingest(rates=rates, mb_s={k: v / 2 for k, v in rates.items()},
                     fsyncs_per_instance={"storescp": 0.0, "osteoscreen": 3.0},
                     fsync_ms={"new_file_ms": 0.47, "overwrite_4k_ms": 0.06},
                     round_ratios={f"{STORE_ALONE}, 4 processes": [0.81, 0.7, 0.755]})
     lat = Latency(slices=300, seconds=2.3, quiet_s=2.0, stages={"load/decode": 0.6}, service_rss_mb=200,
-                  worker_rss_mb=450, receiver_rss_mb=70, level="L1", mean_hu=106.5)
+                  worker_rss_mb=450, receiver_rss_mb=70, level="L1", mean_hu=106.5, total_rss_mb=910, runs=5)
     summary = {"inst_s": 450, "ratio_storescp": 0.45, "ratio_storescp_sync": 0.56, "ratio_orthanc": 2.25,
                "concurrent4_ratio": 0.70}
     rep = {"ingest": ingest, "summary": summary, "latency": lat, "scaling": [lat], "runs": 5, "slices": 300,
@@ -91,7 +92,23 @@ def test_report_states_the_store_alone_ceiling_the_fsync_costs_and_the_steal(tmp
     text = render_markdown(rep)
     assert f"| {STORE_ALONE}, 4 processes | 750 | 375 | 0.75 | 0.70-0.81 |" in text
     assert "| osteoscreen | 450 | 225 | 0.45 | - |" in text
+    # a compressed series against storescp on that series (420 / 1200), not on the uncompressed one
+    assert "| osteoscreen, jpeg-ls | 420 | 210 | 0.35 (vs storescp, jpeg-ls) | - |" in text
+    assert "| storescp, jpeg-ls | 1200 | 600 | 1.20 | - |" in text
+    assert "| 300 | 5 | 2.3 | 200 | 450 | 70 | 910 | L1 | 106.5 |" in text
     assert "It reached 0.75 x storescp's single-sender rate, against 0.70 for the 4 senders" in text
     assert "new 0.5 MB file took 0.47 ms" in text and "overwriting 4 KiB 0.06 ms" in text
     assert "CPU steal during the run: 22%" in text
     assert text.count(rep["ingest_line"]) == 1 and text.count(rep["latency_line"]) == 1
+
+
+def test_each_row_is_compared_with_storescp_on_its_own_series_and_a_ram_disk_is_refused(tmp_path):
+    assert reference_of("osteoscreen, j2k") == "storescp, j2k" and reference_of("storescp, j2k") == "storescp"
+    assert reference_of("osteoscreen, 4 concurrent senders") == "storescp" == reference_of("osteoscreen")
+    assert "at" in work_filesystem(tmp_path)
+    mounts = [line.split() for line in open("/proc/self/mounts")]
+    ram = next((m[1] for m in mounts if m[2] == "tmpfs" and m[1] in ("/dev/shm", "/run", "/tmp")), None)
+    if ram is None:
+        pytest.skip("no tmpfs mount to try")
+    with pytest.raises(BenchError, match="fsync costs nothing"):
+        work_filesystem(__import__("pathlib").Path(ram))

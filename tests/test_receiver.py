@@ -523,3 +523,35 @@ def test_a_dead_receivers_half_received_files_are_removed_and_no_others(tmp_path
         (series / name).write_bytes(b"x")
     ReceiverPool(setup, 1, on_stored=lambda ref: None, on_outcome=lambda *a: None)._remove_partial_files(4242)
     assert sorted(p.name for p in series.iterdir()) == [".incoming.4243.1.tmp", "1.2.3.4.dcm"]
+
+
+def test_success_is_answered_only_after_the_instance_file_is_fsynced(scp, sample_series, monkeypatch):
+    """Counting fsyncs (the bench's strace) would also pass a node that fsynced after answering: here the first
+    fsync of the instance file is held, and no answer may reach the sender until it is let go."""
+    import threading
+
+    real_fsync, gate, entered = os.fsync, threading.Event(), threading.Event()
+
+    def held_fsync(fd):
+        entered.set()
+        gate.wait(30)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", held_fsync)
+    body, _ = _data_set_of(str(sample_series.files[0]))
+    ds = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    sock = _open(scp)
+    sock.sendall(_p_data(1, 0x03, _command(0x0001, CTImageStorage, ds.SOPInstanceUID)))
+    pieces = [body[i:i + 16000] for i in range(0, len(body), 16000)]
+    for i, piece in enumerate(pieces):
+        sock.sendall(_p_data(1, 0x02 if i == len(pieces) - 1 else 0x00, piece))
+    assert entered.wait(10), "the instance file was never fsynced"
+    sock.settimeout(1.5)
+    with pytest.raises(TimeoutError):
+        sock.recv(1)  # nothing answered while the file is not durable
+    assert not scp.stored
+    gate.set()
+    sock.settimeout(10)
+    pdu_type, response = _read_pdu(sock)
+    assert pdu_type == 0x04 and _status(response) == (0x0000, "")
+    sock.close()
