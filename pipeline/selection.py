@@ -73,6 +73,7 @@ def _with_agent(volume: Volume, loc: Localisation, sel: SliceSelection, agent: D
     # The measurement keeps the localiser's disc-to-disc range: it finds the cleanest mid-body slice
     # inside it. Re-centring that search on the agent's slice (trained on whole-vertebra label centres,
     # which lie below the body's mid-height) moved the ROI towards an endplate: +34-37 HU on both real CTs.
-    # So the agent confirms the level and the report says so; it is not credited with choosing the slices.
+    # So the report says the agent's vote was consistent with the level; it is not credited with choosing the
+    # slices, and as it sees the localiser's probabilities, its agreement is not an independent confirmation.
     return replace(sel, note=f"{decision.note} (its slice {vote.native_index + 1}); the ROI is searched in the "
                              "localiser's L1 range")

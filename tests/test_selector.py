@@ -142,6 +142,10 @@ def test_agent_is_used_only_where_it_agrees_with_the_localiser():
     assert not sel.decide(_vote(50), None).use_agent  # the localiser refused: its refusal stands
     assert not sel.decide(_vote(50, confidence=0.4), (40.0, 60.0)).use_agent
     assert not sel.decide(_vote(41), (40.0, 60.0)).use_agent  # near an endplate of the localiser's L1
+    # slice numbers in the report count from 1, as "slice k of N" does elsewhere
+    assert "its slice 42 lies outside the middle of the localiser's L1 (slices 41-61)" in sel.decide(
+        _vote(41), (40.0, 60.0)).note
+    assert "is consistent with the anatomical localiser" in sel.decide(_vote(50), (40.0, 60.0)).note
     d = sel.decide(_vote(0, edge="inferior"), (40.0, 60.0))
     assert not d.use_agent and "edge" in d.note
 
@@ -194,3 +198,17 @@ def test_train_selector_check_compares_without_touching_the_shipped_bundle(tmp_p
     assert rc == 1 and "train check: metrics differ from the shipped bundle" in out  # a quick run is not the full one
     assert "validation.median_mm" in out or "episodes" in out
     assert digest() == before and not (tmp_path / "docs").exists()
+
+
+def test_selector_eval_measures_from_the_vertebral_bodys_mid_height_too():
+    """The whole L1 label reaches lower than its body (the arch slopes down); the agents' target was the label's
+    centre. The eval also gives the distance from the body's mid-height (its anterior half)."""
+    from pipeline.drlis.evaluate import _body_distance, _distance
+    from pipeline.validation import L1
+
+    labels = np.zeros((30, 20, 20), np.int16)
+    labels[10:25, 2:10, 5:15] = L1  # body: slices 10-24, anterior rows
+    labels[4:22, 10:18, 8:12] = L1  # arch: posterior rows, reaching down to slice 4
+    assert _distance(labels, 17, 1.0) == pytest.approx(17 - 14.0)  # label centre (4 + 24) / 2
+    assert _body_distance(labels, 17, 1.0) == pytest.approx(0.0)  # body centre (10 + 24) / 2
+    assert _body_distance(labels, None, 1.0) is None

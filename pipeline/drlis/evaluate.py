@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.bone import POOL_MM
 from pipeline.drlis.selector import DrlisSelector
 from pipeline.drlis.views import build_views
 from pipeline.localiser import localise
 from pipeline.validation import L1, dash_or, eval_cases, inside_l1
 from pipeline.validation import evaluate as evaluate_localiser
 from pipeline.volume import Volume
-
-POOL_MM = 3.0
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,12 @@ class SideBySide:
     localiser_ms: float
     service_uses: str
     n_slices: int
+    agent_body_mm: float | None = None  # from the mid-height of L1's body (the label without its posterior arch)
+    localiser_body_mm: float | None = None
 
 
 def _slab_fraction(labels: np.ndarray, k: int, dz: float) -> float:
-    r = int(round(POOL_MM / dz))
+    r = int(POOL_MM // dz)  # the neighbours the measurement pools (pipeline.bone._pooled)
     ks = [j for j in range(k - r, k + r + 1) if 0 <= j < labels.shape[0]]
     return float(np.mean([inside_l1(labels, j)[0] for j in ks]))
 
@@ -53,6 +54,19 @@ def _slab_fraction(labels: np.ndarray, k: int, dz: float) -> float:
 def _distance(labels: np.ndarray, k: int, dz: float) -> float | None:
     zs = np.nonzero((labels == L1).any(axis=(1, 2)))[0]
     return abs(k - (zs.min() + zs.max()) / 2.0) * dz if zs.size else None
+
+
+def _body_distance(labels: np.ndarray, k: int | None, dz: float) -> float | None:
+    """Distance from the mid-height of L1's body: the whole label's z-centre lies below it, because the arch
+    slopes down past the body (example_ct: label slices 86-103, body 91-103), and the agents were trained on
+    that centre. The measurement wants the body's middle."""
+    if k is None:
+        return None
+    z, r, _ = np.nonzero(labels == L1)
+    if z.size == 0:
+        return None
+    body = z[r <= (r.min() + r.max()) / 2]  # the anterior half of the whole label, as reference_hu takes it
+    return abs(k - (body.min() + body.max()) / 2.0) * dz
 
 
 def compare(name: str, vol: Volume, labels: np.ndarray, selector: DrlisSelector, ref: float | None) -> SideBySide:
@@ -81,7 +95,9 @@ def compare(name: str, vol: Volume, labels: np.ndarray, selector: DrlisSelector,
         uses = "agent" if decision.use_agent else "localiser"
     return SideBySide(name, l1_in_view, a_status, level, a_mm, a_frac, vote.confidence, vote.steps,
                       1000 * t_agent, l_status, lr.slice_level, lr.distance_mm if lr.claimed else None, l_frac,
-                      1000 * t_loc, uses, vol.shape[0])
+                      1000 * t_loc, uses, vol.shape[0],
+                      agent_body_mm=_body_distance(labels, vote.native_index if vote.found else None, dz),
+                      localiser_body_mm=_body_distance(labels, lr.slice_index if lr.claimed else None, dz))
 
 
 def run_selector_eval(cases_dir: str | Path, with_variants: bool = False, bundle: str = "drlis_v1",
@@ -111,5 +127,7 @@ def run_selector_eval(cases_dir: str | Path, with_variants: bool = False, bundle
     out(f"latency: agent median {med([r.agent_ms for r in rows]):.0f} ms, max {worst:.0f} ms (views + all agents' "
         f"steps, {selector.backend}); localiser median {med([r.localiser_ms for r in rows]):.0f} ms")
     out(f"selector eval: cases={n} agent_in_L1={a_ok:.2f} localiser_in_L1={l_ok:.2f} "
-        f"agent_mm={med([r.agent_mm for r in rows]):.1f} localiser_mm={med([r.localiser_mm for r in rows]):.1f}")
+        f"agent_mm={med([r.agent_mm for r in rows]):.1f} localiser_mm={med([r.localiser_mm for r in rows]):.1f} "
+        f"agent_body_mm={med([r.agent_body_mm for r in rows]):.1f} "
+        f"localiser_body_mm={med([r.localiser_body_mm for r in rows]):.1f}")
     return rows

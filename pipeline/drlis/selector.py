@@ -51,6 +51,9 @@ class DrlisSelector:
         lo, hi = localiser_range
         margin = (1 - AGREEMENT_ZONE) / 2 * (hi - lo)
         if not lo + margin <= vote.native_index <= hi - margin:
-            return Decision(False, f"learned selector not used: its slice {vote.native_index} lies outside the "
-                                   f"middle of the localiser's L1 (slices {lo:.0f}-{hi:.0f})")
-        return Decision(True, f"learned selector ({share}) agrees with the anatomical localiser")
+            # slice numbers counted from 1, as everywhere else in the report ("slice k of N")
+            return Decision(False, f"learned selector not used: its slice {vote.native_index + 1} lies outside the "
+                                   f"middle of the localiser's L1 (slices {lo + 1:.0f}-{hi + 1:.0f})")
+        # "consistent with", not "confirms": the agents see the localiser's level probabilities as their prior
+        # (moving those by one level moved the agents' answer with them), so agreeing is no independent check.
+        return Decision(True, f"learned selector ({share}) is consistent with the anatomical localiser")
