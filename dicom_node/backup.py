@@ -165,6 +165,17 @@ def _restore_one(src: Path, state_dir: Path, stamp: str) -> Path | None:
     return kept
 
 
+def _own_like(state_dir: Path, files: list[Path]) -> None:
+    """Restored files owned as the state directory is: run as root (sudo), a restore left root-owned 0600
+    databases that the service user could not open, and the node would not start."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(state_dir)
+    for f in files:
+        if f.exists():
+            os.chown(f, st.st_uid, st.st_gid)
+
+
 def restore_state(backup_dir: Path, state_dir: Path, *, now: dt.datetime | None = None) -> list[tuple[Path, Path | None]]:
     """Put the databases of ``backup_dir`` in ``state_dir`` (the node stopped); (restored, file kept aside) each."""
     backup_dir, state_dir = Path(backup_dir), Path(state_dir)
@@ -178,6 +189,7 @@ def restore_state(backup_dir: Path, state_dir: Path, *, now: dt.datetime | None 
         if secret.is_file():
             shutil.copyfile(secret, state_dir / SECRET_NAME)
             os.chmod(state_dir / SECRET_NAME, 0o600)
+        _own_like(state_dir, [p for p, _ in done] + ([state_dir / SECRET_NAME] if secret.is_file() else []))
         _fsync(state_dir)
         return done
     finally:

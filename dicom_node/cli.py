@@ -366,6 +366,61 @@ def _admin_command(args: argparse.Namespace) -> int:
     return admin.outbox(state, args.action)
 
 
+def _start_checks(s) -> str | None:
+    """The checks `serve` makes at start that a file can fail: the models load on the configured backend (a
+    forced GPU backend on a machine without one), every TLS key and certificate loads (an encrypted key whose
+    password variable is not set). None when they pass."""
+    from dicom_node.service import check_models, engine_options
+    from engines import configure
+    from hl7.tls import client_context, server_context
+
+    try:
+        configure(engine_options(s))
+        check_models(s)
+    except Exception as exc:  # noqa: BLE001 - BundleError, EngineError: the reason is the message
+        return f"models: {exc}"
+    for key, tls, make in (("[node.tls]", s.node.tls, server_context), ("[hl7.tls]", s.hl7.tls, server_context),
+                           ("[lis_query.tls]", s.lis_query.tls, client_context),
+                           ("[followup.tls]", s.followup.tls, client_context)):
+        try:
+            make(tls)
+        except Exception as exc:  # noqa: BLE001 - ssl errors, a missing password variable
+            return f"{key}: {exc}"
+    return None
+
+
+_PATH_SUFFIXES = ("_dir", "_file", "directory", "_path")
+
+
+def relative_paths(settings) -> list[str]:
+    """Settings holding a relative path: `serve` resolves them against its working directory, which under
+    systemd is / (so a check run from elsewhere can pass where the service then fails)."""
+    from pydantic import BaseModel
+
+    found: list[str] = []
+
+    def walk(model: BaseModel, where: str) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            key = f"{where}.{name}" if where else name
+            if isinstance(value, BaseModel):
+                walk(value, key)
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    if isinstance(item, BaseModel):
+                        walk(item, f"{key}[{i}]")
+            elif isinstance(value, (str, Path)) and str(value):
+                text = str(value)
+                pathlike = name.endswith(_PATH_SUFFIXES) or (name in ("model", "selector", "image_only_model",
+                                                                      "attenuation_rule") and "/" in text)
+                if pathlike and not Path(text).expanduser().is_absolute():
+                    found.append(f"{key} = {text!r} is a relative path: `serve` resolves it against its working "
+                                 "directory (/ under systemd); give an absolute path")
+
+    walk(settings, "")
+    return found
+
+
 def _config(args: argparse.Namespace) -> int:
     if args.action == "default":
         sys.stdout.write(default_toml())
@@ -386,6 +441,12 @@ def _config(args: argparse.Namespace) -> int:
     if problems:
         print(f"{args.file}: lab mapping table against the model:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
+    problem = _start_checks(s)  # what `serve` checks at start beyond the file itself
+    if problem:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+        return 2
+    for warning in relative_paths(s):
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: OK (AE {s.node.ae_title} on {s.node.host}:{s.node.port}, "
           f"{len(s.destinations)} destination(s), state in {s.node.state_dir})")
     return 0

@@ -13,7 +13,7 @@ from typing import Callable
 from dicom_node.db import JobRow, NodeDB
 from dicom_node.logfmt import configure, current_target, job_context
 from dicom_node.metrics import JOBS_FINISHED
-from hl7.parse_worker import exit_when_orphaned
+from hl7.parse_worker import exit_when_orphaned, ignore_sigterm
 from pipeline.job import JobRequest, ScreeningResult, run_screening
 
 log = logging.getLogger("osteoscreen.jobs")
@@ -21,6 +21,7 @@ log = logging.getLogger("osteoscreen.jobs")
 
 def _worker_init(level: int, logfile: str | None, fmt: str = "text", warm_model: tuple[str, ...] | None = None,
                  parent: int | None = None, engine_options=None) -> None:
+    ignore_sigterm()  # the service stops its workers itself (KillMode=mixed): a job is requeued, not failed
     if parent is not None:
         exit_when_orphaned(parent)
     configure(level, fmt, filename=logfile, role="worker")

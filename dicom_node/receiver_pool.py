@@ -86,9 +86,10 @@ def receiver_main(setup: ReceiverSetup, ctrl: socket.socket, parent_pid: int, in
     from dicom_node.logfmt import configure
     from dicom_node.scp import StorageSCP
     from dicom_node.store import InstanceStore
-    from hl7.parse_worker import exit_when_orphaned
+    from hl7.parse_worker import exit_when_orphaned, ignore_sigterm
     from hl7.tls import server_context
 
+    ignore_sigterm()  # the service stops it (a "stop" message, then SIGKILL)
     level, logfile, fmt = setup.log_target
     configure(level, fmt, filename=logfile, role=f"receiver-{index}")
     exit_when_orphaned(parent_pid)
@@ -289,5 +290,5 @@ class ReceiverPool:
             if r.process is not None:
                 r.process.join(timeout=15)
                 if r.process.is_alive():
-                    r.process.terminate()
+                    r.process.kill()  # it ignores SIGTERM
                     r.process.join(timeout=5)

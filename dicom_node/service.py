@@ -105,7 +105,7 @@ def check_writable(directory: Path, key: str) -> None:
                            "under systemd add it to ReadWritePaths= in a drop-in") from None
 
 
-def check_models(s: Settings) -> None:
+def check_models(s: Settings) -> str:
     """The configured bundles exist and load on the configured backend: checked at start and before a reload
     is applied, not at the first job. A forced backend that cannot run here is an error with the reason (never
     a silent fallback); the workers then load their own sessions (TensorRT plans come from the cache)."""
@@ -117,6 +117,7 @@ def check_models(s: Settings) -> None:
 
     # every file the card lists is checked against its SHA-256, and every network of every configured bundle (the
     # fused model's image encoder as well as its head) is loaded on the configured backend
+    used: set[str] = set()
     for bundle in configured_bundles(s):
         verify_bundle_files(bundle)
         graphs = sorted(resolve_bundle_path(bundle).glob("*.onnx"))
@@ -124,7 +125,10 @@ def check_models(s: Settings) -> None:
             raise BundleError(f"model bundle {bundle!r} holds no ONNX network: reinstall the bundle or rerun the "
                               "training that wrote it")
         for onnx_path in graphs:
-            load_graph(onnx_path, s.screening.backend).close()
+            engine = load_graph(onnx_path, s.screening.backend)
+            used.add(engine.backend)
+            engine.close()
+    return ", ".join(sorted(used))  # what `auto` resolved to here (the workers resolve the same way)
 
 
 # What a reload applies (SIGHUP): read at each decision or job, or pushed to the running part below. Everything
@@ -150,7 +154,7 @@ class Service:
         """Check the models and build the node's parts (nothing listens or runs until ``start``)."""
         self.engine_options = engine_options(s)
         engines.configure(self.engine_options)
-        check_models(s)
+        self.backend_in_use = check_models(s)
         self.db = NodeDB(self.state_dir / "osteoscreen.sqlite")
         self.instances = InstanceStore(self.state_dir / "instances", self.db,
                                        min_free_bytes=s.node.min_free_mb * 2**20)
@@ -158,7 +162,8 @@ class Service:
         self.lab_store = LabStore(self.state_dir / "labs.sqlite")
         self.lab_mapping = load_mapping(s.labs.mapping_file)
         self.lab_receiver = LabReceiver(self.lab_store, self.lab_mapping)
-        self.lab_parser = BackgroundParser(self.state_dir / "labs.sqlite", mapping_file=s.labs.mapping_file)
+        self.lab_parser = BackgroundParser(self.state_dir / "labs.sqlite", mapping_file=s.labs.mapping_file,
+                                           log_target=current_target())
         self.mllp = (
             MLLPServer(s.hl7.host, s.hl7.port, self.lab_receiver.handle, self.lab_receiver.refuse,
                        max_message_bytes=s.hl7.max_message_bytes, read_timeout_s=s.hl7.read_timeout_s,
@@ -221,7 +226,8 @@ class Service:
         self.metrics_collector = NodeStateCollector(
             self.db, (lambda: dict(self.lab_receiver.ack_counts)) if self.mllp else None,
             {"model": s.screening.model, "selector": s.screening.selector or "none",
-             "backend": s.screening.backend, "attenuation_rule": s.screening.attenuation_rule})
+             "backend": s.screening.backend, "backend_in_use": self.backend_in_use,
+             "attenuation_rule": s.screening.attenuation_rule})
         self.metrics_server = None
         self._stopped = threading.Event()
 
@@ -291,7 +297,7 @@ class Service:
         if ([getattr(new.screening, k) for k in models], new.xray.enabled, new.xray.model) != \
                 ([getattr(old.screening, k) for k in models], old.xray.enabled, old.xray.model):
             try:
-                check_models(new)
+                self.backend_in_use = check_models(new)
             except Exception as exc:  # noqa: BLE001 - a missing bundle or a backend that cannot run here
                 raise ConfigError(f"model check failed: {exc}") from None
         applied, restart = [], []
@@ -325,7 +331,8 @@ class Service:
         if new.screening != old.screening:
             self.metrics_collector.engine.update(
                 {"model": new.screening.model, "selector": new.screening.selector or "none",
-                 "backend": new.screening.backend, "attenuation_rule": new.screening.attenuation_rule})
+                 "backend": new.screening.backend, "backend_in_use": self.backend_in_use,
+                 "attenuation_rule": new.screening.attenuation_rule})
         self.settings = new
         log.info("configuration reloaded: applied %s%s", ", ".join(applied) or "no changes",
                  f"; restart needed for {', '.join(restart)}" if restart else "")
@@ -356,7 +363,8 @@ class Service:
         except Exception:
             self.stop()  # what did start is stopped, so the process can exit and systemd can restart it
             raise
-        notifier.ready(f"DICOM {self.settings.node.ae_title}:{self.scp.port} ready")
+        listening = f"DICOM {self.settings.node.ae_title}:{self.scp.port} ready"
+        notifier.ready(listening)
         tick = min(5.0, notifier.watchdog_s / 2) if notifier.watchdog_s else 5.0
         try:
             while True:
@@ -365,13 +373,18 @@ class Service:
                     reload_requested.clear()
                     done.clear()
                     notifier.reloading()
+                    outcome = "configuration reloaded"
                     try:
                         self.reload(load_settings(config_path))
                     except ConfigError as exc:
                         log.error("reload refused, keeping the running configuration: %s", exc)
+                        outcome = f"reload REFUSED (see the log): {exc}"[:200]
                     except Exception:  # noqa: BLE001 - a reload must never take the running node down
                         log.exception("reload failed, keeping the running configuration")
-                    notifier.ready("configuration reloaded")
+                        outcome = "reload FAILED, running configuration kept (see the log)"
+                    # `systemctl status` shows it; the unit's ExecReload runs `config check` first, so that
+                    # `systemctl reload` itself fails on a bad file
+                    notifier.ready(f"{listening}; {outcome}")
                     continue
                 if done.is_set():
                     break

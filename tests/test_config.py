@@ -125,3 +125,20 @@ def test_a_site_mapping_table_in_other_units_is_converted_at_the_model_input_or_
     r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "config", "check", str(cfg)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "cannot be converted" in r.stderr
+
+
+def test_config_check_fails_where_serve_would_and_warns_about_relative_paths(tmp_path, capsys, monkeypatch):
+    """`config check` passed a forced GPU backend on a machine without one and an encrypted TLS key without its
+    password variable; `serve` then refused both. Relative paths resolve against serve's working directory
+    (/ under systemd), not the checker's."""
+    from dicom_node.cli import main
+
+    gpu = tmp_path / "gpu.toml"
+    gpu.write_text(f'[node]\nstate_dir = "{tmp_path}/state"\n[screening]\nbackend = "tensorrt"\n')
+    assert main(["config", "check", str(gpu)]) == 2
+    assert "models: backend tensorrt is not available here" in capsys.readouterr().err
+    relative = tmp_path / "relative.toml"
+    relative.write_text('[node]\nstate_dir = "state"\n')
+    assert main(["config", "check", str(relative)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: node.state_dir = 'state' is a relative path" in err and "(/ under systemd)" in err

@@ -36,8 +36,9 @@ def test_one_screened_study_moves_the_metrics_leaves_an_audit_trail_and_no_phi_i
                         extra="[logging]\nlevel = \"DEBUG\"\nformat = \"json\"\n").start()
     before = scrape(node.metrics_port)
     assert before['osteoscreen_queue_depth{queue="jobs_pending"}'] == 0
-    assert 'osteoscreen_engine_info{attenuation_rule="pickhardt_l1_2013",backend="auto",model="fused_kdamm_v1",' \
-           'selector="drlis_v1"}' in before
+    # the configured backend and the one `auto` resolved to here
+    assert 'osteoscreen_engine_info{attenuation_rule="pickhardt_l1_2013",backend="auto",' \
+           'backend_in_use="onnxruntime-cpu",model="fused_kdamm_v1",selector="drlis_v1"}' in before
     study = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
     send_labs(node, dt.datetime.strptime(study.StudyDate, "%Y%m%d").date())
     assert storescu(sample_series.files, node.port).returncode == 0

@@ -1,5 +1,8 @@
 """Faults inflicted on the real service: PACS outage, kill during pipeline work."""
+import os
 import re
+import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -342,3 +345,30 @@ def test_kill_with_results_queued_for_export_delivers_exactly_once(node_factory,
               "(exactly once), 0 lost")
     finally:
         orthanc.stop()
+
+
+def test_sigterm_to_every_process_stops_the_node_promptly_and_requeues_the_job(node_factory, sample_series):
+    """systemd's default KillMode sends SIGTERM to every process of the service at once. The HL7 parser then
+    died holding a lock of a shared Event and the service hung in its stop until systemd's SIGKILL (90 s), and
+    a killed job worker counted an attempt against its job. Children now ignore SIGTERM (the unit also sets
+    KillMode=mixed) and the service stops them itself."""
+    node = node_factory(quiet_s=0.5).start()
+    assert storescu(sample_series.files, node.port).returncode == 0
+    wait_for(lambda: "job 1 (series" in node.log(), 60, "job start")
+    tree = [node.proc.pid]
+    for pid in list(tree):
+        tree += _children(pid)
+    assert len(tree) >= 3, tree  # service, receivers or worker, parser
+    started = time.monotonic()
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    assert node.proc.wait(timeout=40) == 0, node.log()[-2000:]
+    took = time.monotonic() - started
+    wait_for(lambda: not any(Path(f"/proc/{c}").exists() for c in tree[1:]), 15, "its processes to exit")
+    with sqlite3.connect(node.state_dir / "osteoscreen.sqlite") as db:
+        state, attempts, error = db.execute("SELECT state, attempts, last_error FROM jobs WHERE id=1").fetchone()
+    assert state != "failed" and "died" not in (error or ""), (state, attempts, error)
+    print(f"\nSIGTERM to {len(tree)} processes: the node stopped in {took:.1f} s; job 1 {state}, attempts {attempts}")
