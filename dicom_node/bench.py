@@ -125,8 +125,8 @@ def store_alone(series: list[SampleSeries], work: Path) -> float:
     memory through ``InstanceStore.store`` (temp file, fsync, rename, directory fsync, index commit), all at
     once; seconds from the start signal until the last process is done.
 
-    It is the ceiling for the concurrent-sender figure on this machine: the receivers do this and the DICOM
-    network work on top of it."""
+    A reference for the concurrent-sender figure, not a ceiling: the receivers do this and the DICOM network
+    work on top of it, but in 2 processes, where this runs one per series (4)."""
     import multiprocessing
 
     from dicom_node.db import NodeDB

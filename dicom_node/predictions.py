@@ -17,7 +17,7 @@ from pipeline.durable import write_durably
 COLUMNS = ("job_id", "finished_at", "patient_id", "issuer", "accession_number", "study_uid", "study_date",
            "status", "reason", "category_id", "probability", "threshold", "modalities", "level", "mean_hu",
            "median_hu", "slice_selection", "contrast_phase", "calibration_plausible", "labs_used", "model",
-           "duplicate_of")
+           "duplicate_of", "path", "experimental", "shadow", "input_notes")
 
 
 def prediction_rows(db: NodeDB, start: float, end: float) -> list[dict]:
@@ -39,6 +39,9 @@ def prediction_rows(db: NodeDB, start: float, end: float) -> list[dict]:
             "calibration_plausible": (r.get("calibration") or {}).get("plausible", ""),
             "labs_used": ";".join(v["loinc"] for v in r.get("labs_used", [])), "model": r.get("model", ""),
             "duplicate_of": r.get("duplicate_of", ""),
+            # the EXPERIMENTAL chest radiograph path, and shadow-mode results, told apart from the CT path's
+            "path": r.get("path", "ct"), "experimental": "yes" if r.get("experimental") else "no",
+            "shadow": "yes" if r.get("shadow") else "no", "input_notes": "; ".join(r.get("input_notes", [])),
         })
     return rows
 

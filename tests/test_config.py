@@ -142,3 +142,11 @@ def test_config_check_fails_where_serve_would_and_warns_about_relative_paths(tmp
     assert main(["config", "check", str(relative)]) == 0
     err = capsys.readouterr().err
     assert "warning: node.state_dir = 'state' is a relative path" in err and "(/ under systemd)" in err
+
+
+def test_hl7_max_connections_must_be_positive(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[hl7]\nmax_connections = 0\n")
+    with pytest.raises(ConfigError, match="max_connections"):
+        load_settings(f)
+    assert Settings().hl7.max_connections == 64

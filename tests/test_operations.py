@@ -112,6 +112,7 @@ def test_shadow_mode_delivers_only_to_qa_and_exports_predictions(node_factory, o
     assert len(rows) == 1 and rows[0]["patient_id"] == SAMPLE_PATIENT_ID and rows[0]["status"] == "screened"
     assert 0 <= float(rows[0]["probability"]) <= 1 and rows[0]["level"] == "L1"
     assert rows[0]["slice_selection"]
+    assert (rows[0]["path"], rows[0]["experimental"], rows[0]["shadow"]) == ("ct", "no", "yes")
 
 
 def _serve(config, timeout: float = 120) -> subprocess.CompletedProcess:
