@@ -72,6 +72,7 @@ def _wait(predicate, timeout_s: float, what: str) -> None:
 
 def run_demo(output: Path | None = None, workdir: Path | None = None, timeout_s: float = 240.0) -> int:
     t0 = time.monotonic()
+    succeeded = False
     work = Path(workdir or tempfile.mkdtemp(prefix="osteoscreen-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     out = Path(output) if output else work / "output"
@@ -135,24 +136,29 @@ def run_demo(output: Path | None = None, workdir: Path | None = None, timeout_s:
         print()
         print(f"  SR + SC sent to {where}")
         if "mean_hu" in result:
-            print(f"  L1 trabecular attenuation: {result['mean_hu']:.0f} HU (SD {result['sd_hu']:.0f}, "
-                  f"ROI {result['roi_area_mm2']:.0f} mm2) on slice {result['slice_index'] + 1}: "
+            print(f"  L1 trabecular attenuation: {result['mean_hu']:.1f} HU (SD {result['sd_hu']:.1f}, "
+                  f"ROI {result['roi_area_mm2']:.0f} mm2) on "
+                  f"{result.get('slice_label') or 'slice ' + str(result['slice_index'] + 1)}: "
                   f"{result['attenuation_category']} ({result['attenuation_rule']})")
         else:
             print(f"  image not used: {result.get('image_note')}")
-        print(f"  category: {result['category']} - probability {result['probability']:.2f} "
-              f"(operating point {result['threshold']:.2f}; {result['model']}, modalities "
+        print(f"  category: {result['category']} - probability {result['probability']:.3g} "
+              f"(operating point {result['threshold']:.3g}; {result['model']}, modalities "
               f"{'+'.join(result['modalities'])})")
         top = sorted(result.get("shap", {}).items(), key=lambda kv: -abs(kv[1]))[:4]
         if top:
-            print("  largest SHAP contributions: " + ", ".join(f"{k} {v:+.3f}" for k, v in top))
-        print(f"  labs used: {labs}")
+            from pipeline.features import FEATURES
+
+            label = {f.name: f.label for f in FEATURES}
+            print("  largest SHAP contributions: " + ", ".join(f"{label.get(k, k)} {v:+.3f}" for k, v in top))
+        print(f"  labs found: {labs}")
         print(f"  files: {out / 'sr.dcm'}, {out / 'sc.dcm'}, {out / 'sc.png'}")
         print("  RESEARCH USE ONLY - not for diagnostic use")
         hu = f"L1 {result['mean_hu']:.0f} HU, " if "mean_hu" in result else ""
-        print(f"demo ok: {hu}{result['category']} (p={result['probability']:.2f}), "
+        print(f"demo ok: {hu}{result['category']} (p={result['probability']:.3g}), "
               f"{len(result.get('labs_used', []))} labs, SR+SC delivered to {pacs.kind} "
               f"in {time.monotonic() - t0:.0f} s")
+        succeeded = True
         return 0
     except DemoFailure as exc:
         print(f"demo failed: {exc.stage}: {exc.reason} (log: {work / 'osteoscreen.log'})")
@@ -165,3 +171,7 @@ def run_demo(output: Path | None = None, workdir: Path | None = None, timeout_s:
         if service:
             service.stop()
         pacs.stop()
+        if succeeded and workdir is None and output is not None:
+            # the temporary node state (received CT, databases, the patient-key secret) is not left behind;
+            # after a failure it stays for its log
+            shutil.rmtree(work, ignore_errors=True)

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
 from hl7.samples import demo_oru_message  # noqa: F401 - the demo and the tests use it from here
+from pipeline.demographics import calendar_age
 from pipeline.volume import CT_IMAGE_STORAGE
 
 SAMPLE_PATIENT_ID = "OS-DEMO-0001"
@@ -77,7 +78,7 @@ def _base_dataset(study_uid: str, series_uid: str, for_uid: str, study_date: dt.
     ds.IssuerOfPatientID = SAMPLE_ISSUER
     ds.PatientBirthDate = "19580312"
     ds.PatientSex = "F"
-    ds.PatientAge = "067Y"
+    ds.PatientAge = f"{int(calendar_age(dt.date(1958, 3, 12), study_date)):03d}Y"  # as the birth date gives it
     ds.BodyPartExamined = "ABDOMEN"
     ds.SliceThickness = "3.0"
     ds.KVP = "120"

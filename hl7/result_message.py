@@ -83,11 +83,11 @@ def build_result_message(r: ScreeningReport, *, sending_application: str, sendin
     obx: list[str] = [
         f"CWE|OS0001^Opportunistic osteoporosis screening category^{PRIVATE}||"
         f"{e(r.category_id)}^{e(r.category_label)}^{PRIVATE}||||||F",
-        f"NM|OS0002^Probability of osteoporosis (femoral neck T-score <= -2.5)^{PRIVATE}||{r.probability:.3f}|"
-        f"{{ratio}}^ratio^UCUM|<{r.threshold:.3f}|{'A' if r.category_id == 'screen_positive' else 'N'}|||F",
+        f"NM|OS0002^Probability of osteoporosis (femoral neck T-score <= -2.5)^{PRIVATE}||{r.probability:.4g}|"
+        f"{{ratio}}^ratio^UCUM|<{r.threshold:.4g}|{'A' if r.category_id == 'screen_positive' else 'N'}|||F",
     ]
     if r.mean_hu is not None and r.level:
-        obx.append(f"NM|112031^Attenuation Coefficient ({e(r.level)} trabecular)^DCM||{r.mean_hu:.0f}|"
+        obx.append(f"NM|112031^Attenuation Coefficient ({e(r.level)} trabecular)^DCM||{r.mean_hu:.1f}|"
                    "[hnsf'U]^Hounsfield unit^UCUM|||||F")
     if r.recommendation and r.category_id == "screen_positive":
         obx.append(f"TX|OS0006^Recommendation^{PRIVATE}||{e(r.recommendation)}||||||F")

@@ -98,9 +98,22 @@ def _plausible(value: float | None, keyword: str, notes: list[str]) -> float | N
     return None
 
 
+def _age_disagreement(ds: Dataset) -> str | None:
+    """A note when PatientAge and the birth date at the study date differ by more than a year (a header edited by
+    hand, a wrong birth date): the model's largest input should not be silently one of two values."""
+    age = str(ds.get("PatientAge", "") or "").strip().upper()
+    born, seen = _date(ds.get("PatientBirthDate", "")), study_date(ds)
+    if not (len(age) == 4 and age[:3].isdigit() and age[3] == "Y" and born and seen and seen >= born):
+        return None
+    by_date = calendar_age(born, seen)
+    if abs(int(age[:3]) - by_date) < 1.0:
+        return None
+    return f"PatientAge {age} and the birth date ({int(by_date)} y at the study) disagree: PatientAge used"
+
+
 def demographics_from_header(ds: Dataset) -> Demographics:
     sex = str(ds.get("PatientSex", "") or "").upper()
-    notes: list[str] = []
+    notes: list[str] = [n for n in (_age_disagreement(ds),) if n]
     return Demographics(
         age_years=_plausible(age_years(ds), "age", notes),
         sex=sex if sex in ("F", "M") else None,

@@ -38,7 +38,7 @@ from pipeline.report.sr import NodeIdentity, build_sr
 from pipeline.screening import classify_attenuation
 from pipeline.selection import SelectionError, select_level_slices
 from pipeline.timing import StageClock, peak_rss_mb
-from pipeline.volume import VolumeError, load_volume
+from pipeline.volume import Volume, VolumeError, load_volume
 
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -95,7 +95,7 @@ def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, 
         uid = _uid(req.series_uid, "gsps", versions)
         gsps = build_gsps(image=image, frame_number=ref.frame_number,
                           roi_rc=volume.to_source_rc(measurement.roi_polygon_rc),
-                          label=f"{measurement.level} {measurement.mean_hu:.0f} HU ({attenuation.category_label}) "
+                          label=f"{measurement.level} {measurement.mean_hu:.1f} HU ({attenuation.category_label}) "
                                 "- research use only",  # drawn on the diagnostic image itself
                           node=req.node, series_uid=_uid(req.series_uid, "gsps-series", versions), sop_uid=uid)
         write_durably(out / "gsps.dcm", lambda fh: gsps.save_as(fh, enforce_file_format=True))
@@ -137,6 +137,29 @@ def result_fields(req: JobRequest, header, fused, model: tuple[str, str], backen
         "sr_sop_instance_uid": sr_uid,
         "predecessor_sr": req.predecessor_sr[2] if req.predecessor_sr else None,
     }
+
+
+def probability_text(p: float) -> str:
+    """A probability as the reports print it: three significant figures, so that a probability and an operating
+    point of 0.0227 never both read "0.02" on either side of the cut-off."""
+    return f"{p:.3g}"
+
+
+def slice_label(volume: Volume, index: int) -> str:
+    """Where a radiologist finds the slice: its InstanceNumber (or frame) in the series as sent, and its place
+    counted from the feet (the order the node sorts slices in, whatever the series' own numbering)."""
+    place = f"slice {index + 1} of {volume.shape[0]} from the feet"
+    ref = volume.slice_refs[index] if index < len(volume.slice_refs) else None
+    if ref is None:
+        return place
+    if ref.frame_number:
+        return f"frame {ref.frame_number} ({place})"
+    try:
+        number = pydicom.dcmread(ref.path, stop_before_pixels=True, specific_tags=["InstanceNumber"]).get(
+            "InstanceNumber")
+    except Exception:  # noqa: BLE001 - a label, never a reason to fail the job
+        number = None
+    return f"image {number} ({place})" if number not in (None, "") else place
 
 
 def result_key(summary: dict) -> str:
@@ -360,7 +383,9 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                       roi_source_rc=volume.to_source_rc(measurement.roi_polygon_rc) if measurement is not None
                       and volume is not None else None, predecessor=req.predecessor_sr, library_images=library,
                       adjacent=[(m, volume.to_source_rc(m.roi_polygon_rc)) for m in adjacent], attention=attention,
-                      fractures=loc.fractures if loc is not None else ())
+                      fractures=loc.fractures if loc is not None else (),
+                      # what the answering model's card says of its data (the image path: semi-synthetic only)
+                      model_intended_use=bundle.card.intended_use if fused.model is None else None)
         write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
         outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
 
@@ -370,18 +395,18 @@ def run_screening(req: JobRequest) -> ScreeningResult:
             labels = {f.name: f.short_label for f in FEATURES}
             lines = [
                 f"Screening: {fused.category_label}",
-                f"Probability {fused.probability:.2f} (operating point {fused.threshold:.2f}); "
-                f"modalities: {', '.join(fused.modalities)}",
-                f"{measurement.level} trabecular attenuation: {measurement.mean_hu:.0f} HU "
-                f"(SD {measurement.sd_hu:.0f}, ROI {measurement.area_mm2:.0f} mm2) - {attenuation.category_label} "
+                f"Probability {probability_text(fused.probability)} (operating point "
+                f"{probability_text(fused.threshold)}); modalities: {', '.join(fused.modalities)}",
+                f"{measurement.level} trabecular attenuation: {measurement.mean_hu:.1f} HU "
+                f"(SD {measurement.sd_hu:.1f}, ROI {measurement.area_mm2:.0f} mm2) - {attenuation.category_label} "
                 f"by {attenuation.model_name}",
                 f"Level: {selection.level} by {selection.method} (anchor {selection.anchor}, "
-                f"confidence {selection.confidence:.2f}), slice {measurement.slice_index + 1} of {volume.shape[0]}"
+                f"confidence {selection.confidence:.2f}), {slice_label(volume, measurement.slice_index)}"
                 + ("; possible transitional anatomy (short lowest ribs)"
                    if any(TRANSITIONAL_NOTE in n for n in loc.notes) else ""),
                 *_panel_flags(contrast, calibration),
                 *(f"FINDING: {f.text}" for f in loc.fractures),
-                "Labs: " + ("; ".join(f"{v.name} {v.value:.3g} {v.unit}" for v in req.labs.values)
+                "Labs: " + ("; ".join(f"{v.name} {v.value:.4g} {v.unit}" for v in req.labs.values)
                             if req.labs.values else "none found"),
                 "Patient: " + ", ".join(x for x in (
                     f"{int(demo.age_years)} y" if demo.age_years is not None else "", demo.sex or "") if x),
@@ -418,6 +443,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
         summary.update({
             "level": measurement.level,
             "slice_index": measurement.slice_index,
+            "slice_label": slice_label(volume, measurement.slice_index),
             "source_sop_instance_uid": measurement.sop_instance_uid,
             "source_frame_number": measurement.frame_number,
             "mean_hu": round(measurement.mean_hu, 1),

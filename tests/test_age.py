@@ -27,3 +27,18 @@ def test_a_refusal_for_age_states_the_completed_years():
     refusal = _age_refusal(facts, RoutingSettings())
     assert refusal is not None and refusal.reason == "patient age 49 below 50"  # was "patient age 50 below 50"
     assert _age_refusal(SeriesFacts(**{**facts.__dict__, "age_years": 50.0}), RoutingSettings()) is None
+
+
+def test_patient_age_that_disagrees_with_the_birth_date_is_noted():
+    """Age is the model's largest input: a PatientAge a year or more off the birth date is reported."""
+    from pydicom.dataset import Dataset
+
+    from pipeline.demographics import demographics_from_header
+
+    ds = Dataset()
+    ds.PatientAge, ds.PatientBirthDate, ds.PatientSex = "067Y", "19580312", "F"
+    ds.StudyDate = "20260105"  # 67 by the calendar too
+    assert demographics_from_header(ds).notes == ()
+    ds.StudyDate = "20261207"  # 68 by the birth date
+    assert demographics_from_header(ds).notes == (
+        "PatientAge 067Y and the birth date (68 y at the study) disagree: PatientAge used",)

@@ -52,11 +52,44 @@ def test_outputs_pass_dciodvfy(screened, name):
 
 
 def test_results_are_deterministic_for_idempotent_resend(screened, sample_series, tmp_path):
-    result, _ = screened
+    result, out = screened
     again = run_screening(JobRequest(2, sample_series.series_uid, tuple(map(str, sample_series.files)),
                                      LabPanel("OS-DEMO-0001", None, None, 90), str(tmp_path), "fused_kdamm_v1",
                                      NODE))
     assert [o.sop_instance_uid for o in again.outputs] == [o.sop_instance_uid for o in result.outputs]
+
+    def tracking_uids(path):
+        found, todo = [], [pydicom.dcmread(path)]
+        while todo:
+            item = todo.pop()
+            if item.get("ValueType") == "UIDREF":
+                found.append(str(item.UID))
+            todo += list(item.get("ContentSequence", []))
+        return sorted(found)
+
+    # the same job run again: the same SOP Instance UID must carry the same content (was: random tracking UIDs)
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    run_screening(JobRequest(1, sample_series.series_uid, tuple(map(str, sample_series.files)), LabPanel(
+        "OS-DEMO-0001", "OSTEOSCREEN-DEMO", dt.date(2026, 1, 5), 90, (
+            LabValue("17861-6", "Calcium", 9.1, "mg/dL", dt.datetime(2026, 1, 4, 8, 30), "LIS 1"),)), str(rerun),
+        "fused_kdamm_v1", NODE))
+    first = tracking_uids(out / "sr.dcm")
+    assert first and first == tracking_uids(rerun / "sr.dcm")
+
+
+def test_sr_marks_the_labs_the_model_used_and_names_shap_inputs_by_label(screened):
+    _, out = screened
+    texts, todo = [], [pydicom.dcmread(out / "sr.dcm")]
+    while todo:
+        item = todo.pop()
+        if item.get("ValueType") == "TEXT":
+            texts.append(str(item.TextValue))
+        todo += list(item.get("ContentSequence", []))
+    texts = " ".join(texts)
+    assert "Laboratory values found (* = an input of the screening model): Calcium* 9.1 mg/dL" in texts
+    assert "held as it is, so its effect is part of the base value" in texts and "alp " not in texts
+    assert "Model card (" in texts and "SEMI-SYNTHETIC CT patches" in texts
 
 
 def test_sc_is_in_the_source_study_with_legible_panel(screened, sample_series):
@@ -148,7 +181,7 @@ def test_sr_reads_back_with_highdicom_and_renders_with_dcmtk(screened, sample_se
     shap = {m.name.value: m.value for m in groups["Model explanation (SHAP)"].get_measurements()}
     for name, v in result.summary["shap"].items():
         assert shap[f"OS-SHAP-{name}"[:16]] == pytest.approx(v, abs=1e-5)
-    labs = {m.name.value: m.value for m in groups["Laboratory values used"].get_measurements()}
+    labs = {m.name.value: m.value for m in groups["Laboratory values found"].get_measurements()}
     assert labs == {"17861-6": pytest.approx(9.1)}
     library = [i for i in report[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
     assert library, "no Image Library in the SR"
@@ -364,3 +397,22 @@ def test_not_screened_sr_from_a_sparse_header(sample_series, tmp_path):
     assert [o.kind for o in result.outputs] == ["sr"]
     r = subprocess.run([need_tool("dciodvfy"), result.outputs[0].path], capture_output=True, text=True)
     assert [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")] == []
+
+
+def test_a_busy_key_image_grows_rather_than_draw_over_the_research_use_footer():
+    """Contrast and calibration flags, a fracture and ten labs: the SHAP chart used to run over the
+    RESEARCH USE ONLY footer and off the 512 px canvas."""
+    from pipeline.report.render import IMAGE_PX, render_key_image
+
+    lines = [f"line {i}: a long enough sentence to wrap once in the panel of the key image, twice maybe" for i in
+             range(14)]
+    bars = [(f"feature {i}", (-1) ** i * 0.01 * (i + 1)) for i in range(6)]
+    img = render_key_image(np.zeros((256, 256)), (1.0, 1.0), None, "title", lines, "RESEARCH USE ONLY - not for "
+                           "diagnostic use", bars=bars, bars_title="SHAP")
+    assert img.shape[0] > IMAGE_PX
+    panel = img[:, 512:]
+    rows = np.arange(panel.shape[0])
+    yellow = rows[((panel[..., 0] > 200) & (panel[..., 1] > 150) & (panel[..., 2] < 80)).any(axis=1)]
+    bar = rows[(((panel[..., 0] > 200) & (panel[..., 1] < 100) & (panel[..., 2] < 100))
+                | ((panel[..., 0] < 100) & (panel[..., 1] > 120) & (panel[..., 2] > 200))).any(axis=1)]
+    assert yellow.size and bar.size and yellow.min() > bar.max()  # the footer below the last bar

@@ -65,24 +65,32 @@ def render_key_image(
         pts = [(float(c * sx + sx / 2), float(r * sy + sy / 2)) for r, c in roi_polygon_rc]
         draw.line(pts, fill=(255, 60, 60), width=2)
 
-    canvas = Image.new("RGB", (out_w + PANEL_PX, max(out_h, IMAGE_PX)), (0, 0, 0))
+    big, small = _font(20), _font(15)
+    # Measure the panel first: the canvas grows below the image rather than let the chart run over the
+    # research-use footer (a busy study: contrast and calibration flags, a fracture, ten labs).
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_rows = _wrap(scratch, title, big, PANEL_PX - 24)
+    text_rows = [_wrap(scratch, text, small, PANEL_PX - 24) for text in lines]
+    footer_rows = _wrap(scratch, footer, small, PANEL_PX - 24)
+    needed = (12 + 26 * len(title_rows) + 6 + sum(19 * len(r) + 3 for r in text_rows)
+              + (6 + 20 + 19 * len(bars) if bars else 0) + 10 + 19 * len(footer_rows) + 12)
+    canvas = Image.new("RGB", (out_w + PANEL_PX, max(out_h, IMAGE_PX, needed)), (0, 0, 0))
     canvas.paste(img, (0, 0))
     d = ImageDraw.Draw(canvas)
     x, y = out_w + 14, 12
-    big, small = _font(20), _font(15)
-    for t in _wrap(d, title, big, PANEL_PX - 24):
+    for t in title_rows:
         d.text((x, y), t, fill=(255, 255, 255), font=big)
         y += 26
     y += 6
-    for text in lines:
-        for t in _wrap(d, text, small, PANEL_PX - 24):
+    for rows_of_text in text_rows:
+        for t in rows_of_text:
             d.text((x, y), t, fill=(230, 230, 230), font=small)
             y += 19
         y += 3
     if bars:
         y = _bar_chart(d, x, y + 6, PANEL_PX - 28, bars, bars_title, small)
     fy = canvas.height - 12
-    for t in reversed(_wrap(d, footer, small, PANEL_PX - 24)):
+    for t in reversed(footer_rows):
         fy -= 19
         d.text((x, fy), t, fill=(255, 200, 0), font=small)
     return np.asarray(canvas)

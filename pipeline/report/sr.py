@@ -10,6 +10,7 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pydicom.sr.codedict import codes
 
 from hl7.panel import LabPanel, LabValue
@@ -80,9 +81,24 @@ def _coding_scheme_identification() -> Dataset:
     return item
 
 
-def _lab_text(v: LabValue) -> str:
+LAB_GROUP = "Laboratory values found"  # every recent value of the patient's mapped analytes, model input or not
+
+
+def model_lab_codes(labs: LabPanel) -> set[str]:
+    """The LOINC codes of the values the fused model takes (pipeline.fused.tabular_input: per feature, the first
+    of its codes present); PTH, TSH, urine values and a second vitamin D code are shown but not model inputs."""
+    codes_used = set()
+    for f in FEATURES:
+        if f.group == "labs":
+            code = next((c for c in f.loinc if labs.get(c)), None)
+            if code:
+                codes_used.add(code)
+    return codes_used
+
+
+def _lab_text(v: LabValue, model_input: bool = False) -> str:
     """One lab value as the radiologist reads it: value, unit, the lab's own flag, status if not final, date."""
-    text = f"{v.name} {v.value:g} {v.unit}"
+    text = f"{v.name}{'*' if model_input else ''} {v.value:.4g} {v.unit}"  # as coded in the measurement
     if v.flags and v.flags.upper() not in ("N", "NORMAL"):
         text += f" [flag {v.flags}]"
     if v.status == "P":
@@ -90,8 +106,14 @@ def _lab_text(v: LabValue) -> str:
     return text + (f" ({v.observed_at:%Y-%m-%d})" if v.observed_at else "")
 
 
+def _tracking_uid(report_uid: str, identifier: str) -> str:
+    """A measurement group's tracking UID, derived from the report's SOP Instance UID and the group: a job run
+    again writes the same SR byte for byte (random UIDs sent one SOP Instance UID with two contents)."""
+    return generate_uid(entropy_srcs=[report_uid, identifier])  # (prefix=None would ignore the sources)
+
+
 def _roi_group(m: BoneMeasurement, source_rc: np.ndarray | None, sop_class_uid: str,
-               algorithm: hd.sr.AlgorithmIdentification | None, evaluations: list | None
+               algorithm: hd.sr.AlgorithmIdentification | None, evaluations: list | None, report_uid: str
                ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """One vertebra's trabecular ROI: SCOORD on its source slice, mean/SD HU, area, SNOMED finding site."""
     site = VERTEBRA_SITES.get(m.level)
@@ -106,7 +128,8 @@ def _roi_group(m: BoneMeasurement, source_rc: np.ndarray | None, sop_class_uid: 
         ),
     )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{m.level} trabecular ROI"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(report_uid, f"{m.level} trabecular ROI"),
+                                                     identifier=f"{m.level} trabecular ROI"),
         referenced_region=region,
         finding_type=TRABECULAR_BONE,
         finding_category=CodedConcept("91723000", "SCT", "Anatomical structure"),
@@ -167,6 +190,7 @@ def build_sr(
     procedure: CodedConcept | None = None,
     title_note: str | None = None,
     fractures: Sequence[SuspectedFracture] = (),
+    model_intended_use: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The screening report. The ROI group is present when the image could be measured.
 
@@ -191,22 +215,23 @@ def build_sr(
         groups.append(_roi_group(
             measurement, roi_source_rc, str(source_header.SOPClassUID),
             hd.sr.AlgorithmIdentification(name=attenuation.model_name, version=attenuation.model_version),
-            [hd.sr.QualitativeEvaluation(ATTENUATION_CATEGORY, CodedConcept(cv, cs, cm))]))
+            [hd.sr.QualitativeEvaluation(ATTENUATION_CATEGORY, CodedConcept(cv, cs, cm))], sop_uid))
     for fracture in fractures:  # a finding in its own right, whatever the screening result
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(),
-                                                         identifier=f"Suspected compression fracture {fracture.level}"),
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=_tracking_uid(sop_uid, f"Suspected compression fracture {fracture.level}"),
+                identifier=f"Suspected compression fracture {fracture.level}"),
             finding_type=SUSPECTED_FRACTURE,
             finding_sites=[hd.sr.FindingSite(VERTEBRA)],
             measurements=[hd.sr.Measurement(name=DISC_TO_DISC_HEIGHT, value=round(fracture.height_mm, 1), unit=MM),
                           hd.sr.Measurement(name=HEIGHT_RATIO, value=round(fracture.ratio, 2), unit=RATIO)]))
     for other, other_rc in adjacent:  # T12 / L2 when confidently found: measurements only, no L1 threshold rule
-        groups.append(_roi_group(other, other_rc, str(source_header.SOPClassUID), None, None))
+        groups.append(_roi_group(other, other_rc, str(source_header.SOPClassUID), None, None, sop_uid))
     if fused is not None and fused_model is not None:
         alg = hd.sr.AlgorithmIdentification(name=fused_model[0], version=fused_model[1])
         cv, cs, cm = fused.category_code
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Fused screening model"),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(sop_uid, "Fused screening model"), identifier="Fused screening model"),
             algorithm_id=alg,
             measurements=[
                 hd.sr.Measurement(name=PROBABILITY, value=round(fused.probability, 4), unit=RATIO, algorithm_id=alg),
@@ -217,7 +242,7 @@ def build_sr(
         if attention is not None and measurement is not None:
             region, source_poly = attention.region, attention.source_polygon_rc
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Model attention region"),
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(sop_uid, "Model attention region"), identifier="Model attention region"),
                 referenced_region=hd.sr.ImageRegion(
                     graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                     graphic_data=np.asarray(source_poly)[:, ::-1] + 0.5,
@@ -236,7 +261,7 @@ def build_sr(
             shap += [hd.sr.Measurement(name=_shap_code(n, labels[n]), value=round(v, 5), unit=RATIO)
                      for n, v in zip(fused.explanation.features, fused.explanation.contributions)]
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Model explanation (SHAP)"),
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(sop_uid, "Model explanation (SHAP)"), identifier="Model explanation (SHAP)"),
                 algorithm_id=alg, measurements=shap))
     lab_measurements = []
     for lab in labs.values:
@@ -250,12 +275,12 @@ def build_sr(
         lab_measurements.append(m)
     if lab_measurements:
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Laboratory values used"),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(sop_uid, LAB_GROUP), identifier=LAB_GROUP),
             measurements=lab_measurements,
         ))
     if not_screened_reason:  # the coded statement that this series was seen and not screened
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Screening not performed"),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(sop_uid, "Screening not performed"), identifier="Screening not performed"),
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(SCREENING_CATEGORY, NOT_SCREENED)]))
 
     def measurement_report(images: Sequence[Dataset] | None) -> hd.sr.MeasurementReport:
@@ -279,14 +304,18 @@ def build_sr(
                      + ". No screening result is given for this study from this series.")
     if fused is not None and fused_model is not None:
         texts.append(
-            f"Screening result ({fused_model[0]} {fused_model[1]}): probability {fused.probability:.3f}, "
-            f"operating point {fused.threshold:.3f} -> {fused.category_label}. Modalities used: "
+            f"Screening result ({fused_model[0]} {fused_model[1]}): probability {fused.probability:.3g}, "
+            f"operating point {fused.threshold:.3g} -> {fused.category_label}. Modalities used: "
             f"{', '.join(fused.modalities)}."
             + (" Outside the training range: " + "; ".join(fused.input_notes) + "." if fused.input_notes else ""))
+        if model_intended_use:
+            texts.append(f"Model card ({fused_model[0]} {fused_model[1]}): {model_intended_use}")
         if fused.explanation is not None and fused.explanation.features:
             top = sorted(zip(fused.explanation.features, fused.explanation.contributions), key=lambda t: -abs(t[1]))
-            texts.append("Largest SHAP contributions (probability units): "
-                         + "; ".join(f"{n} {v:+.3f}" for n, v in top[:6])
+            labels = {f.name: f.label for f in FEATURES}
+            texts.append("Largest SHAP contributions of the demographic and lab inputs (probability units; the "
+                         "image, where used, is held as it is, so its effect is part of the base value): "
+                         + "; ".join(f"{labels.get(n, n)} {v:+.3f}" for n, v in top[:6])
                          + f". Base value {fused.explanation.base_value:.3f}.")
     if attention is not None and fused_model is not None:
         region = attention.region
@@ -298,13 +327,13 @@ def build_sr(
             + ". It shows where the model looked, not a finding.")
     if measurement is not None and attenuation is not None:
         texts.append(
-            f"{measurement.level} trabecular mean {measurement.mean_hu:.0f} HU (SD {measurement.sd_hu:.0f}, median "
-            f"{measurement.median_hu:.0f}; {measurement.n_pixels} voxels on {measurement.n_slices} slice(s), ROI "
+            f"{measurement.level} trabecular mean {measurement.mean_hu:.1f} HU (SD {measurement.sd_hu:.1f}, median "
+            f"{measurement.median_hu:.1f}; {measurement.n_pixels} voxels on {measurement.n_slices} slice(s), ROI "
             f"{measurement.area_mm2:.0f} mm2 on the slice shown); {attenuation.model_name} {attenuation.model_version}: "
             f"{attenuation.category_label} (" + ", ".join(f"{k}={v:g}" for k, v in attenuation.thresholds.items())
             + ").")
     for other, _ in adjacent:
-        texts.append(f"{other.level} trabecular mean {other.mean_hu:.0f} HU (SD {other.sd_hu:.0f}, ROI "
+        texts.append(f"{other.level} trabecular mean {other.mean_hu:.1f} HU (SD {other.sd_hu:.1f}, ROI "
                      f"{other.area_mm2:.0f} mm2), measured the same way for comparison; the threshold rule applies "
                      "to L1 only.")
     if selection is not None:
@@ -313,9 +342,11 @@ def build_sr(
     if image_note:
         texts.append(f"Image not used: {image_note}.")
     texts.extend(quality_notes)
+    inputs = model_lab_codes(labs) if fused is not None and "labs" in fused.modalities else set()
     texts.append(
-        "Laboratory values: "
-        + ("; ".join(_lab_text(v) for v in labs.values)
+        ("Laboratory values found (* = an input of the screening model): " if inputs else
+         "Laboratory values found (none used by a model here): " if labs.values else "Laboratory values: ")
+        + ("; ".join(_lab_text(v, v.loinc in inputs) for v in labs.values)
            if labs.values else "none available in the look-back window")
         + (". Not used: " + "; ".join(f"{e.name}: {e.reason}" for e in labs.excluded) if labs.excluded else "")
         + (". " + "; ".join(labs.notes) if labs.notes else "")

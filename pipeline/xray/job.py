@@ -131,7 +131,7 @@ def run_xray_screening(req):
         lines = [
             "EXPERIMENTAL - semi-synthetic training, no accuracy claim",
             f"Screening: {fused.category_label}",
-            f"Probability {x.probability:.2f} (operating point {x.threshold:.2f}); modalities: {', '.join(modalities)}",
+            f"Probability {x.probability:.3g} (operating point {x.threshold:.3g}); modalities: {', '.join(modalities)}",
             f"Image {x.image_probability:.2f}" + (f", tabular {x.tabular_probability:.2f}, image weight "
                                                    f"{x.weight_image:.2f}" if x.tabular_probability is not None
                                                    else " (image alone)"),
