@@ -30,7 +30,7 @@ from pipeline.report.notice import SHORT_DISCLAIMER
 
 log = logging.getLogger("osteoscreen.worklist")
 COLUMNS = ("finished_at", "patient_id", "issuer", "accession_number", "study_uid", "study_date", "category",
-           "probability", "level", "mean_hu", "model", "sr_sop_instance_uid", "job_id")
+           "probability", "level", "mean_hu", "model", "sr_sop_instance_uid", "job_id", "notice")
 MAX_CATCH_UP_DAYS = 14  # missed lists written at a start; a node down longer names the rest in its log
 
 
@@ -54,6 +54,7 @@ def positive_screens(db: NodeDB, start: float, end: float) -> list[dict]:
             "probability": result.get("probability"), "level": result.get("level", ""),
             "mean_hu": result.get("mean_hu", ""), "model": result.get("model", ""),
             "sr_sop_instance_uid": result.get("sr_sop_instance_uid", ""), "job_id": job_id,
+            "notice": SHORT_DISCLAIMER,  # on every row: coordinators open the CSV, not the JSON
         })
     return rows
 

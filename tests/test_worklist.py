@@ -38,6 +38,7 @@ def test_worklist_lists_positive_screens_of_the_last_day_only(tmp_path):
     assert n == 1 and path.name == "worklist-2026-01-06.csv"
     rows = list(csv.DictReader(path.open()))
     assert [r["patient_id"] for r in rows] == ["P1"] and rows[0]["accession_number"] == "ACC1"
+    assert rows[0]["notice"].startswith("RESEARCH USE ONLY")  # the CSV coordinators open says so on every row
     doc = json.loads(path.with_suffix(".json").read_text())
     assert "RESEARCH USE ONLY" in doc["notice"] and doc["positive_screens"][0]["job_id"] == 1
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE((tmp_path / "wl").stat().st_mode) == 0o700

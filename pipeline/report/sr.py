@@ -222,7 +222,7 @@ def build_sr(
                 uid=_tracking_uid(sop_uid, f"Suspected compression fracture {fracture.level}"),
                 identifier=f"Suspected compression fracture {fracture.level}"),
             finding_type=SUSPECTED_FRACTURE,
-            finding_sites=[hd.sr.FindingSite(VERTEBRA)],
+            finding_sites=[hd.sr.FindingSite(VERTEBRA_SITES.get(fracture.level, VERTEBRA))],
             measurements=[hd.sr.Measurement(name=DISC_TO_DISC_HEIGHT, value=round(fracture.height_mm, 1), unit=MM),
                           hd.sr.Measurement(name=HEIGHT_RATIO, value=round(fracture.ratio, 2), unit=RATIO)]))
     for other, other_rc in adjacent:  # T12 / L2 when confidently found: measurements only, no L1 threshold rule
