@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ class SeriesCompletion:
         self._lock = threading.Lock()
         self._last: dict[str, float] = {}  # series -> monotonic time of its latest instance
         self._armed: set[str] = set()  # series with a timer in the scheduler
+        self._timer_ids = itertools.count()
 
     def start(self) -> None:
         self._scheduler.start()
@@ -59,8 +61,11 @@ class SeriesCompletion:
 
     def _arm(self, series_uid: str, delay_s: float) -> None:
         when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay_s)
-        self._scheduler.add_job(self._fire, "date", run_date=when, args=[series_uid], id=series_uid,
-                                replace_existing=True)
+        # A new id for every timer: re-using the series UID let a timer armed while the previous one still ran
+        # (an instance during on_ready) be skipped by APScheduler (max_instances) and dropped, the series still
+        # marked armed, so it was never decided. ``_armed`` keeps it to one timer per series.
+        self._scheduler.add_job(self._fire, "date", run_date=when, args=[series_uid],
+                                id=f"{series_uid}#{next(self._timer_ids)}")
 
     def _fire(self, series_uid: str) -> None:
         with self._lock:
@@ -76,5 +81,6 @@ class SeriesCompletion:
             return
         try:
             self.on_ready(SeriesReady(series_uid, self.quiet_s, dt.datetime.now(dt.timezone.utc)))
-        except Exception:  # noqa: BLE001 - logged; the series stays 'receiving' and is re-armed at restart
-            log.exception("handling completed series %s failed", series_uid)
+        except Exception:  # noqa: BLE001 - a locked database during a backup, say: tried again, not left undecided
+            log.exception("handling completed series %s failed; trying again after the quiet period", series_uid)
+            self.touch(series_uid)

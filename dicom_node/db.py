@@ -111,6 +111,14 @@ _SERIES_UPSERT = (
     " state=CASE WHEN state IN ('decided', 'purged', 'purging') THEN 'receiving' ELSE state END")
 
 
+class SeriesChanged(Exception):
+    """The series received another instance while it was being routed: decided later, with it."""
+
+
+class SeriesPurging(Exception):
+    """The series is being deleted by the retention rule: an instance for it must be sent again."""
+
+
 @dataclass(frozen=True)
 class StoredInstance:
     series_state: str
@@ -260,12 +268,23 @@ class NodeDB:
         return [r[0] for r in self._query(
             "SELECT path FROM instances WHERE series_uid=? ORDER BY received_at", (series_uid,))]
 
-    def decide_series(self, series_uid: str, eligible: bool, reason: str) -> int | None:
-        """Record the routing decision; an eligible series gets a job. Returns the job id if one was created."""
+    def decide_series(self, series_uid: str, eligible: bool, reason: str, routed_instances: int | None = None
+                      ) -> int | None:
+        """Record the routing decision; an eligible series gets a job. Returns the job id if one was created.
+
+        ``routed_instances``: how many instances the decision looked at. When the series holds another number by
+        now (an instance indexed while routing ran), nothing is recorded (SeriesChanged): that instance's own
+        quiet period decides the series with it."""
         now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE series SET state='decided', eligible=?, reason=?, decided_at=? WHERE series_uid=?",
-                       (int(eligible), reason, now, series_uid))
+            guard, args = "", ()
+            if routed_instances is not None:
+                guard = " AND state='receiving' AND (SELECT COUNT(*) FROM instances WHERE series_uid=?)=?"
+                args = (series_uid, routed_instances)
+            cur = db.execute("UPDATE series SET state='decided', eligible=?, reason=?, decided_at=? WHERE series_uid=?"
+                             + guard, (int(eligible), reason, now, series_uid, *args))
+            if routed_instances is not None and cur.rowcount == 0:
+                raise SeriesChanged(series_uid)
             db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
                        (now, "routing", series_uid, ("screen: " if eligible else "skip: ") + reason))
             if not eligible:
@@ -299,6 +318,10 @@ class NodeDB:
         """
         with self._tx() as db:
             row = db.execute("SELECT patient_id, issuer, state FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            if row is not None and row[2] in ("purging", "purged"):
+                # retention is deleting the stored copy (or has): the sender must send the instance again, then
+                # it is stored anew (store.begin: not a duplicate any more)
+                raise SeriesPurging(series_uid)
             first = row is None or row[2] != "receiving" or (row[0], row[1]) != (patient_id, issuer)
             db.execute("UPDATE series SET patient_id=?, issuer=?, state='receiving' WHERE series_uid=?",
                        (patient_id, issuer, series_uid))
@@ -311,8 +334,10 @@ class NodeDB:
     def claim_job(self) -> JobRow | None:
         now = time.time()
         with self._tx() as db:
+            # only for a series decided as it is: one reopened by a late instance waits for its new decision
             row = db.execute(
-                "SELECT id FROM jobs WHERE state='pending' AND next_attempt_at<=? ORDER BY id LIMIT 1", (now,)
+                "SELECT j.id FROM jobs j JOIN series s ON s.series_uid=j.series_uid WHERE j.state='pending'"
+                " AND j.next_attempt_at<=? AND s.state='decided' ORDER BY j.id LIMIT 1", (now,)
             ).fetchone()
             if not row:
                 return None
@@ -374,8 +399,12 @@ class NodeDB:
         """
         now = time.time()
         with self._tx() as db:
-            state = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if state is not None and state[0] == "rerun":
+            state = db.execute("SELECT j.state, s.state FROM jobs j LEFT JOIN series s ON s.series_uid=j.series_uid"
+                               " WHERE j.id=?", (job_id,)).fetchone()
+            # 'rerun': decided again while this ran; series not 'decided': reopened (a late or moved instance, a
+            # patient identity update) and waiting for its quiet period. Either way this result screens what the
+            # series was, perhaps another patient's: never recorded or sent.
+            if state is not None and (state[0] == "rerun" or state[1] == "receiving"):
                 db.execute("UPDATE jobs SET state='pending', attempts=0, next_attempt_at=0, updated_at=? WHERE id=?",
                            (now, job_id))
                 db.execute("INSERT INTO audit (at, kind, subject, detail) VALUES (?,?,?,?)",
@@ -429,6 +458,8 @@ class NodeDB:
         return bool(cur.rowcount)
 
     def requeue_running_jobs(self) -> int:
+        """At start: the jobs a crash interrupted run again. Their attempt counts: a study that brings the whole
+        node down must not loop for ever (a clean stop returns its jobs without counting, JobRunner.stop)."""
         with self._tx() as db:
             return db.execute("UPDATE jobs SET state='pending', next_attempt_at=0"
                               " WHERE state IN ('running', 'rerun')").rowcount

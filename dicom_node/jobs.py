@@ -78,6 +78,10 @@ class JobRunner:
         self._pool_of: dict[int, ProcessPoolExecutor] = {}  # job id -> the pool it runs on
         self._timed_out: set[int] = set()
         self._collateral: dict[int, str] = {}  # job id -> why its pool was stopped under it (another job overran)
+        # a pool whose worker died: the jobs it was running then (id(pool) -> job ids), and how often each job was
+        # in such a shared death (the one that killed it cannot be told from the others)
+        self._broken_with: dict[int, set[int]] = {}
+        self._shared_deaths: dict[int, int] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-dispatcher", daemon=True)
@@ -103,8 +107,16 @@ class JobRunner:
         if self._thread.is_alive():  # never started when the node's start failed before it
             self._thread.join(timeout=10)
         if self._pool:
-            # Jobs still running stay 'running' in the database and are resumed at the next start. Their
-            # workers are killed, not waited for: a job can run for up to timeout_s, past systemd's stop timeout.
+            # Jobs still running are queued again without counting the attempt (a stop is not their fault) and
+            # resumed at the next start. Their workers are killed, not waited for: a job can run for up to
+            # timeout_s, past systemd's stop timeout.
+            with self._lock:
+                running = list(self._running)
+            for job_id in running:
+                try:
+                    self.db.return_job(job_id, "the node was stopped while it ran")
+                except Exception:  # noqa: BLE001 - stays 'running': resumed (and counted) at the next start
+                    log.exception("job %d could not be queued again at the stop", job_id)
             self._kill_workers(self._pool)  # before shutdown(), which forgets the processes
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -200,6 +212,7 @@ class JobRunner:
             self._running.pop(job.id, None)
             self._started.pop(job.id, None)
             pool = self._pool_of.pop(job.id, None)
+            peers = {j for j, p in self._pool_of.items() if p is pool and pool is not None}
             timed_out = job.id in self._timed_out
             self._timed_out.discard(job.id)
             collateral = self._collateral.pop(job.id, None)
@@ -225,6 +238,9 @@ class JobRunner:
                 log.error("job %d: worker process died", job.id)
                 if pool is self._pool and not self._stop.is_set():
                     self._pool = self._new_pool()
+                if self._bystander(job, pool, peers):
+                    self._wake.set()
+                    return
                 self._failed(job, "worker process died")
         except Exception as exc:  # noqa: BLE001
             log.error("job %d failed: %s: %s", job.id, type(exc).__name__, exc)
@@ -236,6 +252,25 @@ class JobRunner:
                 log.exception("job %d: recording the result failed", job.id)
                 self._failed(job, f"recording result failed: {exc}")
         self._wake.set()
+
+    def _bystander(self, job: JobRow, pool, peers: set[int]) -> bool:
+        """A worker died while several jobs shared the pool: which one killed it (the OOM killer's choice, say)
+        cannot be told, so each is queued again without counting the attempt, once; a job in a second such death
+        is charged as usual (a study that keeps killing its worker still runs out of attempts)."""
+        with self._lock:
+            group = self._broken_with.setdefault(id(pool), set())
+            group.update(peers | {job.id})
+            if len(group) < 2 or self._shared_deaths.get(job.id, 0) >= 1:
+                return False
+            self._shared_deaths[job.id] = self._shared_deaths.get(job.id, 0) + 1
+        reason = (f"a worker process died while {len(group)} jobs shared the pool (jobs {sorted(group)}); which one "
+                  "caused it is unknown")
+        log.warning("job %d: %s: queued again, no attempt counted", job.id, reason)
+        try:
+            return self.db.return_job(job.id, reason)
+        except Exception:  # noqa: BLE001 - stays 'running': resumed at the next start
+            log.exception("job %d could not be queued again; it is resumed at the next start", job.id)
+            return True
 
     def _failed(self, job: JobRow, error: str) -> None:
         try:

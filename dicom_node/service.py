@@ -15,7 +15,7 @@ from config import ConfigError
 from config.schema import Settings
 from dicom_node import __version__
 from dicom_node.completion import SeriesCompletion, SeriesReady
-from dicom_node.db import JobRow, NodeDB, ReportRow
+from dicom_node.db import JobRow, NodeDB, ReportRow, SeriesChanged
 from dicom_node.engines_cli import check_configured_bundles
 from dicom_node.export import HL7_PREFIX, HL7_SOP_CLASS, Exporter
 from dicom_node.jobs import JobRunner
@@ -427,7 +427,12 @@ class Service:
             decision = decide(series_facts(paths, row.calling_aet), self.settings.routing, self.settings.xray)
         except UnreadableSeries as exc:
             decision = Decision(False, str(exc))
-        job_id = self.db.decide_series(series_uid, decision.eligible, decision.reason)
+        try:
+            job_id = self.db.decide_series(series_uid, decision.eligible, decision.reason, routed_instances=len(paths))
+        except SeriesChanged:
+            log.info("series %s received another instance while it was routed: decided after its quiet period",
+                     series_uid)
+            return
         SERIES_COMPLETED.inc()
         SERIES_ROUTED.labels("screen" if decision.eligible else "skip", decision.rule).inc()
         log.info("series %s complete (%d instances): %s - %s", series_uid, row.n_instances,

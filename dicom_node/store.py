@@ -17,7 +17,7 @@ from typing import Union
 
 import pydicom
 
-from dicom_node.db import NodeDB, StoredInstance
+from dicom_node.db import NodeDB, SeriesPurging, StoredInstance
 from pipeline.demographics import IDENTITY_KEYWORDS, identity_of
 from pipeline.durable import DurableFile
 
@@ -194,6 +194,9 @@ class IncomingInstance:
             detail = f"patient identity changed on re-send ({', '.join(changed)}): series reopened"
             try:
                 first = db.identity_update(ref.series_uid, patient_id, issuer, detail)
+            except SeriesPurging:  # retention claimed the series since ``begin``: its files are being deleted
+                target.discard()
+                raise _purging() from None
             except BaseException:
                 target.discard()
                 raise

@@ -155,7 +155,7 @@ def test_selection_reports_which_selector_chose(case):
     plain, _ = select_level_slices(vol, "L1", localisation=loc)
     assert plain.method.startswith("anatomical-localiser") and plain.note is None
     with_agent, _ = select_level_slices(vol, "L1", localisation=loc, agent=DrlisSelector("drlis_v1", "onnxruntime-cpu"))
-    assert with_agent.note and ("agrees" in with_agent.note or "not used" in with_agent.note)
+    assert with_agent.note and ("consistent with" in with_agent.note or "not used" in with_agent.note)
     # the localiser's range is what is measured, whatever the agent says: the report credits the localiser
     assert with_agent.method == plain.method and with_agent.z_range == plain.z_range
     assert with_agent.centre_index == plain.centre_index
