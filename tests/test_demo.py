@@ -18,4 +18,4 @@ def test_demo_end_to_end(tmp_path):
     assert pydicom.dcmread(out / "sr.dcm").Modality == "SR"
     assert Image.open(out / "sc.png").size[0] >= 512
     text = r.stdout
-    assert "L1 trabecular attenuation" in text and "labs used" in text and "category" in text
+    assert "L1 trabecular attenuation" in text and "labs found" in text and "category" in text

@@ -49,7 +49,7 @@ def test_positive_result_is_strictly_valid_and_carries_the_recommendation():
     rows = obx(msg)
     assert rows["OS0001"][5].startswith("screen_positive^")
     assert rows["OS0002"][5] == "0.183" and rows["OS0002"][8] == "A"
-    assert rows["112031"][5] == "94" and rows["112031"][11] == "F" and rows["112031"][14] == "20260105120000"
+    assert rows["112031"][5] == "94.0" and rows["112031"][11] == "F" and rows["112031"][14] == "20260105120000"
     assert rows["OS0006"][5] == "Consider DXA \\S\\ soon"
     assert rows["OS0009"][5].startswith("RESEARCH USE ONLY")
     obr = next(s for s in msg.decode().split("\r") if s.startswith("OBR")).split("|")
