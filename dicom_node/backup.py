@@ -17,12 +17,12 @@ replaces is kept, with its ``-wal`` and ``-shm`` files, as ``NAME.replaced-STAMP
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import os
 import shutil
 import sqlite3
 from pathlib import Path
 
+from dicom_node.state_lock import StateDirBusy, acquire
 from hl7.privacy import SECRET_NAME
 
 DATABASES = ("osteoscreen.sqlite", "labs.sqlite")
@@ -107,15 +107,11 @@ def backup_state(state_dir: Path, dest: Path | None = None, *, now: dt.datetime 
 def lock_stopped_node(state_dir: Path) -> int:
     """The state directory's lock (``dicom_node.service.lock_state_dir``), taken so that the node cannot run
     during a restore; BackupError naming the running node when it holds it."""
-    fd = os.open(Path(state_dir) / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise BackupError(f"osteoscreen (pid {holder}) is running on {state_dir}: stop it first "
+        return acquire(state_dir)
+    except StateDirBusy as exc:
+        raise BackupError(f"osteoscreen (pid {exc.holder}) is running on {state_dir}: stop it first "
                           "(systemctl stop osteoscreen), then restore") from None
-    return fd
 
 
 def _backup_databases(backup_dir: Path) -> list[Path]:

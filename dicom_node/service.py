@@ -77,16 +77,13 @@ def lock_state_dir(state_dir: Path) -> int:
     """Hold an exclusive lock on ``state_dir`` for the life of this process (released by the kernel when it
     ends, however it ends). A second node on the same state, started by hand to debug say, would requeue the
     running node's jobs and delete its instance files in flight before failing on the port."""
-    import fcntl
+    from dicom_node.state_lock import StateDirBusy, acquire
 
-    fd = os.open(state_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RuntimeError(f"another osteoscreen (pid {holder}) is using the state directory {state_dir}: stop it "
-                           "first (systemctl stop osteoscreen), or give this one its own [node] state_dir") from None
+        fd = acquire(state_dir)
+    except StateDirBusy as exc:
+        raise RuntimeError(f"another osteoscreen (pid {exc.holder}) is using the state directory {state_dir}: stop "
+                           "it first (systemctl stop osteoscreen), or give this one its own [node] state_dir") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

@@ -8,6 +8,7 @@ import pytest
 
 from dicom_node.completion import SeriesCompletion, SeriesReady
 from dicom_node.db import NodeDB, SeriesPurging
+from tests.conftest import wait_for
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -90,9 +91,7 @@ def test_a_completion_timer_armed_while_the_last_one_runs_still_fires():
         c.touch("S")
         time.sleep(0.35)  # the first timer fired; on_ready runs
         c.touch("S")  # an instance during routing: a new timer, due while on_ready still runs
-        deadline = time.monotonic() + 5
-        while len(fired) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: len(fired) >= 2, 5, "the second timer", interval=0.05)
     finally:
         c.stop()
     assert fired == ["S", "S"]
@@ -110,9 +109,7 @@ def test_a_failing_on_ready_is_tried_again_not_left_undecided():
     c.start()
     try:
         c.touch("S")
-        deadline = time.monotonic() + 5
-        while len(calls) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: len(calls) >= 2, 5, "routing tried again", interval=0.05)
     finally:
         c.stop()
     assert calls == ["S", "S"]
