@@ -81,6 +81,11 @@ def _in_feature_unit(feature, lab) -> float | None:
     return DEFAULT_MAPPING.convert(lab.loinc, lab.value, lab.unit, feature.unit)
 
 
+def model_lab(feature, labs: LabPanel):
+    """The lab value the model takes for a lab ``feature``: the first of its LOINC codes present in ``labs``."""
+    return next((labs.get(code) for code in feature.loinc if labs.get(code)), None)
+
+
 def tabular_input(labs: LabPanel, demo: Demographics) -> TabularInput:
     values = np.full(len(FEATURES), np.nan)
     used: dict[str, tuple[float, str]] = {}
@@ -98,7 +103,7 @@ def tabular_input(labs: LabPanel, demo: Demographics) -> TabularInput:
                 values[i] = float(v)
                 used[f.name] = (float(v), "DICOM header")
         else:
-            lab = next((labs.get(code) for code in f.loinc if labs.get(code)), None)
+            lab = model_lab(f, labs)
             value = _in_feature_unit(f, lab) if lab is not None else None
             if value is not None:
                 values[i] = value

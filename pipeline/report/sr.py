@@ -18,7 +18,7 @@ from pipeline.attention import ReportedAttention
 from pipeline.bone import BoneMeasurement
 from pipeline.demographics import Demographics
 from pipeline.features import FEATURES
-from pipeline.fused import FusedOutput
+from pipeline.fused import FusedOutput, model_lab
 from pipeline.localiser import SuspectedFracture
 from pipeline.report.notice import DISCLAIMER
 from pipeline.screening import Prediction
@@ -87,13 +87,8 @@ LAB_GROUP = "Laboratory values found"  # every recent value of the patient's map
 def model_lab_codes(labs: LabPanel) -> set[str]:
     """The LOINC codes of the values the fused model takes (pipeline.fused.tabular_input: per feature, the first
     of its codes present); PTH, TSH, urine values and a second vitamin D code are shown but not model inputs."""
-    codes_used = set()
-    for f in FEATURES:
-        if f.group == "labs":
-            code = next((c for c in f.loinc if labs.get(c)), None)
-            if code:
-                codes_used.add(code)
-    return codes_used
+    found = (model_lab(f, labs) for f in FEATURES if f.group == "labs")
+    return {lab.loinc for lab in found if lab is not None}
 
 
 def _lab_text(v: LabValue, model_input: bool = False) -> str:
