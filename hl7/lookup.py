@@ -38,11 +38,18 @@ def _superseded(observations: list[StoredObservation], mapping: LabMapping) -> d
             continue
         loinc = mapping.interpret(o.code, o.code_system, o.alt_code, o.alt_system, "", "0", "").loinc
         for r_loinc, r_when, r_mid, r_status in later:
-            if loinc != r_loinc or o.observed_at != r_when or o.message_id >= r_mid:
+            if loinc != r_loinc or o.message_id >= r_mid:
+                continue
+            # A deletion or correction with no observation time (no OBX-14, no OBR-7) cannot say which value it
+            # replaces: it withdraws every earlier value of the analyte rather than leave a deleted one in use.
+            undated = r_when is None and r_status in REPLACING_ALL
+            if o.observed_at != r_when and not undated:
                 continue
             if r_status in REPLACING_ALL or o.status in NON_FINAL:
                 verb = "withdrawn" if r_status in DELETING_STATUSES else "replaced"
-                gone[i] = f"{verb} by a later result (OBX-11 {r_status or 'F'}, {STATUS_TEXT[r_status]})"
+                gone[i] = (f"{verb} by a later result (OBX-11 {r_status or 'F'}, {STATUS_TEXT[r_status]}"
+                           + (", with no observation time: every earlier value of the analyte" if undated else "")
+                           + ")")
     return gone
 
 

@@ -88,6 +88,18 @@ def test_result_status_policy_and_withdrawn_results(store):
     assert with_prelim.get("2777-1").value == pytest.approx(3.1) and with_prelim.get("2777-1").status == "P"
 
 
+def test_a_deletion_without_an_observation_time_withdraws_the_earlier_values_of_its_analyte(store):
+    """A D (or C) with no OBX-14 and no OBR-7 cannot name the value it replaces: it must not leave it in use."""
+    receive(store, oru("U1", ["NM|6768-6^ALP^LN||90|U/L|||||F|||" + OBS, "NM|17861-6^Ca^LN||9.0|mg/dL|||||F|||" + OBS]))
+    undated = oru("U2", ["NM|6768-6^ALP^LN||90|U/L|||||D"]).replace(f"|||{OBS}".encode(), b"|||")
+    assert OBS.encode() not in undated
+    receive(store, undated)
+    panel = lookup_labs(store, "P1", "HOSP", STUDY)
+    reasons = {e.code: e.reason for e in panel.excluded}
+    assert panel.get("6768-6") is None and "no observation time" in reasons["6768-6"]
+    assert panel.get("17861-6").value == pytest.approx(9.0)  # another analyte is untouched
+
+
 def test_final_beats_preliminary_flags_are_kept_and_censored_values_are_not_measurements(store):
     receive(store,
             oru("F1", ["NM|17861-6^Ca^LN||8.0|mg/dL|8.6-10.3|L||||P|||" + OBS]),
