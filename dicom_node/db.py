@@ -370,6 +370,10 @@ class NodeDB:
                            " WHERE study_uid=? ORDER BY id DESC LIMIT 1", (study_uid,))
         return ReportRow(*rows[0]) if rows else None
 
+    def report_count(self, study_uid: str) -> int:
+        """How many SRs were recorded as sent for the study (each new one is the next version)."""
+        return int(self._query("SELECT count(*) FROM reports WHERE study_uid=?", (study_uid,))[0][0])
+
     # --- worklist --------------------------------------------------------------
     def last_worklist_end(self) -> float | None:
         """The end (epoch seconds) of the last worklist period written by the scheduler; None before the first."""

@@ -522,6 +522,7 @@ class Service:
             image_only_model=self.settings.screening.image_only_model,
             contrast_policy=self.settings.screening.contrast,
             predecessor_sr=(previous.study_uid, previous.sr_series_uid, previous.sr_sop_uid) if previous else None,
+            report_version=self.db.report_count(series.study_uid) + 1 if series else 1,
             key_object_selection=self.settings.results.key_object_selection,
             presentation_state=self.settings.results.presentation_state,
             report_not_screened=self.settings.results.report_not_screened,

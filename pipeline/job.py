@@ -64,6 +64,9 @@ class JobRequest:
     # The latest SR already sent for this study (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID): a new SR
     # for the study is a new version of it and says so (Predecessor Documents Sequence).
     predecessor_sr: tuple[str, str, str] | None = None
+    # 1 + the number of SRs already sent for the study: every result object's InstanceNumber, so a viewer tells a
+    # replacing key image from the one it replaces (they share a series)
+    report_version: int = 1
     key_object_selection: bool = False  # also a KOS flagging the measured slice and the key image
     presentation_state: bool = False  # also a GSPS with the ROI on the measured slice
     report_not_screened: bool = False  # an SR saying why, when the series could not be screened
@@ -74,9 +77,10 @@ class JobRequest:
     xray_views: tuple[str, ...] = ("PA", "AP")
 
 
-def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, sc, attenuation
-                ) -> list[OutputObject]:
-    """The optional KOS and GSPS (config switches), next to the SR and SC."""
+def _companions(req: JobRequest, out: Path, versions: str, series_versions: str, measurement, volume, sc,
+                attenuation) -> list[OutputObject]:
+    """The optional KOS and GSPS (config switches), next to the SR and SC; their series, like the SR's and SC's,
+    stay the same across report versions (``series_versions``), their instances do not (``versions``)."""
     if not (req.key_object_selection or req.presentation_state):
         return []
     from pipeline.report.keyobjects import build_gsps, build_kos
@@ -86,8 +90,9 @@ def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, 
     made = []
     if req.key_object_selection:
         uid = _uid(req.series_uid, "kos", versions)
-        kos = build_kos(key_images=[image, sc], node=req.node, series_uid=_uid(req.series_uid, "kos-series", versions),
-                        sop_uid=uid, description=f"{measurement.level} slice measured by osteoscreen and its key image "
+        kos = build_kos(key_images=[image, sc], frame_numbers=[ref.frame_number, None], node=req.node,
+                        series_uid=_uid(req.series_uid, "kos-series", series_versions), sop_uid=uid,
+                        instance_number=req.report_version, description=f"{measurement.level} slice measured by osteoscreen and its key image "
                                                  "(research use only)")
         write_durably(out / "kos.dcm", lambda fh: kos.save_as(fh, enforce_file_format=True))
         made.append(OutputObject("kos", str(out / "kos.dcm"), KOS_SOP_CLASS, uid))
@@ -97,7 +102,8 @@ def _companions(req: JobRequest, out: Path, versions: str, measurement, volume, 
                           roi_rc=volume.to_source_rc(measurement.roi_polygon_rc),
                           label=f"{measurement.level} {measurement.mean_hu:.1f} HU ({attenuation.category_label}) "
                                 "- research use only",  # drawn on the diagnostic image itself
-                          node=req.node, series_uid=_uid(req.series_uid, "gsps-series", versions), sop_uid=uid)
+                          node=req.node, series_uid=_uid(req.series_uid, "gsps-series", series_versions), sop_uid=uid,
+                          instance_number=req.report_version)
         write_durably(out / "gsps.dcm", lambda fh: gsps.save_as(fh, enforce_file_format=True))
         made.append(OutputObject("gsps", str(out / "gsps.dcm"), GSPS_SOP_CLASS, uid))
     return made
@@ -259,7 +265,9 @@ def _not_screened(req: JobRequest, out: Path, header, reason: str, summary: dict
     EXPERIMENTAL chest radiograph path)."""
     outputs: list[OutputObject] = []
     if req.report_not_screened:
-        versions = f"not-screened/{reason}"
+        # The identity is part of the UIDs: a corrected patient identity makes a new SR (the same UID would be
+        # dropped by the outbox as already sent, and the PACS would keep the one naming the old patient).
+        versions = f"not-screened/{reason}/{identity_key(header)}"
         sr_uid, sr_series = _uid(req.series_uid, "sr", versions), _uid(req.series_uid, "sr-series", versions)
         sr = build_sr(source_header=report_source(header), source_sop_instance_uid=str(header.SOPInstanceUID),
                       demographics=demographics_from_header(header), labs=req.labs, node=req.node,
@@ -361,6 +369,7 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                                      volume.to_source_rc, measurement.roi_centre_rc)
 
     versions = f"{bundle.card.version}/{rule.card.version}" + (f"/{selection.method}" if selection else "")
+    series_versions = versions
     sr_series, sc_series = _uid(req.series_uid, "sr-series", versions), _uid(req.series_uid, "sc-series", versions)
     if req.predecessor_sr:  # a new version of the study's report gets new UIDs; a retried job keeps its own
         versions += f"/after:{req.predecessor_sr[2]}"
@@ -385,7 +394,8 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                       adjacent=[(m, volume.to_source_rc(m.roi_polygon_rc)) for m in adjacent], attention=attention,
                       fractures=loc.fractures if loc is not None else (),
                       # what the answering model's card says of its data (the image path: semi-synthetic only)
-                      model_intended_use=bundle.card.intended_use if fused.model is None else None)
+                      model_intended_use=bundle.card.intended_use if fused.model is None else None,
+                      instance_number=req.report_version)
         write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
         outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
 
@@ -412,6 +422,8 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                     f"{int(demo.age_years)} y" if demo.age_years is not None else "", demo.sex or "") if x),
                 "Model: " + " ".join(fused.model or (bundle.card.name, bundle.card.version)),
             ]
+            if req.predecessor_sr:  # the earlier key image stays in the PACS, in the same series
+                lines.append(f"Version {req.report_version}: replaces an earlier osteoscreen result for this study")
             if attention is not None:
                 lines.append(f"Overlay: where this model looked ({attention.method}); not a finding")
             rgb = render_key_image(
@@ -421,11 +433,11 @@ def run_screening(req: JobRequest) -> ScreeningResult:
                 overlay=attention.on_slice if attention is not None else None)
             sc = build_sc(source_header=src_header, source_sop_instance_uid=source_uid,
                           source_frame_number=measurement.frame_number, rgb=rgb, node=req.node,
-                          series_uid=sc_series, sop_uid=sc_uid)
+                          series_uid=sc_series, sop_uid=sc_uid, instance_number=req.report_version)
             write_durably(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))
             write_durably(out / "sc.png", lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
             outputs.append(OutputObject("sc", str(out / "sc.dcm"), SC_SOP_CLASS, sc_uid))
-            outputs += _companions(req, out, versions, measurement, volume, sc, attenuation)
+            outputs += _companions(req, out, versions, series_versions, measurement, volume, sc, attenuation)
 
     summary = {
         **result_fields(req, header, fused, fused.model or (bundle.card.name, bundle.card.version), model.backend,

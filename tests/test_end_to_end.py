@@ -318,6 +318,7 @@ def test_second_series_gives_no_second_sr_and_a_changed_result_names_its_predece
     assert pre.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
         first["sr_sop_instance_uid"]
     assert dciodvfy_errors(path) == []
+    assert int(sr.InstanceNumber) == 2  # the study's second SR sent: version 2
     assert len(results_in(orthanc)[0]) == 2
 
 

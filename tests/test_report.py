@@ -246,6 +246,62 @@ def test_key_object_selection_and_presentation_state(sample_series, tmp_path, mu
     assert list(poly.GraphicData[:2]) == list(poly.GraphicData[-2:])  # closed
     assert "HU" in ann.TextObjectSequence[0].UnformattedTextValue
     assert float(gsps.SoftcopyVOILUTSequence[0].WindowWidth) == 1800.0
+    assert gsps.SoftcopyVOILUTSequence[0].WindowCenterWidthExplanation == "bone"  # one value, not b\\o\\n\\e
+    # the measured frame of a multi-frame CT is the key image, not the whole object
+    image_items = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: i.ReferencedSOPSequence[0]
+                   for i in kos.ContentSequence if i.ValueType == "IMAGE"}
+    frame = image_items[source].get("ReferencedFrameNumber")
+    assert (int(frame) if frame is not None else None) == (result.summary["source_frame_number"] if multiframe
+                                                           else None)
+    assert "ReferencedFrameNumber" not in image_items[sc_uid]
+    # every object names the node the same way (General Equipment)
+    for name in ("sr.dcm", "sc.dcm", "kos.dcm", "gsps.dcm"):
+        ds = pydicom.dcmread(out / name, stop_before_pixels=True)
+        assert (ds.ManufacturerModelName, ds.DeviceSerialNumber) == (NODE.model_name, NODE.serial_number), name
+    if not multiframe:  # (the multi-frame sample names no body part: Laterality stays, empty)
+        r = subprocess.run([exe, str(out / "gsps.dcm")], capture_output=True, text=True)
+        assert "Laterality" not in r.stdout + r.stderr  # the body part is named and unpaired: no empty Laterality
+
+
+def test_a_replacing_report_is_numbered_in_the_same_series(sample_series, tmp_path):
+    """A new version of a study's result (a re-run, a corrected identity): new instances in the same series as
+    the ones they replace, numbered by version, and the key image says it replaces an earlier one."""
+    import dataclasses
+
+    labs = LabPanel("OS-DEMO-0001", "OSTEOSCREEN-DEMO", dt.date(2026, 1, 5), 90)
+    req = dataclasses.replace(JobRequest(7, sample_series.series_uid, tuple(map(str, sample_series.files)), labs,
+                                         str(tmp_path / "v1"), "fused_kdamm_v1", NODE),
+                              key_object_selection=True, presentation_state=True)
+    first = run_screening(req)
+    sr1 = pydicom.dcmread(tmp_path / "v1" / "sr.dcm")
+    second = run_screening(dataclasses.replace(
+        req, output_dir=str(tmp_path / "v2"), report_version=2,
+        predecessor_sr=(str(sr1.StudyInstanceUID), str(sr1.SeriesInstanceUID), str(sr1.SOPInstanceUID))))
+    assert first.status == second.status == "screened"
+    for kind in ("sr", "sc", "kos", "gsps"):
+        a, b = (pydicom.dcmread(tmp_path / v / f"{kind}.dcm", stop_before_pixels=True) for v in ("v1", "v2"))
+        assert a.SeriesInstanceUID == b.SeriesInstanceUID and a.SOPInstanceUID != b.SOPInstanceUID, kind
+        assert (int(a.InstanceNumber), int(b.InstanceNumber)) == (1, 2), kind
+    before, after = (np.asarray(Image.open(tmp_path / v / "sc.png")) for v in ("v1", "v2"))
+    assert before.shape != after.shape or (before != after).any()
+
+
+def test_a_not_screened_sr_for_a_corrected_identity_is_a_new_instance(sample_series, tmp_path):
+    """The same series, not screened, before and after a patient identity correction: the SR naming the corrected
+    patient must get its own SOP Instance UID (the outbox drops a UID it has sent, and the PACS kept the SR naming
+    the old patient); the same identity again gives the same SR."""
+    import dataclasses
+
+    uids = {}
+    for tag, pid in (("a", "OS-DEMO-0001"), ("b", "OS-DEMO-0002"), ("c", "OS-DEMO-0001")):
+        files = _relabelled(sample_series, tmp_path / f"src-{tag}", ContrastBolusAgent="IOHEXOL", PatientID=pid)
+        req = JobRequest(9, sample_series.series_uid, files, LabPanel(pid, None, None, 90),
+                         str(tmp_path / f"out-{tag}"), "fused_kdamm_v1", NODE)
+        result = run_screening(dataclasses.replace(req, contrast_policy="skip", report_not_screened=True))
+        assert result.status == "not_screened"
+        uids[tag] = result.outputs[0].sop_instance_uid
+        assert pydicom.dcmread(result.outputs[0].path).PatientID == pid
+    assert uids["a"] != uids["b"] and uids["a"] == uids["c"]
 
 
 @pytest.mark.parametrize("report_it", [True, False])
@@ -416,3 +472,17 @@ def test_a_busy_key_image_grows_rather_than_draw_over_the_research_use_footer():
     bar = rows[(((panel[..., 0] > 200) & (panel[..., 1] < 100) & (panel[..., 2] < 100))
                 | ((panel[..., 0] < 100) & (panel[..., 1] > 120) & (panel[..., 2] > 200))).any(axis=1)]
     assert yellow.size and bar.size and yellow.min() > bar.max()  # the footer below the last bar
+
+
+def test_every_shipped_code_value_fits_a_short_code_value():
+    """Code values over 16 characters go out as Long Code Value (UC), which many SR readers do not read."""
+    import json
+    from pathlib import Path
+
+    from pipeline.training.export import SCREENING_CODES
+
+    values = [c["value"] for c in SCREENING_CODES.values()]
+    for card in Path("engines/models").glob("*/card.json"):
+        for category in json.loads(card.read_text()).get("categories", []):
+            values.append(category["code"]["value"])
+    assert len(values) > 4 and all(len(v) <= 16 for v in values), [v for v in values if len(v) > 16]

@@ -23,8 +23,12 @@ OF_INTEREST = CodedConcept("113000", "DCM", "Of Interest")
 
 
 def build_kos(*, key_images: Sequence[Dataset], node: NodeIdentity, series_uid: str, sop_uid: str,
-              description: str, series_number: int = 9903) -> hd.ko.KeyObjectSelectionDocument:
-    """Key Object Selection of ``key_images`` (headers of the measured slice and the key image)."""
+              description: str, series_number: int = 9903, frame_numbers: Sequence[int | None] = (),
+              instance_number: int = 1) -> hd.ko.KeyObjectSelectionDocument:
+    """Key Object Selection of ``key_images`` (headers of the measured slice and the key image).
+
+    ``frame_numbers``: per key image, the frame flagged in a multi-frame image (None: the whole image);
+    highdicom takes no frames, so they are set on the content's IMAGE items afterwards."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -34,15 +38,32 @@ def build_kos(*, key_images: Sequence[Dataset], node: NodeIdentity, series_uid: 
                                        observer_device_context=observer, description=description[:1024])
     kos = hd.ko.KeyObjectSelectionDocument(
         evidence=list(key_images), content=content, series_instance_uid=series_uid, series_number=series_number,
-        sop_instance_uid=sop_uid, instance_number=1, manufacturer=node.manufacturer,
+        sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer=node.manufacturer,
         institution_name=node.institution_name or None)
     copy_patient_study_extras(kos, key_images[0])
     kos.SeriesDescription = "osteoscreen key images (research use)"
+    _set_equipment(kos, node)
+    frames = {str(img.SOPInstanceUID): f for img, f in zip(key_images, frame_numbers) if f}
+    for item in kos.ContentSequence:
+        if item.ValueType == "IMAGE":
+            ref = item.ReferencedSOPSequence[0]
+            frame = frames.get(str(ref.ReferencedSOPInstanceUID))
+            if frame:
+                ref.ReferencedFrameNumber = frame
     return kos
 
 
+def _set_equipment(ds: Dataset, node: NodeIdentity) -> None:
+    """The General Equipment identity the SR and GSPS carry (model, serial, software, institution)."""
+    ds.ManufacturerModelName = node.model_name
+    ds.DeviceSerialNumber = node.serial_number
+    ds.SoftwareVersions = node.software_version
+    if node.institution_name and "InstitutionName" not in ds:
+        ds.InstitutionName = node.institution_name
+
+
 def build_gsps(*, image: Dataset, frame_number: int | None, roi_rc: np.ndarray, label: str, node: NodeIdentity,
-               series_uid: str, sop_uid: str, series_number: int = 9904
+               series_uid: str, sop_uid: str, series_number: int = 9904, instance_number: int = 1
                ) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """The ROI (row, col pixel coordinates on ``image``) as a closed polyline with a label, in bone window."""
     layer = hd.pr.GraphicLayer(layer_name="OSTEOSCREEN", order=1, description="osteoscreen trabecular ROI")
@@ -61,14 +82,19 @@ def build_gsps(*, image: Dataset, frame_number: int | None, roi_rc: np.ndarray, 
     centre, width = BONE_WINDOW
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[image], series_instance_uid=series_uid, series_number=series_number,
-        sop_instance_uid=sop_uid, instance_number=1, manufacturer=node.manufacturer,
+        sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer=node.manufacturer,
         manufacturer_model_name=node.model_name, software_versions=node.software_version,
         device_serial_number=node.serial_number, content_label="OSTEOSCREEN_ROI",
         content_description="osteoscreen trabecular ROI (research use)", graphic_annotations=[annotation],
         graphic_layers=[layer], institution_name=node.institution_name or None,
-        voi_lut_transformations=[hd.pr.SoftcopyVOILUTTransformation(window_center=centre, window_width=width,
-                                                                    window_explanation="bone")])
+        voi_lut_transformations=[hd.pr.SoftcopyVOILUTTransformation(
+            # lists: highdicom splits a bare string into one explanation per character ("b\\o\\n\\e")
+            window_center=[centre], window_width=[width], window_explanation=["bone"])])
     gsps.SeriesDescription = "osteoscreen ROI presentation state (research use)"
-    if "Laterality" not in gsps:  # General Series type 2C; dciodvfy requires it (an error when absent, a warning
-        gsps.Laterality = ""       # when empty): the spine is unpaired, so present and empty
+    if "BodyPartExamined" in image and image.BodyPartExamined:
+        # General Series: Laterality is 2C, needed only for a paired body part; with the image's (unpaired) body
+        # part named, it is left out (present and empty draws a dciodvfy warning)
+        gsps.BodyPartExamined = image.BodyPartExamined
+    elif "Laterality" not in gsps:  # no body part: dciodvfy wants the attribute, empty when unknown
+        gsps.Laterality = ""
     return gsps

@@ -23,6 +23,7 @@ def build_sc(
     description: str = "osteoscreen L1 key image (research use)",
     derivation: str = "Selected L1 slice, bone window, trabecular ROI outline and screening summary",
     patient_orientation: tuple[str, str] = ("L", "P"),
+    instance_number: int = 1,
 ) -> hd.sc.SCImage:
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source_header,
@@ -33,7 +34,7 @@ def build_sc(
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=instance_number,
         manufacturer=node.manufacturer,
         patient_orientation=patient_orientation,
         transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -45,6 +46,10 @@ def build_sc(
     if "Laterality" not in sc and "ImageLaterality" not in sc:
         sc.ImageLaterality = "U"  # the spine is unpaired
     sc.SoftwareVersions = node.software_version
+    sc.ManufacturerModelName = node.model_name  # the General Equipment identity the SR and GSPS carry
+    sc.DeviceSerialNumber = node.serial_number
+    if node.institution_name and "InstitutionName" not in sc:
+        sc.InstitutionName = node.institution_name
     sc.ConversionType = "WSD"
     ref = Dataset()
     ref.ReferencedSOPClassUID = str(source_header.SOPClassUID)

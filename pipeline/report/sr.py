@@ -21,6 +21,7 @@ from pipeline.features import FEATURES
 from pipeline.fused import FusedOutput, model_lab
 from pipeline.localiser import SuspectedFracture
 from pipeline.report.notice import DISCLAIMER
+from pipeline.report.source import copy_patient_study_extras
 from pipeline.screening import Prediction
 from pipeline.selection import SliceSelection
 
@@ -103,7 +104,7 @@ def _lab_text(v: LabValue, model_input: bool = False) -> str:
 
 def _tracking_uid(report_uid: str, identifier: str) -> str:
     """A measurement group's tracking UID, derived from the report's SOP Instance UID and the group: a job run
-    again writes the same SR byte for byte (random UIDs sent one SOP Instance UID with two contents)."""
+    again writes the same content items (random UIDs sent one SOP Instance UID with two contents)."""
     return generate_uid(entropy_srcs=[report_uid, identifier])  # (prefix=None would ignore the sources)
 
 
@@ -186,6 +187,7 @@ def build_sr(
     title_note: str | None = None,
     fractures: Sequence[SuspectedFracture] = (),
     model_intended_use: str | None = None,
+    instance_number: int = 1,
 ) -> hd.sr.Comprehensive3DSR:
     """The screening report. The ROI group is present when the image could be measured.
 
@@ -379,7 +381,7 @@ def build_sr(
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=instance_number,
         manufacturer=node.manufacturer,
         institution_name=node.institution_name or None,
         is_complete=True,
@@ -393,4 +395,5 @@ def build_sr(
     sr.ManufacturerModelName = node.model_name
     sr.DeviceSerialNumber = node.serial_number
     sr.CodingSchemeIdentificationSequence = [_coding_scheme_identification()]
+    copy_patient_study_extras(sr, source_header)  # StudyDescription etc., as the SC, KOS and GSPS carry them
     return sr

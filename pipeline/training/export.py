@@ -221,10 +221,11 @@ SCREENING_CODES = {
     "screen_negative": {"value": "screen_negative", "scheme": "99OSTEOSCREEN",
                         "meaning": "Osteoporosis screen negative (below threshold)"},
     # The EXPERIMENTAL chest radiograph path: its own codes, so that a rule or a site's validation keyed on codes
-    # never mixes it with the CT path's results.
-    "xr_screen_positive": {"value": "xr_screen_positive", "scheme": "99OSTEOSCREEN",
+    # never mixes it with the CT path's results. At most 16 characters: a longer one is written as Long Code Value
+    # (UC), which many SR readers do not read.
+    "xr_screen_positive": {"value": "xr_screen_pos", "scheme": "99OSTEOSCREEN",
                            "meaning": "EXPERIMENTAL chest radiograph osteoporosis screen positive"},
-    "xr_screen_negative": {"value": "xr_screen_negative", "scheme": "99OSTEOSCREEN",
+    "xr_screen_negative": {"value": "xr_screen_neg", "scheme": "99OSTEOSCREEN",
                            "meaning": "EXPERIMENTAL chest radiograph osteoporosis screen negative"},
 }
 

@@ -122,7 +122,8 @@ def run_xray_screening(req):
         sr = build_sr(source_header=src, source_sop_instance_uid=str(header.SOPInstanceUID), demographics=demo,
                       labs=req.labs, node=req.node, series_uid=sr_series, sop_uid=sr_uid, fused=fused,
                       fused_model=xm.name, quality_notes=[fusion_text, *rad.notes], predecessor=req.predecessor_sr,
-                      procedure=codes.LN.XRUnspecifiedBodyRegion, title_note=EXPERIMENTAL_NOTE)
+                      procedure=codes.LN.XRUnspecifiedBodyRegion, title_note=EXPERIMENTAL_NOTE,
+                      instance_number=req.report_version)
         write_durably(out / "sr.dcm", lambda fh: sr.save_as(fh, enforce_file_format=True))
         outputs = [OutputObject("sr", str(out / "sr.dcm"), SR_SOP_CLASS, sr_uid)]
         labels = {f.name: f.short_label for f in FEATURES}
@@ -140,6 +141,8 @@ def run_xray_screening(req):
             "Model: " + " ".join(xm.name),
             "Overlay: regions the image model weighted above an even share; not a finding",
         ]
+        if req.predecessor_sr:  # the earlier key image stays in the PACS, in the same series
+            lines.append(f"Version {req.report_version}: replaces an earlier osteoscreen result for this study")
         rgb = render_key_image(rad.display, rad.pixel_mm or (1.0, 1.0), None,
                                title="osteoscreen - chest radiograph (EXPERIMENTAL)", lines=lines,
                                footer="EXPERIMENTAL. " + SHORT_DISCLAIMER,
@@ -150,7 +153,8 @@ def run_xray_screening(req):
                       series_uid=sc_series, sop_uid=sc_uid,
                       description="osteoscreen chest radiograph key image (EXPERIMENTAL)",
                       derivation="Chest radiograph, the image model's region attention and the screening summary "
-                                 "(EXPERIMENTAL)", patient_orientation=rad.orientation)
+                                 "(EXPERIMENTAL)", patient_orientation=rad.orientation,
+                      instance_number=req.report_version)
         write_durably(out / "sc.dcm", lambda fh: sc.save_as(fh, enforce_file_format=True))
         write_durably(out / "sc.png", lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
         outputs.append(OutputObject("sc", str(out / "sc.dcm"), SC_SOP_CLASS, sc_uid))
