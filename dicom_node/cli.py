@@ -33,8 +33,18 @@ def _serve(args: argparse.Namespace) -> int:
             logging.getLogger(chatty).setLevel(logging.WARNING)
     from dicom_node.service import Service
 
+    from engines.bundle import BundleError
+    from engines.runtime import EngineError
+    from hl7.mapping import MappingError
+    from hl7.tls import TLSConfigError
+
     try:
         service = Service(settings)
+    except (BundleError, EngineError, TLSConfigError, MappingError, ConfigError) as exc:
+        # a configuration error: exit status 2, which the unit's RestartPreventExitStatus= does not restart (a
+        # restart loop would only repeat it)
+        print(f"osteoscreen: cannot start: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001 - start-up problems are operator errors: say what and where
         print(f"osteoscreen: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -379,6 +389,11 @@ def _start_checks(s) -> str | None:
         check_models(s)
     except Exception as exc:  # noqa: BLE001 - BundleError, EngineError: the reason is the message
         return f"models: {exc}"
+    for key, directory in (("[node] state_dir", s.node.state_dir), ("[worklist] directory", s.worklist.directory),
+                           ("[engines] cache_dir", s.engines.cache_dir)):
+        problem = _not_a_directory(Path(directory)) if directory else None
+        if problem:
+            return f"{key} = {directory}: {problem}"
     for key, tls, make in (("[node.tls]", s.node.tls, server_context), ("[hl7.tls]", s.hl7.tls, server_context),
                            ("[lis_query.tls]", s.lis_query.tls, client_context),
                            ("[followup.tls]", s.followup.tls, client_context)):
@@ -386,6 +401,17 @@ def _start_checks(s) -> str | None:
             make(tls)
         except Exception as exc:  # noqa: BLE001 - ssl errors, a missing password variable
             return f"{key}: {exc}"
+    return None
+
+
+def _not_a_directory(directory: Path) -> str | None:
+    """Why ``directory`` can never be made a directory (it, or the nearest part of its path that exists, is a
+    file), whoever runs the service; None otherwise. Whether the service user may write there is checked by
+    `serve` itself at start, as that user."""
+    path = directory.expanduser().absolute()
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else f"{part} is not a directory"
     return None
 
 

@@ -94,9 +94,12 @@ class Exporter:
                 break
             try:
                 self._send_batch(name, batch)
-            except Exception:  # noqa: BLE001 - one destination's fault must not stop delivery to the others
+            except Exception as exc:  # noqa: BLE001 - one destination's fault must not stop delivery to the others
                 log.exception("delivery to %s failed unexpectedly; its rows stay queued and the other "
                               "destinations go on", name)
+                # with the usual backoff: without it the same fault came back 20 times a second
+                still_due = {r.id for r in self.db.due_outbox()}
+                self._fail([r for r in batch if r.id in still_due], f"unexpected error: {exc!r}"[:300])
         due = self.db.next_outbox_due()
         return 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
 

@@ -137,6 +137,7 @@ RELOADED_NODE_KEYS = ("allowed_calling_aets", "allowed_sop_classes")
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.started_settings = settings  # what a reload cannot change until a restart (see reload)
         self.state_dir = Path(settings.node.state_dir)
         check_writable(self.state_dir, "[node] state_dir")
         self._state_lock = lock_state_dir(self.state_dir)
@@ -288,16 +289,37 @@ class Service:
                 log.exception("stopping the %s failed", name)
 
     def reload(self, settings: Settings) -> list[str]:
-        """Apply what can change without dropping associations; say what needs a restart."""
-        old, new = self.settings, settings
-        models = ("model", "selector", "image_only_model", "backend")
+        """Apply what can change without dropping associations; say what needs a restart.
+
+        What needs a restart keeps the value the node started with (``self.started_settings``) until the restart:
+        the running node never half-applies it, and every later reload still lists it until the file matches the
+        running value again."""
+        old, started = self.settings, self.started_settings
+        restart: list[str] = []
+        # restart-only parts: compared with what the node started with, and kept at that value until a restart
+        node_kept = {k: getattr(started.node, k) for k in type(settings.node).model_fields
+                     if k not in RELOADED_NODE_KEYS}
+        restart += [f"node.{k}" for k, v in node_kept.items() if getattr(settings.node, k) != v]
+        sections_kept = {sec: getattr(started, sec) for sec in type(settings).model_fields
+                         if sec not in (*RELOADED_SECTIONS, "node")}
+        restart += [sec for sec, v in sections_kept.items() if getattr(settings, sec) != v]
+        labs = settings.labs
+        if labs.mapping_file != started.labs.mapping_file:
+            restart.append("labs.mapping_file")  # the listener and the parser process hold the table
+            labs = labs.model_copy(update={"mapping_file": started.labs.mapping_file})
+        new = settings.model_copy(update={"node": settings.node.model_copy(update=node_kept), "labs": labs,
+                                          **sections_kept})
+        if new.shadow.enabled != started.shadow.enabled and started.worklist.enabled:
+            restart.append("worklist (shadow mode switched)")
+        models = ("model", "selector", "image_only_model", "backend", "attenuation_rule")
         if ([getattr(new.screening, k) for k in models], new.xray.enabled, new.xray.model) != \
                 ([getattr(old.screening, k) for k in models], old.xray.enabled, old.xray.model):
             try:
-                self.backend_in_use = check_models(new)
+                backend_in_use = check_models(new)
             except Exception as exc:  # noqa: BLE001 - a missing bundle or a backend that cannot run here
                 raise ConfigError(f"model check failed: {exc}") from None
-        applied, restart = [], []
+            self.backend_in_use = backend_in_use
+        applied = []
         if new.node.allowed_calling_aets != old.node.allowed_calling_aets:
             self.scp.set_allowed_calling_aets(list(new.node.allowed_calling_aets))
             applied.append("node.allowed_calling_aets")
@@ -310,21 +332,13 @@ class Service:
         for section in ("routing", "labs", "screening", "results", "xray"):
             if getattr(new, section) != getattr(old, section):
                 applied.append(section)
-        for key in type(new.node).model_fields:
-            if key not in RELOADED_NODE_KEYS and getattr(new.node, key) != getattr(old.node, key):
-                restart.append(f"node.{key}")
+        if self.lab_query is not None and new.labs.issuer_aliases != old.labs.issuer_aliases:
+            self.lab_query.issuer_aliases = dict(new.labs.issuer_aliases)  # the LIS query checks answers' issuer
         if new.shadow != old.shadow or new.destinations != old.destinations:
             self.result_destinations = [d for d in new.destinations
                                         if not new.shadow.enabled or d.name in new.shadow.destinations]
             if new.shadow != old.shadow:
                 applied.append("shadow")
-                if new.worklist.enabled:
-                    restart.append("worklist (shadow mode switched)")
-        for section in type(new).model_fields:
-            if section not in (*RELOADED_SECTIONS, "node") and getattr(new, section) != getattr(old, section):
-                restart.append(section)
-        if new.labs.mapping_file != old.labs.mapping_file:
-            restart.append("labs.mapping_file")  # the listener and the parser process hold the table
         if new.screening != old.screening:
             self.metrics_collector.engine.update(
                 {"model": new.screening.model, "selector": new.screening.selector or "none",
@@ -332,7 +346,8 @@ class Service:
                  "attenuation_rule": new.screening.attenuation_rule})
         self.settings = new
         log.info("configuration reloaded: applied %s%s", ", ".join(applied) or "no changes",
-                 f"; restart needed for {', '.join(restart)}" if restart else "")
+                 f"; restart needed for {', '.join(restart)} (still running with the values it started with)"
+                 if restart else "")
         return restart
 
     def serve_forever(self, config_path=None) -> None:
@@ -372,7 +387,9 @@ class Service:
                     notifier.reloading()
                     outcome = "configuration reloaded"
                     try:
-                        self.reload(load_settings(config_path))
+                        restart = self.reload(load_settings(config_path))
+                        if restart:
+                            outcome += f"; restart needed for {', '.join(restart)}"
                     except ConfigError as exc:
                         log.error("reload refused, keeping the running configuration: %s", exc)
                         outcome = f"reload REFUSED (see the log): {exc}"[:200]
@@ -381,7 +398,7 @@ class Service:
                         outcome = "reload FAILED, running configuration kept (see the log)"
                     # `systemctl status` shows it; the unit's ExecReload runs `config check` first, so that
                     # `systemctl reload` itself fails on a bad file
-                    notifier.ready(f"{listening}; {outcome}")
+                    notifier.ready(f"{listening}; {outcome}"[:400])
                     continue
                 if done.is_set():
                     break

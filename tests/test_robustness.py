@@ -215,6 +215,33 @@ def test_the_exporter_survives_an_error_in_its_own_loop(tmp_path, monkeypatch):
         db.close()
 
 
+def test_an_unexpected_error_sending_a_batch_backs_its_rows_off(tmp_path, monkeypatch):
+    """A fault inside one destination's send (it was a calling AE title pynetdicom refused) must back the rows off
+    like any failed send: it was retried 20 times a second, a traceback each time."""
+    db = NodeDB(tmp_path / "n.sqlite")
+    sr_path, sr_uid = _file(tmp_path, "sr.dcm", ComprehensiveSRStorage)
+    with db._tx() as tx:
+        tx.execute("INSERT INTO outbox (job_id, destination, path, sop_class_uid, sop_instance_uid)"
+                   " VALUES (1, 'pacs', ?, ?, ?)", (sr_path, ComprehensiveSRStorage, sr_uid))
+    exporter = Exporter(db, [Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=9)],
+                        calling_aet="OSTEOSCREEN", retry_initial_s=60, retry_max_s=60, timeout_s=1)
+    calls = {"n": 0}
+
+    def broken(name, rows):
+        calls["n"] += 1
+        raise ValueError("Invalid 'ae_title' value")
+
+    monkeypatch.setattr(exporter, "_send_batch", broken)
+    exporter.start()
+    try:
+        row = wait_for(lambda: (lambda r: r if r.attempts >= 1 else None)(db.outbox()[0]), 10, "the row backed off")
+        time.sleep(1.0)
+        assert calls["n"] == 1 and row.state == "pending" and "ae_title" in row.last_error
+    finally:
+        exporter.stop()
+        db.close()
+
+
 def test_an_identity_update_while_screening_discards_that_result_and_screens_again(tmp_path):
     db, job = _running_job(tmp_path)  # screening the old patient (with the old patient's labs)
     assert db.identity_update("1.2", "NEW", "H", "identity changed on re-send")

@@ -116,6 +116,14 @@ def test_notify_watchdog_reload_and_stop(tmp_path):
         _recv_until(sock, "READY=1", 30)
         last = [ln for ln in (tmp_path / "node.log").read_text().splitlines() if "configuration reloaded" in ln][-1]
         assert "applied no changes; restart needed for" in last and "jobs, export" in last  # (hl7: a new port)
+        # a later reload of something else still lists what waits for a restart (it used to forget it), in the
+        # log and in the status systemd shows; the running node keeps the values it started with meanwhile
+        cfg.write_text(good + "[jobs]\nworkers = 2\n[export]\nretry_max_s = 60\n[routing]\nmin_slices = 21\n")
+        proc.send_signal(signal.SIGHUP)
+        msgs = _recv_until(sock, "READY=1", 30)
+        last = [ln for ln in (tmp_path / "node.log").read_text().splitlines() if "configuration reloaded" in ln][-1]
+        assert "applied routing; restart needed for" in last and "jobs, export" in last
+        assert any("STATUS=" in m and "restart needed for" in m and "jobs" in m for m in msgs), msgs
         proc.send_signal(signal.SIGTERM)
         _recv_until(sock, "STOPPING=1", 30)
         assert proc.wait(timeout=60) == 0
@@ -123,3 +131,23 @@ def test_notify_watchdog_reload_and_stop(tmp_path):
         if proc.poll() is None:
             proc.kill()
         sock.close()
+
+
+def test_a_configuration_error_at_start_exits_2_so_systemd_does_not_restart_it(tmp_path, capsys):
+    """The unit's RestartPreventExitStatus=2: a file `serve` cannot start with exits 2 (it exited 1, and systemd
+    restarted it for ever). `config check` refuses a state directory under a file, as `serve` does."""
+    from dicom_node.cli import main
+
+    unit = (UNIT_DIR / "osteoscreen.service").read_text()
+    assert "RestartPreventExitStatus=2" in unit
+    cfg = tmp_path / "bad-model.toml"
+    cfg.write_text(f'[node]\nport = {free_port()}\nstate_dir = "{tmp_path / "state"}"\n[hl7]\nport = {free_port()}\n'
+                   '[screening]\nmodel = "no_such_bundle"\n')
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no_such_bundle" in r.stderr, r.stderr
+    (tmp_path / "afile").write_text("")
+    under_a_file = tmp_path / "under-a-file.toml"
+    under_a_file.write_text(f'[node]\nstate_dir = "{tmp_path / "afile" / "state"}"\n')
+    assert main(["config", "check", str(under_a_file)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
