@@ -9,9 +9,49 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")]
+# Upper bounds of durations, so that a typo (1e300) is named here instead of an OverflowError in a scheduler, a
+# timer or date arithmetic: a year in each field's unit (days: a century, as for the lab windows).
+MAX_SECONDS = 365 * 86400
+MAX_HOURS = 365 * 24
+MAX_DAYS = 36500
+MAX_PDU = 64 * 1024 * 1024  # the receiver buffers one PDU: a peer must not make it allocate more (see scp.py)
+
+
+def _ae_title(value: str) -> str:
+    """DICOM AE VR: 1-16 characters of printable ASCII without backslash; leading and trailing spaces are not
+    significant (the receiver strips the calling AE title), so they are stripped here."""
+    value = value.strip(" ")
+    bad = sorted({c for c in value if not ("\x20" <= c <= "\x7e") or c == "\\"})
+    if bad:
+        raise ValueError(f"AE title {value!r} has {', '.join(repr(c) for c in bad)}: an AE title is 1-16 characters of "
+                         "printable ASCII (letters, digits, spaces, punctuation) without a backslash; "
+                         "use the AE title as configured on the peer")
+    if not value:
+        raise ValueError("AE title is empty or only spaces: an AE title is 1-16 characters of printable ASCII")
+    if len(value) > 16:
+        raise ValueError(f"AE title {value!r} has {len(value)} characters: an AE title has at most 16; "
+                         "use the AE title as configured on the peer")
+    return value
+
+
+def _code_string(value: str) -> str:
+    """A value compared with a DICOM code string (CS: upper case; padding not significant)."""
+    value = value.strip().upper()
+    if not value:
+        raise ValueError("empty entry: it never matches a DICOM value; remove it")
+    return value
+
+
+def _empty_is_none(value: object) -> object:
+    """An empty path setting means its default (None), never Path("") == "." (the working directory)."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+CodeString = Annotated[str, AfterValidator(_code_string)]
+OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -23,12 +63,16 @@ class TLSSettings(_Section):
     """TLS for an MLLP connection. Files are PEM. Off unless ``enabled``."""
 
     enabled: bool = False
-    cert_file: Path | None = Field(None, description="Our certificate (listener: required; client: for mutual TLS).")
-    key_file: Path | None = Field(None, description="Private key of cert_file.")
-    ca_file: Path | None = Field(
+    cert_file: OptionalPath = Field(
+        None, description="Our certificate (listener: required; client: for mutual TLS; empty: none).")
+    key_file: OptionalPath = Field(None, description="Private key of cert_file (empty: none).")
+    ca_file: OptionalPath = Field(
         None, description="Listener: require client certificates signed by these CAs. "
-                          "Client: trust these CAs instead of the system store.")
-    check_hostname: bool = Field(True, description="Client: the server certificate must name the host.")
+                          "Client: trust these CAs instead of the system store. Empty: none.")
+    check_hostname: bool = Field(
+        True, description="Client connections only ([lis_query.tls], [followup.tls]): the server certificate must "
+                          "name the host connected to. A listener ([node.tls], [hl7.tls]) does not check host names "
+                          "(it checks client certificates against ca_file), so it refuses this key.")
     key_password_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Name of the environment variable holding key_file's password (an encrypted key). The secret "
@@ -50,6 +94,13 @@ class TLSSettings(_Section):
 class ListenerTLSSettings(TLSSettings):
     """TLS for one of our listeners: when enabled, it needs its certificate and key."""
 
+    @field_validator("check_hostname")
+    @classmethod
+    def _no_check_hostname(cls, value: bool) -> bool:
+        # only a value given in the file is validated (the default is not): that one would do nothing here
+        raise ValueError("check_hostname applies to client connections only ([lis_query.tls], [followup.tls]); "
+                         "a listener checks client certificates against ca_file, not host names: remove it")
+
     @model_validator(mode="after")
     def _listener_cert(self) -> "ListenerTLSSettings":
         if self.enabled and self.cert_file is None:
@@ -63,13 +114,16 @@ class NodeSettings(_Section):
     ae_title: AETitle = "OSTEOSCREEN"
     host: str = "127.0.0.1"
     port: Port = 11112
-    max_pdu: int = Field(131072, ge=0, description="0 means unlimited")
+    max_pdu: int = Field(
+        131072, description="Largest P-DATA-TF PDU received, in bytes, advertised to the sender as its maximum "
+                            "length: 4096..67108864 (64 MiB), or 0 for the node's ceiling of 64 MiB (advertised as such; "
+                            "a longer PDU is aborted), not 'unlimited'.")
     allowed_calling_aets: list[AETitle] = Field(
         default_factory=list,
         description="Calling AE titles allowed to associate; empty accepts any (logged as a warning).",
     )
     state_dir: Path = Path("/var/lib/osteoscreen")
-    series_quiet_s: float = Field(10.0, gt=0)
+    series_quiet_s: float = Field(10.0, gt=0, le=MAX_SECONDS)
     manufacturer: str = "osteoscreen project"
     institution_name: str = ""
     device_serial_number: str = "0001"
@@ -80,10 +134,40 @@ class NodeSettings(_Section):
     min_free_mb: int = Field(512, ge=0, description="C-STORE is refused (0xA700, out of resources) while the state "
                                                    "directory has less free space than this; 0 disables the check.")
     tls: ListenerTLSSettings = ListenerTLSSettings()
-    allowed_sop_classes: dict[str, list[str]] = Field(
+    allowed_sop_classes: dict[AETitle, list[str]] = Field(
         default_factory=dict,
         description="Per calling AE title: the SOP classes it may store (UIDs or keywords such as "
                     "CTImageStorage); others are refused with 0x0122. AEs not listed may store any accepted class.")
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _max_pdu(cls, value: int) -> int:
+        if value != 0 and not 4096 <= value <= MAX_PDU:
+            raise ValueError(f"{value} is not a usable PDU length: give 4096..{MAX_PDU} bytes (senders refuse less "
+                             "than 4096; the node buffers a whole PDU, so it reads at most 64 MiB), or 0 for that "
+                             "64 MiB ceiling")
+        return value
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _state_dir(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty: the state directory (instances, databases, results) must be a directory, "
+                             "e.g. /var/lib/osteoscreen; remove the key to use that default")
+        return value
+
+    @field_validator("allowed_sop_classes", mode="before")
+    @classmethod
+    def _sop_class_keys(cls, value: object) -> object:
+        if isinstance(value, dict):
+            seen: set[str] = set()
+            for ae in value:
+                key = ae.strip(" ") if isinstance(ae, str) else ae
+                if key in seen:
+                    raise ValueError(f"{key!r} is listed twice (AE titles are compared without leading and trailing "
+                                     "spaces): merge its SOP classes into one entry")
+                seen.add(key)
+        return value
 
     @field_validator("allowed_sop_classes")
     @classmethod
@@ -112,8 +196,9 @@ class HL7Settings(_Section):
     host: str = "127.0.0.1"
     port: Port = 2575
     max_message_bytes: int = Field(1_048_576, ge=1024)
-    read_timeout_s: float = Field(300.0, gt=0, description="A connection with no complete frame (or unread ACKs) "
-                                                           "for this long is closed.")
+    read_timeout_s: float = Field(300.0, gt=0, le=MAX_SECONDS,
+                                  description="A connection with no complete frame (or unread ACKs) "
+                                              "for this long is closed.")
     max_connections: int = Field(64, ge=1, le=10_000, description="Connections open at once; more are closed at "
                                                                   "accept, with a log line.")
     tls: ListenerTLSSettings = ListenerTLSSettings()
@@ -136,17 +221,21 @@ class LISQuerySettings(_Section):
     query_name: str = Field("Z_LAB_RESULTS^Lab results history^OSTEOSCREEN",
                             description="QPD-1 (qbp_q11), as agreed in the site's conformance statement.")
     max_results: int = Field(200, ge=1, description="RCP-2 / QRD-7 quantity limit.")
-    connect_timeout_s: float = Field(3.0, gt=0)
-    read_timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(3.0, gt=0, le=MAX_SECONDS)
+    read_timeout_s: float = Field(10.0, gt=0, le=MAX_SECONDS)
     retries: int = Field(2, ge=0, le=10, description="Further attempts after a failed connection or timeout.")
-    budget_s: float = Field(15.0, gt=0, description="All attempts together; the job then goes on without the labs.")
-    requery_after_s: float = Field(300.0, ge=0, description="Do not ask again for the same patient within this time.")
+    budget_s: float = Field(15.0, gt=0, le=MAX_SECONDS,
+                            description="All attempts together; the job then goes on without the labs.")
+    requery_after_s: float = Field(300.0, ge=0, le=MAX_SECONDS,
+                                   description="Do not ask again for the same patient within this time.")
     tls: TLSSettings = TLSSettings()
 
 
 class LabSettings(_Section):
-    window_days: int = Field(90, ge=0, description="Labs older than this before the study date are not used.")
-    after_study_days: int = Field(1, ge=0, description="Labs up to this long after the study date are used.")
+    window_days: int = Field(90, ge=0, le=MAX_DAYS,
+                             description="Labs older than this before the study date are not used.")
+    after_study_days: int = Field(1, ge=0, le=MAX_DAYS,
+                                  description="Labs up to this long after the study date are used.")
     match_without_issuer: bool = Field(
         True, description="Match patient IDs when either side carries no issuer (single-issuer sites)."
     )
@@ -155,7 +244,7 @@ class LabSettings(_Section):
         description="Names of one assigning authority as DICOM (IssuerOfPatientID) or HL7 (PID-3.4) spell it, "
                     "mapped to one name before they are compared, e.g. {\"1.2.3.4.5\" = \"HOSP\"}.",
     )
-    mapping_file: Path | None = Field(
+    mapping_file: OptionalPath = Field(
         None, description="Lab mapping table (TOML); empty uses the shipped hl7/lab_mapping.toml.")
     accept_preliminary: bool = Field(False, description="Use preliminary (OBX-11 P) results when no final one exists.")
 
@@ -175,12 +264,14 @@ class LabSettings(_Section):
 class RoutingSettings(_Section):
     """Which completed series are screened. Each decision is recorded with its reason."""
 
-    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    modalities: list[CodeString] = Field(default_factory=lambda: ["CT"],
+                                         description="Modality values screened (compared in upper case).")
     require_axial: bool = True
     max_axial_tilt_deg: float = Field(10.0, ge=0, le=45)
     slice_thickness_mm: tuple[float, float] = (0.5, 5.0)
     min_slices: int = Field(40, ge=1)
-    image_type: list[str] = Field(default_factory=lambda: ["ORIGINAL", "PRIMARY"])
+    image_type: list[CodeString] = Field(default_factory=lambda: ["ORIGINAL", "PRIMARY"],
+                                          description="ImageType values a series must carry (upper case).")
     calling_aets: list[AETitle] = Field(
         default_factory=list, description="Only screen series sent by these AEs; empty means any."
     )
@@ -200,10 +291,10 @@ class XraySettings(_Section):
     image model was trained only on semi-synthetic images derived from one real radiograph."""
 
     enabled: bool = False
-    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
-    body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX"],
-                                  description="BodyPartExamined values taken as a chest radiograph.")
-    views: list[str] = Field(default_factory=lambda: ["PA", "AP"], description="ViewPosition values screened.")
+    modalities: list[CodeString] = Field(default_factory=lambda: ["CR", "DX"])
+    body_parts: list[CodeString] = Field(default_factory=lambda: ["CHEST", "THORAX"],
+                                         description="BodyPartExamined values taken as a chest radiograph.")
+    views: list[CodeString] = Field(default_factory=lambda: ["PA", "AP"], description="ViewPosition values screened.")
     model: str = Field("cxr_fusion_v1", description="Chest radiograph bundle: a shipped bundle's name, or a bundle "
                                                     "directory as a path (./mine, /opt/models/mine).")
 
@@ -211,9 +302,10 @@ class XraySettings(_Section):
 class JobSettings(_Section):
     workers: int = Field(1, ge=1, le=64)
     max_attempts: int = Field(3, ge=1)
-    retry_delay_s: float = Field(30.0, ge=0)
-    timeout_s: float = Field(600.0, gt=0, description="A job running longer is stopped (its worker killed) and "
-                                                     "retried as configured; a hung decoder never blocks the queue.")
+    retry_delay_s: float = Field(30.0, ge=0, le=MAX_SECONDS)
+    timeout_s: float = Field(600.0, gt=0, le=MAX_SECONDS,
+                             description="A job running longer is stopped (its worker killed) and retried as "
+                                         "configured; a hung decoder never blocks the queue.")
 
 
 class ScreeningSettings(_Section):
@@ -259,9 +351,21 @@ class EnginesSettings(_Section):
                                     description="ONNX Runtime graph optimisation level.")
     opt_batch: int = Field(8, ge=1, description="TensorRT profile: the batch it is tuned for.")
     max_batch: int = Field(512, ge=1, description="TensorRT profile: the largest batch; larger calls run in chunks.")
-    triton_url: str = Field("", description="host:port of a Triton server (backend = \"triton\").")
+    triton_url: str = Field("", description="host:port of a Triton server (backend = \"triton\"), no scheme.")
     triton_protocol: str = Field("http", pattern=r"^(http|grpc)$")
-    triton_timeout_s: float = Field(10.0, gt=0)
+    triton_timeout_s: float = Field(10.0, gt=0, le=MAX_SECONDS)
+
+    @field_validator("triton_url")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if not value:
+            return value
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})", value)
+        if m is None or not 1 <= int(m.group(2)) <= 65535:
+            hint = " without the scheme (tritonclient adds it)" if "://" in value else ""
+            raise ValueError(f"{value!r} is not host:port: give the Triton server as host:port{hint}, e.g. "
+                             "triton.example.org:8000 (http) or :8001 (grpc); [::1]:8000 for an IPv6 address")
+        return value
 
     @model_validator(mode="after")
     def _batches(self) -> "EnginesSettings":
@@ -271,17 +375,26 @@ class EnginesSettings(_Section):
 
 
 class Destination(_Section):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="Shown in the outbox; names starting with hl7: are reserved.")
     ae_title: AETitle
     host: str
     port: Port
 
+    @field_validator("name")
+    @classmethod
+    def _not_hl7(cls, value: str) -> str:
+        if value.lower().startswith("hl7:"):
+            raise ValueError(f"{value!r}: names starting with 'hl7:' are reserved for the HL7 follow-up receiver "
+                             "([followup], outbox hl7:NAME); the exporter would send there, not to this AE: "
+                             "rename the destination")
+        return value
+
 
 class ExportSettings(_Section):
     calling_ae_title: AETitle | None = Field(None, description="Defaults to node.ae_title.")
-    retry_initial_s: float = Field(5.0, gt=0)
-    retry_max_s: float = Field(300.0, gt=0)
-    timeout_s: float = Field(30.0, gt=0)
+    retry_initial_s: float = Field(5.0, gt=0, le=MAX_SECONDS)
+    retry_max_s: float = Field(300.0, gt=0, le=MAX_SECONDS)
+    timeout_s: float = Field(30.0, gt=0, le=MAX_SECONDS)
 
 
 class ResultsSettings(_Section):
@@ -311,7 +424,8 @@ class FollowupSettings(_Section):
     receiving_application: str = "RIS"
     receiving_facility: str = ""
     version: str = Field("2.5.1", pattern=r"^(2\.3|2\.3\.1|2\.4|2\.5|2\.5\.1)$")
-    timeout_s: float = Field(30.0, gt=0, description="Connect and ACK wait; then the outbox retries with backoff.")
+    timeout_s: float = Field(30.0, gt=0, le=MAX_SECONDS,
+                             description="Connect and ACK wait; then the outbox retries with backoff.")
     tls: TLSSettings = TLSSettings()
 
 
@@ -319,7 +433,8 @@ class WorklistSettings(_Section):
     """A daily CSV + JSON list of positive screens for care coordinators (off by default)."""
 
     enabled: bool = False
-    directory: Path | None = Field(None, description="Default: <state_dir>/worklist. Files are 0600 (they hold PHI).")
+    directory: OptionalPath = Field(
+        None, description="Empty or unset: <state_dir>/worklist. Files are 0600 (they hold PHI).")
     at: str = Field("06:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$",
                     description="Local time of day; the list covers the time since the last list (24 hours; "
                                 "a node down at this time writes the lists it missed at its next start).")
@@ -347,10 +462,11 @@ class MetricsSettings(_Section):
 class RetentionSettings(_Section):
     """Deleting received CT once it has been screened (or skipped) and delivered."""
 
-    instances_days: float = Field(30.0, ge=0, description="Days after routing; 0 keeps received CT forever. Failed "
-                                                          "jobs and undelivered results (queued, or refused for good "
-                                                          "by the PACS) keep theirs; cancelled jobs do not.")
-    every_h: float = Field(6.0, gt=0, description="How often the purge runs (also once at start).")
+    instances_days: float = Field(30.0, ge=0, le=MAX_DAYS,
+                                  description="Days after routing; 0 keeps received CT forever. Failed jobs and "
+                                              "undelivered results (queued, or refused for good by the PACS) keep "
+                                              "theirs; cancelled jobs do not.")
+    every_h: float = Field(6.0, gt=0, le=MAX_HOURS, description="How often the purge runs (also once at start).")
 
 
 class LoggingSettings(_Section):

@@ -150,3 +150,195 @@ def test_hl7_max_connections_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="max_connections"):
         load_settings(f)
     assert Settings().hl7.max_connections == 64
+
+
+def _load(tmp_path, text: str, name: str = "c.toml"):
+    f = tmp_path / name
+    f.write_text(text, encoding="utf-8")
+    return load_settings(f)
+
+
+def _refused(tmp_path, text: str, name: str = "c.toml") -> str:
+    with pytest.raises(ConfigError) as exc:
+        _load(tmp_path, text, name)
+    return str(exc.value)
+
+
+_DEST = '[[destinations]]\nname = "pacs"\nae_title = "{ae}"\nhost = "10.0.0.1"\nport = 104\n'
+
+
+@pytest.mark.parametrize("ae", ["ÄRZTE", "A\\\\B", "   ", "", "ABCDEFGHIJKLMNOPQ", "A\\tB"])
+@pytest.mark.parametrize("where", ["node", "destination", "export", "allowed", "routing", "sop_key"])
+def test_every_ae_title_setting_takes_only_dicom_ae_characters(tmp_path, ae, where):
+    """`node.ae_title = "ÄRZTE"` or "A\\B" passed `config check`; the exporter then failed on every send. An AE
+    title is 1-16 characters of printable ASCII without a backslash, not only spaces (DICOM AE VR)."""
+    text = {"node": f'[node]\nae_title = "{ae}"\n',
+            "destination": _DEST.format(ae=ae),
+            "export": f'[export]\ncalling_ae_title = "{ae}"\n',
+            "allowed": f'[node]\nallowed_calling_aets = ["CT1", "{ae}"]\n',
+            "routing": f'[routing]\ncalling_aets = ["{ae}"]\n',
+            "sop_key": f'[node.allowed_sop_classes]\n"{ae}" = ["CTImageStorage"]\n'}[where]
+    msg = _refused(tmp_path, text)
+    assert "AE title" in msg and "16" in msg, msg
+
+
+def test_ae_titles_in_lists_and_keys_are_stripped_as_the_receiver_strips_them(tmp_path):
+    """The receiver strips the calling AE title: an allow-list entry "CT1 " never matched."""
+    s = _load(tmp_path, '[node]\nae_title = " NODE1 "\nallowed_calling_aets = ["CT1 ", " CT2"]\n'
+                        '[node.allowed_sop_classes]\n"CT1 " = ["CTImageStorage"]\n'
+                        '[routing]\ncalling_aets = [" CT1 "]\n' + _DEST.format(ae="PACS ") +
+                        '[export]\ncalling_ae_title = " OUT"\n')
+    assert s.node.ae_title == "NODE1" and s.node.allowed_calling_aets == ["CT1", "CT2"]
+    assert list(s.node.allowed_sop_classes) == ["CT1"] and s.routing.calling_aets == ["CT1"]
+    assert s.destinations[0].ae_title == "PACS" and s.export.calling_ae_title == "OUT"
+    assert Settings(node={"ae_title": "A B C"}).node.ae_title == "A B C"  # inner spaces are allowed
+    msg = _refused(tmp_path, '[node.allowed_sop_classes]\n"CT1" = ["CTImageStorage"]\n"CT1 " = ["MRImageStorage"]\n')
+    assert "'CT1' is listed twice" in msg
+
+
+def test_lab_windows_are_bounded(tmp_path):
+    """labs.window_days = 999999 passed and every job then failed with OverflowError (date arithmetic)."""
+    for key in ("window_days", "after_study_days"):
+        msg = _refused(tmp_path, f"[labs]\n{key} = 999999\n")
+        assert f"labs.{key}" in msg and "36500" in msg
+        assert getattr(_load(tmp_path, f"[labs]\n{key} = 36500\n").labs, key) == 36500
+
+
+def test_an_empty_optional_path_means_its_default_not_the_working_directory(tmp_path):
+    """`worklist.directory = ""` was Path("") == "." : PHI worklists went to the working directory (chmod 0700)."""
+    s = _load(tmp_path, '[labs]\nmapping_file = ""\n[worklist]\ndirectory = ""\n'
+                        '[node.tls]\nenabled = false\ncert_file = ""\nkey_file = ""\nca_file = ""\n'
+                        '[hl7.tls]\nca_file = " "\n'
+                        '[lis_query.tls]\nenabled = true\nca_file = ""\ncert_file = ""\nkey_file = ""\n'
+                        '[followup.tls]\nca_file = ""\n')
+    assert s.labs.mapping_file is None and s.worklist.directory is None
+    for tls in (s.node.tls, s.hl7.tls, s.lis_query.tls, s.followup.tls):
+        assert (tls.cert_file, tls.key_file, tls.ca_file) == (None, None, None)
+    # a TLS listener with an empty certificate is told it needs one (not "file . does not exist")
+    assert "a TLS listener needs cert_file" in _refused(tmp_path, '[hl7.tls]\nenabled = true\ncert_file = ""\n'
+                                                                  'key_file = ""\n')
+
+
+def test_an_empty_state_dir_is_refused(tmp_path):
+    for value in ('""', '"  "'):
+        msg = _refused(tmp_path, f"[node]\nstate_dir = {value}\n")
+        assert "node.state_dir" in msg and "empty" in msg and "/var/lib/osteoscreen" in msg, msg
+
+
+def test_max_pdu_is_zero_or_a_pdu_length_a_peer_can_use(tmp_path):
+    """4294967296 crashed every association in struct.pack; 1 made storescu refuse the association. The node
+    buffers a whole PDU, so more than its 64 MiB ceiling would let a peer make it allocate that much."""
+    from dicom_node.scp import UNLIMITED_PDU_CAP
+
+    for ok in (0, 4096, 131072, UNLIMITED_PDU_CAP):
+        assert _load(tmp_path, f"[node]\nmax_pdu = {ok}\n").node.max_pdu == ok
+    for bad in (1, 4095, UNLIMITED_PDU_CAP + 1, 4294967296, -1):
+        msg = _refused(tmp_path, f"[node]\nmax_pdu = {bad}\n")
+        assert "node.max_pdu" in msg and "4096" in msg and str(UNLIMITED_PDU_CAP) in msg, msg
+    assert "64 MiB" in Settings.model_fields["node"].annotation.model_fields["max_pdu"].description
+
+
+def _time_fields():
+    from pydantic import BaseModel
+
+    def walk(model: type[BaseModel], where: str):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from walk(ann, f"{where}{name}.")
+            elif name.endswith(("_s", "_h", "_days")):
+                yield f"{where}{name}", "1e300" if ann is float else "999999999999"
+
+    return list(walk(Settings, ""))
+
+
+def test_every_timeout_interval_and_period_has_an_upper_bound(tmp_path):
+    """`[retention] every_h = 1e300` crashed serve (scheduler OverflowError); `[export] timeout_s = 1e300` the stop."""
+    fields = _time_fields()
+    assert {"retention.every_h", "export.timeout_s", "jobs.timeout_s", "node.series_quiet_s",
+            "labs.window_days"} <= {f for f, _ in fields}
+    for dotted, huge in fields:
+        section, key = dotted.rsplit(".", 1)
+        text = f"[{section}]\n{key} = {huge}\n"
+        msg = _refused(tmp_path, text)
+        assert f"{dotted}: Input should be less than or equal to" in msg, msg
+        year = {"_s": 365 * 86400, "_h": 365 * 24, "_days": 36500}[next(s for s in ("_s", "_h", "_days")
+                                                                         if key.endswith(s))]
+        _load(tmp_path, f"[{section}]\n{key} = {year}\n")  # a year (a century of days) is still accepted
+
+
+def test_code_string_lists_are_upper_case_and_stripped(tmp_path):
+    """routing.modalities = ["ct"] never matched CT, while image_type was compared case-insensitively."""
+    s = _load(tmp_path, '[routing]\nmodalities = ["ct", " mr "]\nimage_type = ["original", "primary "]\n'
+                        '[xray]\nmodalities = ["cr", "dx"]\nbody_parts = ["chest", " thorax"]\nviews = ["pa", "ap"]\n')
+    assert s.routing.modalities == ["CT", "MR"] and s.routing.image_type == ["ORIGINAL", "PRIMARY"]
+    assert (s.xray.modalities, s.xray.body_parts, s.xray.views) == (["CR", "DX"], ["CHEST", "THORAX"], ["PA", "AP"])
+    msg = _refused(tmp_path, '[routing]\nmodalities = ["CT", " "]\n')
+    assert "routing.modalities" in msg and "empty" in msg
+
+
+def test_destination_names_starting_with_hl7_are_reserved(tmp_path):
+    """The exporter sends outbox rows for "hl7:..." to the HL7 follow-up receiver, not to a DICOM AE."""
+    for name in ("hl7:ris", "HL7:pacs"):
+        msg = _refused(tmp_path, _DEST.format(ae="PACS").replace('"pacs"', f'"{name}"'))
+        assert "destinations.0.name" in msg and "reserved" in msg and "[followup]" in msg, msg
+    assert _load(tmp_path, _DEST.format(ae="PACS").replace('"pacs"', '"hl7pacs"')).destinations[0].name == "hl7pacs"
+
+
+def test_triton_url_is_host_and_port_without_a_scheme(tmp_path):
+    """`triton_url = "http://x"` was refused only by tritonclient at start, with a traceback."""
+    for bad in ("http://x", "grpc://triton:8001", "x", "triton:0", "triton:99999", "triton:8000/v2", "a b:1"):
+        msg = _refused(tmp_path, f'[engines]\ntriton_url = "{bad}"\n')
+        assert "engines.triton_url" in msg and "host:port" in msg, msg
+        assert "Traceback" not in msg
+    for good in ("", "triton:8000", "10.0.0.5:8001", "[::1]:8001", "triton.example.org:8000"):
+        assert _load(tmp_path, f'[engines]\ntriton_url = "{good}"\n').engines.triton_url == good
+
+
+def _line_problem(tmp_path, text: str) -> str:
+    return _refused(tmp_path, text, "lines.toml")
+
+
+def test_error_line_numbers_point_at_the_offending_key(tmp_path):
+    f = tmp_path / "lines.toml"
+    dests = ''.join(f'[[destinations]]\nname = "{n}"\nae_title = "A"\nhost = "10.0.0.1"\nport = {p}\n\n'
+                    for n, p in (("a", 104), ("b", 0), ("c", 104)))
+    assert f"{f}:11: destinations.1.port" in _line_problem(tmp_path, dests)  # was the 3rd block's line 17
+    # a missing key points at its table's header, not at a key of the same name further down
+    missing = '[[destinations]]\nname = "a"\nae_title = "A"\nport = 104\n\n[followup]\nhost = "10.0.0.9"\n'
+    assert f"{f}:1: destinations.0.host: Field required" in _line_problem(tmp_path, missing)
+    missing2 = ('[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 104\n'
+                '[[destinations]]\nname = "b"\nae_title = "B"\nport = 104\n[followup]\nhost = "10.0.0.9"\n')
+    assert f"{f}:6: destinations.1.host: Field required" in _line_problem(tmp_path, missing2)
+    assert f"{f}:4: routnig: unknown key" in _line_problem(tmp_path, "[node]\nport = 11112\n\n[routnig]\n"
+                                                                     "min_slices = 10\n")
+    dotted = _line_problem(tmp_path, "node.port = 0\nrouting.min_slices = 0\n")
+    assert f"{f}:1: node.port" in dotted and f"{f}:2: routing.min_slices" in dotted
+    # the key is looked for only in its own table
+    other = _line_problem(tmp_path, "[hl7]\nport = 2576\n[node]\nhost = 'x'\nport = 0\n")
+    assert f"{f}:5: node.port" in other
+    sub = _line_problem(tmp_path, '[node]\nport = 11112\n[node.tls]\nenabled = true\n[hl7]\nport = 2575\n')
+    assert f"{f}:3: node.tls" in sub
+    # lines of a multi-line array are not keys or table headers
+    arr = _line_problem(tmp_path, '[routing]\nmin_slices = 40\nslice_thickness_mm = [\n  0.5,\n  5.0,\n]\n'
+                                  'calling_aets = [\n  ["CT1"],\n]\n[node]\nport = 0\n')
+    assert f"{f}:7: routing.calling_aets.0" in arr and f"{f}:11: node.port" in arr, arr
+
+
+def test_a_single_destinations_table_gets_a_hint(tmp_path):
+    msg = _line_problem(tmp_path, '[node]\nport = 11112\n\n[destinations]\nname = "pacs"\nae_title = "PACS"\n'
+                                  'host = "10.0.0.1"\nport = 104\n')
+    assert f"{tmp_path / 'lines.toml'}:4: destinations" in msg and "[[destinations]]" in msg, msg
+
+
+def test_check_hostname_is_refused_in_a_listener_tls_section(tmp_path):
+    """check_hostname applies to client connections only (hl7/tls.py client_context); in [node.tls] or [hl7.tls]
+    it was accepted and did nothing."""
+    for section in ("node.tls", "hl7.tls"):
+        msg = _refused(tmp_path, f"[{section}]\ncheck_hostname = false\n")
+        assert f"{section}.check_hostname" in msg and "client" in msg and "remove it" in msg, msg
+    s = _load(tmp_path, "[lis_query.tls]\ncheck_hostname = false\n[followup.tls]\ncheck_hostname = false\n")
+    assert s.lis_query.tls.check_hostname is False and s.followup.tls.check_hostname is False
+    from config.schema import TLSSettings
+
+    assert "client" in TLSSettings.model_fields["check_hostname"].description.lower()
