@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,13 @@ def _settings(path):
         return None
 
 
+# What the node and its admin commands create (databases, instances, results, backups) holds PHI: never
+# readable by other users, whatever umask the shell or a unit without UMask= gives (the shipped unit sets 0027).
+STATE_UMASK = 0o027
+
+
 def _serve(args: argparse.Namespace) -> int:
+    os.umask(os.umask(STATE_UMASK) | STATE_UMASK)
     settings = _settings(args.config)
     if settings is None:
         return 2
@@ -331,6 +338,7 @@ def _admin(args: argparse.Namespace) -> int:
 
     from dicom_node.migrations import SchemaTooNew
 
+    os.umask(os.umask(STATE_UMASK) | STATE_UMASK)
     try:
         return _admin_command(args)
     except FileNotFoundError as exc:

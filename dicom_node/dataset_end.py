@@ -27,6 +27,9 @@ _UN = _VR.unpack(b"UN")[0]
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _INFLATE_STEP = 1 << 20  # bytes inflated per step: memory stays bounded whatever the compression ratio
+# Undefined-length sequences and items open at once. Real data sets nest a few levels; each level costs an entry
+# here, so 8 bytes on the wire would otherwise cost ~70 bytes of memory without limit.
+MAX_NESTING = 64
 
 
 class Malformed(Exception):
@@ -96,7 +99,11 @@ class DataSetEnd:
                 length = u32_at(data, pos + 4)[0]
                 pos += 8
                 if tag == _ITEM:
+                    if not opened or opened[-1][0] != _SEQUENCE_END:
+                        raise Malformed("an item outside a sequence")
                     if length == _UNDEFINED:
+                        if len(opened) >= MAX_NESTING:
+                            raise Malformed(f"sequences nested more than {MAX_NESTING} deep")
                         opened.append((_ITEM_END, implicit))
                         continue
                 elif tag == _ITEM_END or tag == _SEQUENCE_END:
@@ -111,6 +118,8 @@ class DataSetEnd:
                 length = u32_at(data, pos + 4)[0]
                 pos += 8
                 if length == _UNDEFINED:
+                    if len(opened) >= MAX_NESTING:
+                        raise Malformed(f"sequences nested more than {MAX_NESTING} deep")
                     opened.append((_SEQUENCE_END, True))
                     continue
             else:
@@ -124,6 +133,8 @@ class DataSetEnd:
                     if length == _UNDEFINED:
                         # a UN of undefined length holds implicit VR little endian (PS3.5 6.2.2)
                         implicit = vr == _UN
+                        if len(opened) >= MAX_NESTING:
+                            raise Malformed(f"sequences nested more than {MAX_NESTING} deep")
                         opened.append((_SEQUENCE_END, implicit))
                         continue
                 elif 0x41 <= vr & 0xFF <= 0x5A and 0x41 <= vr >> 8 <= 0x5A:

@@ -125,6 +125,7 @@ class StoredInstance:
     study_uid: str
     series_uid: str
     path: str
+    sop_class_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ class NodeDB:
     # --- instances and series -------------------------------------------------
     def stored_instance(self, sop_uid: str) -> StoredInstance | None:
         """Where an indexed instance is filed, and its series' state ('purging' while retention deletes it)."""
-        rows = self._query("SELECT s.state, i.study_uid, i.series_uid, i.path FROM instances i"
+        rows = self._query("SELECT s.state, i.study_uid, i.series_uid, i.path, i.sop_class_uid FROM instances i"
                            " JOIN series s ON s.series_uid = i.series_uid WHERE i.sop_instance_uid=?", (sop_uid,))
         return StoredInstance(*rows[0]) if rows else None
 

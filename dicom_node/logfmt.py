@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import os
+import warnings
 from typing import Iterator
 
 _context: contextvars.ContextVar[tuple[int | None, str | None]] = contextvars.ContextVar(
@@ -62,6 +63,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x0A, 0x09)}
+_CONTROL[0x0A] = "\n    "  # a continuation line is indented: a peer's text cannot start a line that looks like a record
+
+
+class TextFormatter(logging.Formatter):
+    """The text format, with control characters in the message made visible: a calling AE title or an HL7 field
+    holding a newline could otherwise write a forged log line (the JSON format escapes them anyway)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_CONTROL)
+        return super().formatMessage(record)
+
+
 def resolve_format(fmt: str) -> str:
     """``auto``: JSON under systemd (journald sets JOURNAL_STREAM), text on a terminal."""
     if fmt == "auto":
@@ -73,12 +87,16 @@ def configure(level: int | str, fmt: str = "auto", *, filename: str | None = Non
     """Replace the root handlers with one (stderr or ``filename``) in the chosen format."""
     handler: logging.Handler = logging.FileHandler(filename) if filename else logging.StreamHandler()
     handler.addFilter(ContextFilter(role))
-    handler.setFormatter(JsonFormatter() if resolve_format(fmt) == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if resolve_format(fmt) == "json" else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)
+    # pydicom's "Invalid value for VR DA: '1958-03-12'" messages (log records and Python warnings) quote header
+    # values, birth dates and names among them: the logs carry a hashed patient key, never those
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
 
 
 def current_target() -> tuple[int, str | None, str]:

@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -97,6 +98,9 @@ DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 # A PDU longer than this is refused even when max_pdu is 0 (unlimited): a peer must not make us allocate at will.
 # It is also the maximum length advertised then, so that a peer honouring it never sends a longer one.
 UNLIMITED_PDU_CAP = 64 * 2**20
+# A DIMSE command set is a few hundred bytes: fragments are collected up to this, then the association is aborted
+# (they were collected without limit, a gigabyte from one association)
+MAX_COMMAND_BYTES = 64 * 1024
 # The elements before the pixel data are held in memory until read; a data set whose header goes on past this is
 # refused (a lying element length would otherwise buffer the whole transfer).
 HEADER_LIMIT = 8 * 2**20
@@ -197,6 +201,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._stopping = threading.Event()
+        self._last_accept_error = -1e9  # monotonic time of the last accept error logged
 
     def set_allowed_sop_classes(self, by_ae: dict[str, list[str]]) -> None:
         self.allowed_sop_classes = {ae: frozenset(uids) for ae, uids in by_ae.items()}
@@ -272,7 +277,13 @@ class StorageSCP:
                 continue
             except OSError as exc:
                 if not self._stopping.is_set():
-                    log.error("DICOM listener accept failed: %s", exc)
+                    # out of file descriptors (EMFILE/ENFILE): wait, instead of a tight loop logging the same
+                    # error hundreds of thousands of times
+                    now = time.monotonic()
+                    if now - self._last_accept_error >= 10.0:
+                        log.error("DICOM listener accept failed: %s (further errors within 10 s not logged)", exc)
+                        self._last_accept_error = now
+                    self._stopping.wait(0.1)
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.pool is not None:
@@ -640,6 +651,8 @@ class _Association:
                         if pending is not None:
                             raise ul.ProtocolError("a command arrived before the previous command's data set ended")
                         command += fragment
+                        if len(command) > MAX_COMMAND_BYTES:  # a command set is a few hundred bytes
+                            raise ul.ProtocolError(f"command set over {MAX_COMMAND_BYTES} bytes")
                         if not is_last:
                             continue
                         request = decode_command(bytes(command))

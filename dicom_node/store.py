@@ -114,6 +114,11 @@ class InstanceStore:
         stored = self.db.stored_instance(sop_uid)
         if stored is not None and stored.series_state == "purging":
             raise _purging()
+        if stored is not None and stored.sop_class_uid and stored.sop_class_uid != sop_class:
+            # one SOP Instance UID is one object: a different class under it is another object, never a
+            # replacement (an AE allowed Secondary Capture only could otherwise overwrite a stored CT slice)
+            raise InstanceRefused(0xA900, f"already stored as another SOP class ({stored.sop_class_uid}); "
+                                          f"instance {sop_uid} not stored as {sop_class}")
         moved = stored is not None and (stored.study_uid, stored.series_uid) != (study_uid, series_uid)
         known = stored is not None and not moved
         if known:

@@ -7,7 +7,10 @@ def escape(text: str, encoding: str = "^~\\&") -> str:
     out = text.replace("\\", "\\E\\").replace("|", "\\F\\")
     for ch, esc in ((encoding[0], "\\S\\"), (encoding[1], "\\R\\"), (encoding[3], "\\T\\")):
         out = out.replace(ch, esc)
-    return out.replace("\r", " ").replace("\n", " ")
+    # Every other control character too: a VT (0x0B, MLLP's start block) or FS (0x1C, its end block) in a DICOM
+    # value let the value start a forged message inside the frame
+    return "".join(" " if c in "\r\n\t" else f"\\X{ord(c):02X}\\" if ord(c) < 0x20 or c == "\x7f" else c
+                   for c in out)
 
 
 def unescape(text: str, encoding: str = "^~\\&") -> str:

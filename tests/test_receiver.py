@@ -555,3 +555,51 @@ def test_success_is_answered_only_after_the_instance_file_is_fsynced(scp, sample
     pdu_type, response = _read_pdu(sock)
     assert pdu_type == 0x04 and _status(response) == (0x0000, "")
     sock.close()
+
+
+def test_command_fragments_are_bounded_and_deep_nesting_is_refused(scp, sample_series):
+    """Command fragments without the last flag were collected without limit (1 GiB from one association), and
+    8-byte undefined-length item headers cost ~70 bytes of memory each without limit (96 MiB sent: +900 MB)."""
+    from dicom_node.dataset_end import MAX_NESTING, DataSetEnd, Malformed
+    from dicom_node.scp import MAX_COMMAND_BYTES
+
+    sock = _open(scp)
+    chunk = _p_data(1, 0x01, bytes(16000))  # a command fragment, not the last (under the 16 KiB PDU)
+    for _ in range(MAX_COMMAND_BYTES // 16000 + 2):
+        sock.sendall(chunk)
+    sock.settimeout(10)
+    assert _read_pdu(sock)[0] == 0x07  # A-ABORT
+    sock.close()
+    assert _echo_works(scp.port)
+
+    sq = struct.pack("<HH2sHL", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    end = DataSetEnd(ExplicitVRLittleEndian)
+    with pytest.raises(Malformed, match="nested"):
+        end.feed((sq + item) * MAX_NESTING)
+    with pytest.raises(Malformed, match="outside a sequence"):
+        DataSetEnd(ExplicitVRLittleEndian).feed(item * 4)
+    end = DataSetEnd(ExplicitVRLittleEndian)  # real nesting still passes
+    end.feed(sq + item + struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    assert end.complete()
+
+
+def test_an_instance_uid_stored_as_one_sop_class_is_not_replaced_by_another(scp, sample_series, tmp_path):
+    """An AE allowed Secondary Capture only re-sent a stored CT slice's UID as SC (another patient, no pixels): it
+    was answered Success and replaced the CT file."""
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    body, _ = _data_set_of(str(sample_series.files[0]))
+    ds = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    sock = _open(scp, (CTImageStorage, ExplicitVRLittleEndian), (SecondaryCaptureImageStorage, ExplicitVRLittleEndian))
+    assert _send_store(sock, 1, _command(0x0001, CTImageStorage, ds.SOPInstanceUID), body) == (0x0000, "")
+    sc = pydicom.dcmread(sample_series.files[0], stop_before_pixels=True)
+    sc.SOPClassUID, sc.PatientID = SecondaryCaptureImageStorage, "ATTACKER-1"
+    sc.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    sc.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
+    sc_body, _ = _data_set_of(str(tmp_path / "sc.dcm"))
+    status, comment = _send_store(sock, 3, _command(0x0001, SecondaryCaptureImageStorage, ds.SOPInstanceUID), sc_body)
+    assert status == 0xA900 and "already stored as another SOP class" in comment
+    sock.close()
+    kept = pydicom.dcmread(scp.stored[0].path)
+    assert kept.SOPClassUID == CTImageStorage and kept.PatientID == ds.PatientID and "PixelData" in kept
