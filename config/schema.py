@@ -201,7 +201,39 @@ class HL7Settings(_Section):
                                               "for this long is closed.")
     max_connections: int = Field(64, ge=1, le=10_000, description="Connections open at once; more are closed at "
                                                                   "accept, with a log line.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Addresses or networks (CIDR) the LIS connects from; a connection from "
+                                          "elsewhere is closed at once. Empty: any (a warning at start when the "
+                                          "listener is not on loopback and no client certificate is required).")
+    allowed_senders: list[str] = Field(
+        default_factory=list, description="MSH-3 sending application, or MSH-3|MSH-4 (application|facility), of "
+                                          "the senders whose results are stored (case-insensitive); others get AE. "
+                                          "Empty: any sender.")
     tls: ListenerTLSSettings = ListenerTLSSettings()
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (e.g. 10.1.2.3 or 10.1.2.0/24)") from None
+        return [e.strip() for e in value]
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _senders(cls, value: list[str]) -> list[str]:
+        out = []
+        for entry in value:
+            app, _, facility = entry.partition("|")
+            if not app.strip() or "|" in facility:
+                raise ValueError(f"{entry!r}: give the sending application (MSH-3), or application|facility "
+                                 "(MSH-3|MSH-4)")
+            out.append(f"{app.strip().upper()}|{facility.strip().upper()}" if facility.strip() else app.strip().upper())
+        return out
 
 
 class LISQuerySettings(_Section):

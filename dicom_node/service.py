@@ -159,14 +159,14 @@ class Service:
         self.results_dir = self.state_dir / "results"
         self.lab_store = LabStore(self.state_dir / "labs.sqlite")
         self.lab_mapping = load_mapping(s.labs.mapping_file)
-        self.lab_receiver = LabReceiver(self.lab_store, self.lab_mapping)
+        self.lab_receiver = LabReceiver(self.lab_store, self.lab_mapping, allowed_senders=s.hl7.allowed_senders)
         self.lab_parser = BackgroundParser(self.state_dir / "labs.sqlite", mapping_file=s.labs.mapping_file,
                                            log_target=current_target())
         self.mllp = (
             MLLPServer(s.hl7.host, s.hl7.port, self.lab_receiver.handle, self.lab_receiver.refuse,
                        max_message_bytes=s.hl7.max_message_bytes, read_timeout_s=s.hl7.read_timeout_s,
                        ssl_context=server_context(s.hl7.tls), offload=LabReceiver.needs_parse,
-                       max_connections=s.hl7.max_connections)
+                       max_connections=s.hl7.max_connections, allowed_hosts=s.hl7.allowed_hosts)
             if s.hl7.enabled else None
         )
         self.lab_query = (LabQueryClient(s.lis_query, self.lab_store, client_context(s.lis_query.tls),
@@ -258,6 +258,12 @@ class Service:
                         " and go only to " + ", ".join(d.name for d in self.result_destinations))
         elif not self.settings.destinations:
             log.warning("no destinations configured: results stay in %s", self.results_dir)
+        h = self.settings.hl7
+        if h.enabled and h.host not in ("127.0.0.1", "::1", "localhost") and not (
+                h.allowed_hosts or h.allowed_senders or (h.tls.enabled and h.tls.ca_file)):
+            log.warning("the HL7 listener on %s:%d takes lab results from anyone who reaches it: set [hl7] "
+                        "allowed_hosts and/or allowed_senders, or require client certificates ([hl7.tls] ca_file)",
+                        h.host, h.port)
         self.scp.start()
         log.info("osteoscreen %s ready: DICOM %s@%s:%d, HL7 %s", __version__, self.settings.node.ae_title,
                  self.settings.node.host, self.scp.port,

@@ -15,6 +15,7 @@ that ask for an application ACK, which needs the full parse) run in a thread.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 import threading
@@ -104,8 +105,10 @@ class MLLPServer:
     def __init__(self, host: str, port: int, handler: Handler, refuse: Callable[..., bytes | list[bytes]], *,
                  max_message_bytes: int = 1_048_576, read_timeout_s: float = 300.0,
                  ssl_context: ssl.SSLContext | None = None,
-                 offload: Callable[[bytes], bool] | None = None, max_connections: int = 64) -> None:
+                 offload: Callable[[bytes], bool] | None = None, max_connections: int = 64,
+                 allowed_hosts: list[str] | None = None) -> None:
         self.host, self.port = host, port
+        self.allowed_networks = [ipaddress.ip_network(h, strict=False) for h in allowed_hosts or []]
         self.max_connections = max_connections  # more at once are closed at accept, with a log line
         self._slots: asyncio.Semaphore | None = None
         self.ssl_context = ssl_context
@@ -128,6 +131,10 @@ class MLLPServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         assert self._slots is not None
+        if not self._host_allowed(peer):
+            log.warning("MLLP connection from %s refused: not in hl7.allowed_hosts", peer)
+            writer.close()
+            return
         if self._slots.locked():
             log.warning("MLLP connection from %s refused: %d connections already open (hl7.max_connections); "
                         "raise the limit if that many senders are expected, else find the sender that leaves "
@@ -143,6 +150,17 @@ class MLLPServer:
                 pass
             finally:
                 await self._close(writer)
+
+    def _host_allowed(self, peer: object) -> bool:
+        if not self.allowed_networks:
+            return True
+        try:
+            address = ipaddress.ip_address(peer[0])  # type: ignore[index]
+        except (TypeError, ValueError, IndexError):
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:  # ::ffff:10.1.2.3 on a dual-stack socket
+            address = address.ipv4_mapped
+        return any(address in net for net in self.allowed_networks)
 
     async def _serve(self, peer: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer frames until the peer closes, or sends no complete frame within read_timeout_s (an idle

@@ -27,10 +27,20 @@ class LabReceiver:
     were read, AE with the parse error otherwise.
     """
 
-    def __init__(self, store: LabStore, mapping: LabMapping = DEFAULT) -> None:
+    def __init__(self, store: LabStore, mapping: LabMapping = DEFAULT, allowed_senders: list[str] | None = None
+                 ) -> None:
         self.store = store
         self.mapping = mapping
+        self.allowed_senders = list(allowed_senders or [])  # hl7.allowed_senders: "APP" or "APP|FACILITY", upper
         self.ack_counts: Counter[str] = Counter()  # ACK code -> messages answered (read by the metrics endpoint)
+
+    def sender_allowed(self, header: MessageHeader) -> bool:
+        """MSH-3 (namespace ID), and MSH-4 where the entry names a facility, against ``allowed_senders``."""
+        if not self.allowed_senders:
+            return True
+        app = header.sending_application.split("^")[0].strip().upper()
+        facility = header.sending_facility.split("^")[0].strip().upper()
+        return app in self.allowed_senders or f"{app}|{facility}" in self.allowed_senders
 
     @staticmethod
     def needs_parse(raw: bytes) -> bool:
@@ -75,6 +85,12 @@ class LabReceiver:
         except PrecheckError as exc:
             log.warning("HL7 message refused (%s): %s", exc.code, exc.text)
             return self._accept(exc.code, exc.text, exc.header, exc.error_code)
+        if not self.sender_allowed(header):
+            # anyone who reached the port could otherwise store results for any patient, or take a real
+            # message's control ID first so that the real one is refused as a conflicting duplicate
+            text = f"sender {header.sender} is not in hl7.allowed_senders: message not stored"
+            log.warning("HL7 message %s refused (AE): %s", header.control_id, text)
+            return self._accept("AE", text, header)
         try:
             outcome = self.store.store_message(raw, header)
         except DuplicateConflict as exc:

@@ -452,3 +452,43 @@ def test_connections_beyond_max_connections_are_closed_at_accept(strict_listener
         except (ConnectionError, TimeoutError):
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_only_the_configured_senders_and_hosts_are_taken(tmp_path):
+    """Anyone who reached the port stored results for any patient, and a forged message with the real one's
+    control ID got the real one refused as a conflicting duplicate."""
+    from config import ConfigError, settings_from_dict
+
+    store = LabStore(tmp_path / "labs.sqlite")
+    receiver = LabReceiver(store, allowed_senders=["LIS|GENERAL HOSPITAL"])
+    day = dt.date(2026, 1, 5)
+    real = demo_oru_message(dt.datetime(2026, 1, 4, 9), "C1")
+    header = parse_header(real.decode("latin-1"))
+    assert receiver.sender_allowed(header), header.sender
+    forged = real.replace(header.sending_application.encode(), b"INTRUDER", 1)
+    server = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse)
+    server.start()
+    try:
+        with MLLPClient("127.0.0.1", server.bound_port) as c:
+            reply = c.send(forged)
+            assert ack_code(reply) == "AE" and b"allowed_senders" in reply
+            assert ack_code(c.send(real)) == "AA"
+    finally:
+        server.stop()
+    assert lookup_labs(store, "OS-DEMO-0001", None, day).values  # the real message, stored
+    assert store.message_count() == 1
+
+    closed = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse, allowed_hosts=["10.0.0.0/8"])
+    closed.start()
+    try:
+        with pytest.raises((ConnectionError, OSError, TimeoutError)):
+            with MLLPClient("127.0.0.1", closed.bound_port, timeout_s=5) as c:
+                c.send(real)
+    finally:
+        closed.stop()
+        store.close()
+    for bad in ({"allowed_hosts": ["10.0.0.300"]}, {"allowed_senders": ["|FAC"]}):
+        with pytest.raises(ConfigError, match="hl7.allowed_"):
+            settings_from_dict({"hl7": bad})
+    ok = settings_from_dict({"hl7": {"allowed_hosts": ["10.1.2.3", "10.1.0.0/16"], "allowed_senders": ["lis | gh"]}})
+    assert ok.hl7.allowed_senders == ["LIS|GH"]
