@@ -90,6 +90,9 @@ def _component(value: str, comp_sep: str, index: int) -> str:
     return parts[index] if index < len(parts) else ""
 
 
+MAX_SEGMENTS = 2000  # a lab result message holds tens of segments, a cumulative report a few hundred
+
+
 def parse_header(text: str, supported: tuple[tuple[str, str], ...] = SUPPORTED_MESSAGES) -> MessageHeader:
     """MSH and PID of a message; PrecheckError (AE/AR with the reason) when it cannot be accepted.
 
@@ -140,6 +143,11 @@ def parse_header(text: str, supported: tuple[tuple[str, str], ...] = SUPPORTED_M
         raise PrecheckError(
             "AR", f"unsupported HL7 version {header.version or '(empty)'}: supported {', '.join(SUPPORTED_VERSIONS)}", header, 203
         )
+    if len(segments) > MAX_SEGMENTS:
+        # hl7apy's full parse (the application ACK, the background parser) takes ~35 kB of memory per segment:
+        # 22,000 OBX segments in one 1 MiB message grew the service by 800 MB, and kept it
+        raise PrecheckError("AE", f"{len(segments)} segments: more than the {MAX_SEGMENTS} a lab result message is "
+                                  "accepted with; split it", header, 207)
     pids = [s for s in segments[1:] if s.startswith("PID" + fs)]
     if not pids:
         raise PrecheckError("AE", "no PID segment", header, 100)

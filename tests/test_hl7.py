@@ -492,3 +492,16 @@ def test_only_the_configured_senders_and_hosts_are_taken(tmp_path):
             settings_from_dict({"hl7": bad})
     ok = settings_from_dict({"hl7": {"allowed_hosts": ["10.1.2.3", "10.1.0.0/16"], "allowed_senders": ["lis | gh"]}})
     assert ok.hl7.allowed_senders == ["LIS|GH"]
+
+
+def test_a_message_with_thousands_of_segments_is_refused_before_any_parse(listener):
+    """22,000 OBX segments in one 1 MiB message made the full parse grow the service by 800 MB."""
+    from hl7.precheck import MAX_SEGMENTS
+
+    server, receiver, store = listener
+    obx = "".join(f"OBX|{i}|NM|17861-6^Ca^LN||9.1|mg/dL|||||F\r" for i in range(MAX_SEGMENTS + 1))
+    message = msh("PID|1||P1^^^HOSP^MR||DOE^JANE||19580312|F\rOBR|1|O1|F1|24323-8^CMP^LN\r" + obx, control="BIG")
+    with pytest.raises(PrecheckError, match="segments"):
+        parse_header(message.decode())
+    [reply] = receiver.handle(message)  # (over the fixture's frame limit: handed to the receiver directly)
+    assert ack_code(reply) == "AE" and b"split it" in reply and store.message_count() == 0
