@@ -27,7 +27,7 @@ class Explanation:
     contributions: tuple[float, ...]  # signed, in probability units
     base_value: float  # expected output with none of the study's features (background)
     output: float  # model output for the study
-    method: str = "exact interventional Shapley (all coalitions), stored training background"
+    method: str = "exact interventional Shapley (all coalitions) against a stored background sample of training rows"
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.features, self.contributions))

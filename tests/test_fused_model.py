@@ -186,6 +186,34 @@ def test_eval_tabular_on_one_cycle(tmp_path):
     assert "calcium 100%" in r.stdout  # BIOPRO absent: the labs it carries are missing
 
 
+def test_a_femoral_neck_t_score_of_exactly_minus_2_5_is_osteoporosis(tmp_path):
+    """WHO: T <= -2.5. BMD 0.558 gives (0.558 - 0.858) / 0.120 = -2.4999999999999996 in floating point; those
+    participants were labelled negative. Also: the 2017-March 2020 files (P_DEMO, P_DXXFEM, ...) are read."""
+    import pandas as pd
+
+    from pipeline.training.nhanes import load_cohort
+
+    pd.DataFrame({"SEQN": [1, 2, 3], "RIDAGEYR": [60, 60, 60], "RIAGENDR": [2, 2, 2]}).to_csv(
+        tmp_path / "P_DEMO.csv", index=False)
+    pd.DataFrame({"SEQN": [1, 2, 3], "DXXNKBMD": [0.557, 0.558, 0.559]}).to_csv(tmp_path / "P_DXXFEM.csv", index=False)
+    frame = load_cohort(tmp_path).frame.sort_values("seqn")
+    assert frame["cycle"].tolist() == ["P", "P", "P"]
+    assert frame["label"].tolist() == [1, 1, 0]
+
+
+def test_operating_point_intervals_resample_subjects_at_the_fixed_threshold():
+    from pipeline.training.metrics import at_threshold, bootstrap_at_threshold
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.2).astype(int)
+    p = np.clip(0.3 * y + 0.7 * rng.random(400), 0, 1)
+    point = at_threshold(y, p, 0.5)
+    ci = bootstrap_at_threshold(y, p, 0.5, n=200, seed=1)
+    for key in ("sensitivity", "specificity", "ppv"):
+        lo, hi = ci[f"{key}_ci"]
+        assert lo <= point[key] <= hi and hi - lo > 0.01
+
+
 def test_backends_agree_onnxruntime_vs_pytorch_reference():
     """Stated tolerance: 1e-4 on logits and embeddings (fp32 on CPU)."""
     rng = np.random.default_rng(1)

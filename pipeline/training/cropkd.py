@@ -164,11 +164,14 @@ def run(cfg: CropKDConfig, bundle_dir: Path, report_dir: Path | None, log=print)
         "body_area_fraction": float(body.mean()),  # what a uniform map would put inside the body
         "operating_point": {"threshold": threshold, **M.at_threshold(yt, prob(s_att), threshold)},
         "brier": M.brier(yt, prob(s_att)),
+        "validation_auc": M.auc(y[va], s_val),
     }
     if cfg.limit is None:  # same seed, split and test rows as the shipped fused model (full cohort only)
         from pipeline.training.privileged import _fused_card
 
-        res["fused_image_only_auc"] = _fused_card()["metrics"]["subsets"]["image_only"]["auc"]
+        fused_image_only = _fused_card()["metrics"]["subsets"]["image_only"]
+        res["fused_image_only_auc"] = fused_image_only["auc"]
+        res["fused_image_only_validation_auc"] = fused_image_only.get("validation_auc")
     summary = {"config": asdict(cfg), "generator": gen.describe(), "results": res,
                "calibration": {"method": "Platt", "a": platt[0], "b": platt[1]},
                "seconds": round(time.monotonic() - t0, 1), "kernels": kernels}
@@ -192,7 +195,7 @@ def _write_bundle(out: Path, net: GradCamNet, summary: dict) -> None:
     example = (torch.zeros(2, 3, FULL_PX, FULL_PX),)
     files = write_graph(net, example, ["image"], ["logit", "attention"], out, "image_student")
     r = summary["results"]
-    fused = r.get("fused_image_only_auc")
+    fused = r.get("fused_image_only_validation_auc")  # chosen on validation, never on the test split
     card = {
         "name": BUNDLE_NAME,
         "version": BUNDLE_VERSION,
@@ -212,7 +215,7 @@ def _write_bundle(out: Path, net: GradCamNet, summary: dict) -> None:
         "thresholds": {"operating_point": r["operating_point"]["threshold"]},
         "categories": _fused_card()["categories"],
         "metrics": r,
-        "use_instead_of_fused_image_only": bool(fused is not None and r["auc_student"][0] > fused),
+        "use_instead_of_fused_image_only": bool(fused is not None and r["validation_auc"] > fused),
         "training": summary["config"],
         "training_kernels": summary["kernels"],
         "generator": summary["generator"],
@@ -313,8 +316,8 @@ def _write_report(out: Path, summary: dict, curves: dict, ex: dict) -> None:
         "",
         "In service the student's attention map is the overlay on the Secondary Capture and the outlined region "
         "in the SR, only when this student made the result (`[screening] image_only_model = \"cropkd_v1\"` and its "
-        "card's `use_instead_of_fused_image_only`); the card sets that flag only where its AUC beats the fused "
-        "student's image-only path on the same test rows.",
+        "card's `use_instead_of_fused_image_only`); the card sets that flag only where its validation AUC beats "
+        "the fused student's image-only path on the same validation rows (the test split chooses nothing).",
         "",
     ]
     (out / "cropkd.md").write_text("\n".join(lines))

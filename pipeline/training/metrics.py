@@ -58,6 +58,21 @@ def at_threshold(y, prob, t: float) -> dict[str, float]:
     }
 
 
+def bootstrap_at_threshold(y, prob, t: float, *, n: int = 1000, seed: int = 0) -> dict[str, list[float]]:
+    """95 % bootstrap intervals (resampling subjects) of the operating-point figures at the fixed threshold ``t``
+    (the threshold itself was chosen on the validation split, so it is not re-chosen per resample)."""
+    y, prob = np.asarray(y), np.asarray(prob)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {"sensitivity": [], "specificity": [], "ppv": []}
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        if 0 < y[i].sum() < len(i):
+            op = at_threshold(y[i], prob[i], t)
+            for k in draws:
+                draws[k].append(op[k])
+    return {f"{k}_ci": [float(v) for v in np.percentile(vals, [2.5, 97.5])] for k, vals in draws.items()}
+
+
 def brier(y, prob) -> float:
     return float(np.mean((np.asarray(prob) - np.asarray(y)) ** 2))
 

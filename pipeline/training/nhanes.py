@@ -20,6 +20,7 @@ from pipeline.features import FEATURES
 FN_REF_MEAN = 0.858
 FN_REF_SD = 0.120
 T_SCORE_OSTEOPOROSIS = -2.5
+LABEL_RULE = "fn_t rounded to 9 decimals <= -2.5"  # recorded with a run, so a report can tell the labelling it used
 TABLES = ("DEMO", "BMX", "DXXFEM", "DXXSPN", "BIOPRO", "CBC", "VID")
 _FILE = re.compile(r"^([A-Z0-9]+)_([A-Z0-9]+)\.csv(\.xz)?$")
 
@@ -39,6 +40,8 @@ def _tables(folder: Path) -> dict[str, dict[str, Path]]:
         m = _FILE.match(f.name)
         if m and m.group(1) in TABLES:
             out.setdefault(m.group(2), {})[m.group(1)] = f
+        elif m and m.group(2) in TABLES:  # the 2017-March 2020 pre-pandemic files: P_DEMO, P_BMX, ...
+            out.setdefault(m.group(1), {})[m.group(2)] = f
     return out
 
 
@@ -83,7 +86,9 @@ def load_cohort(folder: str | Path, *, min_age: float = 20.0) -> Cohort:
     }
     df = df[(df["age"] >= min_age) & df["fn_bmd"].notna()].copy()
     df["fn_t"] = fn_t_score(df["fn_bmd"])
-    df["label"] = (df["fn_t"] <= T_SCORE_OSTEOPOROSIS).astype(int)
+    # rounded before the comparison: BMD 0.558 gives (0.558 - 0.858) / 0.120 = -2.4999999999999996 in floating
+    # point, and those participants (T = -2.5 exactly, osteoporosis by the WHO definition) were labelled negative
+    df["label"] = (np.round(df["fn_t"], 9) <= T_SCORE_OSTEOPOROSIS).astype(int)
     df = df.reset_index(drop=True)
     return Cohort(df, str(folder), excluded)
 

@@ -148,9 +148,12 @@ def run(cfg: PrivilegedConfig, bundle_dir: Path, report_dir: Path | None, log=pr
         "auc_teacher_privileged": list(M.bootstrap_auc(y, s_teacher, n=cfg.bootstrap, seed=cfg.seed)),
         "operating_point": {"threshold": threshold, **M.at_threshold(y, prob(s_pkd), threshold)},
         "brier": M.brier(y, prob(s_pkd)),
+        "validation_auc": M.auc(d.y[va], _logits(pkd, d.images[va])),
     }
     if cfg.limit is None:  # same seed, split and test rows as the shipped fused model (full cohort only)
-        res["fused_image_only_auc"] = _fused_card()["metrics"]["subsets"]["image_only"]["auc"]
+        fused_image_only = _fused_card()["metrics"]["subsets"]["image_only"]
+        res["fused_image_only_auc"] = fused_image_only["auc"]
+        res["fused_image_only_validation_auc"] = fused_image_only.get("validation_auc")
     summary = {"config": asdict(cfg), "results": res, "calibration": {"method": "Platt", "a": platt[0], "b": platt[1]},
                "seconds": round(time.monotonic() - t0, 1), "kernels": kernels}
     _write_bundle(Path(bundle_dir), pkd, summary)
@@ -173,7 +176,7 @@ def _write_bundle(out: Path, net: ImageTeacher, summary: dict) -> None:
     example = (torch.zeros(2, 3, PATCH_PX, PATCH_PX),)
     files = write_graph(net, example, ["image"], ["logit"], out, "image_student")
     r = summary["results"]
-    fused = r.get("fused_image_only_auc")
+    fused = r.get("fused_image_only_validation_auc")  # chosen on validation, never on the test split
     card = {
         "name": BUNDLE_NAME,
         "version": BUNDLE_VERSION,
@@ -187,7 +190,7 @@ def _write_bundle(out: Path, net: ImageTeacher, summary: dict) -> None:
         "thresholds": {"operating_point": r["operating_point"]["threshold"]},
         "categories": _fused_card()["categories"],  # the same coded categories as the fused model's
         "metrics": r,
-        "use_instead_of_fused_image_only": bool(fused is not None and r["auc_pkd"][0] > fused),
+        "use_instead_of_fused_image_only": bool(fused is not None and r["validation_auc"] > fused),
         "training": summary["config"],
         "training_kernels": summary["kernels"],
         "files": files,

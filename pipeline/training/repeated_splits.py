@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pipeline.training import metrics as M
 from pipeline.training.export import kernels_line
 from pipeline.training.kernels import apply_runtime_pins
-from pipeline.training.nhanes import split_participants
+from pipeline.training.nhanes import LABEL_RULE, split_participants
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.training.train import (TEACHER_CANDIDATES, TEACHER_TEXT, Data, TrainConfig, _image_logits, _seed_all,
@@ -135,7 +135,8 @@ def run(cfg: SplitsConfig, report_dir: Path | None, log=print) -> dict:
                "teacher_minus_ost": vs_ost.__dict__,
                "student_minus_teacher": vs_teacher.__dict__ if vs_teacher else None,
                "seconds": round(time.monotonic() - t0, 1),
-               "kernels": kernels, "cohort": {"n": int(len(d.y)), "positives": int(d.y.sum())},
+               "kernels": kernels, "cohort": {"n": int(len(d.y)), "positives": int(d.y.sum()),
+                                             "label": LABEL_RULE},
                "shipped_test_positives": shipped_test_positives}
     line = (f"train splits: n={cfg.splits} teacher_minus_logreg={vs_logreg[cfg.teacher].mean:+.4f} "
             f"ci={vs_logreg[cfg.teacher].ci[0]:+.4f}..{vs_logreg[cfg.teacher].ci[1]:+.4f} "
@@ -193,6 +194,11 @@ def report_markdown(summary: dict) -> str:
         "",
         kernels_line(summary["kernels"]),
         "",
+        *([] if summary["cohort"].get("label") == LABEL_RULE else [
+            "**Stale**: this run predates the label fix of 2026-12-07 (13 participants with a femoral-neck T-score "
+            "of exactly -2.5, then labelled negative by a floating-point rounding, are osteoporosis now; the "
+            "stratified split changed with them). Its figures describe the earlier labelling and split; `osteoscreen "
+            "train splits` (about 40-50 min) brings it up to date.", ""]),
         f"Why: the held-out split of `osteoscreen train` ([README.md](README.md)) has "
         f"{summary['shipped_test_positives']} positives, too few to tell "
         "AUC differences of a few thousandths apart. Here the teacher candidates "

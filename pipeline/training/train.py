@@ -213,8 +213,10 @@ def _mlp_logits(net, x, m) -> np.ndarray:
 
 
 def _gbt(seed: int) -> HistGradientBoostingClassifier:
+    # early stopping set explicitly: sklearn's "auto" turns it on only above 10,000 rows, so the cross-validation
+    # folds (~9,200 rows) ran 300 iterations while the final fit (~11,500) stopped early, a different model
     return HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=40,
-                                          l2_regularization=1.0, random_state=seed)
+                                          l2_regularization=1.0, random_state=seed, early_stopping=True)
 
 
 def _gbt_logit(model, x_raw, mask) -> np.ndarray:
@@ -391,9 +393,9 @@ def subset_rows_and_mask(d: Data, rows: np.ndarray, subset: str) -> tuple[np.nda
     if subset == "image_demographics":
         m[:, DEMOGRAPHIC_IDX] = d.m_real[:, DEMOGRAPHIC_IDX]
         return rows[d.has_image[rows]], True, m
-    if subset == "tabular":
+    if subset == "tabular":  # rows with at least one lab (without one the service uses demographics only)
         m[:] = d.m_real
-        return rows, False, m
+        return rows[labs_any[rows]], False, m
     if subset == "labs_only":
         m[:, LAB_IDX] = d.m_real[:, LAB_IDX]
         return rows[labs_any[rows]], False, m
@@ -485,11 +487,12 @@ def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) 
     def prob(logit):
         return _sigmoid(platt[0] * np.asarray(logit) + platt[1])
 
-    thresholds = {}
+    thresholds, validation_auc = {}, {}
     for s in SUBSETS:
         rows, use_img, mask = subset_rows_and_mask(d, va, s)
-        thresholds[s] = M.threshold_for_sensitivity(d.y[rows], prob(student_logits(student, d, rows, use_img, mask)),
-                                                    cfg.target_sensitivity)
+        p_val = prob(student_logits(student, d, rows, use_img, mask))
+        thresholds[s] = M.threshold_for_sensitivity(d.y[rows], p_val, cfg.target_sensitivity)
+        validation_auc[s] = M.auc(d.y[rows], p_val)  # what other models are compared with (never the test split)
 
     # --- held-out evaluation ---
     results: dict = {"subsets": {}, "ablation_kd": {}, "baselines": {}, "teachers": {}}
@@ -499,19 +502,22 @@ def run(cfg: TrainConfig, bundle_dir: Path, report_dir: Path | None, log=print) 
         p = prob(student_logits(student, d, rows, use_img, mask))
         a, lo, hi = M.bootstrap_auc(y, p, n=cfg.bootstrap, seed=cfg.seed)
         op = M.at_threshold(y, p, thresholds[s])
+        op_ci = M.bootstrap_at_threshold(y, p, thresholds[s], n=cfg.bootstrap, seed=cfg.seed)
         results["subsets"][s] = {"n": int(len(y)), "positives": int(y.sum()), "auc": a, "auc_ci": [lo, hi],
-                                 "brier": M.brier(y, p), "ece": M.ece(y, p), "threshold": thresholds[s], **op}
+                                 "brier": M.brier(y, p), "ece": M.ece(y, p), "threshold": thresholds[s], **op,
+                                 **op_ci, "validation_auc": validation_auc[s]}
         p0 = student_logits(student_nokd, d, rows, use_img, mask)
         results["ablation_kd"][s] = {"auc_kd": a, "auc_no_kd": M.auc(y, p0)}
         results.setdefault("_curves", {})[s] = (y, p)
-    rows_tab, _, mask_tab = subset_rows_and_mask(d, te, "tabular")
+    # teacher, baselines and student compared on every test row with its tabular data as NHANES measured it
+    rows_tab, mask_tab = te, d.m_real
     y_tab = d.y[rows_tab]
     teacher_te = teacher_tab_logit(rows_tab, mask_tab)
     logreg = teacher.logreg  # the baseline is the teacher's linear member on its own
     lr_te = logreg_score(logreg, d.scaled(d.m_real)[rows_tab], d.m_real[rows_tab])
     ost_te = ost_score(d.x_raw[rows_tab])
     ost_ok = ~np.isnan(ost_te)
-    student_tab = results["_curves"]["tabular"][1]
+    student_tab = prob(student_logits(student, d, rows_tab, False, mask_tab))
     results["teachers"]["tabular"] = {"kind": teacher_kind, "choice": choice, "cv_auc": cv_auc, "val_auc": val_auc,
                                       "mlp_epochs": teacher.mlp_epochs,
                                       "auc": list(M.bootstrap_auc(y_tab, teacher_te, n=cfg.bootstrap, seed=cfg.seed))}
