@@ -362,16 +362,20 @@ class Service:
         from dicom_node.systemd import Notifier
 
         notifier = Notifier()
-        done = threading.Event()
+        # one flag per request and one wake-up: a stop is never taken for a reload or lost in clearing one (a
+        # shared 'done' event let a SIGHUP at the wrong moment stop the node, and a SIGTERM during a reload vanish)
+        wake = threading.Event()
+        stop_requested = threading.Event()
         reload_requested = threading.Event()
 
         def _stop(signum, _frame):
             log.info("received %s", signal.Signals(signum).name)
-            done.set()
+            stop_requested.set()
+            wake.set()
 
         def _hup(_signum, _frame):
             reload_requested.set()
-            done.set()  # wake the main loop
+            wake.set()
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
@@ -386,10 +390,12 @@ class Service:
         tick = min(5.0, notifier.watchdog_s / 2) if notifier.watchdog_s else 5.0
         try:
             while True:
-                done.wait(tick)
+                wake.wait(tick)
+                wake.clear()  # before the flags are read: a request after this wakes the next wait at once
+                if stop_requested.is_set():
+                    break
                 if reload_requested.is_set():
                     reload_requested.clear()
-                    done.clear()
                     notifier.reloading()
                     outcome = "configuration reloaded"
                     try:
@@ -406,8 +412,6 @@ class Service:
                     # `systemctl reload` itself fails on a bad file
                     notifier.ready(f"{listening}; {outcome}"[:400])
                     continue
-                if done.is_set():
-                    break
                 stalled = self.stalled_threads()
                 if stalled:  # no watchdog ping: systemd restarts the service ([Service] WatchdogSec)
                     log.error("%s stopped; not answering the systemd watchdog, so the service is restarted",

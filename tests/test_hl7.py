@@ -15,6 +15,7 @@ from hl7.parse_worker import parse_pending
 from hl7.precheck import PrecheckError, parse_header
 from hl7.receiver import LabReceiver
 from hl7.store import LabStore
+from tests.conftest import wait_for
 
 DATA = Path(__file__).parent / "data" / "hl7"
 STUDY = dt.datetime(2026, 1, 5, 9, 0)
@@ -407,12 +408,14 @@ def test_a_sender_dripping_a_frame_is_closed_at_the_read_timeout(strict_listener
         assert closed_by_peer(s, 0.5)
 
 
-def test_a_sender_that_never_reads_its_acks_is_closed(strict_listener):
+def test_a_sender_that_never_reads_its_acks_is_closed(strict_listener, caplog):
     """Garbage frames, each answered with a ~250-byte AE, never read: the listener used to wait in drain()
-    for ever, holding the connection."""
-    s = socket.create_connection(("127.0.0.1", strict_listener.bound_port))
+    for ever, holding the connection. Judged by the listener's own abort: whether the client's kernel notices
+    the RST to its zero window, and when, varies under load (seen: not within 20 s)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect(): the window is agreed then
+    s.connect(("127.0.0.1", strict_listener.bound_port))
     with s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.setblocking(False)
         junk, stuck_since, started = b"\x0bX\x1c\r" * 1000, None, time.monotonic()
         while time.monotonic() - started < 20 and (stuck_since is None or time.monotonic() - stuck_since < 1):
@@ -424,14 +427,8 @@ def test_a_sender_that_never_reads_its_acks_is_closed(strict_listener):
                 time.sleep(0.05)
             except (ConnectionResetError, BrokenPipeError):
                 break
-        deadline = time.monotonic() + 20  # the listener works through what it read, then gives up on drain()
-        with pytest.raises((ConnectionResetError, BrokenPipeError)):
-            while time.monotonic() < deadline:
-                try:
-                    s.send(b"x")
-                except BlockingIOError:
-                    pass
-                time.sleep(0.2)
+        # the listener works through what it read, then gives up on drain() and aborts the connection
+        wait_for(lambda: "its ACKs not read" in caplog.text, 30, "the listener to close the connection")
 
 
 def test_connections_beyond_max_connections_are_closed_at_accept(strict_listener, caplog):

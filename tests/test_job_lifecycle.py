@@ -1,6 +1,7 @@
 """Series completion and the job lifecycle under races (review of 2026-12-07), on a real database."""
 from __future__ import annotations
 
+import threading
 import time
 import types
 
@@ -79,17 +80,19 @@ def test_a_completion_timer_armed_while_the_last_one_runs_still_fires():
     """A timer armed during on_ready re-used the series UID as its APScheduler id, was skipped (max_instances)
     and dropped while the series stayed marked armed: never decided."""
     fired = []
+    routing = threading.Event()
 
     def on_ready(ready):
         fired.append(ready.series_uid)
         if len(fired) == 1:
+            routing.set()
             time.sleep(0.8)  # slow routing
 
     c = SeriesCompletion(0.2, on_ready)
     c.start()
     try:
         c.touch("S")
-        time.sleep(0.35)  # the first timer fired; on_ready runs
+        assert routing.wait(5)  # the first timer fired; on_ready runs (a fixed sleep raced a loaded scheduler)
         c.touch("S")  # an instance during routing: a new timer, due while on_ready still runs
         wait_for(lambda: len(fired) >= 2, 5, "the second timer", interval=0.05)
     finally:

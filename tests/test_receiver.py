@@ -167,8 +167,8 @@ def test_abort_in_the_middle_of_a_data_set_keeps_nothing(scp, sample_series, tmp
     sock.sendall(_p_data(1, 0x03, _command(0x0001, CTImageStorage, ds.SOPInstanceUID)))
     for off in range(0, 64 * 1024, 16000):  # the header and some pixel data: the file is already open
         sock.sendall(_p_data(1, 0x00, body[off:off + 16000]))
-    time.sleep(0.3)
-    assert list((tmp_path / "store").rglob(".incoming.*"))  # streamed to disk while it arrives
+    wait_for(lambda: list((tmp_path / "store").rglob(".incoming.*")), 10,
+             "the instance streamed to disk while it arrives")
     sock.sendall(bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0)))  # A-ABORT
     sock.close()
     wait_for(lambda: not list((tmp_path / "store").rglob(".incoming.*")), 10, "the partial file removed")

@@ -187,12 +187,13 @@ def test_a_restart_across_the_worklist_time_writes_every_missed_list(tmp_path):
 
 
 def test_the_scheduler_writes_a_list_missed_while_the_node_was_down_at_start(tmp_path):
-    from dicom_node.worklist import WorklistScheduler
+    from dicom_node.worklist import WorklistScheduler, last_due_end
 
     db = NodeDB(tmp_path / "osteoscreen.sqlite")
     now = dt.datetime.now()
-    db.record_worklist((now - dt.timedelta(days=3)).timestamp(), (now - dt.timedelta(days=2)).timestamp(), "x", 0)
     at = (now - dt.timedelta(minutes=2)).time().replace(second=0, microsecond=0)  # the node was down at `at`
+    due = last_due_end(now, at)  # (yesterday's date just after midnight: the list is named by its end)
+    db.record_worklist((due - dt.timedelta(days=3)).timestamp(), (due - dt.timedelta(days=2)).timestamp(), "x", 0)
     s = WorklistScheduler(db, tmp_path / "wl", at)
     s.start()
     try:
@@ -202,5 +203,5 @@ def test_the_scheduler_writes_a_list_missed_while_the_node_was_down_at_start(tmp
     finally:
         s.stop()
     names = sorted(p.name for p in (tmp_path / "wl").glob("*.csv"))
-    assert names[-1] == f"worklist-{dt.date.today().isoformat()}.csv" and len(names) == 2, names
+    assert names[-1] == f"worklist-{due.date().isoformat()}.csv" and len(names) == 2, names
     db.close()
