@@ -428,6 +428,13 @@ class ExportSettings(_Section):
     retry_max_s: float = Field(300.0, gt=0, le=MAX_SECONDS)
     timeout_s: float = Field(30.0, gt=0, le=MAX_SECONDS)
 
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "ExportSettings":
+        if self.retry_initial_s > self.retry_max_s:
+            raise ValueError(f"retry_initial_s ({self.retry_initial_s:g}) is longer than retry_max_s "
+                             f"({self.retry_max_s:g}): the first retry delay cannot exceed the longest")
+        return self
+
 
 class ResultsSettings(_Section):
     """Optional DICOM objects sent with the SR and the key image (Secondary Capture)."""
@@ -480,6 +487,14 @@ class ShadowSettings(_Section):
     destinations: list[str] = Field(default_factory=list,
                                     description="Names of [[destinations]] (a QA PACS or AE) that receive results "
                                                 "in shadow mode; every other destination gets nothing.")
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        twice = sorted({d for d in value if value.count(d) > 1})
+        if twice:
+            raise ValueError(f"listed more than once: {', '.join(twice)}")
+        return value
 
 
 class MetricsSettings(_Section):

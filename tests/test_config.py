@@ -264,7 +264,8 @@ def test_every_timeout_interval_and_period_has_an_upper_bound(tmp_path):
         assert f"{dotted}: Input should be less than or equal to" in msg, msg
         year = {"_s": 365 * 86400, "_h": 365 * 24, "_days": 36500}[next(s for s in ("_s", "_h", "_days")
                                                                          if key.endswith(s))]
-        _load(tmp_path, f"[{section}]\n{key} = {year}\n")  # a year (a century of days) is still accepted
+        other = "retry_max_s = 31536000\n" if dotted == "export.retry_initial_s" else ""  # (initial <= max)
+        _load(tmp_path, f"[{section}]\n{key} = {year}\n{other}")  # a year (a century of days) is still accepted
 
 
 def test_code_string_lists_are_upper_case_and_stripped(tmp_path):
@@ -342,3 +343,11 @@ def test_check_hostname_is_refused_in_a_listener_tls_section(tmp_path):
     from config.schema import TLSSettings
 
     assert "client" in TLSSettings.model_fields["check_hostname"].description.lower()
+
+
+def test_export_backoff_order_and_shadow_destinations_listed_once(tmp_path):
+    msg = _refused(tmp_path, "[export]\nretry_initial_s = 600\nretry_max_s = 60\n")
+    assert "retry_initial_s" in msg and "retry_max_s" in msg, msg
+    msg = _refused(tmp_path, '[[destinations]]\nname = "qa"\nae_title = "QA"\nhost = "127.0.0.1"\nport = 104\n'
+                             '[shadow]\nenabled = true\ndestinations = ["qa", "qa"]\n')
+    assert "more than once: qa" in msg, msg
