@@ -26,8 +26,12 @@ def _settings(path):
 STATE_UMASK = 0o027
 
 
+def _private_umask() -> None:
+    os.umask(os.umask(STATE_UMASK) | STATE_UMASK)  # keeps any stricter bits the caller already had
+
+
 def _serve(args: argparse.Namespace) -> int:
-    os.umask(os.umask(STATE_UMASK) | STATE_UMASK)
+    _private_umask()
     settings = _settings(args.config)
     if settings is None:
         return 2
@@ -338,7 +342,7 @@ def _admin(args: argparse.Namespace) -> int:
 
     from dicom_node.migrations import SchemaTooNew
 
-    os.umask(os.umask(STATE_UMASK) | STATE_UMASK)
+    _private_umask()
     try:
         return _admin_command(args)
     except FileNotFoundError as exc:

@@ -17,7 +17,7 @@ from pydicom.sr.codedict import codes
 
 from pipeline.report.render import BONE_WINDOW
 from pipeline.report.source import copy_patient_study_extras
-from pipeline.report.sr import NodeIdentity
+from pipeline.report.sr import NodeIdentity, set_equipment
 
 OF_INTEREST = CodedConcept("113000", "DCM", "Of Interest")
 
@@ -42,7 +42,7 @@ def build_kos(*, key_images: Sequence[Dataset], node: NodeIdentity, series_uid: 
         institution_name=node.institution_name or None)
     copy_patient_study_extras(kos, key_images[0])
     kos.SeriesDescription = "osteoscreen key images (research use)"
-    _set_equipment(kos, node)
+    set_equipment(kos, node)
     frames = {str(img.SOPInstanceUID): f for img, f in zip(key_images, frame_numbers) if f}
     for item in kos.ContentSequence:
         if item.ValueType == "IMAGE":
@@ -51,15 +51,6 @@ def build_kos(*, key_images: Sequence[Dataset], node: NodeIdentity, series_uid: 
             if frame:
                 ref.ReferencedFrameNumber = frame
     return kos
-
-
-def _set_equipment(ds: Dataset, node: NodeIdentity) -> None:
-    """The General Equipment identity the SR and GSPS carry (model, serial, software, institution)."""
-    ds.ManufacturerModelName = node.model_name
-    ds.DeviceSerialNumber = node.serial_number
-    ds.SoftwareVersions = node.software_version
-    if node.institution_name and "InstitutionName" not in ds:
-        ds.InstitutionName = node.institution_name
 
 
 def build_gsps(*, image: Dataset, frame_number: int | None, roi_rc: np.ndarray, label: str, node: NodeIdentity,

@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pipeline.report.source import copy_patient_study_extras
-from pipeline.report.sr import NodeIdentity
+from pipeline.report.sr import NodeIdentity, set_equipment
 
 
 def build_sc(
@@ -45,11 +45,7 @@ def build_sc(
     sc.BurnedInAnnotation = "YES"
     if "Laterality" not in sc and "ImageLaterality" not in sc:
         sc.ImageLaterality = "U"  # the spine is unpaired
-    sc.SoftwareVersions = node.software_version
-    sc.ManufacturerModelName = node.model_name  # the General Equipment identity the SR and GSPS carry
-    sc.DeviceSerialNumber = node.serial_number
-    if node.institution_name and "InstitutionName" not in sc:
-        sc.InstitutionName = node.institution_name
+    set_equipment(sc, node)
     sc.ConversionType = "WSD"
     ref = Dataset()
     ref.ReferencedSOPClassUID = str(source_header.SOPClassUID)

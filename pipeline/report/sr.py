@@ -74,6 +74,16 @@ class NodeIdentity:
     institution_name: str | None = None
 
 
+def set_equipment(ds: Dataset, node: NodeIdentity) -> None:
+    """The General Equipment identity every result object carries: model, serial number, software version, and
+    the institution where configured (a source's own InstitutionName, copied in by a constructor, is kept)."""
+    ds.ManufacturerModelName = node.model_name
+    ds.DeviceSerialNumber = node.serial_number
+    ds.SoftwareVersions = node.software_version
+    if node.institution_name and "InstitutionName" not in ds:
+        ds.InstitutionName = node.institution_name
+
+
 def _coding_scheme_identification() -> Dataset:
     item = Dataset()
     item.CodingSchemeDesignator = PRIVATE_SCHEME
@@ -391,9 +401,7 @@ def build_sr(
     )
     sr.SeriesDescription = ("osteoscreen L1 screening report (research use)" if procedure is None
                             else "osteoscreen chest radiograph report (EXPERIMENTAL)")
-    sr.SoftwareVersions = node.software_version
-    sr.ManufacturerModelName = node.model_name
-    sr.DeviceSerialNumber = node.serial_number
+    set_equipment(sr, node)
     sr.CodingSchemeIdentificationSequence = [_coding_scheme_identification()]
     copy_patient_study_extras(sr, source_header)  # StudyDescription etc., as the SC, KOS and GSPS carry them
     return sr
