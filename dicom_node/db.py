@@ -1,7 +1,13 @@
 """The node's SQLite index: instances, series decisions, jobs, outbox and audit.
 
 One connection guarded by a lock (SQLite serialises writers anyway), WAL mode,
-synchronous=FULL so a commit that returned is on disk.
+synchronous=FULL so a commit that returned is on disk. The one exception is the
+index row of a received instance written by the running service
+(``index_instance(synced=False)``): its file is already durable and names
+everything the row holds, so the row is committed without waiting for the disk.
+Any later synced commit (a routing decision, a job, the clean-stop mark) makes
+it durable too, since the WAL is written in order; after a power loss the rows
+that had not become durable are rebuilt from the files (``index_recovery``).
 """
 from __future__ import annotations
 
@@ -99,6 +105,9 @@ MIGRATIONS: list[Migration] = [
     sql_step(3, "worklist periods written (a restart across the worklist time catches up)",
              "CREATE TABLE IF NOT EXISTS worklist_periods (period_end REAL PRIMARY KEY, period_start REAL NOT NULL,"
              " written_at REAL NOT NULL, path TEXT NOT NULL, n_rows INTEGER NOT NULL)"),
+    sql_step(4, "service runs (a run without a clean stop has its unsynced instance rows rebuilt from the files)",
+             "CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started_at REAL NOT NULL,"
+             " boot_id TEXT NOT NULL, pid INTEGER NOT NULL, stopped_at REAL)"),
 ]
 
 
@@ -117,6 +126,17 @@ class SeriesChanged(Exception):
 
 class SeriesPurging(Exception):
     """The series is being deleted by the retention rule: an instance for it must be sent again."""
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One start of the service; ``stopped_at`` None: it ended without a clean stop (or is running)."""
+
+    id: int
+    started_at: float
+    boot_id: str
+    pid: int
+    stopped_at: float | None
 
 
 @dataclass(frozen=True)
@@ -194,8 +214,8 @@ class NodeDB:
         with self._lock:
             self._db.close()
 
-    def _tx(self) -> "_Tx":
-        return _Tx(self)
+    def _tx(self, *, synced: bool = True) -> "_Tx":
+        return _Tx(self, synced=synced)
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -213,10 +233,14 @@ class NodeDB:
         return stored.series_state if stored is not None else None
 
     def index_instance(self, *, sop_uid: str, sop_class: str, study_uid: str, series_uid: str, path: str,
-                       transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str, modality: str) -> bool:
-        """Index a stored instance; False when the SOP Instance UID was already indexed."""
+                       transfer_syntax: str, calling_aet: str, patient_id: str, issuer: str, modality: str,
+                       synced: bool = True) -> bool:
+        """Index a stored instance; False when the SOP Instance UID was already indexed.
+
+        ``synced=False``: commit without waiting for the disk (see the module docstring); only for a caller
+        whose unsynced rows are rebuilt after a power loss, i.e. the service (``Service.start``)."""
         now = time.time()
-        with self._tx() as db:
+        with self._tx(synced=synced) as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?)",
                 (sop_uid, sop_class, study_uid, series_uid, path, transfer_syntax, calling_aet, now),
@@ -469,6 +493,21 @@ class NodeDB:
             return db.execute("UPDATE jobs SET state='pending', next_attempt_at=0"
                               " WHERE state IN ('running', 'rerun')").rowcount
 
+    # --- service runs ---------------------------------------------------------------
+    def begin_run(self, boot_id: str, pid: int) -> tuple[int, RunRow | None]:
+        """Record this start (synced); returns its id and the run before it (None: the first recorded)."""
+        with self._tx() as db:
+            row = db.execute("SELECT id, started_at, boot_id, pid, stopped_at FROM runs ORDER BY id DESC"
+                             " LIMIT 1").fetchone()
+            run_id = db.execute("INSERT INTO runs (started_at, boot_id, pid) VALUES (?,?,?)",
+                                (time.time(), boot_id, pid)).lastrowid
+        return int(run_id), RunRow(*row) if row is not None else None
+
+    def end_run(self, run_id: int) -> None:
+        """The clean-stop mark. Synced, so every unsynced instance row committed before it is durable too."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET stopped_at=? WHERE id=?", (time.time(), run_id))
+
     # --- outbox -----------------------------------------------------------------
     def due_outbox(self, limit: int = 100) -> list[OutboxRow]:
         """Pending rows whose time has come. An HL7 result message waits while an earlier one to the same
@@ -528,19 +567,32 @@ class _Tx:
 
     Whatever fails (BEGIN busy past the timeout, a COMMIT refused for a full disk), the lock is released
     and no transaction is left open on the shared connection: otherwise every later caller in the process
-    would hang on the lock or fail on "cannot start a transaction within a transaction"."""
+    would hang on the lock or fail on "cannot start a transaction within a transaction".
+    ``synced=False``: this one commit does not wait for the disk (synchronous=NORMAL); the connection is
+    back to synchronous=FULL afterwards, whatever happened."""
 
-    def __init__(self, owner: NodeDB) -> None:
+    def __init__(self, owner: NodeDB, *, synced: bool = True) -> None:
         self.owner = owner
+        self.synced = synced
 
     def __enter__(self) -> sqlite3.Connection:
         self.owner._lock.acquire()
         try:
+            if not self.synced:
+                self.owner._db.execute("PRAGMA synchronous=NORMAL")
             self.owner._db.execute("BEGIN IMMEDIATE")
         except BaseException:
+            self._restore_sync()
             self.owner._lock.release()
             raise
         return self.owner._db
+
+    def _restore_sync(self) -> None:
+        if not self.synced:
+            try:
+                self.owner._db.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error:  # pragma: no cover - a closed connection; nothing commits on it any more
+                pass
 
     def __exit__(self, exc_type, exc, tb) -> None:
         db = self.owner._db
@@ -554,4 +606,5 @@ class _Tx:
                     pass
             raise
         finally:
+            self._restore_sync()
             self.owner._lock.release()

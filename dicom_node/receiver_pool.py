@@ -50,6 +50,7 @@ class ReceiverSetup:
     store_root: str
     db_path: str
     min_free_bytes: int
+    index_synced: bool = True  # False: the service rebuilds unsynced rows after a power loss (InstanceStore)
     log_target: tuple = field(default=(logging.INFO, None, "text"))
 
 
@@ -95,7 +96,8 @@ def receiver_main(setup: ReceiverSetup, ctrl: socket.socket, parent_pid: int, in
     exit_when_orphaned(parent_pid)
     channel = _Channel(ctrl)
     db = NodeDB(setup.db_path)
-    store = InstanceStore(setup.store_root, db, setup.min_free_bytes, sweep_stale=False)
+    store = InstanceStore(setup.store_root, db, setup.min_free_bytes, sweep_stale=False,
+                          index_synced=setup.index_synced)
     scp = StorageSCP(ae_title=setup.ae_title, host="", port=0, max_pdu=setup.max_pdu,
                      max_associations=setup.max_associations,
                      allowed_calling_aets=setup.allowed_calling_aets, store=store,

@@ -32,6 +32,7 @@ from dicom_node.metrics import serve as serve_metrics
 from dicom_node.metrics import unregister as unregister_metrics
 from dicom_node.retention import RetentionScheduler
 from dicom_node.routing import Decision, UnreadableSeries, decide, series_facts
+from dicom_node.index_recovery import boot_id, recover_after_unclean_stop
 from dicom_node.receiver_pool import ReceiverPool, ReceiverSetup
 from dicom_node.scp import StorageSCP, count_outcome
 from dicom_node.store import InstanceRef, InstanceStore
@@ -154,8 +155,9 @@ class Service:
         engines.configure(self.engine_options)
         self.backend_in_use = check_models(s)
         self.db = NodeDB(self.state_dir / "osteoscreen.sqlite")
+        # unsynced index rows: Service.start rebuilds those a power loss took (index_recovery)
         self.instances = InstanceStore(self.state_dir / "instances", self.db,
-                                       min_free_bytes=s.node.min_free_mb * 2**20)
+                                       min_free_bytes=s.node.min_free_mb * 2**20, index_synced=False)
         self.results_dir = self.state_dir / "results"
         self.lab_store = LabStore(self.state_dir / "labs.sqlite")
         self.lab_mapping = load_mapping(s.labs.mapping_file)
@@ -201,6 +203,7 @@ class Service:
                               allowed_sop_classes=dict(s.node.allowed_sop_classes),
                               tls=s.node.tls if s.node.tls.enabled else None, store_root=str(self.instances.root),
                               db_path=str(self.db.path), min_free_bytes=self.instances.min_free_bytes,
+                              index_synced=self.instances.index_synced,
                               log_target=current_target()),
                 s.node.receiver_processes, on_stored=self.on_instance_stored, on_outcome=count_outcome,
                 # a receiver that died between indexing an instance and telling us leaves its series untimed
@@ -228,9 +231,13 @@ class Service:
              "attenuation_rule": s.screening.attenuation_rule})
         self.metrics_server = None
         self._stopped = threading.Event()
+        self._run_id: int | None = None  # set by start (NodeDB.begin_run)
 
     # --- lifecycle --------------------------------------------------------------
     def start(self) -> None:
+        self._run_id, previous = self.db.begin_run(boot_id(), os.getpid())
+        recover_after_unclean_stop(self.instances, None if previous is None else previous.stopped_at is not None,
+                                   None if previous is None else previous.boot_id)
         requeued = self.db.requeue_running_jobs()
         if requeued:
             log.info("resuming %d job(s) interrupted by the last shutdown", requeued)
@@ -287,12 +294,22 @@ class Service:
         if self.mllp:
             steps.append(("HL7 listener", self.mllp.stop))
         steps += [("HL7 parser", self.lab_parser.stop), ("lab store", self.lab_store.close),
+                  ("clean-stop mark", self._mark_clean_stop),
                   ("node database", self.db.close), ("state lock", lambda: os.close(self._state_lock))]
+        listener_stopped = True
         for name, step in steps:  # every step, even after one fails (a start that failed half-way, say)
+            if name == "clean-stop mark" and not listener_stopped:
+                continue  # receivers may still be writing: the next start checks the store
             try:
                 step()
             except Exception:  # noqa: BLE001
                 log.exception("stopping the %s failed", name)
+                listener_stopped = listener_stopped and name != "DICOM listener"
+
+    def _mark_clean_stop(self) -> None:
+        """No receiver writes any more: mark this run stopped (synced, so every index row before it is durable)."""
+        if self._run_id is not None:
+            self.db.end_run(self._run_id)
 
     def reload(self, settings: Settings) -> list[str]:
         """Apply what can change without dropping associations; say what needs a restart.

@@ -63,10 +63,16 @@ def _valid_uid_text(s: str) -> bool:
 
 
 class InstanceStore:
-    def __init__(self, root: str | Path, db: NodeDB, min_free_bytes: int = 0, *, sweep_stale: bool = True) -> None:
+    def __init__(self, root: str | Path, db: NodeDB, min_free_bytes: int = 0, *, sweep_stale: bool = True,
+                 index_synced: bool = True) -> None:
         """``sweep_stale``: remove half-written files of a crashed run; only the one process that owns the
-        store at start may do it (a receiver process must not delete another's file in flight)."""
+        store at start may do it (a receiver process must not delete another's file in flight).
+
+        ``index_synced=False``: a new instance's index row is committed without waiting for the disk (its file
+        is durable before the row is written, and holds everything the row says). Only for the service, which
+        rebuilds the rows a power loss took from the files at its next start (``index_recovery``)."""
         self.root = Path(root)
+        self.index_synced = index_synced
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._root_text = str(self.root)
@@ -220,7 +226,7 @@ class IncomingInstance:
         if ref.moved_from_series is not None:
             self._move(fields)
             return ref
-        if db.index_instance(**fields):
+        if db.index_instance(**fields, synced=self.store.index_synced):
             return ref
         # Indexed by another association since ``begin``: the same file (a duplicate), or the same instance sent
         # under another series at the same moment, filed there. This copy is the later one: moved here, as if

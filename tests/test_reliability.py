@@ -86,6 +86,37 @@ def test_kill_during_pipeline_work_delivers_exactly_once(node_factory, sample_se
         orthanc.stop()
 
 
+def test_a_power_loss_that_takes_the_unsynced_index_rows_loses_no_acknowledged_instance(node_factory, sample_series):
+    """The service commits an instance's index row without a disk sync (the file is durable before Success).
+    A power loss can take those rows: simulated by SIGKILL, then deleting what the unsynced tail of the WAL held
+    (every instance row and the series row) and giving the run another boot. The next start finds the run
+    unfinished, rebuilds the rows from the files, and the series is received again; after a clean stop the next
+    start checks nothing."""
+    files = sample_series.files
+    node = node_factory(quiet_s=3600).start()
+    assert storescu(files, node.port).returncode == 0
+    node.kill()
+    db_path = node.state_dir / "osteoscreen.sqlite"
+    with sqlite3.connect(db_path) as c:
+        c.execute("DELETE FROM instances")
+        c.execute("DELETE FROM series")
+        c.execute("UPDATE runs SET boot_id='an-earlier-boot'")
+    node.start()
+    with sqlite3.connect(db_path) as c:
+        rows = c.execute("SELECT path, calling_aet FROM instances").fetchall()
+        series = c.execute("SELECT n_instances, state, calling_aet FROM series").fetchall()
+    assert len(rows) == len(files) and all(aet == "CT1" for _, aet in rows)
+    assert series == [(len(files), "receiving", "CT1")]
+    log = node.log()
+    assert "did not stop cleanly (the machine restarted since" in log
+    assert f"indexed {len(files)} received instance file(s) again" in log
+    assert "restarting its quiet period" in log  # screened as if just received
+    node.stop()
+    node.start()
+    node.stop()
+    assert node.log().count("did not stop cleanly") == 1
+
+
 def test_sigkill_during_ingest_loses_no_acknowledged_instance(node_factory, tmp_path):
     """10 trials: SIGKILL the node at a random point of a 336-instance association, restart, count."""
     import random

@@ -1,4 +1,6 @@
 """Routing decisions and the durable instance store."""
+from pathlib import Path
+
 import pydicom
 import pytest
 
@@ -63,4 +65,64 @@ def test_store_is_durable_idempotent_and_refuses_bad_uids(tmp_path, sample_serie
             store.store(raw, **{**kw, "study_uid": bad})
         assert exc.value.status == 0xA900
     assert not list((tmp_path / "instances").rglob(".incoming.*"))
+    db.close()
+
+
+def _store_fields(path) -> dict:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return dict(sop_class=str(ds.SOPClassUID), sop_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID), transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                calling_aet="", patient_id=str(ds.get("PatientID", "")), issuer=str(ds.get("IssuerOfPatientID", "")),
+                modality=str(ds.get("Modality", "")))
+
+
+def test_an_unsynced_index_commit_leaves_the_connection_synced(tmp_path, sample_series):
+    """The service's instance rows skip the disk wait; every other commit on the connection still waits."""
+    db = NodeDB(tmp_path / "db.sqlite")
+    store = InstanceStore(tmp_path / "instances", db, index_synced=False)
+    synchronous = lambda: db._db.execute("PRAGMA synchronous").fetchone()[0]  # noqa: E731 - 2 = FULL, 1 = NORMAL
+    assert synchronous() == 2
+    store.store(sample_series.files[0].read_bytes(), **_store_fields(sample_series.files[0]))
+    assert synchronous() == 2
+    with pytest.raises(RuntimeError):
+        with db._tx(synced=False) as tx:
+            assert tx.execute("PRAGMA synchronous").fetchone()[0] == 1
+            raise RuntimeError("a failed transaction")
+    assert synchronous() == 2 and not db._db.in_transaction
+    db.close()
+
+
+def test_index_rows_a_power_loss_took_are_rebuilt_from_the_instance_files(tmp_path, sample_series):
+    import sqlite3
+
+    from dicom_node.index_recovery import reindex_unindexed
+
+    db = NodeDB(tmp_path / "db.sqlite")
+    store = InstanceStore(tmp_path / "instances", db, index_synced=False)
+    files = sample_series.files[:5]
+    refs = [store.store(f.read_bytes(), **_store_fields(f)) for f in files]
+    series_uid = refs[0].series_uid
+    columns = "sop_instance_uid, sop_class_uid, study_uid, series_uid, path, transfer_syntax"
+    before = sorted(db._query(f"SELECT {columns} FROM instances"))
+    # What a power loss can take: the last unsynced rows (3 instances) and their counts in the series row.
+    lost = [r.sop_instance_uid for r in refs[2:]]
+    with sqlite3.connect(db.path) as c:
+        c.executemany("DELETE FROM instances WHERE sop_instance_uid=?", [(u,) for u in lost])
+        c.execute("UPDATE series SET n_instances=2 WHERE series_uid=?", (series_uid,))
+    series_dir = tmp_path / "instances" / refs[0].study_uid / series_uid
+    garbage = series_dir / "1.2.3.4.dcm"  # unreadable: left as it is, never indexed
+    garbage.write_bytes(b"not a DICOM file")
+    moved = pydicom.dcmread(files[0])  # a stale copy of an instance now filed under another series
+    moved.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.99"
+    stale = store.path_for(refs[0].study_uid, moved.SeriesInstanceUID, refs[0].sop_instance_uid)
+    Path(stale).parent.mkdir(parents=True)
+    moved.save_as(stale)
+
+    report = reindex_unindexed(store)
+    assert report.reindexed == 3 and report.files == 7
+    assert sorted(report.left) == sorted([str(garbage), stale])
+    assert sorted(db._query(f"SELECT {columns} FROM instances")) == before
+    assert db.series(series_uid).n_instances == 5
+    assert db._query("SELECT count(*) FROM audit WHERE kind='recovered'") == [(1,)]
+    assert reindex_unindexed(store).reindexed == 0  # idempotent
     db.close()
