@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pydicom
 
@@ -24,6 +26,7 @@ from dicom_node.store import InstanceStore, valid_uid
 
 log = logging.getLogger("osteoscreen.recovery")
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+_clock = time.monotonic
 _KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
              "IssuerOfPatientID", "Modality")
 
@@ -56,38 +59,34 @@ def _header(path: str) -> dict[str, str] | None:
     return fields
 
 
-def reindex_unindexed(store: InstanceStore) -> RecoveryReport:
+def reindex_unindexed(store: InstanceStore, progress: Callable[[int], None] | None = None) -> RecoveryReport:
     """Index every instance file under ``store.root`` that the index does not name (see the module docstring).
 
     Only files where the node files them (``study/series/sop.dcm``, matching their own header) are taken; a
     file whose SOP Instance UID is indexed under another path (the old copy of an instance moved to another
-    series, whose deletion was cut short) and anything unreadable are left as they are and reported."""
+    series, whose deletion was cut short) and anything unreadable are left as they are and reported. The index
+    is read one series folder at a time, so memory does not grow with the store. ``progress(files so far)`` is
+    called every few seconds of a long walk."""
     db = store.db
-    indexed = {row[0] for row in db._query("SELECT path FROM instances")}
     report = RecoveryReport()
+    last_progress = _clock()
     for dirpath, dirnames, names in os.walk(store.root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in names:
-            if name.startswith(".") or not name.endswith(".dcm"):
-                continue
+        instance_files = [n for n in names if n.endswith(".dcm") and not n.startswith(".")]
+        if not instance_files:
+            continue
+        indexed = {row[0] for row in db._query("SELECT path FROM instances WHERE series_uid=?",
+                                               (os.path.basename(dirpath),))}
+        for name in instance_files:
             report.files += 1
             path = os.path.join(dirpath, name)
-            if path in indexed:
-                continue
-            f = _header(path)
-            if f is None or not all(valid_uid(f[k]) for k in _KEYWORDS[:4]) or not f["TransferSyntaxUID"] \
-                    or store.path_for(f["StudyInstanceUID"], f["SeriesInstanceUID"], f["SOPInstanceUID"]) != path:
-                report.left.append(path)
-                continue
-            added = db.index_instance(sop_uid=f["SOPInstanceUID"], sop_class=f["SOPClassUID"],
-                                      study_uid=f["StudyInstanceUID"], series_uid=f["SeriesInstanceUID"], path=path,
-                                      transfer_syntax=f["TransferSyntaxUID"],
-                                      calling_aet=f["SourceApplicationEntityTitle"], patient_id=f["PatientID"],
-                                      issuer=f["IssuerOfPatientID"], modality=f["Modality"], synced=False)
-            if added:
+            if path not in indexed and _reindex(store, path):
                 report.reindexed += 1
-            else:
+            elif path not in indexed:
                 report.left.append(path)
+        if progress is not None and _clock() - last_progress >= 5.0:
+            progress(report.files)
+            last_progress = _clock()
     if report.reindexed or report.left:
         # synced: makes the rows above durable with it
         db.audit("recovered", str(store.root),
@@ -96,8 +95,22 @@ def reindex_unindexed(store: InstanceStore) -> RecoveryReport:
     return report
 
 
+def _reindex(store: InstanceStore, path: str) -> bool:
+    """Index one unindexed file from its header; False when it is left as it is."""
+    f = _header(path)
+    if f is None or not all(valid_uid(f[k]) for k in _KEYWORDS[:4]) or not f["TransferSyntaxUID"] \
+            or store.path_for(f["StudyInstanceUID"], f["SeriesInstanceUID"], f["SOPInstanceUID"]) != path:
+        return False
+    return store.db.index_instance(sop_uid=f["SOPInstanceUID"], sop_class=f["SOPClassUID"],
+                                   study_uid=f["StudyInstanceUID"], series_uid=f["SeriesInstanceUID"], path=path,
+                                   transfer_syntax=f["TransferSyntaxUID"],
+                                   calling_aet=f["SourceApplicationEntityTitle"], patient_id=f["PatientID"],
+                                   issuer=f["IssuerOfPatientID"], modality=f["Modality"], synced=False)
+
+
 def recover_after_unclean_stop(store: InstanceStore, previous_run_stopped: bool | None,
-                               previous_boot: str | None) -> RecoveryReport | None:
+                               previous_boot: str | None,
+                               progress: Callable[[int], None] | None = None) -> RecoveryReport | None:
     """At start: rebuild lost index rows if the run before ended without a clean stop; None when it did."""
     if previous_run_stopped is None or previous_run_stopped:
         return None  # the first recorded run (every earlier release synced each row), or a clean stop
@@ -105,7 +118,7 @@ def recover_after_unclean_stop(store: InstanceStore, previous_run_stopped: bool 
     log.warning("the last run did not stop cleanly (%s): checking the instance store for files the index lost",
                 "the machine restarted since: a power loss or crash of the host" if rebooted
                 else "the process ended without its shutdown")
-    report = reindex_unindexed(store)
+    report = reindex_unindexed(store, progress)
     if report.reindexed:
         log.warning("indexed %d received instance file(s) again from their headers; their series are screened "
                     "again", report.reindexed)

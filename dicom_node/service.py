@@ -135,6 +135,14 @@ RELOADED_SECTIONS = ("routing", "labs", "screening", "results", "xray", "destina
 RELOADED_NODE_KEYS = ("allowed_calling_aets", "allowed_sop_classes")
 
 
+def _store_check_progress(files: int) -> None:
+    """A long store check after a power loss: tell systemd it progresses (TimeoutStartSec would kill it)."""
+    from dicom_node.systemd import Notifier
+
+    Notifier().extend_timeout(60, f"checking the instance store after an unclean stop: {files} files so far")
+    log.info("checking the instance store after an unclean stop: %d files so far", files)
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -237,7 +245,7 @@ class Service:
     def start(self) -> None:
         self._run_id, previous = self.db.begin_run(boot_id(), os.getpid())
         recover_after_unclean_stop(self.instances, None if previous is None else previous.stopped_at is not None,
-                                   None if previous is None else previous.boot_id)
+                                   None if previous is None else previous.boot_id, progress=_store_check_progress)
         requeued = self.db.requeue_running_jobs()
         if requeued:
             log.info("resuming %d job(s) interrupted by the last shutdown", requeued)

@@ -2,7 +2,8 @@
 
 READY=1 once every component is up, WATCHDOG=1 from the main loop at half the
 configured WatchdogSec, RELOADING=1/READY=1 around a configuration reload, and
-STOPPING=1 on shutdown. Outside systemd (no NOTIFY_SOCKET) every call is a no-op.
+STOPPING=1 on shutdown; EXTEND_TIMEOUT_USEC while a long start makes progress
+(the instance store checked after a power loss). Outside systemd (no NOTIFY_SOCKET) every call is a no-op.
 """
 from __future__ import annotations
 
@@ -47,3 +48,7 @@ class Notifier:
 
     def status(self, text: str) -> bool:
         return self.send(f"STATUS={text}")
+
+    def extend_timeout(self, seconds: float, status: str = "") -> bool:
+        """Start or stop is taking long and still progressing: systemd waits ``seconds`` more from now."""
+        return self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}", *([f"STATUS={status}"] if status else []))

@@ -151,3 +151,32 @@ def test_a_configuration_error_at_start_exits_2_so_systemd_does_not_restart_it(t
     under_a_file.write_text(f'[node]\nstate_dir = "{tmp_path / "afile" / "state"}"\n')
     assert main(["config", "check", str(under_a_file)]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_a_long_store_check_after_a_power_loss_extends_the_start_timeout(tmp_path, monkeypatch, sample_series):
+    """TimeoutStartSec would kill a start that checks a big store: each progress report extends it."""
+    import itertools
+
+    from dicom_node import index_recovery
+    from dicom_node.db import NodeDB
+    from dicom_node.service import _store_check_progress
+    from dicom_node.store import InstanceStore
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    _store_check_progress(1234)
+    msg = sock.recv(4096).decode()
+    assert "EXTEND_TIMEOUT_USEC=60000000" in msg and "STATUS=checking the instance store" in msg and "1234" in msg
+    sock.close()
+    store = InstanceStore(tmp_path / "instances", NodeDB(tmp_path / "db.sqlite"))
+    for i, f in enumerate(sample_series.files[:3]):  # three series folders (the walk reports between folders)
+        folder = tmp_path / "instances" / "1.2.3" / f"1.2.3.{i}"
+        folder.mkdir(parents=True)
+        (folder / f.name).write_bytes(f.read_bytes())
+    clock = itertools.count(0, 10.0)  # 10 s per look at the clock
+    monkeypatch.setattr(index_recovery, "_clock", lambda: next(clock))
+    seen: list[int] = []
+    index_recovery.reindex_unindexed(store, progress=seen.append)
+    assert seen == [1, 2, 3]
