@@ -131,8 +131,9 @@ class NodeSettings(_Section):
                                                               "(A-ASSOCIATE-RJ, transient: local limit exceeded).")
     receiver_processes: int = Field(2, ge=0, le=32, description="Processes that serve DICOM associations, each "
                                     "handed to the least busy one; 0 serves them in the service process.")
-    min_free_mb: int = Field(512, ge=0, description="C-STORE is refused (0xA700, out of resources) while the state "
-                                                   "directory has less free space than this; 0 disables the check.")
+    min_free_mb: int = Field(512, ge=0, description="C-STORE is refused (0xA700, out of resources), and an HL7 "
+                                                   "message answered AR (resend later), while the state directory "
+                                                   "has less free space than this; 0 disables the check.")
     tls: ListenerTLSSettings = ListenerTLSSettings()
     allowed_sop_classes: dict[AETitle, list[str]] = Field(
         default_factory=dict,

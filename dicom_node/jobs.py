@@ -14,6 +14,7 @@ from dicom_node.db import JobRow, NodeDB
 from dicom_node.logfmt import configure, current_target, job_context
 from dicom_node.metrics import JOBS_FINISHED
 from hl7.parse_worker import exit_when_orphaned, ignore_sigterm
+from hl7.privacy import redact_values
 from pipeline.job import JobRequest, ScreeningResult, run_screening
 
 log = logging.getLogger("osteoscreen.jobs")
@@ -243,7 +244,7 @@ class JobRunner:
                     return
                 self._failed(job, "worker process died")
         except Exception as exc:  # noqa: BLE001
-            log.error("job %d failed: %s: %s", job.id, type(exc).__name__, exc)
+            log.error("job %d failed: %s: %s", job.id, type(exc).__name__, redact_values(str(exc)))
             self._failed(job, f"{type(exc).__name__}: {exc}")
         else:
             try:

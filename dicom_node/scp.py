@@ -75,6 +75,7 @@ from dicom_node.metrics import INSTANCES_RECEIVED, INSTANCES_REFUSED
 from dicom_node.store import IncomingInstance, InstanceRef, InstanceRefused, InstanceStore
 from dicom_node.dataset_end import DataSetEnd, Malformed
 from dicom_node.header_scan import WANTED, Unsupported, scan_header
+from hl7.privacy import redact_values
 from pipeline.demographics import IDENTITY_KEYWORDS
 
 if TYPE_CHECKING:
@@ -441,7 +442,7 @@ class _Receipt:
         try:
             fields = self._header_fields(is_last)
         except Exception as exc:  # noqa: BLE001 - malformed data is refused, never a crash
-            log.warning("C-STORE from %s refused: cannot parse dataset: %s", self.calling, exc)
+            log.warning("C-STORE from %s refused: cannot parse dataset: %s", self.calling, redact_values(str(exc)))
             self._refusal = (0xC210, "cannot parse dataset")
             return
         if fields is None:  # the header goes on past what has arrived

@@ -48,7 +48,7 @@ from hl7.privacy import configure as configure_patient_key
 from hl7.privacy import patient_key
 from hl7.parse_worker import BackgroundParser
 from hl7.query import LabQueryClient
-from hl7.receiver import LabReceiver
+from hl7.receiver import LabReceiver, low_space_check
 from hl7.result_message import ScreeningReport, build_result_message
 from hl7.store import LabStore
 from hl7.tls import client_context, server_context
@@ -169,7 +169,8 @@ class Service:
         self.results_dir = self.state_dir / "results"
         self.lab_store = LabStore(self.state_dir / "labs.sqlite")
         self.lab_mapping = load_mapping(s.labs.mapping_file)
-        self.lab_receiver = LabReceiver(self.lab_store, self.lab_mapping, allowed_senders=s.hl7.allowed_senders)
+        self.lab_receiver = LabReceiver(self.lab_store, self.lab_mapping, allowed_senders=s.hl7.allowed_senders,
+                                        low_space=low_space_check(self.state_dir, s.node.min_free_mb * 2**20))
         self.lab_parser = BackgroundParser(self.state_dir / "labs.sqlite", mapping_file=s.labs.mapping_file,
                                            log_target=current_target())
         self.mllp = (

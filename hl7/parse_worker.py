@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hl7.mapping import DEFAULT, LabMapping, load_mapping
 from hl7.parse import parse_observations
+from hl7.privacy import redact_values
 from hl7.store import LabStore
 
 log = logging.getLogger("osteoscreen.hl7.parse")
@@ -23,7 +24,7 @@ def parse_pending(store: LabStore, *, patient_id: str | None = None, limit: int 
         try:
             rows = parse_observations(raw, mapping)
         except Exception as exc:  # noqa: BLE001 - recorded and visible (`osteoscreen hl7 errors`)
-            log.error("HL7 message %d stored but could not be parsed: %s", mid, exc)
+            log.error("HL7 message %d stored but could not be parsed: %s", mid, redact_values(str(exc)))
             store.save_parse(mid, [], f"{type(exc).__name__}: {exc}")
         else:
             store.save_parse(mid, rows, None)

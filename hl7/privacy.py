@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -82,6 +83,20 @@ def _key() -> bytes:
         log.warning("patient keys in this process use a temporary secret (the state directory's was not loaded): "
                     "they will not match `osteoscreen patient-key`")
     return _site_key
+
+
+# A quoted value in an error text: opened after a non-word character (so the apostrophe of "patient's" or
+# "can't" opens nothing), optionally as a bytes repr (b'...'), closed by the same quote before a non-word one.
+_QUOTED_VALUE = re.compile(r"(?<![\w])(b?)(['\"])(.{1,400}?)\2(?![\w])")
+
+
+def redact_values(text: str) -> str:
+    """An error text about received data, with every quoted value replaced by an ellipsis.
+
+    Parsers (pydicom, hl7apy, int()) quote the value they could not read, which may be a patient's name, ID or
+    birth date; a log line keeps the reason and loses the value. The full text stays where patient data is kept
+    anyway (the job's or message's error in the state database)."""
+    return _QUOTED_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2)}\u2026{m.group(2)}", text)
 
 
 def patient_key(patient_id: str, issuer: str | None = None, *, key: bytes | None = None) -> str:

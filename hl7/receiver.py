@@ -6,7 +6,10 @@ background parser process and, on demand, when a job looks up a patient's labs.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
+from pathlib import Path
+from typing import Callable
 
 from hl7.ack import ACCEPT_CODE, ack_wanted, build_ack, is_enhanced
 from hl7.mapping import DEFAULT, LabMapping
@@ -15,6 +18,22 @@ from hl7.precheck import MessageHeader, PrecheckError, parse_header
 from hl7.store import DuplicateConflict, LabStore
 
 log = logging.getLogger("osteoscreen.hl7")
+
+
+def low_space_check(directory: str | Path, min_free_bytes: int) -> Callable[[], str | None] | None:
+    """A check that names the shortage while ``directory`` has less free space than ``min_free_bytes`` (the
+    node's ``[node] min_free_mb``, which guards the whole state directory); None when the watermark is 0."""
+    if min_free_bytes <= 0:
+        return None
+
+    def check() -> str | None:
+        st = os.statvfs(directory)
+        free = st.f_bavail * st.f_frsize
+        if free >= min_free_bytes:
+            return None
+        return (f"low disk space: {free // 2**20} MB free in {directory}, watermark {min_free_bytes // 2**20} MB "
+                "([node] min_free_mb)")
+    return check
 
 
 class LabReceiver:
@@ -27,9 +46,12 @@ class LabReceiver:
     were read, AE with the parse error otherwise.
     """
 
-    def __init__(self, store: LabStore, mapping: LabMapping = DEFAULT, allowed_senders: list[str] | None = None
-                 ) -> None:
+    def __init__(self, store: LabStore, mapping: LabMapping = DEFAULT, allowed_senders: list[str] | None = None,
+                 low_space: Callable[[], str | None] | None = None) -> None:
+        """``low_space``: names a disk shortage (``low_space_check``); while it does, messages get AR (resend
+        later) instead of filling the disk the received CT, the jobs and the results need."""
         self.store = store
+        self.low_space = low_space
         self.mapping = mapping
         self.allowed_senders = list(allowed_senders or [])  # hl7.allowed_senders: "APP" or "APP|FACILITY", upper
         self.ack_counts: Counter[str] = Counter()  # ACK code -> messages answered (read by the metrics endpoint)
@@ -91,6 +113,10 @@ class LabReceiver:
             text = f"sender {header.sender} is not in hl7.allowed_senders: message not stored"
             log.warning("HL7 message %s refused (AE): %s", header.control_id, text)
             return self._accept("AE", text, header)
+        shortage = self.low_space() if self.low_space is not None else None
+        if shortage:
+            log.warning("HL7 message %s refused (AR, resend later): %s", header.control_id, shortage)
+            return self._accept("AR", f"message not stored, resend later: {shortage}", header)
         try:
             outcome = self.store.store_message(raw, header)
         except DuplicateConflict as exc:

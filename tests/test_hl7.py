@@ -1,5 +1,6 @@
 """HL7 v2 receipt over a real MLLP socket: strict checks, durable store, ACK rules, lookup."""
 import datetime as dt
+import os
 import socket
 import time
 from pathlib import Path
@@ -502,3 +503,24 @@ def test_a_message_with_thousands_of_segments_is_refused_before_any_parse(listen
         parse_header(message.decode())
     [reply] = receiver.handle(message)  # (over the fixture's frame limit: handed to the receiver directly)
     assert ack_code(reply) == "AE" and b"split it" in reply and store.message_count() == 0
+
+
+def test_below_the_free_space_watermark_a_message_gets_ar_and_nothing_is_stored(tmp_path):
+    """The state directory's watermark ([node] min_free_mb) guards HL7 too: AR (resend later), nothing stored,
+    and the same message is stored once space is back."""
+    from hl7.receiver import low_space_check
+
+    assert low_space_check(tmp_path, 0) is None  # 0 turns the check off
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    assert low_space_check(tmp_path, 1)() is None
+    reason = low_space_check(tmp_path, free + 2**40)()
+    assert reason.startswith("low disk space: ") and "([node] min_free_mb)" in reason
+    store = LabStore(tmp_path / "labs.sqlite")
+    shortage: list[str | None] = [reason]
+    receiver = LabReceiver(store, low_space=lambda: shortage[0])
+    message = demo_oru_message(dt.datetime(2026, 1, 4, 9), "C1")
+    reply = receiver.handle(message)[0]
+    assert ack_code(reply) == "AR" and b"low disk space" in reply and store.message_count() == 0
+    shortage[0] = None
+    assert ack_code(receiver.handle(message)[0]) == "AA" and store.message_count() == 1
+    store.close()

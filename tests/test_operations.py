@@ -234,3 +234,15 @@ def test_two_backups_in_the_same_second_get_two_folders(tmp_path):
     first = backup_state(state, tmp_path / "bk", now=now)[0].parent
     second = backup_state(state, tmp_path / "bk", now=now)[0].parent
     assert first.name == "osteoscreen-20261207T100000" and second.name == "osteoscreen-20261207T100000-2"
+
+
+def test_error_texts_about_received_data_lose_their_quoted_values_in_log_lines():
+    """Parsers quote the value they could not read (a name, an ID, a birth date): the log keeps the reason only."""
+    from hl7.privacy import redact_values
+
+    assert redact_values("Invalid value for VR PN: 'Smith^John'") == "Invalid value for VR PN: '\u2026'"
+    assert redact_values('invalid literal for int() with base 10: "0734512x"') == \
+        'invalid literal for int() with base 10: "\u2026"'
+    assert redact_values("the patient's birth date b'19500101X' can't be read") == \
+        "the patient's birth date b'\u2026' can't be read"
+    assert redact_values("cannot parse dataset: no data") == "cannot parse dataset: no data"
