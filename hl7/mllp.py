@@ -99,6 +99,15 @@ class FrameReader:
             self._in_frame, self._head = False, None
 
 
+class _PausedAtAccept(asyncio.StreamReaderProtocol):
+    """``asyncio.start_server``'s protocol, reading nothing until the connection is let in: over TLS the
+    client's first handshake bytes must reach ``start_tls``, not the plain stream's buffer."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+        super().connection_made(transport)
+
+
 class MLLPServer:
     """Runs its own event loop in a background thread."""
 
@@ -143,6 +152,10 @@ class MLLPServer:
             return
         async with self._slots:
             try:
+                if self.ssl_context is None:
+                    writer.transport.resume_reading()  # paused at accept (_PausedAtAccept)
+                elif not await self._start_tls(peer, writer):
+                    return
                 await self._serve(peer, reader, writer)
             except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
                 log.info("MLLP connection from %s lost: %s", peer, exc)
@@ -150,6 +163,20 @@ class MLLPServer:
                 pass
             finally:
                 await self._close(writer)
+
+    async def _start_tls(self, peer: object, writer: asyncio.StreamWriter) -> bool:
+        """The TLS handshake, only now that the host is allowed and a slot is held: a host outside
+        allowed_hosts, or connections beyond max_connections, cost no handshake (asymmetric crypto on the
+        event loop). False (logged) when it fails or does not finish within the handshake timeout."""
+        assert self.ssl_context is not None
+        timeout = min(self.read_timeout_s, 30.0)
+        try:
+            await asyncio.wait_for(writer.start_tls(self.ssl_context, ssl_handshake_timeout=timeout), timeout + 1)
+        except (ssl.SSLError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("MLLP connection from %s: TLS handshake failed: %s", peer,
+                        getattr(exc, "reason", None) or exc or "no handshake within the timeout")
+            return False
+        return True
 
     def _host_allowed(self, peer: object) -> bool:
         if not self.allowed_networks:
@@ -235,8 +262,9 @@ class MLLPServer:
         self._slots = asyncio.Semaphore(self.max_connections)
         try:
             self._server = loop.run_until_complete(
-                asyncio.start_server(self._client, self.host, self.port, reuse_address=True, ssl=self.ssl_context,
-                                     ssl_handshake_timeout=min(self.read_timeout_s, 30.0) if self.ssl_context else None))
+                # plain TCP first: TLS starts per connection after the host and slot checks (_start_tls)
+                loop.create_server(lambda: _PausedAtAccept(asyncio.StreamReader(loop=loop), self._client, loop=loop),
+                                   self.host, self.port, reuse_address=True))
         except BaseException as exc:  # noqa: BLE001
             self._error = exc
             self._ready.set()

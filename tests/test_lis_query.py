@@ -174,6 +174,35 @@ def test_listener_over_tls_with_client_certificates(tmp_path, pki):
         store.close()
 
 
+def test_a_tls_connection_refused_by_host_or_slot_costs_no_handshake(tmp_path, pki, caplog):
+    """allowed_hosts and max_connections are checked before the TLS handshake: a refused peer's handshake never
+    completes (it used to, then the connection was closed)."""
+    store = LabStore(tmp_path / "labs.sqlite")
+    receiver = LabReceiver(store)
+    server_tls = server_context(TLSSettings(enabled=True, cert_file=pki / "server.crt", key_file=pki / "server.key"))
+    client_tls = client_context(TLSSettings(enabled=True, ca_file=pki / "ca.crt"))
+    one_slot = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse, read_timeout_s=5,
+                          ssl_context=server_tls, max_connections=1)
+    closed = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse, read_timeout_s=5,
+                        ssl_context=server_tls, allowed_hosts=["10.0.0.0/8"])
+    one_slot.start()
+    closed.start()
+    try:
+        with MLLPClient("127.0.0.1", one_slot.bound_port, timeout_s=5, ssl_context=client_tls) as first:
+            assert ack_code(first.send(demo_oru_message(dt.datetime(2026, 1, 5, 9), "S1"))) == "AA"
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                MLLPClient("127.0.0.1", one_slot.bound_port, timeout_s=5, ssl_context=client_tls)
+            assert ack_code(first.send(demo_oru_message(dt.datetime(2026, 1, 5, 9), "S2"))) == "AA"
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            MLLPClient("127.0.0.1", closed.bound_port, timeout_s=5, ssl_context=client_tls)
+    finally:
+        one_slot.stop()
+        closed.stop()
+        store.close()
+    assert "1 connections already open" in caplog.text and "not in hl7.allowed_hosts" in caplog.text
+    assert "TLS handshake failed" not in caplog.text
+
+
 def test_query_over_tls(store, pki):
     server_ctx = server_context(TLSSettings(enabled=True, cert_file=pki / "server.crt", key_file=pki / "server.key"))
     with LISSimulator([P1], ssl_context=server_ctx) as lis:
