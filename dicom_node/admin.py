@@ -190,8 +190,9 @@ def restore(state_dir: Path, backup_dir: Path, out=print) -> int:
     for live, kept in done:
         out(f"restored {live.name} from {backup_dir} (integrity checked)"
             + (f"; the file it replaced is kept as {kept.name} (delete it once the node runs well)" if kept else ""))
-    out("start the node (systemctl start osteoscreen); received CT and results are not in the backup: restore "
-        "them from the site's file backup")
+    out("start the node (systemctl start osteoscreen): at its start it indexes again, from their headers, the "
+        "received instances on disk that the restored index does not name (those received after the backup). "
+        "Received CT and results are not in the backup: restore them from the site's file backup")
     return 0
 
 

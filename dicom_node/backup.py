@@ -22,6 +22,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from dicom_node.index_recovery import CHECK_REQUEST, request_store_check
 from dicom_node.state_lock import StateDirBusy, acquire
 from hl7.privacy import SECRET_NAME
 
@@ -185,7 +186,11 @@ def restore_state(backup_dir: Path, state_dir: Path, *, now: dt.datetime | None 
         if secret.is_file():
             shutil.copyfile(secret, state_dir / SECRET_NAME)
             os.chmod(state_dir / SECRET_NAME, 0o600)
-        _own_like(state_dir, [p for p, _ in done] + ([state_dir / SECRET_NAME] if secret.is_file() else []))
+        # the instances received after the backup are on disk but not in the restored index: the next start
+        # indexes them again from their headers
+        request_store_check(state_dir, f"the state databases were restored from {backup_dir.name}")
+        _own_like(state_dir, [p for p, _ in done] + [state_dir / CHECK_REQUEST]
+                  + ([state_dir / SECRET_NAME] if secret.is_file() else []))
         _fsync(state_dir)
         return done
     finally:

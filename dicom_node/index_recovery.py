@@ -9,7 +9,9 @@ can take the last rows. So each start records itself (``NodeDB.begin_run``) and 
 clean stop marks its run; when the run before did not stop cleanly, the store is
 walked before the listener opens, and every instance file the index does not name
 is indexed again from its own header, its series reopened and screened as if the
-instance had just arrived.
+instance had just arrived. ``osteoscreen restore`` asks for the same check
+(``request_store_check``): the instances received after the backup are on disk
+but not in the restored index.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from dicom_node.store import InstanceStore, valid_uid
 
 log = logging.getLogger("osteoscreen.recovery")
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+CHECK_REQUEST = ".check-instance-store"  # in the state directory: why the next start must check the store
 _clock = time.monotonic
 _KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
              "IssuerOfPatientID", "Modality")
@@ -108,16 +111,40 @@ def _reindex(store: InstanceStore, path: str) -> bool:
                                    issuer=f["IssuerOfPatientID"], modality=f["Modality"], synced=False)
 
 
+def request_store_check(state_dir: str | Path, why: str) -> None:
+    """Make the next start check the instance store (see the module docstring), durably."""
+    from pipeline.durable import write_durably
+
+    write_durably(Path(state_dir) / CHECK_REQUEST, lambda fh: fh.write(why.encode()))
+
+
+def requested_store_check(state_dir: str | Path) -> str | None:
+    """Why a store check was asked for (``request_store_check``); None when it was not."""
+    try:
+        return (Path(state_dir) / CHECK_REQUEST).read_text(errors="replace").strip() or "asked for"
+    except FileNotFoundError:
+        return None
+
+
+def clear_store_check(state_dir: str | Path) -> None:
+    (Path(state_dir) / CHECK_REQUEST).unlink(missing_ok=True)
+
+
 def recover_after_unclean_stop(store: InstanceStore, previous_run_stopped: bool | None,
                                previous_boot: str | None,
-                               progress: Callable[[int], None] | None = None) -> RecoveryReport | None:
-    """At start: rebuild lost index rows if the run before ended without a clean stop; None when it did."""
-    if previous_run_stopped is None or previous_run_stopped:
+                               progress: Callable[[int], None] | None = None,
+                               requested: str | None = None) -> RecoveryReport | None:
+    """At start: rebuild lost index rows if the run before ended without a clean stop, or a check was
+    ``requested`` (its reason); None when neither."""
+    if requested:
+        why = requested
+    elif previous_run_stopped is None or previous_run_stopped:
         return None  # the first recorded run (every earlier release synced each row), or a clean stop
-    rebooted = bool(previous_boot) and previous_boot != boot_id()
-    log.warning("the last run did not stop cleanly (%s): checking the instance store for files the index lost",
-                "the machine restarted since: a power loss or crash of the host" if rebooted
-                else "the process ended without its shutdown")
+    elif bool(previous_boot) and previous_boot != boot_id():
+        why = "the last run did not stop cleanly and the machine restarted since: a power loss or crash of the host"
+    else:
+        why = "the last run did not stop cleanly: the process ended without its shutdown"
+    log.warning("%s: checking the instance store for files the index does not name", why)
     report = reindex_unindexed(store, progress)
     if report.reindexed:
         log.warning("indexed %d received instance file(s) again from their headers; their series are screened "

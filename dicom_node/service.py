@@ -32,7 +32,7 @@ from dicom_node.metrics import serve as serve_metrics
 from dicom_node.metrics import unregister as unregister_metrics
 from dicom_node.retention import RetentionScheduler
 from dicom_node.routing import Decision, UnreadableSeries, decide, series_facts
-from dicom_node.index_recovery import boot_id, recover_after_unclean_stop
+from dicom_node.index_recovery import boot_id, clear_store_check, recover_after_unclean_stop, requested_store_check
 from dicom_node.receiver_pool import ReceiverPool, ReceiverSetup
 from dicom_node.scp import StorageSCP, count_outcome
 from dicom_node.store import InstanceRef, InstanceStore
@@ -246,7 +246,9 @@ class Service:
     def start(self) -> None:
         self._run_id, previous = self.db.begin_run(boot_id(), os.getpid())
         recover_after_unclean_stop(self.instances, None if previous is None else previous.stopped_at is not None,
-                                   None if previous is None else previous.boot_id, progress=_store_check_progress)
+                                   None if previous is None else previous.boot_id, progress=_store_check_progress,
+                                   requested=requested_store_check(self.state_dir))
+        clear_store_check(self.state_dir)  # done: a crash before this line checks again
         requeued = self.db.requeue_running_jobs()
         if requeued:
             log.info("resuming %d job(s) interrupted by the last shutdown", requeued)

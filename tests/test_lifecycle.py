@@ -320,3 +320,35 @@ def test_restore_puts_a_backup_back_without_replaying_an_old_wal_and_refuses_whi
     r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "restore", str(tmp_path / "nothing"), "--config",
                         str(toml)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "is not a folder" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_after_a_restore_the_next_start_indexes_the_instances_received_since_the_backup(node_factory, tmp_path,
+                                                                                      sample_series):
+    """The restored index predates the series received after the backup; their files are still on disk. The
+    restore asks for a store check, and the next start indexes them again from their headers."""
+    from dicom_node.sample import write_sample_series
+    from tests.conftest import storescu
+
+    later = write_sample_series(tmp_path / "later", tag="after-backup")
+    node = node_factory(quiet_s=3600).start()
+    assert storescu(sample_series.files, node.port).returncode == 0
+    backup = subprocess.run([sys.executable, "-m", "dicom_node.cli", "backup", "--dest", str(tmp_path / "bk"),
+                             "--config", str(node.config)], capture_output=True, text=True, timeout=60)
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    assert storescu(later.files, node.port).returncode == 0
+    node.stop()
+    folder = next((tmp_path / "bk").iterdir())
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "restore", str(folder), "--config", str(node.config)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "indexes again" in r.stdout, r.stdout + r.stderr
+    count = "SELECT count(*) FROM instances"
+    with sqlite3.connect(node.state_dir / "osteoscreen.sqlite") as c:
+        assert c.execute(count).fetchone()[0] == len(sample_series.files)  # the backup's index
+    node.start()
+    node.stop()
+    with sqlite3.connect(node.state_dir / "osteoscreen.sqlite") as c:
+        assert c.execute(count).fetchone()[0] == len(sample_series.files) + len(later.files)
+    log = node.log()
+    assert f"the state databases were restored from {folder.name}: checking the instance store" in log
+    assert f"indexed {len(later.files)} received instance file(s) again" in log
+    assert not (node.state_dir / ".check-instance-store").exists()

@@ -108,7 +108,7 @@ def test_a_power_loss_that_takes_the_unsynced_index_rows_loses_no_acknowledged_i
     assert len(rows) == len(files) and all(aet == "CT1" for _, aet in rows)
     assert series == [(len(files), "receiving", "CT1")]
     log = node.log()
-    assert "did not stop cleanly (the machine restarted since" in log
+    assert "did not stop cleanly and the machine restarted since" in log
     assert f"indexed {len(files)} received instance file(s) again" in log
     assert "restarting its quiet period" in log  # screened as if just received
     node.stop()
