@@ -24,6 +24,7 @@ from typing import Callable
 
 import pydicom
 
+from dicom_node.db import RunRow
 from dicom_node.store import InstanceStore, valid_uid
 
 log = logging.getLogger("osteoscreen.recovery")
@@ -130,17 +131,15 @@ def clear_store_check(state_dir: str | Path) -> None:
     (Path(state_dir) / CHECK_REQUEST).unlink(missing_ok=True)
 
 
-def recover_after_unclean_stop(store: InstanceStore, previous_run_stopped: bool | None,
-                               previous_boot: str | None,
-                               progress: Callable[[int], None] | None = None,
-                               requested: str | None = None) -> RecoveryReport | None:
-    """At start: rebuild lost index rows if the run before ended without a clean stop, or a check was
-    ``requested`` (its reason); None when neither."""
+def check_store_at_start(store: InstanceStore, previous: RunRow | None, *, requested: str | None = None,
+                         progress: Callable[[int], None] | None = None) -> RecoveryReport | None:
+    """At start: rebuild lost index rows if the run before (``previous``) ended without a clean stop, or a check
+    was ``requested`` (its reason); None when neither."""
     if requested:
         why = requested
-    elif previous_run_stopped is None or previous_run_stopped:
+    elif previous is None or previous.stopped_at is not None:
         return None  # the first recorded run (every earlier release synced each row), or a clean stop
-    elif bool(previous_boot) and previous_boot != boot_id():
+    elif previous.boot_id and previous.boot_id != boot_id():
         why = "the last run did not stop cleanly and the machine restarted since: a power loss or crash of the host"
     else:
         why = "the last run did not stop cleanly: the process ended without its shutdown"

@@ -32,7 +32,7 @@ from dicom_node.metrics import serve as serve_metrics
 from dicom_node.metrics import unregister as unregister_metrics
 from dicom_node.retention import RetentionScheduler
 from dicom_node.routing import Decision, UnreadableSeries, decide, series_facts
-from dicom_node.index_recovery import boot_id, clear_store_check, recover_after_unclean_stop, requested_store_check
+from dicom_node.index_recovery import boot_id, check_store_at_start, clear_store_check, requested_store_check
 from dicom_node.receiver_pool import ReceiverPool, ReceiverSetup
 from dicom_node.scp import StorageSCP, count_outcome
 from dicom_node.store import InstanceRef, InstanceStore
@@ -136,11 +136,11 @@ RELOADED_NODE_KEYS = ("allowed_calling_aets", "allowed_sop_classes")
 
 
 def _store_check_progress(files: int) -> None:
-    """A long store check after a power loss: tell systemd it progresses (TimeoutStartSec would kill it)."""
+    """A long store check at start: tell systemd it progresses (TimeoutStartSec would kill it)."""
     from dicom_node.systemd import Notifier
 
-    Notifier().extend_timeout(60, f"checking the instance store after an unclean stop: {files} files so far")
-    log.info("checking the instance store after an unclean stop: %d files so far", files)
+    Notifier().extend_timeout(60, f"checking the instance store: {files} files so far")
+    log.info("checking the instance store: %d files so far", files)
 
 
 class Service:
@@ -245,9 +245,8 @@ class Service:
     # --- lifecycle --------------------------------------------------------------
     def start(self) -> None:
         self._run_id, previous = self.db.begin_run(boot_id(), os.getpid())
-        recover_after_unclean_stop(self.instances, None if previous is None else previous.stopped_at is not None,
-                                   None if previous is None else previous.boot_id, progress=_store_check_progress,
-                                   requested=requested_store_check(self.state_dir))
+        check_store_at_start(self.instances, previous, requested=requested_store_check(self.state_dir),
+                             progress=_store_check_progress)
         clear_store_check(self.state_dir)  # done: a crash before this line checks again
         requeued = self.db.requeue_running_jobs()
         if requeued:
