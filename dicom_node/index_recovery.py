@@ -26,6 +26,7 @@ import pydicom
 
 from dicom_node.db import RunRow
 from dicom_node.store import InstanceStore, valid_uid
+from pipeline.durable import write_durably
 
 log = logging.getLogger("osteoscreen.recovery")
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -63,14 +64,15 @@ def _header(path: str) -> dict[str, str] | None:
     return fields
 
 
-def reindex_unindexed(store: InstanceStore, progress: Callable[[int], None] | None = None) -> RecoveryReport:
+def reindex_unindexed(store: InstanceStore, progress: Callable[[int], None] | None = None,
+                      why: str = "store check") -> RecoveryReport:
     """Index every instance file under ``store.root`` that the index does not name (see the module docstring).
 
     Only files where the node files them (``study/series/sop.dcm``, matching their own header) are taken; a
     file whose SOP Instance UID is indexed under another path (the old copy of an instance moved to another
     series, whose deletion was cut short) and anything unreadable are left as they are and reported. The index
     is read one series folder at a time, so memory does not grow with the store. ``progress(files so far)`` is
-    called every few seconds of a long walk."""
+    called every few seconds of a long walk; ``why`` goes into the audit row."""
     db = store.db
     report = RecoveryReport()
     last_progress = _clock()
@@ -84,9 +86,11 @@ def reindex_unindexed(store: InstanceStore, progress: Callable[[int], None] | No
         for name in instance_files:
             report.files += 1
             path = os.path.join(dirpath, name)
-            if path not in indexed and _reindex(store, path):
+            if path in indexed:
+                continue
+            if _reindex(store, path):
                 report.reindexed += 1
-            elif path not in indexed:
+            else:
                 report.left.append(path)
         if progress is not None and _clock() - last_progress >= 5.0:
             progress(report.files)
@@ -94,7 +98,7 @@ def reindex_unindexed(store: InstanceStore, progress: Callable[[int], None] | No
     if report.reindexed or report.left:
         # synced: makes the rows above durable with it
         db.audit("recovered", str(store.root),
-                 f"after a run without a clean stop: {report.reindexed} instance file(s) indexed again from their "
+                 f"{why}: {report.reindexed} instance file(s) indexed again from their "
                  f"headers, {len(report.left)} unindexed file(s) left as they are")
     return report
 
@@ -114,8 +118,6 @@ def _reindex(store: InstanceStore, path: str) -> bool:
 
 def request_store_check(state_dir: str | Path, why: str) -> None:
     """Make the next start check the instance store (see the module docstring), durably."""
-    from pipeline.durable import write_durably
-
     write_durably(Path(state_dir) / CHECK_REQUEST, lambda fh: fh.write(why.encode()))
 
 
@@ -144,7 +146,7 @@ def check_store_at_start(store: InstanceStore, previous: RunRow | None, *, reque
     else:
         why = "the last run did not stop cleanly: the process ended without its shutdown"
     log.warning("%s: checking the instance store for files the index does not name", why)
-    report = reindex_unindexed(store, progress)
+    report = reindex_unindexed(store, progress, why)
     if report.reindexed:
         log.warning("indexed %d received instance file(s) again from their headers; their series are screened "
                     "again", report.reindexed)

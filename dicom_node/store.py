@@ -19,7 +19,7 @@ import pydicom
 
 from dicom_node.db import NodeDB, SeriesPurging, StoredInstance
 from pipeline.demographics import IDENTITY_KEYWORDS, identity_of
-from pipeline.durable import DurableFile
+from pipeline.durable import DurableFile, disk_shortage
 
 log = logging.getLogger("osteoscreen.store")
 Buffer = Union[bytes, bytearray, memoryview]
@@ -85,13 +85,9 @@ class InstanceStore:
 
     def _check_space(self, incoming: int) -> None:
         """Refuse before writing when the store would drop below the low-space watermark."""
-        if not self.min_free_bytes:
-            return
-        st = os.statvfs(self.root)
-        free = st.f_bavail * st.f_frsize
-        if free - incoming < self.min_free_bytes:
-            raise InstanceRefused(0xA700, f"low disk space: {free // 2**20} MB free in {self.root}, watermark "
-                                          f"{self.min_free_bytes // 2**20} MB; instance not stored")
+        shortage = disk_shortage(self.root, self.min_free_bytes, incoming)
+        if shortage:
+            raise InstanceRefused(0xA700, f"{shortage}; instance not stored")
 
     @staticmethod
     def _stored_identity(path: str) -> tuple[str, ...] | None:

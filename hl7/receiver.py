@@ -6,7 +6,6 @@ background parser process and, on demand, when a job looks up a patient's labs.
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -16,6 +15,7 @@ from hl7.mapping import DEFAULT, LabMapping
 from hl7.parse import parse_observations
 from hl7.precheck import MessageHeader, PrecheckError, parse_header
 from hl7.store import DuplicateConflict, LabStore
+from pipeline.durable import disk_shortage
 
 log = logging.getLogger("osteoscreen.hl7")
 
@@ -27,12 +27,8 @@ def low_space_check(directory: str | Path, min_free_bytes: int) -> Callable[[], 
         return None
 
     def check() -> str | None:
-        st = os.statvfs(directory)
-        free = st.f_bavail * st.f_frsize
-        if free >= min_free_bytes:
-            return None
-        return (f"low disk space: {free // 2**20} MB free in {directory}, watermark {min_free_bytes // 2**20} MB "
-                "([node] min_free_mb)")
+        shortage = disk_shortage(directory, min_free_bytes)
+        return f"{shortage} ([node] min_free_mb)" if shortage else None
     return check
 
 

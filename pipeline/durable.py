@@ -73,6 +73,18 @@ class DurableFile:
             pass
 
 
+def disk_shortage(directory: str | Path, min_free_bytes: int, incoming: int = 0) -> str | None:
+    """What is short when writing ``incoming`` more bytes would leave ``directory``'s filesystem under the
+    ``min_free_bytes`` watermark (None: enough, or no watermark)."""
+    if min_free_bytes <= 0:
+        return None
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if free - incoming >= min_free_bytes:
+        return None
+    return f"low disk space: {free // 2**20} MB free in {directory}, watermark {min_free_bytes // 2**20} MB"
+
+
 def sweep_temporaries(root: str | Path, *, prefix: str = ".tmp.") -> int:
     """Remove the temporary files that writers killed before ``commit`` left under ``root``; return how many.
 

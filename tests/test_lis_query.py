@@ -18,6 +18,7 @@ from hl7.query import LabQueryClient, build_query
 from hl7.receiver import LabReceiver
 from hl7.store import LabStore
 from hl7.tls import client_context, server_context
+from tests.conftest import wait_for
 from tests.lis_simulator import LabPatient, LISSimulator
 
 STUDY = dt.date(2026, 1, 5)
@@ -201,6 +202,26 @@ def test_a_tls_connection_refused_by_host_or_slot_costs_no_handshake(tmp_path, p
         store.close()
     assert "1 connections already open" in caplog.text and "not in hl7.allowed_hosts" in caplog.text
     assert "TLS handshake failed" not in caplog.text
+
+
+def test_a_silent_tls_peer_gives_its_slot_back_at_the_handshake_timeout(tmp_path, pki, caplog):
+    """A peer that connects and never starts TLS holds its slot only until the handshake timeout, not longer."""
+    store = LabStore(tmp_path / "labs.sqlite")
+    receiver = LabReceiver(store)
+    server = MLLPServer("127.0.0.1", 0, receiver.handle, receiver.refuse, read_timeout_s=1, max_connections=1,
+                        ssl_context=server_context(TLSSettings(enabled=True, cert_file=pki / "server.crt",
+                                                               key_file=pki / "server.key")))
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.bound_port), timeout=5):
+            wait_for(lambda: "TLS handshake failed" in caplog.text, 10, "the silent peer's handshake to time out")
+            client_tls = client_context(TLSSettings(enabled=True, ca_file=pki / "ca.crt"))
+            with MLLPClient("127.0.0.1", server.bound_port, timeout_s=5, ssl_context=client_tls) as c:
+                assert ack_code(c.send(demo_oru_message(dt.datetime(2026, 1, 5, 9), "T1"))) == "AA"
+    finally:
+        server.stop()
+        store.close()
+    assert "connections already open" not in caplog.text
 
 
 def test_query_over_tls(store, pki):
